@@ -1,0 +1,166 @@
+"""The training loop shared by every objective.
+
+It knows nothing about losses or models: it calls ``step_fn(state, batch) -> (state, metrics)`` on batches
+from a resumable iterator, logs, evaluates, checkpoints, resumes, and stops on non-finite metrics.
+
+Resume contract: a checkpoint holds the whole ``state`` pytree (parameters, optimizer state, rng, ...) and,
+in its JSON meta, the loop's step and the iterator's ``state_dict()``. Restarting the same command restores
+both, so a run killed at any point and restarted ends with the same parameters as one never killed —
+provided ``step_fn`` is a deterministic function of ``(state, batch)`` (keep the rng in the state).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Protocol
+
+from jrft.train.checkpoint import Checkpointer
+from jrft.train.metrics import MetricsLogger, all_finite, mean_metrics, to_python
+
+
+class ResumableIterator(Protocol):
+    """A batch iterator whose exact position can be saved and restored."""
+
+    def __next__(self) -> Any: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+class NonFiniteError(RuntimeError):
+    """A metric (usually the loss) became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopOptions:
+    """How long to train and how often to log, evaluate and save.
+
+    Attributes:
+      total_steps: optimizer steps to run in total (a resumed run runs the remainder).
+      log_every: metrics are averaged over this many steps, then logged.
+      save_every: checkpoint every this many steps (and always at the end); ``None`` or 0: only at the end.
+      eval_every: call ``eval_fn`` every this many steps (and at the end); ``None`` or 0: only at the end.
+    """
+
+    total_steps: int
+    log_every: int = 10
+    save_every: int | None = None
+    eval_every: int | None = None
+
+    def __post_init__(self):
+        if self.total_steps < 0:
+            raise ValueError(f"total_steps must be >= 0, got {self.total_steps}")
+        if self.log_every < 1:
+            raise ValueError(f"log_every must be >= 1, got {self.log_every}")
+
+
+@dataclasses.dataclass
+class LoopResult:
+    state: Any
+    step: int
+    resumed_from: int | None
+    last_metrics: dict[str, float]
+    eval_metrics: dict[str, float]
+
+
+def _due(step: int, every: int | None) -> bool:
+    return bool(every) and step % every == 0
+
+
+def restore_if_any(
+    checkpointer: Checkpointer | None, state: Any, batches: ResumableIterator
+) -> tuple[Any, int, int | None]:
+    """Restores the latest checkpoint into ``(state, batches)``; returns ``(state, step, resumed_from)``."""
+    if checkpointer is None or checkpointer.latest_step() is None:
+        return state, 0, None
+    step = checkpointer.latest_step()
+    state, meta = checkpointer.restore(step, state)
+    if "data" in meta and meta["data"] is not None:
+        batches.load_state_dict(meta["data"])
+    return state, int(meta.get("step", step)), step
+
+
+def train_loop(
+    step_fn: Callable[[Any, Any], tuple[Any, Mapping[str, Any]]],
+    state: Any,
+    batches: ResumableIterator | Iterator[Any],
+    *,
+    options: LoopOptions,
+    checkpointer: Checkpointer | None = None,
+    logger: MetricsLogger | None = None,
+    eval_fn: Callable[[Any], Mapping[str, Any]] | None = None,
+    meta: Mapping[str, Any] | None = None,
+    on_log: Callable[[int, dict[str, float]], None] | None = None,
+) -> LoopResult:
+    """Runs ``step_fn`` until ``options.total_steps``; see the module docstring for the resume contract.
+
+    Args:
+      step_fn: ``(state, batch) -> (state, metrics)``; metrics are scalars (arrays or Python numbers).
+      state: the initial state (also the restore target: same structure, shapes and shardings).
+      batches: the batch iterator; with a checkpointer it must be resumable (``state_dict``).
+      options: steps and intervals.
+      checkpointer: saves/restores; ``None`` disables both.
+      logger: where metrics go; ``None`` logs nowhere.
+      eval_fn: ``state -> metrics``, logged with an ``eval/`` prefix.
+      meta: extra JSON (e.g. the config) stored in every checkpoint.
+      on_log: called with ``(step, averaged_metrics)`` after each log.
+
+    Raises:
+      NonFiniteError: when a metric becomes NaN/inf; nothing after the last good checkpoint is saved.
+    """
+    state, step, resumed_from = restore_if_any(checkpointer, state, batches)
+    if logger is not None and resumed_from is not None:
+        logger.write(f"resumed from checkpoint at step {resumed_from}")
+        logger.advance(step)
+    history: list[Mapping[str, Any]] = []
+    last: dict[str, float] = {}
+    eval_metrics: dict[str, float] = {}
+    last_saved = resumed_from
+
+    def check(metrics: Mapping[str, Any], at_step: int) -> None:
+        ok, bad = all_finite({k: to_python(v) for k, v in metrics.items()})
+        if not ok:
+            where = checkpointer.directory if checkpointer is not None else "(no checkpointing)"
+            raise NonFiniteError(
+                f"metric {bad!r} became non-finite at step {at_step}; stopping. "
+                f"Last good checkpoint: step {last_saved} in {where}"
+            )
+
+    def save(at_step: int) -> None:
+        nonlocal last_saved
+        if checkpointer is None or at_step == last_saved:
+            return
+        for entry in history:
+            check(entry, at_step)
+        data_state = batches.state_dict() if hasattr(batches, "state_dict") else None
+        checkpointer.save(at_step, state, {"step": at_step, "data": data_state, **dict(meta or {})})
+        last_saved = at_step
+
+    while step < options.total_steps:
+        batch = next(batches)
+        state, metrics = step_fn(state, batch)
+        step += 1
+        history.append(metrics)
+        if logger is not None:
+            logger.advance()
+        if _due(step, options.log_every) or step == options.total_steps:
+            last = mean_metrics(history)
+            history = []
+            check(last, step)
+            if logger is not None:
+                logger.log(step, last)
+            if on_log is not None:
+                on_log(step, last)
+        if eval_fn is not None and (_due(step, options.eval_every) or step == options.total_steps):
+            eval_metrics = {k: to_python(v) for k, v in eval_fn(state).items()}
+            if logger is not None:
+                logger.log(step, eval_metrics, prefix="eval/")
+        if _due(step, options.save_every) or step == options.total_steps:
+            save(step)
+    if checkpointer is not None:
+        checkpointer.wait()
+    return LoopResult(
+        state=state, step=step, resumed_from=resumed_from, last_metrics=last, eval_metrics=eval_metrics
+    )

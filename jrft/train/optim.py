@@ -1,0 +1,91 @@
+"""Optimizers and learning-rate schedules (optax), built from explicit keyword hyperparameters.
+
+The trainers call :func:`make_optimizer` with the values of the config's ``optim`` section; nothing here
+reads a config object, so the same function serves users who bring their own loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import optax
+
+
+def _cosine(peak: float, warmup: int, total: int, min_ratio: float) -> optax.Schedule:
+    decay_steps = max(total, warmup + 1)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=peak,
+        warmup_steps=warmup,
+        decay_steps=decay_steps,
+        end_value=peak * min_ratio,
+    )
+
+
+def _linear(peak: float, warmup: int, total: int, min_ratio: float) -> optax.Schedule:
+    warm = optax.linear_schedule(0.0, peak, max(warmup, 1))
+    decay = optax.linear_schedule(peak, peak * min_ratio, max(total - warmup, 1))
+    return optax.join_schedules([warm, decay], [warmup])
+
+
+def _constant(peak: float, warmup: int, total: int, min_ratio: float) -> optax.Schedule:
+    del total, min_ratio
+    if warmup <= 0:
+        return optax.constant_schedule(peak)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)], [warmup]
+    )
+
+
+SCHEDULES: dict[str, Callable[..., optax.Schedule]] = {
+    "cosine": _cosine,
+    "linear": _linear,
+    "constant": _constant,
+}
+
+
+def make_schedule(
+    name: str, *, lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0
+) -> optax.Schedule:
+    """Learning-rate schedule: linear warm-up from 0 to ``lr`` over ``warmup_steps``, then ``name``.
+
+    ``cosine`` and ``linear`` decay to ``lr * min_lr_ratio`` at ``total_steps``; ``constant`` stays at ``lr``.
+    """
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}; choose one of {sorted(SCHEDULES)}")
+    return SCHEDULES[name](lr, warmup_steps, total_steps, min_lr_ratio)
+
+
+def make_optimizer(
+    *,
+    lr: float,
+    total_steps: int,
+    warmup_steps: int = 0,
+    schedule: str = "cosine",
+    min_lr_ratio: float = 0.0,
+    weight_decay: float = 0.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    max_grad_norm: float | None = 1.0,
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with global-norm gradient clipping and a warm-up schedule.
+
+    Returns ``(optimizer, schedule)``; the schedule is returned so the loop can log the learning rate.
+    Weight decay is applied only to parameters with two or more dimensions (not to norms and biases),
+    as is usual for transformers.
+    """
+    sched = make_schedule(
+        schedule, lr=lr, warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=min_lr_ratio
+    )
+
+    def decay_mask(params):
+        import jax
+
+        return jax.tree.map(lambda p: getattr(p, "ndim", 0) >= 2, params)
+
+    parts = []
+    if max_grad_norm is not None and max_grad_norm > 0:
+        parts.append(optax.clip_by_global_norm(max_grad_norm))
+    parts.append(optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask))
+    return optax.chain(*parts), sched
