@@ -1,0 +1,61 @@
+"""The train state: one pytree holding everything a step changes, so it can be jitted, sharded and saved.
+
+A flax.nnx model is split once into a static ``graphdef`` (kept outside the state, it never changes) and
+its variables: trainable parameters (``nnx.Param``) and any other variables (``rest``: e.g. a frozen
+buffer). Steps rebuild the model with ``nnx.merge(graphdef, params, rest)`` inside ``jit``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+
+@struct.dataclass
+class TrainState:
+    """Attributes:
+    step: int32 scalar, optimizer steps taken.
+    params: ``nnx.State`` of the trainable parameters.
+    rest: ``nnx.State`` of the model's other variables (not differentiated).
+    opt_state: the optax state for ``params``.
+    rng: ``uint32[2]`` key data; steps derive per-step keys with ``fold_in(rng, step)``.
+    """
+
+    step: jax.Array
+    params: Any
+    rest: Any
+    opt_state: Any
+    rng: jax.Array
+
+    def key(self, salt: int = 0) -> jax.Array:
+        """A fresh PRNG key for this step (and ``salt``), deterministic in ``(rng, step, salt)``."""
+        base = jax.random.wrap_key_data(self.rng)
+        return jax.random.fold_in(jax.random.fold_in(base, self.step), salt)
+
+
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, Any, Any]:
+    """``(graphdef, params, rest)`` of an nnx model; ``params`` are its ``nnx.Param`` variables."""
+    return nnx.split(model, nnx.Param, ...)
+
+
+def merge_model(graphdef: nnx.GraphDef, params: Any, rest: Any) -> nnx.Module:
+    return nnx.merge(graphdef, params, rest)
+
+
+def create_train_state(
+    model: nnx.Module, optimizer: optax.GradientTransformation, *, seed: int
+) -> tuple[nnx.GraphDef, TrainState]:
+    """Splits ``model`` and initialises the optimizer; returns ``(graphdef, state)``.
+
+    The optimizer state is created with ``jit`` so it inherits the parameters' shardings.
+    """
+    graphdef, params, rest = split_model(model)
+    opt_state = jax.jit(optimizer.init)(params)
+    rng = jax.random.key_data(jax.random.key(seed))
+    return graphdef, TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=opt_state, rng=rng
+    )
