@@ -1,0 +1,671 @@
+"""Typed run configuration: frozen dataclasses loaded from YAML plus dotted ``key=value`` overrides.
+
+One :class:`RunConfig` describes a whole run; each section is a frozen dataclass whose ``__post_init__``
+checks its own fields (comments say why a field exists). Loading is strict:
+
+* an unknown key is an error naming the full dotted key (``optim.lrr``) and the YAML file;
+* a value of the wrong type is an error naming the key, the expected type and the value;
+* command-line overrides ``section.field=value`` are parsed as YAML scalars/flow values
+  (``optim.lr=1e-4``, ``data.train=path.jsonl``, ``mesh.data=-1``,
+  ``grpo.reward_functions=[{name: format}]``).
+
+PyYAML follows YAML 1.1, where ``1e-4`` (no dot) is a *string*; float fields therefore also accept strings
+that Python's ``float()`` parses, so ``lr: 1e-4`` works as users expect.
+
+Example::
+
+    cfg = load_config("configs/sft.yaml", ["optim.lr=3e-4", "train.steps=100"])
+    cfg.optim.lr          # 0.0003
+    cfg.to_dict()         # plain dict for logs and checkpoint metadata
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration. ``key`` is the dotted key (e.g. ``optim.lr``) when one is known."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
+        self.message = message
+
+
+def _check(cond: bool, key: str, message: str) -> None:
+    """Raise a :class:`ConfigError` for field ``key`` of the section being validated."""
+    if not cond:
+        raise ConfigError(message, key)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------------------
+
+DTYPES = ("float32", "bfloat16", "float16")
+# Named remat policies offered by jrft.models (applied to the scanned layer body).
+REMAT_POLICIES = ("none", "full", "dots_saveable", "save_attn_out", "minimal")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to fine-tune and in what precision."""
+
+    # A local directory with config.json + safetensors, or a hub id (downloaded through transformers' cache).
+    path: str = ""
+    # Compute dtype of activations; log-probs and losses are always float32 (DESIGN.md contract).
+    dtype: str = "float32"
+    # Storage dtype of trainable parameters; float32 keeps AdamW updates exact, bfloat16 halves memory.
+    param_dtype: str = "float32"
+    # Activation rematerialisation policy name (see jrft.models); trades compute for memory on long sequences.
+    remat: str = "none"
+    # Tokenizer location; None means "the same place as the model", the usual case.
+    tokenizer: str | None = None
+
+    def __post_init__(self):
+        _check(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
+        _check(
+            self.param_dtype in DTYPES, "param_dtype", f"must be one of {DTYPES}, got {self.param_dtype!r}"
+        )
+        _check(self.remat in REMAT_POLICIES, "remat", f"must be one of {REMAT_POLICIES}, got {self.remat!r}")
+
+    @property
+    def tokenizer_path(self) -> str:
+        """The tokenizer location, defaulting to the model path."""
+        return self.tokenizer if self.tokenizer else self.path
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where rows come from: a local file, a hub dataset, or rows written inline in the config.
+
+    Shorthand in YAML: a string is ``path``; a list of mappings is ``rows``.
+    """
+
+    # A .json/.jsonl/.parquet file (relative to the working directory) or, if no such file exists,
+    # a hub dataset name (e.g. "openai/gsm8k") loaded with the datasets library.
+    path: str | None = None
+    # Split of a hub dataset (ignored for local files, which are one split).
+    split: str = "train"
+    # Hub dataset configuration name (e.g. "main" for gsm8k).
+    subset: str | None = None
+    # Inline rows, for tiny experiments and tests.
+    rows: tuple[dict, ...] | None = None
+    # Keep only the first N rows (None = all): quick experiments on big datasets.
+    limit: int | None = None
+
+    def __post_init__(self):
+        _check((self.path is None) != (self.rows is None), "path", "give exactly one of 'path' or 'rows'")
+        _check(self.limit is None or self.limit > 0, "limit", f"must be positive, got {self.limit}")
+
+    @classmethod
+    def _from_shorthand(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"path": value}
+        if isinstance(value, (list, tuple)):
+            return {"rows": list(value)}
+        return value
+
+
+DATA_FORMATS = ("auto", "prompt_completion", "messages", "preference", "ranked", "prompt_only")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Rows, their format, length limits, padding and order."""
+
+    train: DataSource | None = None
+    eval: DataSource | None = None
+    # Row format; "auto" detects it from the columns of the first row (see jrft.data.formats).
+    format: str = "auto"
+    # Longest tokenized row (prompt + completion) a batch may hold; also the packing capacity.
+    max_length: int = 1024
+    # Preference / prompt-only rows: longest prompt (truncation keeps its end, nearest the answer).
+    max_prompt_length: int = 512
+    # Preference rows: longest chosen/rejected completion (truncation keeps its start).
+    max_completion_length: int = 512
+    # What to do with rows over a limit: cut them, skip them (counted and reported), or stop with an error.
+    overlong: Literal["truncate", "drop", "fail"] = "truncate"
+    # SFT: pack several examples into one row, separated by segment ids (no cross-document attention).
+    packing: bool = False
+    # Padded lengths: an int pads to multiples of it, a list pads to the smallest entry that fits.
+    # Few distinct shapes means few compilations of the jitted step.
+    buckets: int | tuple[int, ...] = 64
+    # Reshuffle every epoch (from the run seed and the epoch number, so resumption is exact).
+    shuffle: bool = True
+    # Prepend the tokenizer's BOS token to non-chat rows when it has one (chat templates add their own).
+    add_bos: bool = True
+    # Append the tokenizer's EOS token to completions so the model learns to stop.
+    add_eos: bool = True
+
+    def __post_init__(self):
+        _check(self.format in DATA_FORMATS, "format", f"must be one of {DATA_FORMATS}, got {self.format!r}")
+        _check(self.max_length > 0, "max_length", f"must be positive, got {self.max_length}")
+        _check(self.max_prompt_length > 0, "max_prompt_length", "must be positive")
+        _check(self.max_completion_length > 0, "max_completion_length", "must be positive")
+        if isinstance(self.buckets, int):
+            _check(self.buckets > 0, "buckets", f"must be positive, got {self.buckets}")
+        else:
+            _check(len(self.buckets) > 0, "buckets", "an empty list of buckets")
+            _check(all(b > 0 for b in self.buckets), "buckets", f"must be positive, got {self.buckets}")
+            _check(list(self.buckets) == sorted(set(self.buckets)), "buckets", "must be strictly increasing")
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh axis sizes; -1 takes the remaining devices (at most one axis may be -1)."""
+
+    # Pure data parallelism: replicas of the parameters, the batch split across them.
+    data: int = -1
+    # Fully sharded data parallelism: parameters and optimizer state split, gathered per layer.
+    fsdp: int = 1
+    # Tensor parallelism: heads / MLP columns split; for models too large for fsdp alone.
+    tensor: int = 1
+
+    def __post_init__(self):
+        for name in ("data", "fsdp", "tensor"):
+            v = getattr(self, name)
+            _check(v == -1 or v >= 1, name, f"must be -1 or a positive size, got {v}")
+        _check([self.data, self.fsdp, self.tensor].count(-1) <= 1, "data", "at most one axis may be -1")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer (optax) and learning-rate schedule."""
+
+    name: Literal["adamw"] = "adamw"
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    # Linear warm-up from 0: protects fresh Adam moments from large early updates.
+    warmup_steps: int = 0
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    # Decayed schedules end at lr * min_lr_ratio instead of 0.
+    min_lr_ratio: float = 0.0
+    # Global gradient-norm clipping (None = off): guards against the rare huge RL/DPO gradient.
+    max_grad_norm: float | None = 1.0
+
+    def __post_init__(self):
+        _check(self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        _check(all(0 <= b < 1 for b in self.betas), "betas", f"each beta must be in [0, 1), got {self.betas}")
+        _check(self.eps > 0, "eps", "must be positive")
+        _check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
+        _check(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "must be positive")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Loop length, batch geometry, and evaluation / logging / checkpoint cadence."""
+
+    steps: int = 1000
+    # Global batch (rows for SFT, pairs for reward/DPO, prompts for GRPO/PPO) per optimizer step.
+    batch_size: int = 8
+    # Rows per forward/backward; batch_size / micro_batch_size micro-batches are accumulated (None = no
+    # accumulation). Accumulation divides by global token counts, so it equals the full batch.
+    micro_batch_size: int | None = None
+    eval_every: int = 0  # 0 = never
+    eval_batches: int | None = None  # None = the whole eval set
+    log_every: int = 10
+    save_every: int = 500  # 0 = only at the end
+    # Checkpoints kept on disk (older ones are deleted after a newer one is complete).
+    keep_last: int = 2
+    # Resume automatically from the latest checkpoint in output_dir (a restarted run continues the same run).
+    resume: bool = True
+    # Where the final transformers-format model is written (None = <output_dir>/export).
+    export_dir: str | None = None
+
+    def __post_init__(self):
+        _check(self.steps > 0, "steps", f"must be positive, got {self.steps}")
+        _check(self.batch_size > 0, "batch_size", f"must be positive, got {self.batch_size}")
+        if self.micro_batch_size is not None:
+            _check(self.micro_batch_size > 0, "micro_batch_size", "must be positive")
+            _check(
+                self.batch_size % self.micro_batch_size == 0,
+                "micro_batch_size",
+                f"must divide batch_size={self.batch_size}, got {self.micro_batch_size}",
+            )
+        for name in ("eval_every", "save_every"):
+            _check(getattr(self, name) >= 0, name, "must be >= 0")
+        _check(self.log_every > 0, "log_every", "must be positive")
+        _check(self.keep_last >= 1, "keep_last", "must be >= 1")
+
+    @property
+    def grad_accum(self) -> int:
+        """Micro-batches per optimizer step."""
+        return 1 if self.micro_batch_size is None else self.batch_size // self.micro_batch_size
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    # Loss only on completion / assistant tokens (TRL's default); False trains on prompts too.
+    completion_only_loss: bool = True
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    # bradley_terry: -log sigmoid(r_chosen - r_rejected - margin) on pairs (Ouyang et al. 2022);
+    # listwise: Plackett-Luce over a whole ranking (needs format "ranked").
+    loss: Literal["bradley_terry", "listwise"] = "bradley_terry"
+    # Optional column with a per-pair margin (Llama 2's margin loss, Touvron et al. 2023); None = no margin.
+    margin_column: str | None = None
+    # Coefficient of the (r_chosen + r_rejected)^2 penalty that keeps rewards centred
+    # (Eisenstein et al. 2023).
+    center_coefficient: float = 0.0
+
+    def __post_init__(self):
+        _check(self.center_coefficient >= 0, "center_coefficient", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    # Inverse temperature of the implicit reward (Rafailov et al. 2023); larger keeps closer to the reference.
+    beta: float = 0.1
+    # Variant of the preference loss (see jrft.losses.dpo): sigmoid (DPO), hinge (SLiC), ipo, robust,
+    # simpo (reference-free, length-normalised), orpo (odds ratio + SFT).
+    loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "simpo", "orpo"] = "sigmoid"
+    # Conservative DPO / robust DPO: assumed probability that a preference label is flipped.
+    label_smoothing: float = 0.0
+    # Use a uniform reference (no reference model in memory).
+    reference_free: bool = False
+    # Compute reference log-probs once before training instead of a reference forward each step.
+    precompute_ref_logps: bool = False
+    # SimPO target reward margin gamma (Meng et al. 2024).
+    simpo_gamma: float = 0.5
+    # ORPO weight lambda of the odds-ratio term (Hong et al. 2024).
+    orpo_lambda: float = 0.1
+    # Add an SFT (NLL) term on the chosen completion with this weight (RPO); 0 = off.
+    sft_weight: float = 0.0
+
+    def __post_init__(self):
+        _check(self.beta > 0, "beta", f"must be positive, got {self.beta}")
+        _check(0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
+        _check(self.sft_weight >= 0, "sft_weight", "must be >= 0")
+        _check(self.orpo_lambda >= 0, "orpo_lambda", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class RewardFunctionConfig:
+    """One reward function: a built-in by ``name`` or a user function by ``spec`` (module:function or
+    path/to/file.py:function), its weight in the combination, and keyword arguments."""
+
+    name: str | None = None
+    spec: str | None = None
+    weight: float = 1.0
+    kwargs: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        _check((self.name is None) != (self.spec is None), "name", "give exactly one of 'name' or 'spec'")
+
+    def as_runner_spec(self) -> dict:
+        """The flat dict jrft.rewards' factory takes: ``{"name"|"spec": ..., "weight": ..., **kwargs}``."""
+        key = "name" if self.name is not None else "spec"
+        return {key: self.name if self.name is not None else self.spec, "weight": self.weight, **self.kwargs}
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Rollout sampling shared by GRPO and PPO."""
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def _check_sampling(self):
+        _check(self.max_new_tokens > 0, "max_new_tokens", "must be positive")
+        _check(self.temperature > 0, "temperature", "must be positive (greedy rollouts give GRPO no signal)")
+        _check(self.top_k is None or self.top_k > 0, "top_k", "must be positive")
+        _check(self.top_p is None or 0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class GRPOConfig(SamplingConfig):
+    """Group Relative Policy Optimization (Shao et al. 2024, arXiv 2402.03300) and its variants."""
+
+    # G completions per prompt; advantages are relative to the group.
+    num_generations: int = 8
+    # KL penalty weight to the frozen reference; 0 skips reference log-probs entirely.
+    beta: float = 0.0
+    kl_estimator: Literal["k1", "k3"] = "k3"
+    # Clipping range of the ratio: [1 - epsilon_low, 1 + epsilon_high]; epsilon_high > epsilon_low is
+    # DAPO's clip-higher (Yu et al. 2025), which keeps exploration alive.
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    # How token losses are reduced: grpo (per-sequence mean, then mean), bnpo (batch token mean),
+    # dr_grpo (sum / (batch * max_new_tokens), Liu et al. 2025), dapo (token mean over the global batch).
+    loss_aggregation: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
+    # token: per-token ratios (PPO/GRPO); sequence: GSPO's length-normalised sequence ratio
+    # (Zheng et al. 2025).
+    importance_level: Literal["token", "sequence"] = "token"
+    # Advantage normalisation: by the group's std, the batch's std, or none (Dr. GRPO).
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    # Baseline: the group mean (grpo) or the mean of the other G-1 samples (RLOO, Ahmadian et al. 2024).
+    advantage: Literal["grpo", "rloo"] = "grpo"
+    # mu: update iterations per generation round (mu = 1 makes the ratio exactly 1 at the first step).
+    num_iterations: int = 1
+    # Mini-batches per generation round (each iteration passes over all of them).
+    num_mini_batches: int = 1
+    # Old log-probs from the sampler (free) or recomputed by a training-mode forward (exact for mu > 1).
+    old_logprobs: Literal["sampler", "recompute"] = "recompute"
+    # DAPO dynamic sampling: drop groups with zero reward variance (no signal) and sample again ...
+    dynamic_sampling: bool = False
+    # ... at most this many extra rounds per step (then train on what there is).
+    max_sampling_rounds: int = 4
+    # Exclude completions cut at max_new_tokens from the loss (DAPO's overlong filtering).
+    mask_truncated_completions: bool = False
+    # DAPO soft overlong punishment: linear penalty over the last `overlong_buffer` tokens (0 = off).
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0
+    reward_functions: tuple[RewardFunctionConfig, ...] = ()
+    # How several reward functions combine: weighted sum (None counts as 0) or weighted mean of non-None.
+    reward_combine: Literal["sum", "mean"] = "sum"
+    # Seconds a reward call may take before its results count as failed (None) and are reported.
+    reward_timeout_s: float = 60.0
+    # Write a table of sample completions with their rewards every N steps (0 = never).
+    log_completions_every: int = 10
+
+    def __post_init__(self):
+        self._check_sampling()
+        _check(self.num_generations >= 2, "num_generations", "must be >= 2 (advantages are group-relative)")
+        _check(self.beta >= 0, "beta", "must be >= 0")
+        _check(self.epsilon_low >= 0, "epsilon_low", "must be >= 0")
+        _check(self.epsilon_high >= 0, "epsilon_high", "must be >= 0")
+        _check(self.num_iterations >= 1, "num_iterations", "must be >= 1")
+        _check(self.num_mini_batches >= 1, "num_mini_batches", "must be >= 1")
+        _check(self.max_sampling_rounds >= 1, "max_sampling_rounds", "must be >= 1")
+        _check(
+            0 <= self.overlong_buffer < self.max_new_tokens,
+            "overlong_buffer",
+            "must be in [0, max_new_tokens)",
+        )
+        _check(self.reward_timeout_s > 0, "reward_timeout_s", "must be positive")
+        _check(self.log_completions_every >= 0, "log_completions_every", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class PPOConfig(SamplingConfig):
+    """PPO for RLHF (Schulman et al. 2017; Ouyang et al. 2022) with a learned value function and GAE."""
+
+    # Value model: a separate decoder with a scalar head, or a scalar head on the policy (less memory).
+    value_model: Literal["separate", "head"] = "separate"
+    # Where the separate value model starts from (None = the reward model, else the policy).
+    value_model_path: str | None = None
+    vf_coef: float = 0.1
+    # Policy ratio clipping epsilon.
+    cliprange: float = 0.2
+    # Value clipping around the old values (PPO2).
+    cliprange_value: float = 0.2
+    gamma: float = 1.0
+    lam: float = 0.95  # GAE lambda (Schulman et al. 2016)
+    # Per-token KL penalty to the frozen reference, subtracted from the reward.
+    kl_coef: float = 0.05
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    whiten_advantages: bool = True
+    whiten_rewards: bool = False
+    # Reward subtracted from completions that never emitted EOS (None = off).
+    missing_eos_penalty: float | None = None
+    # A reward-model checkpoint trained by `jrft reward` (None = reward functions only).
+    reward_model: str | None = None
+    reward_functions: tuple[RewardFunctionConfig, ...] = ()
+    reward_combine: Literal["sum", "mean"] = "sum"
+    reward_timeout_s: float = 60.0
+    # PPO epochs over each rollout batch, split into this many mini-batches.
+    num_epochs: int = 4
+    num_mini_batches: int = 1
+    log_completions_every: int = 10
+
+    def __post_init__(self):
+        self._check_sampling()
+        _check(self.vf_coef >= 0, "vf_coef", "must be >= 0")
+        _check(self.cliprange > 0, "cliprange", "must be positive")
+        _check(self.cliprange_value > 0, "cliprange_value", "must be positive")
+        _check(0 <= self.gamma <= 1, "gamma", "must be in [0, 1]")
+        _check(0 <= self.lam <= 1, "lam", "must be in [0, 1]")
+        _check(self.kl_coef >= 0, "kl_coef", "must be >= 0")
+        _check(self.num_epochs >= 1, "num_epochs", "must be >= 1")
+        _check(self.num_mini_batches >= 1, "num_mini_batches", "must be >= 1")
+        _check(self.reward_timeout_s > 0, "reward_timeout_s", "must be positive")
+        _check(
+            self.reward_model is not None or len(self.reward_functions) > 0,
+            "reward_model",
+            "PPO needs a reward: set ppo.reward_model and/or ppo.reward_functions",
+        )
+
+
+OBJECTIVES = ("sft", "reward", "dpo", "grpo", "ppo")
+
+
+def _default_ppo() -> PPOConfig:
+    # The PPO section must name a reward to be valid; its default (unused unless objective=ppo) names a
+    # placeholder function so that configs of other objectives need not mention PPO at all.
+    return PPOConfig(reward_functions=(RewardFunctionConfig(name="accuracy"),))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole run. Only the section of the chosen ``objective`` is used by its trainer."""
+
+    objective: Literal["sft", "reward", "dpo", "grpo", "ppo"] = "sft"
+    # Everything random (init, data order, sampling) derives from this seed: a run is a function of its
+    # config.
+    seed: int = 0
+    # Checkpoints, metrics and the export live here; a rerun with the same output_dir resumes.
+    output_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    ppo: PPOConfig = field(default_factory=_default_ppo)
+
+    def __post_init__(self):
+        _check(self.seed >= 0, "seed", "must be >= 0")
+        _check(bool(self.output_dir), "output_dir", "must not be empty")
+        d = self.data
+        if self.objective in ("dpo", "reward"):
+            _check(
+                d.max_prompt_length + d.max_completion_length <= d.max_length or d.overlong == "truncate",
+                "data.max_length",
+                "max_prompt_length + max_completion_length exceeds max_length with overlong != truncate",
+            )
+        if self.objective == "reward" and self.reward.loss == "listwise":
+            _check(d.format in ("auto", "ranked"), "reward.loss", "listwise needs data.format 'ranked'")
+        if self.objective == "grpo":
+            _check(
+                self.train.batch_size % self.grpo.num_mini_batches == 0,
+                "grpo.num_mini_batches",
+                f"must divide train.batch_size={self.train.batch_size}",
+            )
+
+    def to_dict(self) -> dict:
+        """Plain nested dict (lists for tuples) for logs, YAML and checkpoint metadata."""
+        return _to_plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Strict building from plain data
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    """Return ``value`` as type ``tp`` or raise a ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as e:
+                errors.append(e.message)
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({'; '.join(errors)})", key)
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{key}: must be one of {list(args)}, got {value!r}", key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}", key)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{key}.{i}") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}", key)
+        return tuple(_coerce(a, v, f"{key}.{i}") for i, (a, v) in enumerate(zip(args, value, strict=True)))
+    if tp is dict or origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}", key)
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"config field {key} has an unsupported type {tp!r}")  # a bug in this module
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})", key)
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and ill-typed values by dotted key."""
+    shorthand = getattr(cls, "_from_shorthand", None)
+    if shorthand is not None:
+        data = shorthand(data)
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix or '<top level>'}: expected a mapping, got {data!r}", prefix)
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls) if f.init]
+    dot = f"{prefix}." if prefix else ""
+    for k in data:
+        if k not in known:
+            raise ConfigError(f"{dot}{k}: unknown key (known keys: {', '.join(known)})", f"{dot}{k}")
+    kwargs = {k: _coerce(hints[k], v, f"{dot}{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        full = e.key if e.key and "." in e.key else f"{dot}{e.key}"
+        raise ConfigError(f"{full}: {e.message}", full) from None
+
+
+def config_from_dict(data: Mapping, cls: type = RunConfig) -> Any:
+    """Build a config dataclass from plain nested data (strict; errors name the dotted key)."""
+    return _build(cls, data, "")
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to nested plain data, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value (e.g. optim.lr=1e-4)", item)
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        parts = key.split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: malformed key {key!r}", key)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {key}: cannot parse {raw!r} as YAML ({e})", key) from None
+        node: Any = data
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            here = ".".join(parts[: i + 1])
+            if isinstance(node, list):  # an index into a list, e.g. grpo.reward_functions.0.weight
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"override {key}: {here}: no such list item", key)
+                part = int(part)
+            elif not isinstance(node, dict):
+                raise ConfigError(f"override {key}: {'.'.join(parts[:i])} is not a section", key)
+            if last:
+                node[part] = value
+            else:
+                child = node.get(part) if isinstance(node, dict) else node[part]
+                if child is None:  # e.g. data.eval.path=... when eval was unset
+                    node[part] = {}
+                node = node[part]
+    return data
+
+
+def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Load a :class:`RunConfig` from a YAML file (or defaults when ``path`` is None) plus overrides.
+
+    Errors are :class:`ConfigError` whose message starts with the file (or "command line") and names
+    the full dotted key.
+    """
+    where = "defaults"
+    data: dict = {}
+    if path is not None:
+        where = os.fspath(path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                loaded = yaml.safe_load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{where}: config file not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{where}: invalid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{where}: the top level must be a mapping, got {type(loaded).__name__}")
+        data = loaded
+    try:
+        config = config_from_dict(data)  # errors in the file are reported against the file ...
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e.message}", e.key) from None
+    if not overrides:
+        return config
+    # Overrides apply to the fully expanded config, so every section (and shorthand) is a mapping.
+    try:
+        return config_from_dict(apply_overrides(config.to_dict(), overrides))
+    except ConfigError as e:  # ... and errors introduced by overrides against the command line
+        raise ConfigError(f"{where} + command line overrides: {e.message}", e.key) from None

@@ -1,0 +1,147 @@
+"""Config loading: every YAML under configs/ loads, overrides apply, bad keys/values are named."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jrft.config import ConfigError, RunConfig, config_from_dict, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+ALL_YAMLS = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+def test_configs_dir_is_not_empty():
+    names = {p.name for p in ALL_YAMLS}
+    assert {"sft.yaml", "reward.yaml", "dpo.yaml", "grpo.yaml", "ppo.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", ALL_YAMLS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_yaml_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+    # to_dict round-trips through YAML to an equal config
+    again = config_from_dict(yaml.safe_load(cfg.to_yaml()))
+    assert again == cfg
+
+
+def test_objective_yamls_name_their_objective():
+    for objective in ("sft", "reward", "dpo", "grpo", "ppo"):
+        assert load_config(ROOT / "configs" / f"{objective}.yaml").objective == objective
+
+
+def test_overrides_parse_yaml_scalars():
+    cfg = load_config(
+        ROOT / "configs/sft.yaml",
+        [
+            "optim.lr=1e-4",  # YAML 1.1 reads this as a string; float fields accept it
+            "train.steps=7",
+            "data.train=other.jsonl",
+            "data.buckets=[128, 256]",
+            "data.packing=true",
+            "model.tokenizer=tok/",
+            "optim.max_grad_norm=null",
+            "optim.betas=[0.9, 0.95]",
+        ],
+    )
+    assert cfg.optim.lr == pytest.approx(1e-4)
+    assert cfg.train.steps == 7
+    assert cfg.data.train.path == "other.jsonl" and cfg.data.train.rows is None
+    assert cfg.data.buckets == (128, 256)
+    assert cfg.data.packing is True
+    assert cfg.model.tokenizer_path == "tok/"
+    assert cfg.optim.max_grad_norm is None
+    assert cfg.optim.betas == (0.9, 0.95)
+
+
+def test_defaults_and_derived_values():
+    cfg = load_config(None, ["model.path=m", "train.batch_size=16", "train.micro_batch_size=4"])
+    assert cfg.model.tokenizer_path == "m"
+    assert cfg.train.grad_accum == 4
+    assert load_config(None).train.grad_accum == 1
+
+
+def test_inline_rows_and_reward_functions():
+    cfg = load_config(
+        None,
+        [
+            "objective=grpo",
+            "data.train=[{prompt: '1+1=', answer: '2'}]",
+            "grpo.reward_functions=[{name: accuracy, weight: 2.0, kwargs: {tolerance: 0.01}}, {spec: 'm:f'}]",
+        ],
+    )
+    assert cfg.data.train.rows == ({"prompt": "1+1=", "answer": "2"},)
+    rf = cfg.grpo.reward_functions
+    assert rf[0].as_runner_spec() == {"name": "accuracy", "weight": 2.0, "tolerance": 0.01}
+    assert rf[1].as_runner_spec() == {"spec": "m:f", "weight": 1.0}
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("optim.lrr=1", "optim.lrr"),
+        ("bogus=1", "bogus"),
+        ("optim.lr=abc", "optim.lr"),
+        ("optim.lr=-1", "optim.lr"),
+        ("train.batch_size=1.5", "train.batch_size"),
+        ("train.batch_size=true", "train.batch_size"),
+        ("data.overlong=cut", "data.overlong"),
+        ("data.buckets=[256, 128]", "data.buckets"),
+        ("mesh.fsdp=-1", "mesh.data"),
+        ("train.micro_batch_size=5", "train.micro_batch_size"),
+        ("grpo.reward_functions=[{weight: 1}]", "grpo.reward_functions.0.name"),
+        ("grpo.num_generations=1", "grpo.num_generations"),
+        ("grpo.kl_estimator=k2", "grpo.kl_estimator"),
+        ("dpo.loss_type=nope", "dpo.loss_type"),
+        ("dpo.beta=0", "dpo.beta"),
+        ("ppo.gamma=2", "ppo.gamma"),
+        ("model.dtype=float8", "model.dtype"),
+        ("optim.betas=[0.9]", "optim.betas"),
+        ("data.train={split: test}", "data.train.path"),
+        ("data.train.limit=0", "data.train.limit"),
+        ("grpo.reward_functions.5.weight=2", "grpo.reward_functions.5"),
+        ("grpo.reward_functions.0.weight=x", "grpo.reward_functions.0.weight"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, key):
+    with pytest.raises(ConfigError) as info:
+        load_config(ROOT / "configs/grpo.yaml", [override])
+    msg = str(info.value)
+    assert key in msg, msg
+    assert "grpo.yaml" in msg
+
+
+def test_bad_yaml_file_names_file_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("objective: sft\noptim:\n  lr: 1e-4\n  warmpu_steps: 3\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: optim\.warmpu_steps: unknown key"):
+        load_config(bad)
+    bad.write_text("objective: sft\ntrain:\n  steps: many\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: train\.steps: expected int"):
+        load_config(bad)
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: the top level must be a mapping"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_malformed_override_syntax():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["optim.lr"])
+
+
+def test_config_is_frozen():
+    cfg = load_config(None)
+    with pytest.raises(AttributeError):
+        cfg.seed = 3  # type: ignore[misc]
+
+
+def test_override_into_list_items_and_shorthand_sections():
+    cfg = load_config(
+        ROOT / "configs/grpo.yaml",
+        ["grpo.reward_functions.1.weight=0.5", "data.train.limit=10", "data.eval=e.jsonl"],
+    )
+    assert cfg.grpo.reward_functions[1].weight == 0.5
+    assert cfg.data.train.limit == 10 and cfg.data.train.path == "data/prompts.jsonl"
+    assert cfg.data.eval.path == "e.jsonl"
