@@ -1,0 +1,267 @@
+"""Tokenizing validated rows into examples, with the over-long policy.
+
+BOS / EOS (plain-text rows): the prompt is ``[bos] + tokens(prompt)`` when ``add_bos`` and the tokenizer has a
+BOS token (Llama-style; Qwen has none, so nothing is added), and the completion is
+``tokens(completion) + [eos]`` when ``add_eos`` (so the model learns to stop). Prompt and completion are
+tokenized separately and concatenated, so the prompt/completion boundary is exact (joint tokenization can
+merge across it). Conversational rows use the tokenizer's chat template verbatim (it adds its own BOS and
+end-of-turn markers; see :mod:`jrft.data.chat`).
+
+Loss masks are aligned with the tokens: ``loss_mask[t] = 1`` when token ``t`` is a target (predicted from
+positions ``< t``). Position 0 is never a target, so packed examples never learn across documents.
+
+Examples (numpy, unpadded):
+
+* ``sft``: ``{"tokens": [T] int32, "loss_mask": [T] int8}``
+* ``preference``: ``{"chosen_tokens", "chosen_loss_mask", "rejected_tokens", "rejected_loss_mask"}`` plus
+  ``"margin"`` (float, when a margin column is configured) and ``"group"`` (the source row; ranked rows
+  expand into several pairs of one group).
+* ``prompt``: ``{"prompt_tokens": [T] int32, "prompt": str | messages, "columns": {extra columns}}``
+
+Over-long rows (``overlong``): ``truncate`` keeps the end of a prompt and the start of a completion,
+``drop`` skips the row (counted in :class:`EncodeStats`), ``fail`` raises a :class:`DataError` naming the row,
+the field and the lengths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from jrft.data.chat import encode_chat, encode_chat_prompt
+from jrft.data.errors import DataError
+from jrft.data.formats import FORMATS
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    """Tokenization settings (the data section of the run config, see :class:`jrft.config.DataConfig`)."""
+
+    max_length: int = 1024
+    max_prompt_length: int = 512
+    max_completion_length: int = 512
+    overlong: str = "truncate"  # truncate | drop | fail
+    add_bos: bool = True
+    add_eos: bool = True
+    completion_only_loss: bool = True
+    margin_column: str | None = None
+
+    @classmethod
+    def from_config(cls, data, **overrides) -> EncodeOptions:
+        """From a :class:`jrft.config.DataConfig` (plus e.g. ``completion_only_loss=``)."""
+        base = {k: getattr(data, k) for k in ("max_length", "max_prompt_length", "max_completion_length")}
+        base.update(overlong=data.overlong, add_bos=data.add_bos, add_eos=data.add_eos)
+        base.update(overrides)
+        return cls(**base)
+
+
+@dataclass
+class EncodeStats:
+    """Counts reported after encoding (the drop count is what ``overlong: drop`` promises to report)."""
+
+    rows: int = 0
+    examples: int = 0
+    truncated: int = 0
+    dropped_overlong: int = 0
+    dropped_rows: list[int] = field(default_factory=list)  # first few dropped row indices, for the report
+
+    def drop(self, row: int) -> None:
+        self.dropped_overlong += 1
+        if len(self.dropped_rows) < 10:
+            self.dropped_rows.append(row)
+
+
+class _Dropped(Exception):
+    """Internal: this row is skipped under ``overlong: drop``."""
+
+
+@dataclass
+class _Ctx:
+    tokenizer: Any
+    opts: EncodeOptions
+    source: str
+    stats: EncodeStats
+    row: int = 0
+    truncated: bool = False
+
+    def over(self, field: str, length: int, limit: int, limit_name: str) -> None:
+        """Applies the over-long policy to ``field`` of ``length`` tokens over ``limit``."""
+        if self.opts.overlong == "fail":
+            raise DataError(
+                self.source,
+                f"{length} tokens exceed data.{limit_name}={limit} (data.overlong=fail)",
+                row=self.row,
+                field=field,
+            )
+        if self.opts.overlong == "drop":
+            raise _Dropped()
+        self.truncated = True
+
+    def text_ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def bos(self) -> list[int]:
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        return [bos] if self.opts.add_bos and bos is not None else []
+
+    def eos(self) -> list[int]:
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        return [eos] if self.opts.add_eos and eos is not None else []
+
+
+def _prompt_and_completion(ctx: _Ctx, prompt, completion, field: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """Tokens, completion mask and prompt length of ``prompt + completion`` (strings or messages)."""
+    if isinstance(prompt, list):
+        tokens, mask = encode_chat(
+            ctx.tokenizer,
+            prompt + completion,
+            first_trained=len(prompt),
+            source=ctx.source,
+            row=ctx.row,
+            field=field,
+        )
+        trained = np.flatnonzero(mask)
+        n_prompt = int(trained[0]) if len(trained) else len(tokens)
+        return tokens, mask, n_prompt
+    p = ctx.bos() + ctx.text_ids(prompt)
+    c = ctx.text_ids(completion)
+    if not c:
+        raise DataError(ctx.source, "completion tokenizes to nothing", row=ctx.row, field=field)
+    eos = ctx.eos()
+    if eos and c[-1] != eos[0]:
+        c = c + eos
+    tokens = np.asarray(p + c, dtype=np.int32)
+    mask = np.concatenate([np.zeros(len(p), np.int8), np.ones(len(c), np.int8)])
+    return tokens, mask, len(p)
+
+
+def _finish_sft(ctx: _Ctx, tokens: np.ndarray, mask: np.ndarray, field: str) -> dict | None:
+    limit = ctx.opts.max_length
+    if len(tokens) > limit:
+        ctx.over(field, len(tokens), limit, "max_length")
+        tokens, mask = tokens[:limit], mask[:limit]
+    if not ctx.opts.completion_only_loss:
+        mask = np.ones_like(mask)
+    mask = mask.copy()
+    mask[0] = 0  # position 0 has no context to be predicted from
+    if not mask.any():
+        if ctx.truncated:  # truncation left no completion token: the row is useless, count it as dropped
+            raise _Dropped()
+        raise DataError(ctx.source, "no tokens to learn from", row=ctx.row, field=field)
+    return {"tokens": tokens.astype(np.int32), "loss_mask": mask.astype(np.int8)}
+
+
+def _encode_prompt_completion(ctx: _Ctx, row: Mapping) -> list[dict]:
+    tokens, mask, _ = _prompt_and_completion(ctx, row["prompt"], row["completion"], "completion")
+    return [_finish_sft(ctx, tokens, mask, "completion")]
+
+
+def _encode_messages(ctx: _Ctx, row: Mapping) -> list[dict]:
+    tokens, mask = encode_chat(ctx.tokenizer, row["messages"], source=ctx.source, row=ctx.row)
+    return [_finish_sft(ctx, tokens, mask, "messages")]
+
+
+def _pair_side(ctx: _Ctx, prompt, completion, field: str) -> tuple[np.ndarray, np.ndarray]:
+    """One side of a preference pair, fitted to the prompt / completion / total limits."""
+    o = ctx.opts
+    tokens, mask, n_prompt = _prompt_and_completion(ctx, prompt, completion, field)
+    p_tok, c_tok, c_mask = tokens[:n_prompt], tokens[n_prompt:], mask[n_prompt:]
+    if len(p_tok) > o.max_prompt_length:
+        ctx.over("prompt", len(p_tok), o.max_prompt_length, "max_prompt_length")
+        p_tok = p_tok[-o.max_prompt_length :]  # keep the end, nearest the answer
+    if len(c_tok) > o.max_completion_length:
+        ctx.over(field, len(c_tok), o.max_completion_length, "max_completion_length")
+        c_tok, c_mask = c_tok[: o.max_completion_length], c_mask[: o.max_completion_length]
+    if len(p_tok) + len(c_tok) > o.max_length:
+        ctx.over(field, len(p_tok) + len(c_tok), o.max_length, "max_length")
+        keep = max(o.max_length - len(p_tok), 0)
+        c_tok, c_mask = c_tok[:keep], c_mask[:keep]
+    if not c_mask.any():
+        raise _Dropped()  # truncation removed the whole completion
+    tokens = np.concatenate([p_tok, c_tok]).astype(np.int32)
+    mask = np.concatenate([np.zeros(len(p_tok), np.int8), c_mask]).astype(np.int8)
+    mask[0] = 0
+    return tokens, mask
+
+
+def _pair(ctx: _Ctx, row: Mapping, prompt, chosen, rejected, fields=("chosen", "rejected")) -> dict:
+    ct, cm = _pair_side(ctx, prompt, chosen, fields[0])
+    rt, rm = _pair_side(ctx, prompt, rejected, fields[1])
+    ex = {"chosen_tokens": ct, "chosen_loss_mask": cm, "rejected_tokens": rt, "rejected_loss_mask": rm}
+    ex["group"] = ctx.row
+    col = ctx.opts.margin_column
+    if col is not None:
+        value = row.get(col)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise DataError(
+                ctx.source, f"margin column: expected a number, got {value!r}", row=ctx.row, field=col
+            )
+        ex["margin"] = float(value)
+    return ex
+
+
+def _encode_preference(ctx: _Ctx, row: Mapping) -> list[dict]:
+    return [_pair(ctx, row, row["prompt"], row["chosen"], row["rejected"])]
+
+
+def _encode_ranked(ctx: _Ctx, row: Mapping) -> list[dict]:
+    order, texts = row["ranking"], row["completions"]
+    pairs = []
+    for a in range(len(order)):
+        for b in range(a + 1, len(order)):
+            fields = (f"completions[{order[a]}]", f"completions[{order[b]}]")
+            pairs.append(_pair(ctx, row, row["prompt"], texts[order[a]], texts[order[b]], fields))
+    return pairs
+
+
+def _encode_prompt_only(ctx: _Ctx, row: Mapping) -> list[dict]:
+    prompt = row["prompt"]
+    if isinstance(prompt, list):
+        tokens = encode_chat_prompt(ctx.tokenizer, prompt, source=ctx.source, row=ctx.row)
+    else:
+        tokens = np.asarray(ctx.bos() + ctx.text_ids(prompt), dtype=np.int32)
+    limit = ctx.opts.max_prompt_length
+    if len(tokens) > limit:
+        ctx.over("prompt", len(tokens), limit, "max_prompt_length")
+        tokens = tokens[-limit:]
+    columns = {k: v for k, v in row.items() if k != "prompt"}
+    return [{"prompt_tokens": tokens, "prompt": prompt, "columns": columns}]
+
+
+ENCODERS: dict[str, Callable[[_Ctx, Mapping], list[dict]]] = {
+    "prompt_completion": _encode_prompt_completion,
+    "messages": _encode_messages,
+    "preference": _encode_preference,
+    "ranked": _encode_ranked,
+    "prompt_only": _encode_prompt_only,
+}
+assert set(ENCODERS) == set(FORMATS)
+
+
+def encode_rows(
+    tokenizer, rows: Sequence[Mapping], format: str, opts: EncodeOptions, *, source: str = "<rows>"
+) -> tuple[list[dict], EncodeStats]:
+    """Tokenizes validated rows of ``format`` into examples (see the module docstring).
+
+    Returns:
+      ``(examples, stats)``; rows dropped by the over-long policy are counted in ``stats``.
+    """
+    if opts.overlong not in ("truncate", "drop", "fail"):
+        raise ValueError(f"overlong must be truncate, drop or fail, got {opts.overlong!r}")
+    encoder = ENCODERS[format]
+    stats = EncodeStats(rows=len(rows))
+    examples: list[dict] = []
+    for i, row in enumerate(rows):
+        ctx = _Ctx(tokenizer, opts, source, stats, row=i)
+        try:
+            out = encoder(ctx, row)
+        except _Dropped:
+            stats.drop(i)
+            continue
+        stats.truncated += int(ctx.truncated)
+        examples.extend(out)
+    stats.examples = len(examples)
+    return examples, stats

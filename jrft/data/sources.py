@@ -1,0 +1,143 @@
+"""Loading raw rows (dicts) from local files, the Hugging Face hub, or in-memory lists.
+
+* ``.jsonl`` / ``.json`` files are read with the standard ``json`` module, row by row, so that a broken line
+  or a value of the wrong type is reported against its row by jrft's validation (Arrow's schema inference in
+  ``datasets`` would instead coerce or reject mixed types without naming the row).
+* ``.parquet`` files and hub datasets are read with the ``datasets`` library (``load_dataset``); a hub name is
+  anything that is not an existing local path, e.g. ``"openai/gsm8k"`` with ``subset="main"`` and a split.
+  Hub loading needs internet and is not exercised by jrft's tests.
+* in-memory rows: a list of dicts, or a ``datasets.Dataset``.
+
+Every loader returns :class:`Rows`: the rows and the name used in error messages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from jrft.data.errors import DataError
+
+INLINE = "<inline rows>"
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Raw rows from one source. ``name`` is the file / dataset used in error messages."""
+
+    name: str
+    rows: list[dict[str, Any]]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(path, f"line {lineno} is not valid JSON ({e.msg})", row=len(rows)) from None
+            if not isinstance(row, dict):
+                raise DataError(
+                    path, f"line {lineno}: expected a JSON object, got {type(row).__name__}", row=len(rows)
+                )
+            rows.append(row)
+    return rows
+
+
+def _read_json(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError(path, f"not valid JSON ({e.msg} at line {e.lineno})") from None
+    if isinstance(data, dict):  # {"data": [...]} / {"rows": [...]} wrappers are common
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise DataError(path, "expected a JSON list of objects (or an object holding exactly one list)")
+        data = lists[0]
+    if not isinstance(data, list):
+        raise DataError(path, f"expected a JSON list of objects, got {type(data).__name__}")
+    for i, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise DataError(path, f"expected a JSON object, got {type(row).__name__}", row=i)
+    return data
+
+
+def _read_with_datasets(path: str, **kwargs) -> list[dict]:
+    import datasets  # imported lazily: it is slow to import and only needed here
+
+    ds = datasets.load_dataset(path, **kwargs)
+    return [dict(r) for r in ds]
+
+
+def _read_parquet(path: str) -> list[dict]:
+    return _read_with_datasets("parquet", data_files=path, split="train")
+
+
+FILE_READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet}
+
+
+def load_rows(
+    source: Any,
+    *,
+    split: str = "train",
+    subset: str | None = None,
+    limit: int | None = None,
+) -> Rows:
+    """Reads raw rows from ``source``.
+
+    Args:
+      source: a path to a .json/.jsonl/.parquet file, a hub dataset name, a list of dicts, a
+        ``datasets.Dataset``, or a :class:`jrft.config.DataSource` (whose split/subset/limit then apply).
+      split: hub dataset split.
+      subset: hub dataset configuration name.
+      limit: keep only the first ``limit`` rows.
+
+    Returns:
+      :class:`Rows`.
+
+    Raises:
+      DataError: a missing or unreadable file, a line that is not a JSON object, an empty source.
+    """
+    if hasattr(source, "rows") and hasattr(source, "path") and hasattr(source, "split"):  # a DataSource
+        split, subset, limit = source.split, source.subset, source.limit
+        source = list(source.rows) if source.rows is not None else source.path
+    if isinstance(source, Rows):
+        name, rows = source.name, list(source.rows)
+    elif isinstance(source, (str, os.PathLike)):
+        name = os.fspath(source)
+        ext = os.path.splitext(name)[1].lower()
+        if os.path.exists(name):
+            if ext not in FILE_READERS:
+                raise DataError(
+                    name, f"unsupported file type {ext!r}; expected one of {sorted(FILE_READERS)}"
+                )
+            rows = FILE_READERS[ext](name)
+        elif ext in FILE_READERS:
+            raise DataError(name, "file not found")
+        else:
+            rows = _read_with_datasets(name, name=subset, split=split)
+            name = f"{name}[{subset + ':' if subset else ''}{split}]"
+    elif isinstance(source, Sequence) or hasattr(source, "column_names"):  # a list or a datasets.Dataset
+        name = INLINE
+        rows = []
+        for i, row in enumerate(source):
+            if not isinstance(row, Mapping):
+                raise DataError(name, f"expected a mapping, got {type(row).__name__}", row=i)
+            rows.append(dict(row))
+    else:
+        raise DataError(str(source), f"cannot load rows from a {type(source).__name__}")
+    if limit is not None:
+        rows = rows[:limit]
+    if not rows:
+        raise DataError(name, "no rows")
+    return Rows(name=name, rows=rows)
