@@ -1,0 +1,361 @@
+"""transformers checkpoints <-> jrft ``Decoder``: ``from_pretrained`` and ``save_pretrained``.
+
+Reading uses ``safetensors`` with numpy (no torch). transformers stores linear weights ``[out, in]`` and one
+tensor per layer; jrft keeps ``[in, out]`` split into heads and stacks layers. The name/layout table is
+``HF_TENSORS``. Every expected tensor is checked (present, right shape) from the file headers BEFORE any array
+is built, and each parameter goes straight onto its ``NamedSharding`` (each device receives only its slice).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from jrft.models.config import FAMILIES, ModelConfig
+from jrft.models.decoder import Decoder
+from jrft.parallel.sharding import AxisRule, logical_axes_of, logical_to_spec
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+# jrft parameter path -> (transformers tensor name, layout): layout n >= 1 is a linear weight whose first n
+# jrft dims are the matmul's "in" side (transformers: [out, in]); 0 a vector flattened in transformers
+# (biases split into heads in jrft); None the same shape in both. ``{i}`` marks a per-layer tensor (stacked
+# along jrft's leading ``layers`` axis).
+_L = "model.layers.{i}."
+HF_TENSORS: dict[str, tuple[str, int | None]] = {
+    "embed": ("model.embed_tokens.weight", None),
+    "final_norm": ("model.norm.weight", None),
+    "lm_head": ("lm_head.weight", 1),
+    "scalar_head/kernel": ("score.weight", 1),
+    "layers/attn_norm": (_L + "input_layernorm.weight", None),
+    "layers/wq": (_L + "self_attn.q_proj.weight", 1),
+    "layers/wk": (_L + "self_attn.k_proj.weight", 1),
+    "layers/wv": (_L + "self_attn.v_proj.weight", 1),
+    "layers/wo": (_L + "self_attn.o_proj.weight", 2),
+    "layers/bq": (_L + "self_attn.q_proj.bias", 0),
+    "layers/bk": (_L + "self_attn.k_proj.bias", 0),
+    "layers/bv": (_L + "self_attn.v_proj.bias", 0),
+    "layers/bo": (_L + "self_attn.o_proj.bias", None),
+    "layers/q_norm": (_L + "self_attn.q_norm.weight", None),
+    "layers/k_norm": (_L + "self_attn.k_norm.weight", None),
+    "layers/mlp_norm": (_L + "post_attention_layernorm.weight", None),
+    "layers/w_gate": (_L + "mlp.gate_proj.weight", 1),
+    "layers/w_up": (_L + "mlp.up_proj.weight", 1),
+    "layers/w_down": (_L + "mlp.down_proj.weight", 1),
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint on disk does not match what its config.json describes."""
+
+
+def _hf_shape(shape: tuple[int, ...], n_in: int | None) -> tuple[int, ...]:
+    """transformers' shape of one (per-layer) jrft tensor: ``[out, in]`` for linears."""
+    if n_in is None:
+        return shape
+    if n_in == 0:
+        return (math.prod(shape),)
+    return (math.prod(shape[n_in:]), math.prod(shape[:n_in]))
+
+
+def _to_jrft(arr: np.ndarray, shape: tuple[int, ...], n_in: int | None) -> np.ndarray:
+    return arr.T.reshape(shape) if n_in else arr.reshape(shape)
+
+
+def _to_hf(arr: np.ndarray, n_in: int | None) -> np.ndarray:
+    if n_in is None:
+        return arr
+    if n_in == 0:
+        return arr.reshape(-1)
+    return np.ascontiguousarray(arr.reshape(math.prod(arr.shape[:n_in]), -1).T)
+
+
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def _tensor_names(name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
+    """(transformers name, transformers shape) of every tensor making up jrft parameter ``name``."""
+    template, n_in = HF_TENSORS[name]
+    if "{i}" not in template:
+        return [(template, _hf_shape(shape, n_in))]
+    return [(template.format(i=i), _hf_shape(shape[1:], n_in)) for i in range(shape[0])]
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+
+def _resolve_dir(path: str | os.PathLike) -> str:
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1:
+        raise FileNotFoundError(f"from_pretrained: {path} is not a directory holding config.json")
+    # A hub id: let huggingface_hub download (or find in its cache) only the files jrft reads.
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"]
+    return snapshot_download(path, allow_patterns=patterns)
+
+
+def _weight_files(directory: str) -> dict[str, str]:
+    """transformers tensor name -> file path, from the index or the single safetensors file."""
+    index = os.path.join(directory, INDEX_FILE)
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        return {name: os.path.join(directory, file) for name, file in weight_map.items()}
+    single = os.path.join(directory, SINGLE_FILE)
+    if not os.path.isfile(single):
+        raise FileNotFoundError(f"from_pretrained: {directory} holds neither {SINGLE_FILE} nor {INDEX_FILE}")
+    with safe_open(single, framework="np") as f:
+        return dict.fromkeys(f.keys(), single)
+
+
+def _check_tensors(expected: dict[str, tuple[int, ...]], files: dict[str, str], handles) -> None:
+    """Raises a ``CheckpointError`` naming every missing or misshapen tensor (and its file)."""
+    problems = []
+    for name, shape in expected.items():
+        if name not in files:
+            where = sorted(set(files.values()))
+            problems.append(f"missing tensor {name!r} (looked in {', '.join(where)})")
+            continue
+        handle = handles[files[name]]
+        if name not in handle.keys():
+            problems.append(f"{files[name]}: missing tensor {name!r} (listed in the index)")
+            continue
+        found = tuple(handle.get_slice(name).get_shape())
+        if found != shape:
+            problems.append(f"{files[name]}: tensor {name!r} has shape {found}, expected {shape}")
+    if problems:
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise CheckpointError(
+            "checkpoint does not match its config.json:\n  " + "\n  ".join(problems[:10]) + more
+        )
+
+
+def _sharding_for(var: nnx.Variable, mesh: Mesh | None, rules) -> jax.sharding.Sharding:
+    if mesh is None:
+        return SingleDeviceSharding(jax.devices()[0])
+    shape = var.get_value().shape
+    return NamedSharding(
+        mesh, logical_to_spec(logical_axes_of(var) or (None,) * len(shape), shape, mesh, rules)
+    )
+
+
+def _place(arr: np.ndarray, sharding) -> jax.Array:
+    # Each device gets only its slice of the host array.
+    return jax.make_array_from_callback(arr.shape, sharding, lambda index: arr[index])
+
+
+def from_pretrained(
+    path: str | os.PathLike,
+    *,
+    mesh: Mesh | None = None,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    remat: str = "none",
+    scalar_head: bool = False,
+    rules: Mapping[str, AxisRule] | None = None,
+    seed: int = 0,
+) -> Decoder:
+    """Loads a transformers checkpoint into a ``Decoder``.
+
+    Args:
+      path: a local directory with ``config.json`` and ``model.safetensors`` (or a sharded
+        ``model.safetensors.index.json``), or a hub id (downloaded through huggingface_hub's cache).
+      mesh: place each parameter on its ``NamedSharding`` over this mesh (``jrft.parallel.make_mesh``);
+        default: the first device.
+      dtype: compute dtype; param_dtype: storage dtype of the parameters.
+      remat: remat policy name (``jrft.models.layers.REMAT_POLICIES``).
+      scalar_head: add a scalar head, read from ``score.weight`` if present, else freshly initialised
+        (``seed``).
+      rules: overrides of the logical-axis rules table.
+
+    Raises:
+      FileNotFoundError: no config.json / no safetensors. ValueError: unsupported model_type.
+      CheckpointError: a tensor is missing or has the wrong shape (names the file and the tensor).
+    """
+    directory = _resolve_dir(path)
+    config = ModelConfig.from_hf(directory)
+    files = _weight_files(directory)
+    abstract = nnx.eval_shape(
+        lambda: Decoder(
+            config,
+            rngs=nnx.Rngs(seed),
+            dtype=dtype,
+            param_dtype=param_dtype,
+            remat=remat,
+            scalar_head=scalar_head,
+        )
+    )
+    graphdef, state = nnx.split(abstract)
+    flat = [(_path_str(p), v) for p, v in nnx.to_flat_state(state)]
+    fresh = {"scalar_head/kernel"} if scalar_head and "score.weight" not in files else set()
+    expected = {
+        hf_name: hf_shape
+        for name, var in flat
+        if name not in fresh
+        for hf_name, hf_shape in _tensor_names(name, var.get_value().shape)
+    }
+    np_dtype = np.dtype(jnp.dtype(param_dtype))
+    with contextlib.ExitStack() as stack:
+        handles = {f: stack.enter_context(safe_open(f, framework="np")) for f in sorted(set(files.values()))}
+        _check_tensors(expected, files, handles)
+
+        def _read(hf_name: str) -> np.ndarray:
+            return handles[files[hf_name]].get_tensor(hf_name)
+
+        values = {}
+        for name, var in flat:
+            shape = var.get_value().shape
+            if name in fresh:
+                key = jax.random.key(seed)
+                host = np.asarray(jax.random.normal(key, shape) / math.sqrt(shape[0])).astype(np_dtype)
+            else:
+                template, n_in = HF_TENSORS[name]
+                host = np.empty(shape, np_dtype)
+                if "{i}" in template:  # stack the per-layer tensors
+                    for i in range(shape[0]):
+                        host[i] = _to_jrft(_read(template.format(i=i)), shape[1:], n_in)
+                else:
+                    host[...] = _to_jrft(_read(template), shape, n_in)
+            values[name] = _place(host, _sharding_for(var, mesh, rules))
+            del host
+    for path_key, var in nnx.to_flat_state(state):
+        var.set_value(values[_path_str(path_key)])
+    return nnx.merge(graphdef, state)
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(size: int | str) -> int:
+    """``"2GB"`` -> 2e9 bytes (decimal units, like transformers; ``KiB``/``MiB``/``GiB`` binary)."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", size)
+    if not match or match.group(2).upper() not in _SIZE_UNITS:
+        raise ValueError(f"max_shard_size: cannot parse {size!r} (e.g. '2GB', '500MB', 10_000_000)")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
+
+
+def _hf_tensors(model: Decoder, dtype) -> list[tuple[str, np.ndarray]]:
+    """All of ``model``'s parameters as transformers tensors, in a stable order."""
+    out = []
+    for path_key, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        name = _path_str(path_key)
+        template, n_in = HF_TENSORS[name]
+        host = np.asarray(jax.device_get(var.get_value()))
+        if dtype is not None:
+            host = host.astype(np.dtype(jnp.dtype(dtype)))
+        if "{i}" in template:
+            out += [(template.format(i=i), _to_hf(host[i], n_in)) for i in range(host.shape[0])]
+        else:
+            out.append((template, _to_hf(host, n_in)))
+    return sorted(out, key=lambda item: _natural_key(item[0]))
+
+
+def _natural_key(name: str):
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def _shards(tensors: list[tuple[str, np.ndarray]], limit: int) -> list[list[tuple[str, np.ndarray]]]:
+    shards, current, size = [], [], 0
+    for name, arr in tensors:
+        if current and size + arr.nbytes > limit:
+            shards.append(current)
+            current, size = [], 0
+        current.append((name, arr))
+        size += arr.nbytes
+    return shards + [current] if current else shards
+
+
+def _write_weights(directory: str, tensors: list[tuple[str, np.ndarray]], limit: int) -> None:
+    shards = _shards(tensors, limit)
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(dict(shards[0]), os.path.join(directory, SINGLE_FILE), metadata=meta)
+        return
+    weight_map = {}
+    for k, shard in enumerate(shards, start=1):
+        file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        save_file(dict(shard), os.path.join(directory, file), metadata=meta)
+        weight_map.update(dict.fromkeys((name for name, _ in shard), file))
+    index = {"metadata": {"total_size": sum(a.nbytes for _, a in tensors)}, "weight_map": weight_map}
+    with open(os.path.join(directory, INDEX_FILE), "w") as f:
+        json.dump(index, f, indent=2)
+
+
+def save_pretrained(
+    model: Decoder,
+    path: str | os.PathLike,
+    tokenizer=None,
+    *,
+    max_shard_size: int | str = "2GB",
+    dtype=None,
+) -> str:
+    """Writes ``model`` (and ``tokenizer``) in transformers' format, atomically (temp dir, then rename).
+
+    Writes ``config.json``, ``generation_config.json``, ``model.safetensors`` (or shards of at most
+    ``max_shard_size`` plus ``model.safetensors.index.json``) and the tokenizer's files.
+    ``transformers.AutoModelForCausalLM.from_pretrained(path)`` loads the result; a model with a scalar head
+    is tagged ``...ForSequenceClassification`` (``num_labels=1``, head in ``score.weight``), which
+    ``AutoModelForSequenceClassification`` loads. ``dtype`` casts the saved tensors (default: as stored).
+    Returns the path.
+    """
+    path = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    cfg = model.config
+    family = FAMILIES[cfg.family]
+    tensors = _hf_tensors(model, dtype)
+    saved_dtype = str(tensors[0][1].dtype) if tensors else "float32"
+    hf_config = cfg.to_hf(family.classifier if model.scalar_head is not None else None)
+    hf_config["dtype"] = saved_dtype
+    if model.scalar_head is not None:
+        hf_config["num_labels"] = 1
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    try:
+        _write_weights(tmp, tensors, parse_size(max_shard_size))
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_config, f, indent=2, sort_keys=True)
+        gen = {
+            k: hf_config[k]
+            for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+            if hf_config.get(k) is not None
+        }
+        if gen:
+            with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+                json.dump(gen, f, indent=2)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        old = None
+        if os.path.exists(path):
+            old = os.path.join(parent, f".{os.path.basename(path)}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(path, old)
+        os.rename(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path

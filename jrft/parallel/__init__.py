@@ -1,0 +1,13 @@
+"""jrft.parallel: meshes over (data, fsdp, tensor) and the logical-axis sharding rules.
+
+(``jrft.parallel.distributed`` — multi-host initialisation — lives beside these.)
+"""
+
+from jrft.parallel.mesh import MESH_AXES as MESH_AXES
+from jrft.parallel.mesh import make_mesh as make_mesh
+from jrft.parallel.sharding import LOGICAL_RULES as LOGICAL_RULES
+from jrft.parallel.sharding import logical_axes_of as logical_axes_of
+from jrft.parallel.sharding import logical_to_spec as logical_to_spec
+from jrft.parallel.sharding import shard_model as shard_model
+from jrft.parallel.sharding import state_shardings as state_shardings
+from jrft.parallel.sharding import with_logical_constraint as with_logical_constraint
