@@ -34,8 +34,8 @@ def bucket_length(n: int, buckets: int | Sequence[int], max_length: int | None =
 
     Args:
       n: the longest row in the batch.
-      buckets: an int ``m`` pads to the next multiple of ``m`` (capped at ``max_length`` when given,
-        never below ``n``); a sorted list pads to its smallest entry ``>= n``.
+      buckets: an int ``m`` pads to the next multiple of ``m`` (capped at ``max_length`` when ``n``
+        fits in it); a sorted list pads to its smallest entry ``>= n``.
       max_length: the configured maximum length.
 
     Raises:
@@ -44,8 +44,8 @@ def bucket_length(n: int, buckets: int | Sequence[int], max_length: int | None =
     n = max(int(n), 1)
     if isinstance(buckets, int):
         padded = math.ceil(n / buckets) * buckets
-        if max_length is not None:
-            padded = max(min(padded, max_length), n)
+        if max_length is not None and n <= max_length < padded:
+            padded = max_length  # the last bucket is max_length itself when it is not a multiple
         return padded
     for b in buckets:
         if b >= n:

@@ -1,0 +1,115 @@
+"""The synthetic addition task: correct traces, disjoint splits, preference corruptions, tokenizer."""
+
+import json
+import re
+
+import pytest
+
+from jrft.data import build_dataset
+from jrft.data.synthetic import (
+    ALPHABET,
+    REJECTION_KINDS,
+    TAGS,
+    AdditionTask,
+    addition_trace,
+    arithmetic_tokenizer,
+    extract_answer,
+    is_well_formatted,
+    preference_rows,
+    write_task_files,
+)
+
+STEP = re.compile(r"(\d)\+(\d)\+(\d)=(\d\d)")
+
+
+def check_trace(a: int, b: int, completion: str, num_digits: int) -> None:
+    """Re-derives the answer from the trace's own steps, independently of the generator."""
+    think = completion.split("<think>")[1].split("</think>")[0]
+    steps = [tuple(map(int, m.groups())) for m in map(STEP.fullmatch, think.split(","))]
+    assert len(steps) == num_digits
+    carry, digits = 0, []
+    for k, (x, y, c, s) in enumerate(steps):
+        assert (x, y) == ((a // 10**k) % 10, (b // 10**k) % 10)
+        assert c == carry and s == x + y + c
+        carry = s // 10
+        digits.append(s % 10)
+    value = carry * 10**num_digits + sum(d * 10**k for k, d in enumerate(digits))
+    assert value == a + b and extract_answer(completion) == str(a + b)
+
+
+def test_reference_example():
+    assert addition_trace(123, 456) == "<think>3+6+0=09,2+5+0=07,1+4+0=05</think><answer>579</answer>"
+    assert addition_trace(999, 999) == "<think>9+9+0=18,9+9+1=19,9+9+1=19</think><answer>1998</answer>"
+
+
+@pytest.mark.parametrize("num_digits", [1, 2, 3, 5])
+def test_traces_are_correct_for_many_seeds(num_digits):
+    task = AdditionTask(num_digits=num_digits)
+    n = 15 if num_digits == 1 else 50
+    for seed in range(20):
+        for p in task.sample(n, seed=seed):
+            assert p.prompt == f"{p.a}+{p.b}=" and len(str(p.a)) == len(str(p.b)) == num_digits
+            assert is_well_formatted(p.completion)
+            check_trace(p.a, p.b, p.completion, num_digits)
+
+
+def test_splits_are_disjoint_and_seeded():
+    task = AdditionTask()
+    train = {(p.a, p.b) for s in range(5) for p in task.sample(400, split="train", seed=s)}
+    held = {(p.a, p.b) for s in range(5) for p in task.sample(400, split="heldout", seed=s)}
+    assert not train & held
+    assert all(task.is_heldout(a, b) for a, b in held) and not any(task.is_heldout(a, b) for a, b in train)
+    one = task.sample(100, seed=3)
+    assert one == task.sample(100, seed=3) and one != task.sample(100, seed=4)
+    assert len({(p.a, p.b) for p in one}) == 100  # distinct
+    with pytest.raises(ValueError, match="distinct"):
+        AdditionTask(num_digits=1).sample(50, split="heldout")
+
+
+def test_preference_rows_reject_wrong_or_broken_answers():
+    problems = AdditionTask().sample(300, seed=0)
+    rows = preference_rows(problems, seed=0)
+    assert len(rows) == 300
+    assert {r["rejected_kind"] for r in rows} == set(REJECTION_KINDS)  # every kind occurs
+    for p, r in zip(problems, rows, strict=True):
+        assert r["chosen"] == p.completion and r["rejected"] != r["chosen"]
+        correct = extract_answer(r["rejected"]) == p.answer
+        assert not (correct and is_well_formatted(r["rejected"]))  # wrong answer or broken format
+        if r["rejected_kind"] in ("dropped_carry", "wrong_digit"):
+            assert is_well_formatted(r["rejected"]) and not correct
+        else:
+            assert not is_well_formatted(r["rejected"])
+    only = preference_rows(problems[:20], seed=0, kinds=["no_think"])
+    assert all(r["rejected"] == f"<answer>{p.answer}</answer>" for p, r in zip(problems, only, strict=False))
+
+
+def test_tokenizer_has_one_token_per_symbol_and_tag():
+    tok = arithmetic_tokenizer()
+    text = "123+456=" + addition_trace(123, 456)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == text
+    pieces = tok.convert_ids_to_tokens(ids)
+    assert all(len(p) == 1 or p in TAGS for p in pieces)
+    assert len(ids) == 8 + 26 + 4 + 3  # prompt, 3 steps of 8 + 2 commas, 4 tags, 3 answer digits
+    assert tok.unk_token_id not in ids
+    assert all(tok.convert_tokens_to_ids(t) != tok.unk_token_id for t in list(ALPHABET) + list(TAGS))
+    assert None not in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+
+
+def test_written_files_feed_every_objective(tmp_path):
+    paths = write_task_files(tmp_path, num_train=30, num_heldout=10, num_rl_prompts=40, seed=1)
+    rows = [json.loads(line) for line in open(paths["prompts_train"])]
+    assert len(rows) == 40 and set(rows[0]) == {"prompt", "answer"}
+    tok = arithmetic_tokenizer()
+    for key, objective, fmt in [
+        ("sft_train", "sft", "prompt_completion"),
+        ("pref_train", "dpo", "preference"),
+        ("pref_heldout", "reward", "preference"),
+        ("prompts_train", "grpo", "prompt_only"),
+    ]:
+        ds = build_dataset(paths[key], tok, objective=objective)
+        assert ds.format == fmt and len(ds) > 0
+    sft = build_dataset(paths["sft_train"], tok, objective="sft")
+    ex = sft.examples[0]
+    text = tok.decode(ex["tokens"][ex["loss_mask"] == 1])
+    assert text.startswith("<think>") and text.endswith("</answer><eos>")
