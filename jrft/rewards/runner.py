@@ -1,0 +1,418 @@
+"""The host-side reward runner: every reward function once per batch, concurrently, timed out and isolated.
+
+How each function runs:
+
+- plain functions: each in its own daemon thread. Python threads cannot be killed, so a function still
+  running at the timeout is *abandoned*: its completions get ``None`` (a counted failure) and the runner
+  returns on time; the thread keeps running in the background until the function returns by itself, and
+  its late result is discarded. Abandoned threads are counted (``RewardRunner.abandoned_threads``) and
+  logged. Put functions that may hang in the process pool instead.
+- ``async def`` functions: awaited concurrently in one event loop on one daemon thread (each under
+  ``asyncio.wait_for``); a coroutine that blocks the loop synchronously is abandoned like a thread.
+- functions named in ``processes`` (or all, with ``processes=True``): each call in a worker process of a
+  :class:`~jrft.rewards.workers.WorkerPool`. A worker that passes the timeout is killed (with its children)
+  and replaced, so nothing keeps running. Use it for CPU-heavy functions (no GIL contention) or untrusted
+  ones.
+
+Faults — raising, passing the timeout, returning NaN/inf or a non-number, returning the wrong number of
+values, a crashed worker — give ``None`` for the affected completions, are counted in ``failures`` (in
+completions) and logged once per function per batch with one example completion; the batch goes on.
+``fail_fast=True`` raises :class:`RewardFunctionError` naming the function instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import math
+import numbers
+import threading
+import time
+import warnings
+import weakref
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from jrft.rewards.combine import COMBINERS
+from jrft.rewards.protocol import (
+    RewardSignatureError,
+    check_signature,
+    is_async,
+    reward_name,
+    select_arguments,
+)
+from jrft.rewards.registry import build_reward
+from jrft.rewards.workers import WorkerPool, function_payload
+
+logger = logging.getLogger(__name__)
+
+_EXAMPLE_CHARS = 200
+_KILL_GRACE_SECONDS = 2.0
+
+
+class RewardFunctionError(RuntimeError):
+    """A reward function failed and the runner was built with ``fail_fast=True``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardResult:
+    """One batch's rewards.
+
+    Attributes:
+      rewards: ``[N]`` float64, the combined reward; NaN where no function applied.
+      per_function: name -> ``[N]`` float64 raw values; NaN for ``None`` and for failures.
+      failures: name -> number of completions whose value failed (see the module docstring).
+      metrics: flat dict for logging: ``rewards/{name}/{mean,std,frac_none,failures,seconds}`` (mean and std
+        over applicable values), ``rewards/{mean,std,frac_nan}`` of the combined reward, and with a group size
+        ``rewards/frac_zero_std_groups`` (groups whose combined rewards are all equal: no GRPO signal).
+      errors: name -> one example error message for functions that failed in this batch.
+    """
+
+    rewards: np.ndarray
+    per_function: dict[str, np.ndarray]
+    failures: dict[str, int]
+    metrics: dict[str, float]
+    errors: dict[str, str]
+
+
+class _Outcome:
+    """One function's call result, written by the thread that ran it and read once by the runner.
+
+    The lock makes the hand-over atomic: once the runner has taken its snapshot (at the deadline), a late
+    result from an abandoned thread is dropped instead of changing what the runner already reported.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._closed = False
+        self.values: Any = None
+        self.error: str | None = None
+        self.seconds = math.nan
+        self.done = False
+
+    def finish(self, values: Any = None, error: str | None = None, seconds: float = math.nan) -> None:
+        with self._lock:
+            if not self._closed:
+                self.values, self.error, self.seconds, self.done = values, error, seconds, True
+
+    def snapshot(self) -> tuple[bool, Any, str | None, float]:
+        with self._lock:
+            self._closed = True
+            return self.done, self.values, self.error, self.seconds
+
+
+def _unique_names(functions: Sequence[Callable[..., Any]], names: Sequence[str] | None) -> list[str]:
+    raw = list(names) if names is not None else [reward_name(f) for f in functions]
+    if len(raw) != len(functions):
+        raise ValueError(f"RewardRunner: {len(raw)} names for {len(functions)} functions")
+    out, seen = [], {}
+    for name in raw:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
+    return out
+
+
+def to_values(result: Any, n: int) -> tuple[np.ndarray, int, str | None]:
+    """A function's return value as ``[n]`` float64 (NaN for None/bad), the failed count, and a message."""
+    if isinstance(result, np.ndarray):
+        result = result.tolist()
+    if isinstance(result, str | bytes) or not isinstance(result, Sequence):
+        return (
+            np.full(n, np.nan),
+            n,
+            f"returned {type(result).__name__}, expected a list of {n} floats or None",
+        )
+    if len(result) != n:
+        return np.full(n, np.nan), n, f"returned {len(result)} values for {n} completions"
+    values = np.full(n, np.nan)
+    bad: list[str] = []
+    for i, v in enumerate(result):
+        if v is None:
+            continue
+        if isinstance(v, numbers.Real) and math.isfinite(float(v)):
+            values[i] = float(v)
+        else:
+            bad.append(f"[{i}]={v!r}")
+    message = f"returned non-finite or non-numeric value(s) {', '.join(bad[:3])}" if bad else None
+    return values, len(bad), message
+
+
+class RewardRunner:
+    """Runs reward functions on a batch and combines them.
+
+    Args:
+      functions: callables following the contract in :mod:`jrft.rewards.protocol`, or strings: a built-in's
+        name (default options) or a ``module:function`` / ``file.py:function`` spec.
+      weights: one weight per function (default 1.0 each).
+      timeout: seconds each batch may take; every function must return within it.
+      combine: ``"sum_then_normalize"`` or ``"normalize_then_sum"`` (see :mod:`jrft.rewards.combine`).
+      group_size: G, completions per prompt (contiguous); required by ``normalize_then_sum``.
+      fail_fast: raise :class:`RewardFunctionError` on the first failing function instead of recording
+        ``None``.
+      processes: ``True`` to run every non-async function in worker processes, or the names of those to.
+      names: metric names (default: ``fn.name`` / ``__name__``; duplicates get ``_2``, ``_3``).
+      eps: added to the group std in ``normalize_then_sum``.
+    """
+
+    def __init__(
+        self,
+        functions: Sequence[Callable[..., Any] | str],
+        *,
+        weights: Sequence[float] | None = None,
+        timeout: float = 60.0,
+        combine: str = "sum_then_normalize",
+        group_size: int | None = None,
+        fail_fast: bool = False,
+        processes: bool | Collection[str] = False,
+        names: Sequence[str] | None = None,
+        eps: float = 1e-6,
+    ) -> None:
+        if not functions:
+            raise ValueError("RewardRunner: give at least one reward function")
+        self.functions = [build_reward(f).function if isinstance(f, str) else f for f in functions]
+        self.names = _unique_names(self.functions, names)
+        self._signatures = [
+            check_signature(f, where=f"reward function {n!r}")
+            for f, n in zip(self.functions, self.names, strict=True)
+        ]
+        weights = [1.0] * len(self.functions) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(self.functions) or not all(math.isfinite(w) for w in weights):
+            raise ValueError(
+                f"RewardRunner.weights: need {len(self.functions)} finite numbers, got {weights}"
+            )
+        self.weights = np.asarray(weights, dtype=np.float64)
+        if timeout <= 0:
+            raise ValueError(f"RewardRunner.timeout must be > 0 seconds, got {timeout}")
+        self.timeout = float(timeout)
+        if combine not in COMBINERS:
+            raise ValueError(f"RewardRunner.combine must be one of {sorted(COMBINERS)}, got {combine!r}")
+        if combine == "normalize_then_sum" and group_size is None:
+            raise ValueError("RewardRunner.group_size is required by combine='normalize_then_sum'")
+        if group_size is not None and group_size < 1:
+            raise ValueError(f"RewardRunner.group_size must be >= 1, got {group_size}")
+        self.combine, self.group_size, self.fail_fast, self.eps = combine, group_size, fail_fast, eps
+        self._in_process = self._process_set(processes)
+        self._payloads = {
+            n: function_payload(f, n)
+            for f, n in zip(self.functions, self.names, strict=True)
+            if n in self._in_process
+        }
+        self._pool = WorkerPool(len(self._payloads)) if self._payloads else None
+        if self._pool is not None:
+            self._finalizer = weakref.finalize(self, self._pool.close)
+        self.abandoned_threads = 0
+
+    def _process_set(self, processes: bool | Collection[str]) -> set[str]:
+        if processes is True:
+            return {n for f, n in zip(self.functions, self.names, strict=True) if not is_async(f)}
+        if not processes:
+            return set()
+        unknown = sorted(set(processes) - set(self.names))
+        if unknown:
+            raise ValueError(
+                f"RewardRunner.processes: unknown function name(s) {unknown}; names: {self.names}"
+            )
+        return set(processes)
+
+    @classmethod
+    def from_config(cls, entries: Sequence[str | Mapping[str, Any]], **options: Any) -> RewardRunner:
+        """Build from config entries (see :func:`jrft.rewards.registry.build_reward`) plus runner options."""
+        built = [build_reward(entry, where=f"rewards[{i}]") for i, entry in enumerate(entries)]
+        processes = options.pop("processes", False)
+        if processes is False and any(b.process for b in built):
+            processes = [b.label for b in built if b.process]
+        return cls(
+            [b.function for b in built],
+            weights=[b.weight for b in built],
+            names=[b.label for b in built],
+            processes=processes,
+            **options,
+        )
+
+    def close(self) -> None:
+        """Stop the worker processes (also done when the runner is garbage-collected)."""
+        if self._pool is not None:
+            self._finalizer()
+
+    def __enter__(self) -> RewardRunner:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- one batch
+
+    def _check_batch(self, kwargs: dict[str, Any]) -> int:
+        n = len(kwargs["completions"])
+        for key, value in kwargs.items():
+            if value is None:
+                continue
+            if isinstance(value, str) or not hasattr(value, "__len__"):
+                raise ValueError(
+                    f"RewardRunner: argument {key!r} must be a list with one entry per completion"
+                )
+            if len(value) != n:
+                raise ValueError(
+                    f"RewardRunner: argument {key!r} has {len(value)} entries for {n} completions"
+                )
+        if self.group_size is not None and n % self.group_size:
+            raise ValueError(
+                f"RewardRunner: {n} completions is not a multiple of group_size {self.group_size}"
+            )
+        return n
+
+    def _run_sync(self, i: int, args: dict[str, Any], outcome: _Outcome) -> None:
+        start = time.monotonic()
+        try:
+            values = self.functions[i](**args)
+        except BaseException as err:  # SystemExit too: a reward function must not end the run
+            outcome.finish(error=f"{type(err).__name__}: {err}", seconds=time.monotonic() - start)
+            return
+        outcome.finish(values, seconds=time.monotonic() - start)
+
+    def _run_process(self, i: int, args: dict[str, Any], outcome: _Outcome, deadline: float) -> None:
+        start = time.monotonic()
+        try:
+            status, value = self._pool.call(self._payloads[self.names[i]], args, deadline - start)
+        except Exception as err:
+            outcome.finish(error=f"{type(err).__name__}: {err}", seconds=time.monotonic() - start)
+            return
+        if status == "ok":
+            outcome.finish(value, seconds=time.monotonic() - start)
+        else:
+            outcome.finish(error=value[0], seconds=time.monotonic() - start)
+
+    def _run_async(self, jobs: list[tuple[int, dict[str, Any], _Outcome]], deadline: float) -> None:
+        async def one(i: int, args: dict[str, Any], outcome: _Outcome) -> None:
+            start = time.monotonic()
+            try:
+                values = await asyncio.wait_for(self.functions[i](**args), deadline - start)
+            except asyncio.TimeoutError:
+                error = f"TimeoutError: no result after {self.timeout:g} s (coroutine cancelled)"
+                outcome.finish(error=error, seconds=time.monotonic() - start)
+            except Exception as err:
+                outcome.finish(error=f"{type(err).__name__}: {err}", seconds=time.monotonic() - start)
+            else:
+                outcome.finish(values, seconds=time.monotonic() - start)
+
+        async def everything() -> None:
+            await asyncio.gather(*(one(*job) for job in jobs))
+
+        asyncio.run(everything())
+
+    def _launch(
+        self, kwargs: dict[str, Any], deadline: float
+    ) -> tuple[list[_Outcome], list[tuple[bool, Any]]]:
+        """Start every function; returns the outcomes and ``(killable, thread)`` pairs to join."""
+        outcomes = [_Outcome() for _ in self.functions]
+        threads, async_jobs = [], []
+        for i, (fn, name) in enumerate(zip(self.functions, self.names, strict=True)):
+            try:
+                args = select_arguments(self._signatures[i], kwargs, where=f"reward function {name!r}")
+            except RewardSignatureError as err:  # a missing column: a failure like any other
+                outcomes[i].finish(error=f"{type(err).__name__}: {err}", seconds=0.0)
+                continue
+            if name in self._in_process:
+                target, targs = self._run_process, (i, args, outcomes[i], deadline)
+            elif is_async(fn):
+                async_jobs.append((i, args, outcomes[i]))
+                continue
+            else:
+                target, targs = self._run_sync, (i, args, outcomes[i])
+            thread = threading.Thread(target=target, args=targs, name=f"jrft-reward-{name}", daemon=True)
+            threads.append((name in self._in_process, thread))
+        if async_jobs:
+            threads.append(
+                (False, threading.Thread(target=self._run_async, args=(async_jobs, deadline), daemon=True))
+            )
+        for _, thread in threads:
+            thread.start()
+        return outcomes, threads
+
+    def __call__(
+        self,
+        *,
+        prompts: Sequence[Any],
+        completions: Sequence[Any],
+        completion_ids: Sequence[Any] | None = None,
+        **columns: Any,
+    ) -> RewardResult:
+        """Score one batch (see the class docstring); columns are ``[N]`` lists aligned with completions."""
+        kwargs = {
+            "prompts": list(prompts),
+            "completions": list(completions),
+            "completion_ids": completion_ids,
+        }
+        kwargs.update({k: list(v) if isinstance(v, np.ndarray) else v for k, v in columns.items()})
+        n = self._check_batch(kwargs)
+        deadline = time.monotonic() + self.timeout
+        outcomes, threads = self._launch(kwargs, deadline)
+        for killable, thread in threads:
+            # A process-pool thread returns by itself right after the deadline (once its worker is killed).
+            grace = _KILL_GRACE_SECONDS if killable else 0.0
+            thread.join(max(0.0, deadline + grace - time.monotonic()))
+        # Threads still alive past the deadline are abandoned (cannot be killed); outcomes not done = timeout.
+        stuck = sum(thread.is_alive() for killable, thread in threads if not killable)
+        if stuck:
+            self.abandoned_threads += stuck
+            logger.warning(
+                "%d reward thread(s) still running after the %g s timeout were abandoned (threads cannot be "
+                "killed; %d abandoned so far); use processes=[...] for functions that can hang",
+                stuck,
+                self.timeout,
+                self.abandoned_threads,
+            )
+        return self._collect(outcomes, kwargs["completions"], n)
+
+    def _collect(self, outcomes: list[_Outcome], completions: list[Any], n: int) -> RewardResult:
+        per_function, failures, errors, metrics = {}, {}, {}, {}
+        for name, outcome in zip(self.names, outcomes, strict=True):
+            done, result, error, seconds = outcome.snapshot()
+            if not done:
+                error, seconds = f"TimeoutError: no result after {self.timeout:g} s", self.timeout
+            if error is not None:
+                values, failed, message = np.full(n, np.nan), n, error
+            else:
+                values, failed, message = to_values(result, n)
+            if message is not None:
+                errors[name] = message
+                self._report(name, message, failed, n, completions)
+            per_function[name], failures[name] = values, failed
+            metrics.update(_stats(f"rewards/{name}", values))
+            metrics[f"rewards/{name}/failures"] = float(failed)
+            metrics[f"rewards/{name}/seconds"] = seconds
+        stacked = np.stack([per_function[name] for name in self.names])  # [F, N]
+        rewards = COMBINERS[self.combine](stacked, self.weights, self.group_size or n, self.eps)
+        metrics.update(_stats("rewards", rewards, none_key="frac_nan"))
+        if self.group_size is not None and n:
+            grouped = rewards.reshape(-1, self.group_size)  # [P, G]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN groups count as "no signal"
+                flat = ~(np.nanmax(grouped, axis=1) > np.nanmin(grouped, axis=1))
+            metrics["rewards/frac_zero_std_groups"] = float(np.mean(flat))
+        return RewardResult(rewards, per_function, failures, metrics, errors)
+
+    def _report(self, name: str, message: str, failed: int, n: int, completions: list[Any]) -> None:
+        if self.fail_fast:
+            raise RewardFunctionError(f"reward function {name!r} failed: {message}")
+        example = repr(completions[0])[:_EXAMPLE_CHARS] if completions else "''"
+        logger.warning(
+            "reward function %r failed for %d/%d completions: %s; example completion: %s",
+            name,
+            failed,
+            n,
+            message,
+            example,
+        )
+
+
+def _stats(prefix: str, values: np.ndarray, none_key: str = "frac_none") -> dict[str, float]:
+    valid = values[~np.isnan(values)]
+    return {
+        f"{prefix}/mean": float(valid.mean()) if valid.size else math.nan,
+        f"{prefix}/std": float(valid.std()) if valid.size else math.nan,
+        f"{prefix}/{none_key}": float(1.0 - valid.size / values.size) if values.size else 0.0,
+    }

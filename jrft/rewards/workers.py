@@ -1,0 +1,192 @@
+"""A small pool of reward worker processes that can be killed and replaced when a call hangs.
+
+Why not ``concurrent.futures.ProcessPoolExecutor``: it cannot kill one hung task (only the whole pool, which
+it then declares broken), and ``multiprocessing``'s spawn/forkserver start methods re-import the user's
+``__main__``. Each worker here is a plain ``python -m jrft.rewards._worker_main`` subprocess in its own
+session, talking over two pipes with pickled messages; it gets the parent's ``sys.path`` so functions
+defined in importable modules unpickle by reference.
+
+Functions loaded from ``file.py:function`` specs (tagged by :func:`jrft.rewards.loading.load_reward_function`)
+are sent as their spec and re-loaded (once, then cached) in the worker, since the module they live in exists
+only in the parent. Other functions must be picklable (module-level functions, built-in reward dataclasses).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import os
+import pickle
+import queue
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from multiprocessing.connection import Connection
+from typing import Any
+
+from jrft.rewards.loading import SPEC_ATTRIBUTE, load_reward_function
+
+
+class WorkerTimeout(RuntimeError):
+    """A worker gave no result in time; it has been killed."""
+
+
+class WorkerCrashed(RuntimeError):
+    """A worker died while running a function."""
+
+
+def function_payload(fn: Callable[..., Any], name: str) -> bytes:
+    """What to send a worker for ``fn``: its spec when it was loaded from one, else the pickled function.
+
+    Raises:
+      ValueError: naming the function, when it can be neither.
+    """
+    spec = getattr(fn, SPEC_ATTRIBUTE, None)
+    if isinstance(spec, str):
+        return pickle.dumps(("spec", spec))
+    try:
+        return pickle.dumps(("pickle", pickle.dumps(fn)))
+    except Exception as err:
+        raise ValueError(
+            f"reward function {name!r} cannot be sent to a worker process ({err}); define it at module level "
+            "or load it with a 'module:function' / 'file.py:function' spec"
+        ) from err
+
+
+@functools.lru_cache(maxsize=64)
+def _resolve(payload: bytes) -> Callable[..., Any]:
+    kind, value = pickle.loads(payload)
+    return load_reward_function(value) if kind == "spec" else pickle.loads(value)
+
+
+def _run_one(payload: bytes, kwargs: Mapping[str, Any]) -> tuple[str, Any]:
+    try:
+        result = _resolve(payload)(**kwargs)
+        if inspect.isawaitable(result):
+            result = asyncio.run(_await(result))
+        return "ok", list(result) if not isinstance(result, list) else result
+    except BaseException as err:  # report everything, the parent decides
+        return "error", (f"{type(err).__name__}: {err}", traceback.format_exc())
+
+
+async def _await(awaitable: Any) -> Any:
+    return await awaitable
+
+
+def worker_main(read_fd: int, write_fd: int) -> None:
+    """Serve calls until the parent closes the pipe or sends ``None``."""
+    inbox, outbox = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
+    sys.path[:] = inbox.recv()
+    outbox.send("ready")
+    while True:
+        try:
+            message = inbox.recv()
+        except EOFError:
+            return
+        if message is None:
+            return
+        outbox.send(_run_one(*message))
+
+
+class _Worker:
+    def __init__(self) -> None:
+        child_read, parent_write = os.pipe()
+        parent_read, child_write = os.pipe()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "jrft.rewards._worker_main", str(child_read), str(child_write)],
+            pass_fds=(child_read, child_write),
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+            start_new_session=True,  # killed as a group, immune to the parent's terminal signals
+        )
+        os.close(child_read)
+        os.close(child_write)
+        self.outbox = Connection(parent_write, readable=False)
+        self.inbox = Connection(parent_read, writable=False)
+        self.outbox.send(list(sys.path))
+        self.ready = False
+
+    def call(self, payload: bytes, kwargs: Mapping[str, Any], deadline: float) -> tuple[str, Any]:
+        try:
+            if not self.ready:
+                if not self.inbox.poll(max(0.0, deadline - time.monotonic())):
+                    raise WorkerTimeout("worker process did not start in time")
+                self.inbox.recv()
+                self.ready = True
+            self.outbox.send((payload, kwargs))
+            if not self.inbox.poll(max(0.0, deadline - time.monotonic())):
+                raise WorkerTimeout(
+                    "no result before the timeout; the worker process was killed and replaced"
+                )
+            return self.inbox.recv()
+        except (EOFError, OSError) as err:
+            raise WorkerCrashed(f"worker process died (exit code {self.process.poll()}): {err!r}") from err
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.process.pid, 9)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.process.wait()
+        self.inbox.close()
+        self.outbox.close()
+
+    def close(self) -> None:
+        try:
+            self.outbox.send(None)
+            self.process.wait(timeout=2)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        self.kill()
+
+
+class WorkerPool:
+    """``size`` persistent worker processes; a worker that hangs or dies is killed and replaced at once.
+
+    ``call`` is thread-safe: each caller checks out one idle worker (blocking while all are busy).
+    """
+
+    def __init__(self, size: int) -> None:
+        if size < 1:
+            raise ValueError(f"worker pool size must be >= 1, got {size}")
+        self._idle: queue.Queue[_Worker] = queue.Queue()
+        self._lock = threading.Lock()
+        self._closed = False
+        self.replaced = 0
+        for _ in range(size):
+            self._idle.put(_Worker())
+
+    def call(self, payload: bytes, kwargs: Mapping[str, Any], timeout: float) -> tuple[str, Any]:
+        """Run ``payload``'s function on ``kwargs`` in a worker: ``("ok", values)`` or ``("error", (m, tb))``.
+
+        Raises:
+          WorkerTimeout, WorkerCrashed: the worker has been replaced by a fresh one.
+        """
+        deadline = time.monotonic() + timeout
+        try:
+            worker = self._idle.get(timeout=max(0.0, timeout))
+        except queue.Empty as err:
+            raise WorkerTimeout("no idle worker process before the timeout") from err
+        try:
+            result = worker.call(payload, kwargs, deadline)
+        except (WorkerTimeout, WorkerCrashed):
+            worker.kill()
+            with self._lock:
+                self.replaced += 1
+                if not self._closed:
+                    self._idle.put(_Worker())
+            raise
+        self._idle.put(worker)
+        return result
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        while True:
+            try:
+                self._idle.get_nowait().close()
+            except queue.Empty:
+                return
