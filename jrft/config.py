@@ -52,8 +52,9 @@ def _check(cond: bool, key: str, message: str) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 DTYPES = ("float32", "bfloat16", "float16")
-# Named remat policies offered by jrft.models (applied to the scanned layer body).
-REMAT_POLICIES = ("none", "full", "dots_saveable", "save_attn_out", "minimal")
+# Named remat policies of jrft.models.layers.REMAT_POLICIES (applied to the scanned layer body); copied here
+# so loading a config does not import JAX, and kept equal by tests/test_config_load.py.
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_no_batch", "save_attn_out", "save_qkv_attn_out")
 
 
 @dataclass(frozen=True)
@@ -268,13 +269,30 @@ class RewardConfig:
         _check(self.center_coefficient >= 0, "center_coefficient", "must be >= 0")
 
 
+# Keys of jrft.losses.DPO_LOSSES plus the two losses with their own functions (kept equal by a test).
+DPO_LOSS_TYPES = (
+    "sigmoid",
+    "robust",
+    "hinge",
+    "ipo",
+    "bco_pair",
+    "sppo_hard",
+    "nca_pair",
+    "apo_zero",
+    "apo_down",
+    "simpo",
+    "orpo",
+)
+
+
 @dataclass(frozen=True)
 class DPOConfig:
     # Inverse temperature of the implicit reward (Rafailov et al. 2023); larger keeps closer to the reference.
     beta: float = 0.1
-    # Variant of the preference loss (see jrft.losses.dpo): sigmoid (DPO), hinge (SLiC), ipo, robust,
-    # simpo (reference-free, length-normalised), orpo (odds ratio + SFT).
-    loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "simpo", "orpo"] = "sigmoid"
+    # Variant of the preference loss: a key of jrft.losses.DPO_LOSSES (sigmoid = DPO, hinge = SLiC, ipo,
+    # robust, bco_pair, sppo_hard, nca_pair, apo_zero, apo_down), or simpo (reference-free, length-normalised)
+    # or orpo (odds ratio + SFT), which have their own loss functions.
+    loss_type: str = "sigmoid"
     # Conservative DPO / robust DPO: assumed probability that a preference label is flipped.
     label_smoothing: float = 0.0
     # Use a uniform reference (no reference model in memory).
@@ -289,8 +307,18 @@ class DPOConfig:
     sft_weight: float = 0.0
 
     def __post_init__(self):
+        _check(
+            self.loss_type in DPO_LOSS_TYPES,
+            "loss_type",
+            f"must be one of {DPO_LOSS_TYPES}, got {self.loss_type!r}",
+        )
         _check(self.beta > 0, "beta", f"must be positive, got {self.beta}")
         _check(0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
+        _check(
+            self.label_smoothing == 0 or self.loss_type in ("sigmoid", "robust"),
+            "label_smoothing",
+            f"only the sigmoid and robust losses use it, not {self.loss_type!r}",
+        )
         _check(self.sft_weight >= 0, "sft_weight", "must be >= 0")
         _check(self.orpo_lambda >= 0, "orpo_lambda", "must be >= 0")
 
@@ -303,15 +331,30 @@ class RewardFunctionConfig:
     name: str | None = None
     spec: str | None = None
     weight: float = 1.0
+    # Options of a built-in (e.g. {tolerance: 1e-6}); user functions take none.
     kwargs: dict = field(default_factory=dict)
+    # Metric name (default: the function's name); useful when one built-in appears twice.
+    label: str | None = None
+    # Run in a worker process (killable on timeout) instead of a thread.
+    process: bool = False
 
     def __post_init__(self):
         _check((self.name is None) != (self.spec is None), "name", "give exactly one of 'name' or 'spec'")
+        _check(self.spec is None or ":" in self.spec, "spec", f"expected module:function, got {self.spec!r}")
 
     def as_runner_spec(self) -> dict:
-        """The flat dict jrft.rewards' factory takes: ``{"name"|"spec": ..., "weight": ..., **kwargs}``."""
-        key = "name" if self.name is not None else "spec"
-        return {key: self.name if self.name is not None else self.spec, "weight": self.weight, **self.kwargs}
+        """The entry ``jrft.rewards.RewardRunner.from_config`` takes: ``{"name", "weight", ...kwargs}``
+        (a user function's ``module:function`` goes under ``name`` there)."""
+        entry = {
+            "name": self.name if self.name is not None else self.spec,
+            "weight": self.weight,
+            **self.kwargs,
+        }
+        if self.label is not None:
+            entry["label"] = self.label
+        if self.process:
+            entry["process"] = True
+        return entry
 
 
 @dataclass(frozen=True)
@@ -338,7 +381,7 @@ class GRPOConfig(SamplingConfig):
     num_generations: int = 8
     # KL penalty weight to the frozen reference; 0 skips reference log-probs entirely.
     beta: float = 0.0
-    kl_estimator: Literal["k1", "k3"] = "k3"
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     # Clipping range of the ratio: [1 - epsilon_low, 1 + epsilon_high]; epsilon_high > epsilon_low is
     # DAPO's clip-higher (Yu et al. 2025), which keeps exploration alive.
     epsilon_low: float = 0.2
@@ -347,12 +390,13 @@ class GRPOConfig(SamplingConfig):
     # dr_grpo (sum / (batch * max_new_tokens), Liu et al. 2025), dapo (token mean over the global batch).
     loss_aggregation: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
     # token: per-token ratios (PPO/GRPO); sequence: GSPO's length-normalised sequence ratio
-    # (Zheng et al. 2025).
-    importance_level: Literal["token", "sequence"] = "token"
+    # (Zheng et al. 2025); sequence_token: GSPO-token (sequence ratio value, per-token gradients).
+    importance_level: Literal["token", "sequence", "sequence_token"] = "token"
     # Advantage normalisation: by the group's std, the batch's std, or none (Dr. GRPO).
     scale_rewards: Literal["group", "batch", "none"] = "group"
-    # Baseline: the group mean (grpo) or the mean of the other G-1 samples (RLOO, Ahmadian et al. 2024).
-    advantage: Literal["grpo", "rloo"] = "grpo"
+    # Baseline subtracted from rewards: the group mean (GRPO), the mean of the other G-1 samples (RLOO,
+    # Ahmadian et al. 2024), the batch mean, or none.
+    baseline: Literal["group_mean", "rloo", "batch_mean", "none"] = "group_mean"
     # mu: update iterations per generation round (mu = 1 makes the ratio exactly 1 at the first step).
     num_iterations: int = 1
     # Mini-batches per generation round (each iteration passes over all of them).
@@ -369,8 +413,9 @@ class GRPOConfig(SamplingConfig):
     overlong_buffer: int = 0
     overlong_penalty: float = 1.0
     reward_functions: tuple[RewardFunctionConfig, ...] = ()
-    # How several reward functions combine: weighted sum (None counts as 0) or weighted mean of non-None.
-    reward_combine: Literal["sum", "mean"] = "sum"
+    # How several reward functions combine (jrft.rewards.combine): weighted sum of those that applied, or
+    # each normalised within its group first (GDPO) so no reward's scale drowns the others.
+    reward_combine: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize"
     # Seconds a reward call may take before its results count as failed (None) and are reported.
     reward_timeout_s: float = 60.0
     # Write a table of sample completions with their rewards every N steps (0 = never).
@@ -411,7 +456,7 @@ class PPOConfig(SamplingConfig):
     lam: float = 0.95  # GAE lambda (Schulman et al. 2016)
     # Per-token KL penalty to the frozen reference, subtracted from the reward.
     kl_coef: float = 0.05
-    kl_estimator: Literal["k1", "k3"] = "k1"
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
     whiten_advantages: bool = True
     whiten_rewards: bool = False
     # Reward subtracted from completions that never emitted EOS (None = off).
@@ -419,7 +464,7 @@ class PPOConfig(SamplingConfig):
     # A reward-model checkpoint trained by `jrft reward` (None = reward functions only).
     reward_model: str | None = None
     reward_functions: tuple[RewardFunctionConfig, ...] = ()
-    reward_combine: Literal["sum", "mean"] = "sum"
+    reward_combine: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize"
     reward_timeout_s: float = 60.0
     # PPO epochs over each rollout batch, split into this many mini-batches.
     num_epochs: int = 4

@@ -73,7 +73,7 @@ def test_inline_rows_and_reward_functions():
     assert cfg.data.train.rows == ({"prompt": "1+1=", "answer": "2"},)
     rf = cfg.grpo.reward_functions
     assert rf[0].as_runner_spec() == {"name": "accuracy", "weight": 2.0, "tolerance": 0.01}
-    assert rf[1].as_runner_spec() == {"spec": "m:f", "weight": 1.0}
+    assert rf[1].as_runner_spec() == {"name": "m:f", "weight": 1.0}
 
 
 @pytest.mark.parametrize(
@@ -91,8 +91,10 @@ def test_inline_rows_and_reward_functions():
         ("train.micro_batch_size=5", "train.micro_batch_size"),
         ("grpo.reward_functions=[{weight: 1}]", "grpo.reward_functions.0.name"),
         ("grpo.num_generations=1", "grpo.num_generations"),
-        ("grpo.kl_estimator=k2", "grpo.kl_estimator"),
+        ("grpo.kl_estimator=k4", "grpo.kl_estimator"),
         ("dpo.loss_type=nope", "dpo.loss_type"),
+        ("grpo.baseline=grpo", "grpo.baseline"),
+        ("grpo.reward_functions=[{spec: nocolon}]", "grpo.reward_functions.0.spec"),
         ("dpo.beta=0", "dpo.beta"),
         ("ppo.gamma=2", "ppo.gamma"),
         ("model.dtype=float8", "model.dtype"),
@@ -145,3 +147,48 @@ def test_override_into_list_items_and_shorthand_sections():
     assert cfg.grpo.reward_functions[1].weight == 0.5
     assert cfg.data.train.limit == 10 and cfg.data.train.path == "data/prompts.jsonl"
     assert cfg.data.eval.path == "e.jsonl"
+
+
+def test_remat_policy_names_match_the_model():
+    from jrft.config import REMAT_POLICIES
+    from jrft.models.layers import REMAT_POLICIES as MODEL_POLICIES
+
+    assert set(REMAT_POLICIES) == set(MODEL_POLICIES)
+
+
+def test_choice_lists_match_the_registries_they_select_from():
+    import typing
+
+    from jrft.config import DPO_LOSS_TYPES, GRPOConfig, PPOConfig
+    from jrft.losses import DPO_LOSSES
+    from jrft.losses.common import KL_ESTIMATORS
+    from jrft.losses.grpo import AGGREGATIONS, BASELINES, IMPORTANCE_LEVELS
+    from jrft.rewards.combine import COMBINERS
+
+    def choices(cls, name):
+        return set(typing.get_args(typing.get_type_hints(cls)[name]))
+
+    assert set(DPO_LOSS_TYPES) == set(DPO_LOSSES) | {"simpo", "orpo"}
+    assert choices(GRPOConfig, "baseline") == set(BASELINES)
+    assert choices(GRPOConfig, "importance_level") == set(IMPORTANCE_LEVELS)
+    assert choices(GRPOConfig, "loss_aggregation") == set(AGGREGATIONS)
+    assert choices(GRPOConfig, "kl_estimator") == choices(PPOConfig, "kl_estimator") == set(KL_ESTIMATORS)
+    assert choices(GRPOConfig, "reward_combine") == choices(PPOConfig, "reward_combine") == set(COMBINERS)
+
+
+def test_reward_entries_build_with_the_rewards_registry():
+    from jrft.rewards import RewardRunner
+
+    cfg = load_config(ROOT / "configs/grpo.yaml")
+    runner = RewardRunner.from_config(
+        [r.as_runner_spec() for r in cfg.grpo.reward_functions], timeout=cfg.grpo.reward_timeout_s
+    )
+    assert runner.names == ["accuracy", "format"]
+    assert runner.weights.tolist() == [1.0, 0.1]
+    runner.close()
+
+
+def test_label_smoothing_only_for_losses_that_use_it():
+    assert load_config(None, ["dpo.loss_type=robust", "dpo.label_smoothing=0.1"]).dpo.label_smoothing == 0.1
+    with pytest.raises(ConfigError, match=r"dpo\.label_smoothing: only the sigmoid and robust"):
+        load_config(None, ["dpo.loss_type=ipo", "dpo.label_smoothing=0.1"])
