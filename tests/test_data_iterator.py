@@ -113,3 +113,20 @@ def test_pipeline_from_config(tmp_path):
     assert batch["segment_ids"].max(axis=1).tolist() == [2, 2, 2, 2]  # ~44-token rows: two per 128
     evals = list(eval_batches_from_config(cfg, ev))
     assert len(evals) == 2 and evals[-1]["valid"].tolist() == [1, 0, 0, 0]
+
+
+def test_listwise_reward_config_gives_ranking_batches():
+    row = "{prompt: '1+1=', completions: ['2', '3', '11'], ranking: [0, 2, 1]}"
+    cfg = load_config(
+        None,
+        [
+            "objective=reward",
+            "reward.loss=listwise",
+            "train.batch_size=2",
+            "data.buckets=8",
+            f"data.train=[{row}, {row}]",
+        ],
+    )
+    tr, _ = datasets_from_config(cfg, arithmetic_tokenizer())
+    batch = next(train_iterator_from_config(cfg, tr, process_index=0, process_count=1))
+    assert batch["tokens"].shape == (2, 3, 8) and batch["ranking"].tolist() == [[0, 2, 1]] * 2

@@ -12,6 +12,10 @@ process builds the same shapes):
   and the ``rejected_*`` twins, all ``[B, T]`` with one shared T (so a trainer can concatenate them into one
   ``[2B, T]`` forward); ``group [B] int32`` (source row; pairs of one ranked row share it); ``margin [B]
   float32`` when the data has a margin column.
+* ``ranking`` (whole rankings, for listwise reward losses; ``K`` = most items of any row in the dataset):
+  ``tokens``, ``attention_mask``, ``loss_mask``, ``positions``: ``[B, K, T]``; ``item_mask [B, K]``
+  (1 = a real item; items fill the first slots); ``ranking [B, K] int32`` (item indices best first, 0 where
+  masked: ``item_mask`` doubles as the mask over ranking positions); ``group [B]``.
 * ``prompt`` (left-padded, for sampling): ``prompt_tokens [B, T] int32``, ``prompt_attention_mask``,
   ``prompt_positions`` (``cumsum(mask) - 1``, 0 on padding), plus host-side lists ``prompts`` (the original
   prompt strings / message lists) and ``columns`` (``{name: [B values]}``: the extra columns, for reward
@@ -91,6 +95,11 @@ def preference_unit_length(examples: Sequence[dict], unit: Sequence[int]) -> int
     return max(len(examples[i]["chosen_tokens"]), len(examples[i]["rejected_tokens"]))
 
 
+def ranking_unit_length(examples: Sequence[dict], unit: Sequence[int]) -> int:
+    (i,) = unit
+    return max(len(t) for t in examples[i]["items_tokens"])
+
+
 def prompt_unit_length(examples: Sequence[dict], unit: Sequence[int]) -> int:
     (i,) = unit
     return len(examples[i]["prompt_tokens"])
@@ -151,6 +160,37 @@ def collate_preference(
     return out
 
 
+def collate_ranking(
+    examples: Sequence[dict], units: Sequence[Sequence[int]], length: int, pad_id: int
+) -> dict:
+    b = len(units)
+    k = max(examples[u[0]]["max_items"] for u in units if u)
+    out = {
+        "tokens": np.full((b, k, length), pad_id, np.int32),
+        "attention_mask": np.zeros((b, k, length), np.int32),
+        "loss_mask": np.zeros((b, k, length), np.int32),
+        "positions": np.zeros((b, k, length), np.int32),
+        "item_mask": np.zeros((b, k), np.int32),
+        "ranking": np.zeros((b, k), np.int32),
+        "group": np.full((b,), -1, np.int32),
+    }
+    for r, unit in enumerate(units):
+        if not unit:
+            continue
+        ex = examples[unit[0]]
+        for j, (tokens, mask) in enumerate(zip(ex["items_tokens"], ex["items_loss_mask"], strict=True)):
+            n = len(tokens)
+            out["tokens"][r, j, :n] = tokens
+            out["loss_mask"][r, j, :n] = mask
+            out["attention_mask"][r, j, :n] = 1
+            out["positions"][r, j, :n] = np.arange(n)
+        n_items = len(ex["ranking"])
+        out["item_mask"][r, :n_items] = 1
+        out["ranking"][r, :n_items] = ex["ranking"]
+        out["group"][r] = ex["group"]
+    return out
+
+
 def collate_prompt(
     examples: Sequence[dict], units: Sequence[Sequence[int]], length: int, pad_id: int
 ) -> dict:
@@ -187,5 +227,6 @@ def collate_prompt(
 BATCH_KINDS: dict[str, tuple[Callable, Callable]] = {
     "sft": (sft_unit_length, collate_sft),
     "preference": (preference_unit_length, collate_preference),
+    "ranking": (ranking_unit_length, collate_ranking),
     "prompt": (prompt_unit_length, collate_prompt),
 }

@@ -16,6 +16,8 @@ Examples (numpy, unpadded):
 * ``preference``: ``{"chosen_tokens", "chosen_loss_mask", "rejected_tokens", "rejected_loss_mask"}`` plus
   ``"margin"`` (float, when a margin column is configured) and ``"group"`` (the source row; ranked rows
   expand into several pairs of one group).
+* ``ranking`` (ranked rows with ``ranked_as="lists"``): ``{"items_tokens": [K arrays], "items_loss_mask":
+  [K arrays], "ranking": [K] best first, "group": row, "max_items": K of the largest row in the dataset}``.
 * ``prompt``: ``{"prompt_tokens": [T] int32, "prompt": str | messages, "columns": {extra columns}}``
 
 Over-long rows (``overlong``): ``truncate`` keeps the end of a prompt and the start of a completion,
@@ -48,6 +50,7 @@ class EncodeOptions:
     add_eos: bool = True
     completion_only_loss: bool = True
     margin_column: str | None = None
+    ranked_as: str = "pairs"  # ranked rows: "pairs" (Bradley-Terry) or "lists" (listwise, Plackett-Luce)
 
     @classmethod
     def from_config(cls, data, **overrides) -> EncodeOptions:
@@ -217,6 +220,20 @@ def _encode_ranked(ctx: _Ctx, row: Mapping) -> list[dict]:
     return pairs
 
 
+def _encode_ranked_list(ctx: _Ctx, row: Mapping) -> list[dict]:
+    items = [
+        _pair_side(ctx, row["prompt"], text, f"completions[{j}]") for j, text in enumerate(row["completions"])
+    ]
+    return [
+        {
+            "items_tokens": [t for t, _ in items],
+            "items_loss_mask": [m for _, m in items],
+            "ranking": list(row["ranking"]),
+            "group": ctx.row,
+        }
+    ]
+
+
 def _encode_prompt_only(ctx: _Ctx, row: Mapping) -> list[dict]:
     prompt = row["prompt"]
     if isinstance(prompt, list):
@@ -251,7 +268,9 @@ def encode_rows(
     """
     if opts.overlong not in ("truncate", "drop", "fail"):
         raise ValueError(f"overlong must be truncate, drop or fail, got {opts.overlong!r}")
-    encoder = ENCODERS[format]
+    if opts.ranked_as not in ("pairs", "lists"):
+        raise ValueError(f"ranked_as must be 'pairs' or 'lists', got {opts.ranked_as!r}")
+    encoder = _encode_ranked_list if format == "ranked" and opts.ranked_as == "lists" else ENCODERS[format]
     stats = EncodeStats(rows=len(rows))
     examples: list[dict] = []
     for i, row in enumerate(rows):
@@ -264,4 +283,8 @@ def encode_rows(
         stats.truncated += int(ctx.truncated)
         examples.extend(out)
     stats.examples = len(examples)
+    if examples and "items_tokens" in examples[0]:  # ranking lists are padded to one K for the whole dataset
+        k = max(len(e["ranking"]) for e in examples)
+        for e in examples:
+            e["max_items"] = k
     return examples, stats

@@ -14,7 +14,8 @@ prompt_only          ``prompt`` (+ any extra columns, passed to reward functions
 
 ``messages`` is a list of ``{"role": "system"|"user"|"assistant"|"tool", "content": str}``. In ``ranked``
 rows, ``ranking`` lists the indices of ``completions`` from best to worst (a permutation of 0..K-1); each row
-expands to the K(K-1)/2 pairs (better, worse).
+expands to the K(K-1)/2 pairs (better, worse), or stays one whole ranking (batch kind ``ranking``) for
+listwise reward losses (``EncodeOptions(ranked_as="lists")``).
 
 A validator returns nothing and raises :class:`DataError`; :data:`FORMATS` maps a format name to its spec.
 """

@@ -114,7 +114,12 @@ def build_dataset(
             format = detect_format(rows.name, rows.rows[0])
     if format not in FORMATS:
         raise DataError(rows.name, f"unknown format {format!r}; expected one of {sorted(FORMATS)}")
-    if kind is not None and FORMATS[format].batch_kind != kind:
+    format_kind = FORMATS[format].batch_kind
+    if format == "ranked" and options.ranked_as == "lists":
+        format_kind = "ranking"
+        if kind == "preference":  # a reward model trained listwise
+            kind = "ranking"
+    if kind is not None and format_kind != kind:
         wanted = [f for f, spec in FORMATS.items() if spec.batch_kind == kind]
         raise DataError(rows.name, f"objective {objective!r} needs rows of format {wanted}, got {format!r}")
     validate_rows(rows.name, rows.rows, format)
@@ -124,7 +129,7 @@ def build_dataset(
     return Dataset(
         name=rows.name,
         format=format,
-        kind=FORMATS[format].batch_kind,
+        kind=format_kind,
         examples=examples,
         stats=stats,
         pad_id=pad_token_id(tokenizer),
@@ -133,9 +138,12 @@ def build_dataset(
 
 
 def _options(config) -> EncodeOptions:
-    margin = config.reward.margin_column if config.objective == "reward" else None
+    reward = config.objective == "reward"
     return EncodeOptions.from_config(
-        config.data, completion_only_loss=config.sft.completion_only_loss, margin_column=margin
+        config.data,
+        completion_only_loss=config.sft.completion_only_loss,
+        margin_column=config.reward.margin_column if reward else None,
+        ranked_as="lists" if reward and config.reward.loss == "listwise" else "pairs",
     )
 
 
