@@ -291,6 +291,7 @@ def test_run_with_resume_first_pass():
         "--spot",
     ]
     assert "git clone --quiet https://x/j.git" in remote_command(cmds[3])
+    assert "pip install --quiet -e '.[tpu]' gcsfs" in remote_command(cmds[3])  # output_dir is on GCS
     launch = remote_command(cmds[4])
     assert "A=1" in launch and ".venv/bin/jrft grpo configs/grpo.yaml output_dir=gs://b/r" in launch
     assert "not relaunched" in launch  # --skip-if-running: a loop restarted by hand does not double-launch

@@ -25,6 +25,7 @@ Loop options:
   --no-install          skip tpu/install.sh on the first pass (it still runs on every recreated TPU)
 Passed to tpu/create.sh:   --spot, --preemptible, --runtime-version V
 Passed to tpu/install.sh:  --repo URL, --ref REF, --extras LIST, --pip PKG, --python PY
+                           (--pip gcsfs is added when output_dir is on gs://: orbax needs it there)
 Passed to tpu/launch.sh:   --env KEY=VALUE, --tmux
 
 $COMMON_HELP
@@ -64,7 +65,10 @@ require_target
 for n in "$MAX_RESTARTS" "$MAX_FAILURES"; do
   [[ $n =~ ^[0-9]+$ ]] || die "--max-restarts/--max-failures want whole numbers, got '$n'"
 done
-if [[ " ${JRFT_ARGS[*]} " != *" output_dir=gs://"* ]]; then
+if [[ " ${JRFT_ARGS[*]} " == *"output_dir=gs://"* ]]; then
+  # orbax reaches gs:// through etils.epath -> fsspec, which needs gcsfs on the workers.
+  if [[ " ${INSTALL_OPTS[*]} " != *" gcsfs "* ]]; then INSTALL_OPTS+=(--pip gcsfs); fi
+else
   note "warning: no output_dir=gs://... in the command: checkpoints on the VM's disk do not survive a preemption"
 fi
 target_args
