@@ -545,6 +545,14 @@ class RunConfig:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
+    def with_overrides(self, overrides: Sequence[str]) -> RunConfig:
+        """A new config with dotted ``key=value`` overrides applied, as strictly as on the command line
+        (e.g. a demo deriving its GRPO stage from its SFT stage)."""
+        try:
+            return config_from_dict(apply_overrides(self.to_dict(), overrides))
+        except ConfigError as e:
+            raise ConfigError(f"overrides: {e.message}", e.key) from None
+
 
 def _to_plain(value: Any) -> Any:
     if isinstance(value, Mapping):

@@ -192,3 +192,12 @@ def test_label_smoothing_only_for_losses_that_use_it():
     assert load_config(None, ["dpo.loss_type=robust", "dpo.label_smoothing=0.1"]).dpo.label_smoothing == 0.1
     with pytest.raises(ConfigError, match=r"dpo\.label_smoothing: only the sigmoid and robust"):
         load_config(None, ["dpo.loss_type=ipo", "dpo.label_smoothing=0.1"])
+
+
+def test_with_overrides_derives_a_new_config():
+    base = load_config(ROOT / "configs/sft.yaml")
+    grpo = base.with_overrides(["objective=grpo", "output_dir=runs/x", "grpo.num_generations=4"])
+    assert (grpo.objective, grpo.output_dir, grpo.grpo.num_generations) == ("grpo", "runs/x", 4)
+    assert grpo.model == base.model and base.objective == "sft"
+    with pytest.raises(ConfigError, match=r"overrides: grpo\.num_generations: must be >= 2"):
+        base.with_overrides(["grpo.num_generations=1"])

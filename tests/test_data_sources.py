@@ -32,6 +32,12 @@ def test_parquet_and_datasets_objects(tmp_path):
     ds.to_parquet(str(path))
     assert load_rows(path).rows == [dict(r) for r in ds]
     assert load_rows(ds).rows == [dict(r) for r in ds]
+    ds.save_to_disk(str(tmp_path / "saved"))
+    assert load_rows(tmp_path / "saved").rows == [dict(r) for r in ds]
+    datasets.DatasetDict({"test": ds}).save_to_disk(str(tmp_path / "saved_dict"))
+    assert load_rows(tmp_path / "saved_dict", split="test").rows == [dict(r) for r in ds]
+    with pytest.raises(DataError, match="no split 'train'"):
+        load_rows(tmp_path / "saved_dict")
 
 
 def test_data_source_config(tmp_path):

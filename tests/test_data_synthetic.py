@@ -100,6 +100,8 @@ def test_written_files_feed_every_objective(tmp_path):
     paths = write_task_files(tmp_path, num_train=30, num_heldout=10, num_rl_prompts=40, seed=1)
     rows = [json.loads(line) for line in open(paths["prompts_train"])]
     assert len(rows) == 40 and set(rows[0]) == {"prompt", "answer"}
+    sft_prompts = {json.loads(line)["prompt"] for line in open(paths["sft_train"])}
+    assert not sft_prompts & {r["prompt"] for r in rows}  # RL prompts are fresh problems
     tok = arithmetic_tokenizer()
     for key, objective, fmt in [
         ("sft_train", "sft", "prompt_completion"),

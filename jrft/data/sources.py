@@ -6,6 +6,7 @@
 * ``.parquet`` files and hub datasets are read with the ``datasets`` library (``load_dataset``); a hub name is
   anything that is not an existing local path, e.g. ``"openai/gsm8k"`` with ``subset="main"`` and a split.
   Hub loading needs internet and is not exercised by jrft's tests.
+* a directory: a ``Dataset.save_to_disk`` folder, or a folder of data files (both through ``datasets``).
 * in-memory rows: a list of dicts, or a ``datasets.Dataset``.
 
 Every loader returns :class:`Rows`: the rows and the name used in error messages.
@@ -83,6 +84,21 @@ def _read_parquet(path: str) -> list[dict]:
     return _read_with_datasets("parquet", data_files=path, split="train")
 
 
+def _read_directory(path: str, split: str) -> list[dict]:
+    """A ``save_to_disk`` folder (``load_from_disk``), or a folder of data files (``load_dataset``)."""
+    import datasets
+
+    saved = ("dataset_info.json", "state.json", "dataset_dict.json")
+    if any(os.path.exists(os.path.join(path, f)) for f in saved):
+        ds = datasets.load_from_disk(path)
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise DataError(path, f"no split {split!r} (splits: {sorted(ds)})")
+            ds = ds[split]
+        return [dict(r) for r in ds]
+    return _read_with_datasets(path, split=split)
+
+
 FILE_READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet}
 
 
@@ -116,7 +132,9 @@ def load_rows(
     elif isinstance(source, (str, os.PathLike)):
         name = os.fspath(source)
         ext = os.path.splitext(name)[1].lower()
-        if os.path.exists(name):
+        if os.path.isdir(name):
+            rows = _read_directory(name, split)
+        elif os.path.exists(name):
             if ext not in FILE_READERS:
                 raise DataError(
                     name, f"unsupported file type {ext!r}; expected one of {sorted(FILE_READERS)}"

@@ -221,26 +221,22 @@ def write_task_files(
     seed: int = 0,
     task: AdditionTask | None = None,
 ) -> dict[str, str]:
-    """The demo's files: SFT train / held-out rows, RL prompts (train split, answers as a column),
-    held-out prompts, and preference train / held-out rows. Returns name -> path."""
+    """The demo's files: SFT train / held-out rows, RL prompts (train split, disjoint from the SFT problems,
+    answers as a column), held-out prompts, and preference train / held-out rows. Returns name -> path."""
     task = task or AdditionTask()
-    train = task.sample(max(num_train, num_rl_prompts), split="train", seed=seed)
+    train = task.sample(num_train + num_rl_prompts, split="train", seed=seed)
+    labelled, fresh = train[:num_train], train[num_train:]  # RL prompts are problems SFT never saw
     heldout = task.sample(num_heldout, split="heldout", seed=seed)
     out = os.fspath(out_dir)
-    return {
-        "sft_train": write_jsonl(sft_rows(train[:num_train]), os.path.join(out, "sft_train.jsonl")),
-        "sft_heldout": write_jsonl(sft_rows(heldout), os.path.join(out, "sft_heldout.jsonl")),
-        "prompts_train": write_jsonl(
-            prompt_rows(train[:num_rl_prompts]), os.path.join(out, "prompts_train.jsonl")
-        ),
-        "prompts_heldout": write_jsonl(prompt_rows(heldout), os.path.join(out, "prompts_heldout.jsonl")),
-        "pref_train": write_jsonl(
-            preference_rows(train[:num_train], seed=seed), os.path.join(out, "pref_train.jsonl")
-        ),
-        "pref_heldout": write_jsonl(
-            preference_rows(heldout, seed=seed + 1), os.path.join(out, "pref_heldout.jsonl")
-        ),
+    files = {
+        "sft_train": sft_rows(labelled),
+        "sft_heldout": sft_rows(heldout),
+        "prompts_train": prompt_rows(fresh),
+        "prompts_heldout": prompt_rows(heldout),
+        "pref_train": preference_rows(labelled, seed=seed),
+        "pref_heldout": preference_rows(heldout, seed=seed + 1),
     }
+    return {name: write_jsonl(rows, os.path.join(out, f"{name}.jsonl")) for name, rows in files.items()}
 
 
 def arithmetic_tokenizer(**kwargs):
