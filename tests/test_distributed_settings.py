@@ -17,9 +17,16 @@ SLURM_4 = {
 
 
 @pytest.fixture(autouse=True)
-def no_tpu(monkeypatch):
-    # The test machine is no TPU VM; make the detector independent of /dev on whatever runs the tests.
-    monkeypatch.setitem(dist.CLUSTER_DETECTORS, "tpu", lambda env: bool(env.get("TPU_WORKER_HOSTNAMES")))
+def no_tpu(monkeypatch, tmp_path):
+    # Whatever machine runs the tests: an empty PCI bus unless a test adds devices.
+    monkeypatch.setattr(dist, "_PCI_DEVICES", str(tmp_path / "pci"))
+
+
+def add_pci_device(tmp_path, slot: str, vendor: str, device: str) -> None:
+    d = tmp_path / "pci" / slot
+    d.mkdir(parents=True)
+    (d / "vendor").write_text(vendor + "\n")
+    (d / "device").write_text(device + "\n")
 
 
 def test_nothing_set_is_single_process_noop():
@@ -93,6 +100,17 @@ def test_single_task_slurm_and_off_are_noops():
     # sbatch's batch step without srun lacks SLURM_STEP_NODELIST: not a multi-process step.
     env = {k: v for k, v in SLURM_4.items() if k != "SLURM_STEP_NODELIST"}
     assert resolve_settings(environ=env).is_noop
+
+
+def test_tpu_vm_detected_from_pci_chips(tmp_path):
+    add_pci_device(tmp_path, "0000:00:04.0", "0x1ae0", "0x0042")  # Google's virtual NIC: not a TPU
+    add_pci_device(tmp_path, "0000:00:05.0", "0x10de", "0x2330")  # an NVIDIA GPU
+    assert resolve_settings(environ={}).is_noop
+    add_pci_device(tmp_path, "0000:00:06.0", "0x1ae0", "0x0063")  # a TPU v5e chip
+    assert resolve_settings(environ={}) == DistributedSettings("tpu")
+    assert resolve_settings(num_processes=4, environ={}) == DistributedSettings("tpu", num_processes=4)
+    # Complete explicit settings need no detection, even on a TPU VM.
+    assert resolve_settings("h:1", 2, 1, environ={}).cluster == "explicit"
 
 
 def test_tpu_leaves_the_rest_to_jax():

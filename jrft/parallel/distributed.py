@@ -9,7 +9,7 @@ anything else touches JAX devices. Where the settings come from, first match win
    (``0,1,2``); an argument and an environment variable that disagree are an error, not a silent choice;
 2. SLURM: ``SLURM_NTASKS`` > 1 under ``srun`` (JAX reads the rest: the first node of the step is the
    coordinator, ``SLURM_PROCID`` the process id, one GPU per task unless local device ids are given);
-3. a Cloud TPU VM (``/dev/accel*`` / ``/dev/vfio`` present, or ``TPU_WORKER_HOSTNAMES`` set): JAX reads the
+3. a Cloud TPU VM (TPU chips on the PCI bus, or ``TPU_WORKER_HOSTNAMES`` set on GKE): JAX reads the
    worker list and this worker's id from the TPU metadata server; on a one-host slice this gives 1 process;
 4. otherwise: a single process, and nothing is initialised (a no-op).
 
@@ -30,6 +30,7 @@ Example (two processes on one machine, each with 4 CPU devices; run once with pr
 from __future__ import annotations
 
 import dataclasses
+import glob
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -154,13 +155,32 @@ def _slurm_present(environ: Mapping[str, str]) -> bool:
     return (_parse_int(environ["SLURM_NTASKS"], "SLURM_NTASKS") or 1) > 1
 
 
+# Cloud TPU chips on the PCI bus: Google's vendor id and the device ids of TPU v3, v4, v5p, v5e, v6e, 7x
+# (the ids JAX's own TPU detection uses).
+_PCI_DEVICES = "/sys/bus/pci/devices"
+_GOOGLE_PCI_VENDOR = "0x1ae0"
+_TPU_PCI_DEVICE_IDS = frozenset({"0x0027", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076"})
+
+
+def _tpu_chips_present() -> bool:
+    for vendor_file in glob.glob(os.path.join(_PCI_DEVICES, "*", "vendor")):
+        try:
+            with open(vendor_file) as f:
+                if f.read().strip() != _GOOGLE_PCI_VENDOR:
+                    continue
+            with open(os.path.join(os.path.dirname(vendor_file), "device")) as f:
+                if f.read().strip() in _TPU_PCI_DEVICE_IDS:
+                    return True
+        except OSError:
+            continue
+    return False
+
+
 def _tpu_vm_present(environ: Mapping[str, str]) -> bool:
-    """A Cloud TPU VM (device files of the TPU driver) or a GKE TPU pod (worker host list in the env)."""
+    """A Cloud TPU VM (TPU chips on the PCI bus) or a GKE TPU pod (worker host list in the environment)."""
     if environ.get("TPU_WORKER_HOSTNAMES") or environ.get("TPU_PROCESS_ADDRESSES"):
         return True
-    return any(os.path.exists(p) for p in ("/dev/accel0", "/dev/vfio/0")) or os.path.isdir(
-        "/dev/vfio/devices"
-    )
+    return _tpu_chips_present()
 
 
 # Checked in this order by mode "auto"; each maps an environment to "is this cluster here?".
@@ -250,7 +270,7 @@ def resolve_settings(
     explicit = (address, nproc, pid)
     if cluster is None and all(v is None for v in explicit):
         return DistributedSettings("single", local_device_ids=devices)
-    if cluster == "tpu":
+    if cluster == "tpu" and None in explicit:
         # JAX fills whatever is None from the TPU metadata.
         return DistributedSettings("tpu", address, nproc, pid, devices)
     missing = [
