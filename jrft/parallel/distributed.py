@@ -192,25 +192,8 @@ CLUSTER_DETECTORS: dict[str, Callable[[Mapping[str, str]], bool]] = {
 _MODES = ("auto", "off", *CLUSTER_DETECTORS)
 
 
-def resolve_settings(
-    coordinator_address: str | None = None,
-    num_processes: int | None = None,
-    process_id: int | None = None,
-    local_device_ids: int | Sequence[int] | None = None,
-    environ: Mapping[str, str] | None = None,
-) -> DistributedSettings:
-    """Decide how to initialise, from arguments and environment only (no JAX calls; unit-testable).
-
-    Raises:
-      ValueError: on malformed values, an argument that contradicts its environment variable, a process id
-        outside ``[0, num_processes)``, incomplete explicit settings with no cluster to fill the gaps, or a
-        forced ``JRFT_DISTRIBUTED`` cluster that is not detected.
-    """
-    environ = os.environ if environ is None else environ
-    mode = environ.get(ENV_MODE, "auto").strip().lower() or "auto"
-    if mode not in _MODES:
-        raise ValueError(f"{ENV_MODE} must be one of {', '.join(_MODES)}; got {mode!r}")
-
+def _explicit_values(coordinator_address, num_processes, process_id, local_device_ids, environ):
+    """Arguments merged with their JRFT_* variables, parsed and range-checked."""
     address = _merge(
         "coordinator_address",
         ENV_COORDINATOR,
@@ -235,7 +218,6 @@ def resolve_settings(
         _parse_device_ids(local_device_ids, "local_device_ids"),
         _parse_device_ids(environ.get(ENV_LOCAL_DEVICE_IDS), ENV_LOCAL_DEVICE_IDS),
     )
-
     if nproc is not None and nproc < 1:
         raise ValueError(f"num_processes must be >= 1, got {nproc}")
     if pid is not None and pid < 0:
@@ -244,6 +226,30 @@ def resolve_settings(
         raise ValueError(
             f"process_id={pid} is out of range for num_processes={nproc} (ids are 0..{nproc - 1})"
         )
+    return address, nproc, pid, devices
+
+
+def resolve_settings(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    local_device_ids: int | Sequence[int] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> DistributedSettings:
+    """Decide how to initialise, from arguments and environment only (no JAX calls; unit-testable).
+
+    Raises:
+      ValueError: on malformed values, an argument that contradicts its environment variable, a process id
+        outside ``[0, num_processes)``, incomplete explicit settings with no cluster to fill the gaps, or a
+        forced ``JRFT_DISTRIBUTED`` cluster that is not detected.
+    """
+    environ = os.environ if environ is None else environ
+    mode = environ.get(ENV_MODE, "auto").strip().lower() or "auto"
+    if mode not in _MODES:
+        raise ValueError(f"{ENV_MODE} must be one of {', '.join(_MODES)}; got {mode!r}")
+    address, nproc, pid, devices = _explicit_values(
+        coordinator_address, num_processes, process_id, local_device_ids, environ
+    )
 
     if mode == "off" or nproc == 1:
         if pid not in (None, 0):

@@ -61,7 +61,7 @@ def logical_to_spec(
     Args:
       axes: one logical name (or None) per dimension.
       shape: the array's shape; with ``mesh``, mesh axes that do not divide a dimension are dropped.
-      mesh: the mesh (needed only to check divisibility); mesh axes it lacks are dropped too.
+      mesh: the mesh (to check divisibility); mesh axes it lacks or of size 1 are dropped too.
       rules: overrides ``LOGICAL_RULES``.
     """
     rules = LOGICAL_RULES if rules is None else rules
@@ -78,8 +78,8 @@ def logical_to_spec(
         mesh_axes = (rule,) if isinstance(rule, str) else tuple(rule or ())
         kept, size = [], 1
         for ax in mesh_axes:
-            if ax in used or (sizes is not None and ax not in sizes):
-                continue
+            if ax in used or (sizes is not None and sizes.get(ax, 1) == 1):
+                continue  # an axis used twice, absent, or of size 1 (nothing to split)
             ax_size = sizes[ax] if sizes is not None else 1
             if shape is not None and sizes is not None and shape[dim] % (size * ax_size):
                 continue
