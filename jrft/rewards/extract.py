@@ -30,14 +30,18 @@ def strip_think(text: str, tag: str = "think") -> str:
 
 
 def last_tag_content(text: str, tag: str = "answer") -> str | None:
-    """Content of the last ``<tag>…</tag>`` block; with nested tags the innermost one (else ``None``)."""
-    close = text.rfind(f"</{tag}>")
-    if close < 0:
-        return None
-    open_ = text.rfind(f"<{tag}>", 0, close)
-    if open_ < 0:
-        return None
-    return text[open_ + len(tag) + 2 : close].strip()
+    """Content of the last closed ``<tag>…</tag>``; with nested tags the innermost one (else ``None``).
+
+    An opening tag left unclosed at the end (a truncated completion) is skipped in favour of an earlier block.
+    """
+    opening, closing = f"<{tag}>", f"</{tag}>"
+    start = text.rfind(opening)
+    while start >= 0:
+        end = text.find(closing, start + len(opening))
+        if end >= 0:
+            return text[start + len(opening) : end].strip()
+        start = text.rfind(opening, 0, start)
+    return None
 
 
 def last_boxed(text: str) -> str | None:

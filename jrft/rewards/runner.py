@@ -50,7 +50,7 @@ from jrft.rewards.workers import WorkerPool, function_payload
 logger = logging.getLogger(__name__)
 
 _EXAMPLE_CHARS = 200
-_KILL_GRACE_SECONDS = 2.0
+_GRACE_SECONDS = 2.0
 
 
 class RewardFunctionError(RuntimeError):
@@ -306,7 +306,11 @@ class RewardRunner:
     def _launch(
         self, kwargs: dict[str, Any], deadline: float
     ) -> tuple[list[_Outcome], list[tuple[bool, Any]]]:
-        """Start every function; returns the outcomes and ``(killable, thread)`` pairs to join."""
+        """Start every function; returns the outcomes and ``(ends_by_itself, thread)`` pairs to join.
+
+        Process-pool threads and the event-loop thread end by themselves just after the deadline (the worker
+        is killed, the coroutines are cancelled), so they get a short grace before being called abandoned.
+        """
         outcomes = [_Outcome() for _ in self.functions]
         threads, async_jobs = [], []
         for i, (fn, name) in enumerate(zip(self.functions, self.names, strict=True)):
@@ -325,9 +329,8 @@ class RewardRunner:
             thread = threading.Thread(target=target, args=targs, name=f"jrft-reward-{name}", daemon=True)
             threads.append((name in self._in_process, thread))
         if async_jobs:
-            threads.append(
-                (False, threading.Thread(target=self._run_async, args=(async_jobs, deadline), daemon=True))
-            )
+            loop_thread = threading.Thread(target=self._run_async, args=(async_jobs, deadline), daemon=True)
+            threads.append((True, loop_thread))
         for _, thread in threads:
             thread.start()
         return outcomes, threads
@@ -350,12 +353,11 @@ class RewardRunner:
         n = self._check_batch(kwargs)
         deadline = time.monotonic() + self.timeout
         outcomes, threads = self._launch(kwargs, deadline)
-        for killable, thread in threads:
-            # A process-pool thread returns by itself right after the deadline (once its worker is killed).
-            grace = _KILL_GRACE_SECONDS if killable else 0.0
+        for ends_by_itself, thread in threads:
+            grace = _GRACE_SECONDS if ends_by_itself else 0.0
             thread.join(max(0.0, deadline + grace - time.monotonic()))
-        # Threads still alive past the deadline are abandoned (cannot be killed); outcomes not done = timeout.
-        stuck = sum(thread.is_alive() for killable, thread in threads if not killable)
+        # Threads still alive now are abandoned (they cannot be killed); outcomes not done count as timeouts.
+        stuck = sum(thread.is_alive() for _, thread in threads)
         if stuck:
             self.abandoned_threads += stuck
             logger.warning(
