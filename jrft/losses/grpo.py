@@ -121,7 +121,9 @@ def group_advantages(
     grouped = jnp.where(valid, grouped, 0.0)
     advantages = grouped - baseline_fn(grouped, valid)
     if scale != "none":
-        advantages = advantages / (scale_fn(grouped, valid) + eps)
+        std = scale_fn(grouped, valid) + eps
+        # eps = 0 with a tied group would give 0 / 0: a group with no spread has no signal, so 0.
+        advantages = advantages / jnp.where(std > 0, std, 1.0)
     return jnp.where(valid, advantages, 0.0).reshape(-1)  # [P * G]
 
 

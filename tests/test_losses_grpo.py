@@ -1,0 +1,295 @@
+"""jrft.losses.grpo: group advantages and the GRPO family loss against NumPy references, plus invariances."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import jrft.losses as L
+
+RNG = np.random.default_rng(5)
+P, G, T = 3, 4, 6
+B = P * G
+
+
+def f64(x):
+    return np.asarray(jnp.asarray(x).astype(jnp.float32), dtype=np.float64)
+
+
+def np_group_advantages(rewards, group_size, scale, baseline, eps=1e-4):
+    """Per group with Python loops: NaN rewards are missing; stats over the valid ones (population std)."""
+    rewards = f64(rewards)
+    valid_all = rewards[~np.isnan(rewards)]
+    out = np.zeros_like(rewards)
+    for start in range(0, len(rewards), group_size):
+        group = rewards[start : start + group_size]
+        valid = group[~np.isnan(group)]
+        for i, r in enumerate(group):
+            if np.isnan(r):
+                continue
+            if baseline == "group_mean":
+                base = valid.mean()
+            elif baseline == "rloo":
+                base = (valid.sum() - r) / (len(valid) - 1) if len(valid) > 1 else r
+            elif baseline == "batch_mean":
+                base = valid_all.mean()
+            else:
+                base = 0.0
+            std = {"group": valid.std(), "batch": valid_all.std(), "none": None}[scale]
+            out[start + i] = (r - base) if std is None else (r - base) / (std + eps)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize(
+    ("baseline", "scale"), list(itertools.product(sorted(L.BASELINES), sorted(L.ADVANTAGE_SCALES)))
+)
+def test_group_advantages_match_numpy(baseline, scale, dtype):
+    rewards = RNG.normal(size=B) * 2
+    rewards[1] = np.nan  # one failed reward
+    rewards[4:8] = np.nan  # a whole group failed
+    rewards = jnp.asarray(rewards, dtype)
+    fn = jax.jit(lambda r: L.group_advantages(r, G, scale=scale, baseline=baseline))
+    got = fn(rewards)
+    want = np_group_advantages(rewards, G, scale, baseline)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert bool(jnp.all(got[4:8] == 0)) and float(got[1]) == 0.0
+
+
+def test_group_advantages_hand_values():
+    rewards = jnp.array([1.0, 0.0, 1.0, 1.0])
+    np.testing.assert_allclose(L.group_advantages(rewards, 2, eps=0.0), [1.0, -1.0, 0.0, 0.0])
+    np.testing.assert_allclose(L.group_advantages(rewards, 2, scale="none"), [0.5, -0.5, 0.0, 0.0])
+    rloo = L.group_advantages(jnp.array([3.0, 1.0, 2.0]), 3, scale="none", baseline="rloo")
+    np.testing.assert_allclose(rloo, [1.5, -1.5, 0.0])
+    np.testing.assert_allclose(L.group_advantages(jnp.full(4, jnp.nan), 2), np.zeros(4))
+
+
+def np_grpo_loss(logps, old, ref, adv, mask, *, el, eh, beta, kl, aggregation, level, max_len, n_tok, n_seq):
+    """The GRPO objective spelled out per token in NumPy (DeepSeekMath eq. 3 and its variants)."""
+    lp, old, mask = f64(logps), f64(old), np.asarray(mask, np.float64)
+    adv = np.broadcast_to(np.asarray(adv, np.float64)[:, None], lp.shape) if np.ndim(adv) == 1 else adv
+    log_ratio = lp - old
+    if level == "sequence":
+        per_seq = (log_ratio * mask).sum(-1) / np.maximum(mask.sum(-1), 1)
+        log_ratio = np.broadcast_to(per_seq[:, None], lp.shape)
+    ratio = np.exp(log_ratio)
+    loss = -np.minimum(ratio * adv, np.clip(ratio, 1 - el, 1 + eh) * adv)
+    if ref is not None:
+        rp = f64(ref)
+        kl_t = {"k1": lp - rp, "k2": 0.5 * (lp - rp) ** 2, "k3": np.exp(rp - lp) - 1 - (rp - lp)}[kl]
+        loss = loss + beta * kl_t
+    loss = loss * mask
+    if aggregation == "grpo":
+        rows = mask.sum(-1) > 0
+        return (loss.sum(-1)[rows] / mask.sum(-1)[rows]).sum() / n_seq
+    if aggregation == "dr_grpo":
+        return loss.sum() / (n_seq * max_len)
+    return loss.sum() / n_tok
+
+
+def make_batch(dtype=jnp.float32):
+    logps = jnp.asarray(-RNG.uniform(0.2, 3.0, size=(B, T)), dtype)
+    old = jnp.asarray(f64(logps) + RNG.normal(size=(B, T)) * 0.3, dtype)
+    ref = jnp.asarray(f64(logps) + RNG.normal(size=(B, T)) * 0.3, dtype)
+    adv = L.group_advantages(jnp.asarray(RNG.normal(size=B)), G)
+    lengths = RNG.integers(1, T + 1, size=B)
+    lengths[5] = 0  # an empty completion
+    mask = (np.arange(T)[None] < lengths[:, None]).astype(np.float32)
+    return logps, old, ref, adv, jnp.asarray(mask)
+
+
+AGGREGATIONS = sorted(L.AGGREGATIONS)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+@pytest.mark.parametrize(("beta", "kl"), [(0.0, "k3"), (0.04, "k3"), (0.1, "k1"), (0.1, "k2")])
+def test_grpo_loss_matches_numpy(aggregation, level, beta, kl, dtype):
+    logps, old, ref, adv, mask = make_batch(dtype)
+    kwargs = dict(clip_eps_low=0.2, clip_eps_high=0.28, beta=beta, kl_estimator=kl, aggregation=aggregation)
+    fn = jax.jit(lambda *a: L.grpo_loss(*a, importance_level=level, max_completion_length=8, **kwargs))
+    loss, metrics = fn(logps, old, ref, adv, mask)
+    m = np.asarray(mask)
+    n_tok, n_seq = m.sum(), (m.sum(-1) > 0).sum()
+    want = np_grpo_loss(
+        logps, old, ref, adv, mask, el=0.2, eh=0.28, beta=beta, kl=kl, aggregation=aggregation, level=level,
+        max_len=8, n_tok=n_tok, n_seq=n_seq,
+    )  # fmt: skip
+    np.testing.assert_allclose(loss, want, rtol=1e-5, atol=1e-6)
+    assert float(metrics["num_tokens"]) == n_tok
+
+
+def test_grpo_metrics():
+    logps = jnp.log(jnp.array([[1.5, 0.5, 1.0, 0.5]]))  # old log-probs 0: ratios 1.5, 0.5, 1, (masked)
+    ref = jnp.log(jnp.array([[1.5, 0.5, 0.5, 0.5]]))
+    adv = jnp.array([[1.0, -1.0, 1.0, 1.0]])
+    mask = jnp.array([[1, 1, 1, 0]])
+    loss, metrics = L.grpo_loss(
+        logps, jnp.zeros((1, 4)), ref, adv, mask, clip_eps_low=0.2, clip_eps_high=0.3, beta=0.1
+    )
+    np.testing.assert_allclose(metrics["clip_frac_high"], 1 / 3, rtol=1e-6)
+    np.testing.assert_allclose(metrics["clip_frac_low"], 1 / 3, rtol=1e-6)
+    np.testing.assert_allclose(metrics["clip_frac"], 2 / 3, rtol=1e-6)
+    np.testing.assert_allclose(metrics["ratio_mean"], 1.0, rtol=1e-6)
+    kl = 0.5 - 1 - np.log(0.5)  # only token 3 differs from the reference
+    np.testing.assert_allclose(metrics["kl_mean"], kl / 3, rtol=1e-5)
+    # -min(1.5, 1.3) * 1, -min(-0.5, -0.8), -1, then the KL term; mean over the 3 tokens.
+    np.testing.assert_allclose(loss, (-1.3 + 0.8 - 1.0 + 0.1 * kl) / 3, rtol=1e-5)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_micro_batches_with_global_counts_equal_full_batch(aggregation, level):
+    logps, old, ref, adv, mask = make_batch()
+    num_tokens, num_sequences = L.batch_counts(mask)
+    kwargs = dict(clip_eps_low=0.2, beta=0.04, aggregation=aggregation, importance_level=level)
+
+    def full(lp):
+        return L.grpo_loss(lp, old, ref, adv, mask, **kwargs)[0]
+
+    def accumulated(lp):
+        total = 0.0
+        for rows in (
+            slice(0, 5),
+            slice(5, 7),
+            slice(7, B),
+        ):  # uneven micro-batches, one holding the empty row
+            total += L.grpo_loss(
+                lp[rows], old[rows], ref[rows], adv[rows], mask[rows], num_tokens=num_tokens,
+                num_sequences=num_sequences, max_completion_length=T, **kwargs,
+            )[0]  # fmt: skip
+        return total
+
+    np.testing.assert_allclose(accumulated(logps), full(logps), rtol=1e-5)
+    # Without the global counts each micro-batch normalises by its own: the sum is not the full-batch loss.
+    local = sum(
+        L.grpo_loss(logps[r], old[r], ref[r], adv[r], mask[r], **kwargs)[0]
+        for r in (slice(0, 5), slice(5, B))
+    )
+    assert abs(float(local) - float(full(logps))) > 1e-3
+    np.testing.assert_allclose(jax.grad(accumulated)(logps), jax.grad(full)(logps), rtol=1e-5, atol=1e-8)
+
+
+def test_gspo_equals_token_grpo_when_ratios_are_one():
+    logps, _, ref, adv, mask = make_batch()
+    for old in (None, logps):
+
+        def loss(lp, level, old=old):
+            return L.grpo_loss(lp, old, ref, adv, mask, clip_eps_low=0.2, beta=0.04, importance_level=level)[
+                0
+            ]
+
+        for level in ("sequence", "sequence_token"):
+            np.testing.assert_allclose(loss(logps, level), loss(logps, "token"), rtol=1e-6)
+            np.testing.assert_allclose(
+                jax.grad(loss)(logps, level), jax.grad(loss)(logps, "token"), rtol=1e-5, atol=1e-8
+            )
+
+
+def test_gspo_token_variant_matches_sequence_variant_off_policy():
+    logps, old, ref, adv, mask = make_batch()
+
+    def loss(lp, level):
+        return L.grpo_loss(lp, old, ref, adv, mask, clip_eps_low=0.2, beta=0.0, importance_level=level)[0]
+
+    np.testing.assert_allclose(loss(logps, "sequence_token"), loss(logps, "sequence"), rtol=1e-6)
+    np.testing.assert_allclose(
+        jax.grad(loss)(logps, "sequence_token"), jax.grad(loss)(logps, "sequence"), rtol=1e-5, atol=1e-8
+    )
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_masking_equals_dropping(aggregation, level):
+    logps, old, ref, adv, mask = make_batch()
+    kwargs = dict(clip_eps_low=0.2, beta=0.04, aggregation=aggregation, importance_level=level)
+    kwargs["max_completion_length"] = T
+    # A fully masked row is the same as a row left out.
+    masked = mask.at[2].set(0)
+    rows = np.array([i for i in range(B) if i != 2])
+    np.testing.assert_allclose(
+        L.grpo_loss(logps, old, ref, adv, masked, **kwargs)[0],
+        L.grpo_loss(logps[rows], old[rows], ref[rows], adv[rows], mask[rows], **kwargs)[0],
+        rtol=1e-6,
+    )
+    # Masked trailing positions are the same as a shorter sequence (garbage there is never read).
+    short = mask.at[:, 4:].set(0)
+    garbage = logps.at[:, 4:].set(1e4)
+    np.testing.assert_allclose(
+        L.grpo_loss(garbage, old, ref, adv, short, **kwargs)[0],
+        L.grpo_loss(logps[:, :4], old[:, :4], ref[:, :4], adv, short[:, :4], **kwargs)[0],
+        rtol=1e-6,
+    )
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_all_masked_gives_zero_loss_and_finite_grads(aggregation):
+    logps, old, ref, adv, mask = make_batch()
+    zeros = jnp.zeros_like(mask)
+    garbage = jnp.full_like(old, -1e4)
+
+    def loss(lp):
+        return L.grpo_loss(
+            lp, garbage, garbage, adv, zeros, clip_eps_low=0.2, beta=0.1, aggregation=aggregation
+        )
+
+    value, metrics = loss(logps)
+    assert float(value) == 0.0 and all(bool(jnp.isfinite(v)) for v in metrics.values())
+    assert bool(jnp.all(jax.grad(lambda lp: loss(lp)[0])(logps) == 0))
+    # One empty row among full ones: gradients stay finite and that row's are zero.
+    grads = jax.grad(lambda lp: L.grpo_loss(lp, old, ref, adv, mask, clip_eps_low=0.2, beta=0.1)[0])(logps)
+    assert bool(jnp.all(jnp.isfinite(grads))) and bool(jnp.all(grads[5] == 0))
+
+
+def test_gradients_match_finite_differences():
+    with jax.enable_x64(True):
+        logps = jnp.asarray(-RNG.uniform(0.5, 3.0, size=(4, 3)))
+        old = logps + jnp.asarray(RNG.uniform(-0.1, 0.1, size=(4, 3)))  # inside the trust region
+        ref = logps + jnp.asarray(RNG.normal(size=(4, 3)) * 0.3)
+        adv = jnp.asarray(RNG.normal(size=4))
+        mask = jnp.array([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]])
+        for aggregation, level in itertools.product(AGGREGATIONS, ["token", "sequence"]):
+
+            def loss(lp, aggregation=aggregation, level=level):
+                return L.grpo_loss(
+                    lp, old, ref, adv, mask, clip_eps_low=0.2, beta=0.05, aggregation=aggregation,
+                    importance_level=level,
+                )[0]  # fmt: skip
+
+            check_grads(loss, (logps,), 1, ["rev"], eps=1e-6)
+
+
+def test_errors_name_the_problem():
+    logps, old, ref, adv, mask = make_batch()
+    kwargs = dict(clip_eps_low=0.2, beta=0.0)
+    with pytest.raises(
+        ValueError, match=r"unknown GRPO aggregation 'mean'; valid: bnpo, dapo, dr_grpo, grpo"
+    ):
+        L.grpo_loss(logps, old, ref, adv, mask, aggregation="mean", **kwargs)
+    with pytest.raises(
+        ValueError, match=r"unknown importance_level 'seq'; valid: sequence, sequence_token, token"
+    ):
+        L.grpo_loss(logps, old, ref, adv, mask, importance_level="seq", **kwargs)
+    with pytest.raises(ValueError, match=r"unknown KL estimator 'kl'"):
+        L.grpo_loss(logps, old, ref, adv, mask, kl_estimator="kl", **kwargs)
+    with pytest.raises(ValueError, match=r"grpo_loss: beta=0.04 needs ref_logps"):
+        L.grpo_loss(logps, old, None, adv, mask, clip_eps_low=0.2, beta=0.04)
+    with pytest.raises(ValueError, match=r"grpo_loss: .*logps\[12, 6\], old_logps\[12, 5\]"):
+        L.grpo_loss(logps, old[:, :5], ref, adv, mask, **kwargs)
+    with pytest.raises(ValueError, match=r"grpo_loss: advantages must be \[batch\] or \[batch, seq\]"):
+        L.grpo_loss(logps, old, ref, adv[:3], mask, **kwargs)
+    with pytest.raises(ValueError, match=r"unknown advantage scale 'std'; valid: batch, group, none"):
+        L.group_advantages(adv, G, scale="std")
+    with pytest.raises(
+        ValueError, match=r"unknown advantage baseline 'mean'; valid: batch_mean, group_mean, none"
+    ):
+        L.group_advantages(adv, G, baseline="mean")
+    with pytest.raises(ValueError, match=r"rewards length 12 is not a multiple of group_size 5"):
+        L.group_advantages(adv, 5)
+    with pytest.raises(ValueError, match=r"group_advantages: rewards must be \[num_prompts \* group_size\]"):
+        L.group_advantages(jnp.zeros((3, 4)), 4)
