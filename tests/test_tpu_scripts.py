@@ -303,3 +303,22 @@ def test_run_with_resume_warns_without_gcs_output():
         "run_with_resume.sh", "--name", "r1", "--accelerator", "v4-8", "--dry-run", "--", "sft", "c.yaml"
     )
     assert "no output_dir=gs://" in proc.stderr
+
+
+def test_options_from_the_environment_and_flags_win():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JRFT_")}
+    env.update(JRFT_TPU_NAME="envname", JRFT_TPU_ACCELERATOR="v6e-8", JRFT_TPU_PROJECT="envproj")
+    env.update(JRFT_TPU_QUEUED="1", JRFT_TPU_QR_ID="envqr")
+
+    def run(*args):
+        proc = subprocess.run(
+            ["bash", str(TPU / "delete.sh"), "--dry-run", *args], capture_output=True, text=True, env=env
+        )
+        assert proc.returncode == 0, proc.stderr
+        return shlex.split(proc.stdout.removeprefix("[dry-run] "))
+
+    assert run() == G + ["queued-resources", "delete", "envqr", "--zone=us-east5-b", "--project=envproj"] + [
+        "--force",
+        "--quiet",
+    ]
+    assert run("--qr-id=flagqr", "--zone", "europe-west4-a")[5:7] == ["flagqr", "--zone=europe-west4-a"]
