@@ -89,6 +89,8 @@ class _Ctx:
     stats: EncodeStats
     row: int = 0
     truncated: bool = False
+    cache: dict[str, list[int]] = field(default_factory=dict)  # text -> ids, filled in batches
+    specials: tuple[list[int], list[int]] = ([], [])  # ([bos], [eos]) of the tokenizer, when it has them
 
     def over(self, field: str, length: int, limit: int, limit_name: str) -> None:
         """Applies the over-long policy to ``field`` of ``length`` tokens over ``limit``."""
@@ -104,15 +106,22 @@ class _Ctx:
         self.truncated = True
 
     def text_ids(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids = self.cache.get(text)
+        if ids is None:
+            ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return ids
 
     def bos(self) -> list[int]:
-        bos = getattr(self.tokenizer, "bos_token_id", None)
-        return [bos] if self.opts.add_bos and bos is not None else []
+        return self.specials[0] if self.opts.add_bos else []
 
     def eos(self) -> list[int]:
-        eos = getattr(self.tokenizer, "eos_token_id", None)
-        return [eos] if self.opts.add_eos and eos is not None else []
+        return self.specials[1] if self.opts.add_eos else []
+
+
+def _specials(tokenizer) -> tuple[list[int], list[int]]:
+    """``([bos] or [], [eos] or [])``, looked up once per dataset (slow properties on tokenizers)."""
+    bos, eos = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)
+    return ([] if bos is None else [int(bos)]), ([] if eos is None else [int(eos)])
 
 
 def _prompt_and_completion(ctx: _Ctx, prompt, completion, field: str) -> tuple[np.ndarray, np.ndarray, int]:
@@ -258,6 +267,29 @@ ENCODERS: dict[str, Callable[[_Ctx, Mapping], list[dict]]] = {
 assert set(ENCODERS) == set(FORMATS)
 
 
+_TEXT_FIELDS = ("prompt", "completion", "chosen", "rejected", "completions")
+
+
+def _pretokenize(tokenizer, rows: Sequence[Mapping], chunk: int = 1024) -> dict[str, list[int]]:
+    """Token ids of every plain-text field, tokenized in batches (a fast tokenizer's batch call is several
+    times faster than one call per string). Conversational fields go through the chat template instead."""
+    texts: dict[str, None] = {}
+    for row in rows:
+        for name in _TEXT_FIELDS:
+            value = row.get(name)
+            if isinstance(value, str):
+                texts[value] = None
+            elif name == "completions" and isinstance(value, list):
+                texts.update((v, None) for v in value if isinstance(v, str))
+    unique = list(texts)
+    cache: dict[str, list[int]] = {}
+    for start in range(0, len(unique), chunk):
+        part = unique[start : start + chunk]
+        for text, ids in zip(part, tokenizer(part, add_special_tokens=False)["input_ids"], strict=True):
+            cache[text] = list(ids)
+    return cache
+
+
 def encode_rows(
     tokenizer, rows: Sequence[Mapping], format: str, opts: EncodeOptions, *, source: str = "<rows>"
 ) -> tuple[list[dict], EncodeStats]:
@@ -273,8 +305,9 @@ def encode_rows(
     encoder = _encode_ranked_list if format == "ranked" and opts.ranked_as == "lists" else ENCODERS[format]
     stats = EncodeStats(rows=len(rows))
     examples: list[dict] = []
+    cache, specials = _pretokenize(tokenizer, rows), _specials(tokenizer)
     for i, row in enumerate(rows):
-        ctx = _Ctx(tokenizer, opts, source, stats, row=i)
+        ctx = _Ctx(tokenizer, opts, source, stats, row=i, cache=cache, specials=specials)
         try:
             out = encoder(ctx, row)
         except _Dropped:
