@@ -31,6 +31,7 @@ WORKER = textwrap.dedent(
     from jrft.parallel.distributed import initialize_distributed, is_main_process
 
     pid, port, out, mode = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+    pre_main = is_main_process()  # before initialisation: must not start the backend
     if mode == "explicit" and pid == 0:
         info = initialize_distributed(f"127.0.0.1:{port}", num_processes=2, process_id=0)
     else:
@@ -61,7 +62,7 @@ WORKER = textwrap.dedent(
         json.dump({
             "process_id": info.process_id, "num_processes": info.num_processes, "cluster": info.cluster,
             "local_devices": info.local_device_count, "global_devices": info.global_device_count,
-            "idempotent": again is info, "is_main": is_main_process(),
+            "idempotent": again is info, "is_main": is_main_process(), "pre_main": pre_main,
             "y": np.asarray(y_all).tolist(), "psum": local_totals, "gathered": np.asarray(gathered).tolist(),
             "n_addressable": len(y.addressable_shards),
         }, f)
@@ -124,7 +125,7 @@ def test_two_process_loopback(tmp_path, mode):
         r = json.loads((tmp_path / f"out{pid}.json").read_text())
         assert r["process_id"] == pid and r["num_processes"] == 2 and r["cluster"] == mode
         assert (r["local_devices"], r["global_devices"], r["n_addressable"]) == (4, 8, 4)
-        assert r["idempotent"] and r["is_main"] == (pid == 0)
+        assert r["idempotent"] and r["is_main"] == r["pre_main"] == (pid == 0)
         np.testing.assert_allclose(np.array(r["y"]), expected_y, rtol=1e-5, atol=1e-5)
         assert r["psum"] == [28.0] * 4
         assert r["gathered"] == [[0, 10], [1, 11]]

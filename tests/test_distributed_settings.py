@@ -121,6 +121,19 @@ def test_tpu_leaves_the_rest_to_jax():
         resolve_settings(environ={"JRFT_DISTRIBUTED": "tpu"})
 
 
+def test_is_main_process_before_initialisation_reads_the_environment(monkeypatch):
+    dist._reset_for_tests()
+    for var in ("JRFT_PROCESS_ID", "SLURM_PROCID", "TPU_WORKER_ID"):
+        monkeypatch.delenv(var, raising=False)
+    assert dist.is_main_process()
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    assert not dist.is_main_process()
+    monkeypatch.setenv("JRFT_PROCESS_ID", "0")  # checked first
+    assert dist.is_main_process()
+    monkeypatch.setenv("JRFT_PROCESS_ID", "1")
+    assert not dist.MainProcessFilter().filter(logging.makeLogRecord({"msg": "x"}))
+
+
 def test_single_process_runtime_and_main_process_logging(caplog):
     # In the test process (8 fake CPU devices, one process) initialisation is a no-op.
     dist._reset_for_tests()

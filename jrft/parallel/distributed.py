@@ -404,13 +404,24 @@ def _check_runtime(settings: DistributedSettings, info: DistributedInfo) -> None
 
 
 def is_main_process() -> bool:
-    """True on process 0 (and in every single-process run): the one that logs, prints and exports."""
+    """True on process 0 (and in every single-process run): the one that logs, prints and exports.
+
+    Safe to call before ``initialize_distributed``: it then never starts JAX's backend (which would make a
+    later multi-process initialisation impossible) and reads the launcher's process id from the environment
+    (``JRFT_PROCESS_ID``, ``SLURM_PROCID``, ``TPU_WORKER_ID``; none set means process 0).
+    """
     info = _STATE.get("info")
     if info is not None:
         return info.is_main  # type: ignore[union-attr]
     import jax
 
-    return jax.process_index() == 0
+    if jax.distributed.is_initialized():
+        return jax.process_index() == 0
+    for var in (ENV_PROCESS_ID, "SLURM_PROCID", "TPU_WORKER_ID"):
+        value = os.environ.get(var, "").strip()
+        if value.isdigit():
+            return int(value) == 0
+    return True
 
 
 def log_on_main(msg: str, *args, level: int = logging.INFO, logger: logging.Logger | None = None) -> None:
