@@ -482,20 +482,9 @@ class PPOConfig(SamplingConfig):
         _check(self.num_epochs >= 1, "num_epochs", "must be >= 1")
         _check(self.num_mini_batches >= 1, "num_mini_batches", "must be >= 1")
         _check(self.reward_timeout_s > 0, "reward_timeout_s", "must be positive")
-        _check(
-            self.reward_model is not None or len(self.reward_functions) > 0,
-            "reward_model",
-            "PPO needs a reward: set ppo.reward_model and/or ppo.reward_functions",
-        )
 
 
 OBJECTIVES = ("sft", "reward", "dpo", "grpo", "ppo")
-
-
-def _default_ppo() -> PPOConfig:
-    # The PPO section must name a reward to be valid; its default (unused unless objective=ppo) names a
-    # placeholder function so that configs of other objectives need not mention PPO at all.
-    return PPOConfig(reward_functions=(RewardFunctionConfig(name="accuracy"),))
 
 
 @dataclass(frozen=True)
@@ -517,7 +506,7 @@ class RunConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
-    ppo: PPOConfig = field(default_factory=_default_ppo)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
 
     def __post_init__(self):
         _check(self.seed >= 0, "seed", "must be >= 0")
@@ -531,7 +520,16 @@ class RunConfig:
             )
         if self.objective == "reward" and self.reward.loss == "listwise":
             _check(d.format in ("auto", "ranked"), "reward.loss", "listwise needs data.format 'ranked'")
+        # A reward is checked only for the objective that uses it, so other objectives' configs need not
+        # mention GRPO / PPO at all.
+        if self.objective == "ppo":
+            _check(
+                self.ppo.reward_model is not None or len(self.ppo.reward_functions) > 0,
+                "ppo.reward_model",
+                "PPO needs a reward: set ppo.reward_model and/or ppo.reward_functions",
+            )
         if self.objective == "grpo":
+            _check(len(self.grpo.reward_functions) > 0, "grpo.reward_functions", "GRPO needs at least one")
             _check(
                 self.train.batch_size % self.grpo.num_mini_batches == 0,
                 "grpo.num_mini_batches",

@@ -196,8 +196,26 @@ def test_label_smoothing_only_for_losses_that_use_it():
 
 def test_with_overrides_derives_a_new_config():
     base = load_config(ROOT / "configs/sft.yaml")
-    grpo = base.with_overrides(["objective=grpo", "output_dir=runs/x", "grpo.num_generations=4"])
+    grpo = base.with_overrides(
+        [
+            "objective=grpo",
+            "output_dir=runs/x",
+            "grpo.num_generations=4",
+            "grpo.reward_functions=[{name: format}]",
+        ]
+    )
     assert (grpo.objective, grpo.output_dir, grpo.grpo.num_generations) == ("grpo", "runs/x", 4)
     assert grpo.model == base.model and base.objective == "sft"
     with pytest.raises(ConfigError, match=r"overrides: grpo\.num_generations: must be >= 2"):
         base.with_overrides(["grpo.num_generations=1"])
+
+
+def test_rl_objectives_need_a_reward():
+    with pytest.raises(ConfigError, match=r"ppo\.reward_model: PPO needs a reward"):
+        load_config(ROOT / "configs/ppo.yaml", ["ppo.reward_model=null"])
+    assert load_config(
+        ROOT / "configs/ppo.yaml", ["ppo.reward_model=null", "ppo.reward_functions=[{name: format}]"]
+    )
+    with pytest.raises(ConfigError, match=r"grpo\.reward_functions: GRPO needs at least one"):
+        load_config(ROOT / "configs/grpo.yaml", ["grpo.reward_functions=[]"])
+    assert load_config(None).ppo.reward_functions == ()  # other objectives need no reward at all
