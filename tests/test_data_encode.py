@@ -201,3 +201,18 @@ def test_conversational_preference_and_prompt(tok):
     assert tok.decode(ex["rejected_tokens"][ex["rejected_loss_mask"] == 1]) == "bad<eos>"
     p = build_dataset([{"prompt": CHAT[:2]}], tok, objective="grpo").examples[0]
     assert tok.decode(p["prompt_tokens"]).endswith("<|user|>hi<eos><|assistant|>")
+
+
+def test_chat_mask_fallback_when_prefixes_do_not_match():
+    # This template closes a conversation that ends with an assistant turn with "<end>", so the rendering up
+    # to the first assistant turn is not a prefix of the whole: that span falls back to locating the content.
+    # The last turn's prefix rendering is the whole text, so its span comes from prefixes (header included,
+    # as the template has no generation prompt).
+    template = (
+        "{% for m in messages %}{{ m['role'] + ':' + m['content'] + ';' }}{% endfor %}"
+        "{% if messages[-1]['role'] == 'assistant' %}<end>{% endif %}"
+    )
+    tok = train_tokenizer(alphabet=string.ascii_letters + string.digits + " :;?+<>", chat_template=template)
+    tokens, mask = encode_chat(tok, CHAT)
+    assert tok.decode(tokens).endswith("assistant:4;<end>")
+    assert tok.decode(tokens[mask == 1]) == "hello" + "assistant:4;<end>"

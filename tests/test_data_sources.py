@@ -67,3 +67,12 @@ def test_bad_sources_are_named(tmp_path):
         load_rows(txt)
     with pytest.raises(DataError, match="row 1: expected a mapping"):
         load_rows([{"a": 1}, "oops"])
+
+
+def test_unknown_hub_name_is_a_named_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(
+        DataError, match=r"^no-such-org/no-such-dataset: the datasets library could not load it"
+    ):
+        load_rows("no-such-org/no-such-dataset")

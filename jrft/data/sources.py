@@ -76,7 +76,10 @@ def _read_json(path: str) -> list[dict]:
 def _read_with_datasets(path: str, **kwargs) -> list[dict]:
     import datasets  # imported lazily: it is slow to import and only needed here
 
-    ds = datasets.load_dataset(path, **kwargs)
+    try:
+        ds = datasets.load_dataset(path, **kwargs)
+    except Exception as e:  # offline, unknown name, bad split: say which source failed and why
+        raise DataError(path, f"the datasets library could not load it ({type(e).__name__}: {e})") from e
     return [dict(r) for r in ds]
 
 
