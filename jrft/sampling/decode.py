@@ -1,0 +1,173 @@
+"""Prefill and one decode step over a preallocated KV cache: pure functions of a merged ``Decoder``.
+
+``prefill`` runs the prompt through ``Decoder.forward_with_cache`` (the model's own cache forward). The
+decode step is written here rather than calling ``forward_with_cache`` once per token, because a decode step
+on CPU is dominated by per-op overhead, not FLOPs (see shared/NOTES.md), and three things make it leaner:
+
+* fused projections — q, k and v come from ONE matmul against ``[D, (H + 2K) * Dh]`` and gate/up from ONE
+  matmul against ``[D, 2F]``; the fused weights are concatenated once per ``generate`` call, outside the loop
+  (``fuse_decode_weights``; a transient copy of those weights, freed when generation ends);
+* 2-D activations ``[B, D]`` throughout (a decode step has T = 1);
+* attention reads only the first ``s_att`` cache slots (a static bucket chosen by the caller).
+
+It uses the model's own building blocks (``rms_norm``, RoPE frequencies, embedding, final norm, LM head) and
+its stacked parameters by name (``Decoder.layers``: ``wq, wk, wv, wo, w_gate, w_up, w_down, attn_norm,
+mlp_norm`` and optional ``bq, bk, bv, bo, q_norm, k_norm``), so it follows the model's variants (Qwen2
+biases, Qwen3 q/k norms, Gemma embedding scale and (1 + w) norms). Tests check it against
+transformers token for token.
+
+Shapes: B rows, D hidden, H query heads, K kv heads, G = H / K, Dh head dim, F MLP width, L layers,
+S cache slots, V vocab. Cache layout ``[L, B, K, S, Dh]`` (``jrft.models.KVCache``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jrft.models.decoder import CACHE_AXES, KVCache
+from jrft.models.layers import ACTIVATIONS, rms_norm, rope_inv_freq
+from jrft.parallel.sharding import with_logical_constraint
+
+
+def prefill(model, tokens: jax.Array, mask: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """Runs left-padded prompts ``tokens [B, Tp]`` (``mask [B, Tp]`` 0/1) into cache slots ``[0, Tp)``.
+
+    Position ids are ``cumsum(mask) - 1`` (transformers' convention for left padding). Returns the float32
+    logits of the last slot ``[B, V]`` (the next-token distribution of every prompt) and the filled cache.
+    """
+    positions = jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+    logits, cache = model.forward_with_cache(tokens, positions, cache, 0, mask, last_only=True)
+    return logits[:, 0], cache
+
+
+def fuse_decode_weights(model, fuse: bool = True) -> dict[str, jax.Array]:
+    """The stacked layer weights in the decode step's layout, cast to the compute dtype.
+
+    With ``fuse``: ``wqkv [L, D, (H + 2K) * Dh]`` (and ``bqkv``), ``w_gate_up [L, D, 2F]``; otherwise the
+    projections are kept separate (``wq [L, D, H*Dh]`` ...), which avoids the transient copy.
+    """
+    cfg = model.config
+    p = model.layers.arrays(cfg)
+    L, D = cfg.num_layers, cfg.hidden_size
+    dtype = model.dtype
+    out = {k: v for k, v in p.items() if k.endswith("norm")}  # norms stay in param dtype, like the model
+    flat = {k: p[k].reshape(L, D, -1).astype(dtype) for k in ("wq", "wk", "wv")}
+    if fuse:
+        out["wqkv"] = jnp.concatenate([flat["wq"], flat["wk"], flat["wv"]], axis=-1)
+        out["w_gate_up"] = jnp.concatenate([p["w_gate"], p["w_up"]], axis=-1).astype(dtype)
+    else:
+        out.update(flat)
+        out["w_gate"], out["w_up"] = p["w_gate"].astype(dtype), p["w_up"].astype(dtype)
+    if cfg.qkv_bias:
+        biases = [p[k].reshape(L, -1).astype(dtype) for k in ("bq", "bk", "bv")]
+        if fuse:
+            out["bqkv"] = jnp.concatenate(biases, axis=-1)
+        else:
+            out["bq"], out["bk"], out["bv"] = biases
+    out["wo"] = p["wo"].reshape(L, -1, D).astype(dtype)  # [L, H*Dh, D]
+    out["w_down"] = p["w_down"].astype(dtype)
+    if cfg.o_bias:
+        out["bo"] = p["bo"].astype(dtype)
+    return out
+
+
+def _rope_1(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """RoPE for one position per row: ``x [B, N, Dh]``, ``cos/sin [B, 1, Dh]`` (rotate_half layout)."""
+    half = x.shape[-1] // 2
+    return x * cos + jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1) * sin
+
+
+def _project_qkv(cfg, p, h):
+    """``h [B, D]`` -> q ``[B, H*Dh]``, k, v ``[B, K*Dh]``."""
+    hq, hk = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    if "wqkv" in p:
+        qkv = h @ p["wqkv"]  # [B, (H + 2K) * Dh]
+        if cfg.qkv_bias:
+            qkv = qkv + p["bqkv"]
+        return qkv[:, :hq], qkv[:, hq : hq + hk], qkv[:, hq + hk :]
+    q, k, v = h @ p["wq"], h @ p["wk"], h @ p["wv"]
+    if cfg.qkv_bias:
+        q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
+    return q, k, v
+
+
+def _gated_mlp(cfg, p, h):
+    """``h [B, D]`` -> ``act(h W_gate) * (h W_up)`` ``[B, F]``."""
+    act = ACTIVATIONS[cfg.hidden_act]
+    if "w_gate_up" in p:
+        gu = h @ p["w_gate_up"]  # [B, 2F]
+        f = cfg.intermediate_size
+        return act(gu[:, :f]) * gu[:, f:]
+    return act(h @ p["w_gate"]) * (h @ p["w_up"])
+
+
+def decode_step(
+    model,
+    weights: dict[str, jax.Array],
+    tokens: jax.Array,
+    positions: jax.Array,
+    cache: KVCache,
+    slot: jax.Array,
+    key_valid: jax.Array,
+) -> tuple[jax.Array, KVCache]:
+    """One token per row through every layer, its k/v written at cache ``slot``.
+
+    Args:
+      model: the merged ``Decoder`` (embedding, final norm, LM head, config, dtype).
+      weights: ``fuse_decode_weights(model)``.
+      tokens: ``[B]`` int32, the last sampled token of each row.
+      positions: ``[B]`` int32 position ids of those tokens.
+      cache: ``[L, B, K, S, Dh]`` keys/values; kept in the caller's loop carry and updated in place.
+      slot: scalar int32, the cache slot written (the same for every row: rows are left-padded).
+      key_valid: ``[B, s_att]`` bool over the attended slots ``[0, s_att)`` (static ``s_att > slot``): real
+        prompt tokens and generated slots ``<= slot``.
+
+    Returns:
+      float32 next-token logits ``[B, V]`` and the updated cache.
+    """
+    cfg = model.config
+    dt = model.dtype
+    b, s_att = key_valid.shape
+    h_, k_, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    eps, plus_one = cfg.rms_norm_eps, cfg.norm_plus_one
+    freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(rope_inv_freq(cfg))  # [B, Dh/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, None, :]  # [B, 1, Dh]
+    cos, sin = jnp.cos(emb).astype(dt), jnp.sin(emb).astype(dt)
+    bias = jnp.where(key_valid, 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]  # [B, 1, 1, s_att]
+    scale = dh**-0.5
+    zero = jnp.zeros((), jnp.int32)
+    x = model._embed(tokens[:, None])[:, 0]  # [B, D]
+
+    def layer(carry, xs):
+        x, ck, cv = carry
+        p, i = xs
+        h = rms_norm(x, p["attn_norm"], eps, plus_one)
+        q, k, v = _project_qkv(cfg, p, h)
+        q, k, v = q.reshape(b, h_, dh), k.reshape(b, k_, dh), v.reshape(b, k_, dh)
+        if cfg.qk_norm:
+            q, k = rms_norm(q, p["q_norm"], eps), rms_norm(k, p["k_norm"], eps)
+        q, k = _rope_1(q, cos, sin), _rope_1(k, cos, sin)
+        start = (i, zero, zero, slot, zero)
+        ck = jax.lax.dynamic_update_slice(ck, k[None, :, :, None, :].astype(ck.dtype), start)
+        cv = jax.lax.dynamic_update_slice(cv, v[None, :, :, None, :].astype(cv.dtype), start)
+        k_att = jax.lax.dynamic_slice(ck, (i, zero, zero, zero, zero), (1, b, k_, s_att, dh))[0].astype(dt)
+        v_att = jax.lax.dynamic_slice(cv, (i, zero, zero, zero, zero), (1, b, k_, s_att, dh))[0].astype(dt)
+        qg = q.reshape(b, k_, h_ // k_, dh)  # [B, K, G, Dh]
+        scores = jnp.einsum("bkgd,bksd->bkgs", qg, k_att, preferred_element_type=jnp.float32) * scale + bias
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)  # [B, K, G, s_att]
+        attn = jnp.einsum("bkgs,bksd->bkgd", probs, v_att).reshape(b, h_ * dh)
+        y = attn @ p["wo"]  # [B, D]
+        if cfg.o_bias:
+            y = y + p["bo"]
+        x = x + y
+        h = rms_norm(x, p["mlp_norm"], eps, plus_one)
+        x = x + _gated_mlp(cfg, p, h) @ p["w_down"]
+        return (x, ck, cv), None
+
+    ck = with_logical_constraint(cache.k, CACHE_AXES)
+    cv = with_logical_constraint(cache.v, CACHE_AXES)
+    xs = (weights, jnp.arange(cfg.num_layers, dtype=jnp.int32))
+    (x, ck, cv), _ = jax.lax.scan(layer, (x, ck, cv), xs)
+    logits = model.logits_from_hidden(model._final(x)[:, None])[:, 0]  # [B, V]
+    return logits, KVCache(ck, cv)

@@ -1,0 +1,416 @@
+"""Batched generation with a KV cache: G samples per prompt (GRPO groups), one jitted program per shape
+bucket.
+
+``generate(model, prompt_tokens, prompt_mask, ...)`` runs, inside ONE jit-compiled program:
+
+1. ``prefill`` of the B left-padded prompts (once per prompt, not once per sample), then the cache and the
+   last logits are repeated G times along the batch, so row ``b * G + g`` is sample g of prompt b (each
+   prompt's G samples are contiguous, ``[B * G, ...]``);
+2. the first token from the prefill logits, then a decode loop (``lax.while_loop``) whose carry holds the
+   cache, the last tokens and the output buffers (the cache is updated in place: passing it through scan
+   inputs/outputs copied it 4x per step, shared/NOTES.md). The loop is split into a few segments, each
+   attending only to the cache prefix filled by its end (a static length per segment); every segment stops
+   as soon as all rows have finished or ``max_new_tokens`` is reached.
+
+Rows stop at the first token in ``stop_token_ids`` (that token is part of the completion, as in transformers);
+after it they emit ``pad_token_id`` with mask 0. Log-probs are float32, under the same
+temperature/top-k/top-p/min-p that sampled the token (see ``jrft.sampling.logits`` for what that means for
+GRPO's old log-probs).
+
+Compiles: the prompt length is rounded up to a bucket (``bucket_length``: powers of two from 16) by extra left
+padding, ``max_new_tokens`` to a power of two from 32 (only the cache size and output buffer depend on it; the
+exact count is a runtime value), the number of prompts up to a multiple of the mesh's batch shards. Sampling
+values (temperature, top-p, min-p), stop ids and pad id are runtime values; which filters are on and top-k are
+static. ``Sampler.stats.compiles`` counts traces of the program (one per new bucket), and every result carries
+a snapshot of it.
+
+Parameters: the model is split once per call into (graphdef, state); the state is a jit argument (never
+donated: the trainer keeps using it) and is not copied except for the fused decode projections (see
+``jrft.sampling.decode``). With a ``mesh``, prompt rows and the cache are sharded over the mesh's batch axes
+(``LOGICAL_RULES['batch']``: data and fsdp); parameters stay where the caller placed them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jrft.models.decoder import CACHE_AXES, KVCache, init_cache
+from jrft.parallel.sharding import logical_to_spec, with_logical_constraint
+from jrft.sampling.decode import decode_step, fuse_decode_weights, prefill
+from jrft.sampling.logits import SamplingParams, select_next
+
+FINISH_STOP = 0  # ended with a stop token
+FINISH_LENGTH = 1  # reached max_new_tokens
+FINISH_REASONS: tuple[str, ...] = ("stop", "length")
+MAX_STOP_IDS = 8  # stop ids are a runtime array of this length (padded with -1)
+
+
+def finish_reason_names(finish_reason) -> list[str]:
+    """``[N]`` int finish reasons -> ``["stop" | "length", ...]``."""
+    return [FINISH_REASONS[int(r)] for r in np.asarray(finish_reason)]
+
+
+def bucket_length(n: int, minimum: int = 16) -> int:
+    """The smallest power of two >= ``max(n, minimum)``: lengths padded to it compile once per bucket."""
+    return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerStats:
+    """Counters of one ``Sampler``: ``compiles`` (traces of the generate program, one per bucket), ``calls``,
+    and the buckets ``(prompts, prompt_len, new_tokens, G)`` seen."""
+
+    compiles: int = 0
+    calls: int = 0
+    buckets: tuple[tuple[int, int, int, int], ...] = ()
+
+
+@flax.struct.dataclass
+class GenerationResult:
+    """Completions of ``B`` prompts x ``G`` samples, row ``b * G + g`` (each prompt's samples contiguous).
+
+    Attributes:
+      tokens: ``[B*G, Tn]`` int32 completion tokens (``Tn = max_new_tokens``), ``pad_token_id`` after the end.
+      mask: ``[B*G, Tn]`` int32, 1 for generated tokens (the stop token included), 0 after.
+      logprobs: ``[B*G, Tn]`` float32 log-prob of each token under the processed sampling distribution
+        (0 where mask is 0).
+      lengths: ``[B*G]`` int32, ``mask.sum(-1)``.
+      finish_reason: ``[B*G]`` int32, ``FINISH_STOP`` or ``FINISH_LENGTH`` (``finish_reason_names``).
+      prompt_tokens, prompt_mask: ``[B*G, Tp]`` the prompts repeated G times (as given, not bucketed).
+      decode_steps: how many decode steps the loop ran (< max_new_tokens - 1 when every row stopped early).
+      stats: the sampler's counters after this call (compiles so far...).
+    """
+
+    tokens: jax.Array
+    mask: jax.Array
+    logprobs: jax.Array
+    lengths: jax.Array
+    finish_reason: jax.Array
+    prompt_tokens: jax.Array
+    prompt_mask: jax.Array
+    decode_steps: int = flax.struct.field(pytree_node=False, default=0)
+    num_samples: int = flax.struct.field(pytree_node=False, default=1)
+    stats: SamplerStats = flax.struct.field(pytree_node=False, default=SamplerStats())
+
+    def finish_reason_names(self) -> list[str]:
+        return finish_reason_names(self.finish_reason)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ProgramKey:
+    """Static part of one compiled generate program."""
+
+    num_samples: int
+    new_bucket: int
+    segments: tuple[int, ...]  # decode iteration t runs in the first segment whose end >= t
+    sampling: SamplingParams  # structure only (placeholder values)
+    cache_dtype: str
+    fuse: bool
+
+
+def _structure(params: SamplingParams) -> SamplingParams:
+    """Placeholder values with the same static structure, so changing a value does not recompile."""
+    return SamplingParams(
+        temperature=0.0 if params.greedy else 1.0,
+        top_k=params.top_k or None,
+        top_p=0.5 if params.use_top_p else None,
+        min_p=0.5 if params.use_min_p else None,
+    )
+
+
+def _segments(new_bucket: int, minimum: int = 32, max_segments: int = 8) -> tuple[int, ...]:
+    size = max(minimum, new_bucket // max_segments)
+    return tuple(range(size, new_bucket, size)) + (new_bucket,)
+
+
+def _record(out, t, tok, lp, finished, stop_ids, pad_id):
+    """Writes column ``t``: the token where the row is still running, pad afterwards; updates ``finished``."""
+    out_tok, out_lp, out_mask = out
+    emit = ~finished
+    out_tok = out_tok.at[:, t].set(jnp.where(emit, tok, pad_id))
+    out_lp = out_lp.at[:, t].set(jnp.where(emit, lp, 0.0))
+    out_mask = out_mask.at[:, t].set(emit.astype(jnp.int32))
+    is_stop = jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
+    return (out_tok, out_lp, out_mask), finished | (emit & is_stop)
+
+
+class _Counter:
+    """Counts traces; hashable by identity, so it can be a static jit argument."""
+
+    def __init__(self):
+        self.n = 0
+
+
+def _program(
+    graphdef, key: _ProgramKey, counter: _Counter, state, tokens, mask, stop_ids, values, max_new, pad_id, rng
+):
+    counter.n += 1  # runs at trace time only: one per compile
+    model = nnx.merge(graphdef, state)
+    cfg = model.config
+    bp, tp = tokens.shape
+    g, n = key.num_samples, key.new_bucket
+    rows, s_total = bp * g, tp + n
+
+    cache = init_cache(cfg, bp, s_total, jnp.dtype(key.cache_dtype))
+    cache = KVCache(*(with_logical_constraint(c, CACHE_AXES) for c in cache))
+    logits, cache = prefill(model, tokens, mask, cache)  # [Bp, V]
+    # one prefill per prompt; its cache and logits serve all G samples
+    cache = KVCache(*(with_logical_constraint(jnp.repeat(c, g, axis=1), CACHE_AXES) for c in cache))
+    logits = jnp.repeat(logits, g, axis=0)  # [R, V]
+    mask_r = jnp.repeat(mask, g, axis=0).astype(bool)  # [R, Tp]
+    n_real = jnp.sum(mask_r, axis=-1, dtype=jnp.int32)  # [R]: position of the first generated token
+    prompt_valid = jnp.pad(mask_r, ((0, 0), (0, n)))  # [R, S], generated slots filled in per step below
+    slots = jnp.arange(s_total, dtype=jnp.int32)
+    weights = fuse_decode_weights(model, key.fuse)
+
+    def constrain(x):
+        return with_logical_constraint(x, ("batch",) + (None,) * (x.ndim - 1))
+
+    out = (
+        constrain(jnp.full((rows, n), pad_id, jnp.int32)),
+        constrain(jnp.zeros((rows, n), jnp.float32)),
+        constrain(jnp.zeros((rows, n), jnp.int32)),
+    )
+    finished = n_real == 0  # batch-padding rows never run
+    tok, lp = select_next(jax.random.fold_in(rng, 0), logits, key.sampling, values)
+    out, finished = _record(out, 0, tok, lp, finished, stop_ids, pad_id)
+    carry = (jnp.int32(1), tok, finished, cache, out)
+
+    for end in key.segments:
+        s_att = min(tp + end, s_total)
+
+        def cond(c, end=end):
+            t, _, finished, _, _ = c
+            return (t <= end) & (t < max_new) & ~jnp.all(finished)
+
+        def body(c, s_att=s_att):
+            t, tok, finished, cache, out = c
+            slot = tp + t - 1  # where the previous token's k/v go
+            key_valid = jnp.where(slots[:s_att] < tp, prompt_valid[:, :s_att], slots[:s_att] <= slot)
+            logits, cache = decode_step(model, weights, tok, n_real + t - 1, cache, slot, key_valid)
+            tok, lp = select_next(jax.random.fold_in(rng, t), logits, key.sampling, values)
+            out, finished = _record(out, t, tok, lp, finished, stop_ids, pad_id)
+            return t + 1, tok, finished, cache, out
+
+        carry = jax.lax.while_loop(cond, body, carry)
+
+    t, _, finished, _, (out_tok, out_lp, out_mask) = carry
+    stopped = finished & (n_real > 0)
+    reason = jnp.where(stopped, FINISH_STOP, FINISH_LENGTH).astype(jnp.int32)
+    return out_tok, out_mask, out_lp, jnp.sum(out_mask, axis=-1, dtype=jnp.int32), reason, t - 1
+
+
+class Sampler:
+    """Owns the compiled generate programs (jit's cache, keyed by bucket) and their counters.
+
+    ``jrft.sampling.generate`` uses one process-wide ``Sampler``; a trainer may keep its own to read
+    ``stats`` for its run only.
+    """
+
+    def __init__(self):
+        self._counter = _Counter()
+        self._calls = 0
+        self._buckets: list[tuple[int, int, int, int]] = []
+        self._jitted = jax.jit(_program, static_argnums=(0, 1, 2))
+
+    @property
+    def stats(self) -> SamplerStats:
+        return SamplerStats(self._counter.n, self._calls, tuple(self._buckets))
+
+    def generate(
+        self,
+        model,
+        prompt_tokens,
+        prompt_mask,
+        *,
+        max_new_tokens: int,
+        num_samples: int = 1,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        stop_token_ids: Sequence[int] | int | None = (),
+        rng: jax.Array | int | None = None,
+        pad_token_id: int = 0,
+        cache_dtype=None,
+        mesh: Mesh | None = None,
+        fuse_projections: bool = True,
+    ) -> GenerationResult:
+        """See ``jrft.sampling.generate``."""
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+        graphdef, state = model if isinstance(model, tuple) else nnx.split(model)
+        tokens, mask = _check_prompts(prompt_tokens, prompt_mask)
+        if max_new_tokens < 1:
+            raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+        if num_samples < 1:
+            raise ValueError(f"generate: num_samples must be >= 1, got {num_samples}")
+        stops = _stop_array(stop_token_ids)
+        b, tp = tokens.shape
+        shards = _batch_shards(mesh)
+        bp, tpb, nb = -(-b // shards) * shards, bucket_length(tp), bucket_length(max_new_tokens, 32)
+        tok_p = np.full((bp, tpb), pad_token_id, np.int32)
+        mask_p = np.zeros((bp, tpb), np.int32)
+        tok_p[:b, tpb - tp :], mask_p[:b, tpb - tp :] = tokens, mask
+        if cache_dtype is None:
+            cache_dtype = graphdef_dtype(model)
+        key = _ProgramKey(
+            num_samples, nb, _segments(nb), _structure(params), jnp.dtype(cache_dtype).name, fuse_projections
+        )
+        if rng is None:
+            rng = jax.random.key(0)
+        elif isinstance(rng, int):
+            rng = jax.random.key(rng)
+        args = (tok_p, mask_p)
+        ctx = contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
+        with ctx:
+            if mesh is not None:
+                spec = logical_to_spec(("batch", None), (bp, tpb), mesh)
+                args = tuple(jax.device_put(a, NamedSharding(mesh, spec)) for a in args)
+                rep = NamedSharding(mesh, PartitionSpec())
+                stops, rng = jax.device_put(stops, rep), jax.device_put(rng, rep)
+            outs = self._jitted(
+                graphdef,
+                key,
+                self._counter,
+                state,
+                *args,
+                stops,
+                params.dynamic_values(),
+                jnp.int32(max_new_tokens),
+                jnp.int32(pad_token_id),
+                rng,
+            )
+        self._calls += 1
+        bucket = (bp, tpb, nb, num_samples)
+        if bucket not in self._buckets:
+            self._buckets.append(bucket)
+        out_tok, out_mask, out_lp, lengths, reason, steps = outs
+        r, n = b * num_samples, max_new_tokens
+        return GenerationResult(
+            tokens=out_tok[:r, :n],
+            mask=out_mask[:r, :n],
+            logprobs=out_lp[:r, :n],
+            lengths=lengths[:r],
+            finish_reason=reason[:r],
+            prompt_tokens=jnp.asarray(np.repeat(tokens, num_samples, axis=0)),
+            prompt_mask=jnp.asarray(np.repeat(mask, num_samples, axis=0)),
+            decode_steps=int(steps),
+            num_samples=num_samples,
+            stats=self.stats,
+        )
+
+
+def graphdef_dtype(model) -> jnp.dtype:
+    """The compute dtype of a ``Decoder`` (or of a ``(graphdef, state)`` pair): the default cache dtype."""
+    if isinstance(model, tuple):
+        model = nnx.merge(*model)
+    return jnp.dtype(model.dtype)
+
+
+def _batch_shards(mesh: Mesh | None) -> int:
+    if mesh is None:
+        return 1
+    spec = logical_to_spec(("batch",), None, mesh)[0]
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def _check_prompts(prompt_tokens, prompt_mask) -> tuple[np.ndarray, np.ndarray]:
+    tokens = np.asarray(prompt_tokens)
+    mask = np.ones_like(tokens) if prompt_mask is None else np.asarray(prompt_mask)
+    if tokens.ndim != 2:
+        raise ValueError(f"generate: prompt_tokens must be [batch, prompt_len], got shape {tokens.shape}")
+    if mask.shape != tokens.shape:
+        raise ValueError(f"generate: prompt_mask shape {mask.shape} != prompt_tokens shape {tokens.shape}")
+    m = mask.astype(bool)
+    # left padding: once a row starts, it stays real to the end
+    bad = np.flatnonzero(np.any(m[:, :-1] & ~m[:, 1:], axis=-1))
+    if bad.size:
+        raise ValueError(
+            f"generate: prompts must be LEFT-padded; row {int(bad[0])} has padding after a token"
+        )
+    return tokens.astype(np.int32), m.astype(np.int32)
+
+
+def _stop_array(stop_token_ids) -> jax.Array:
+    if stop_token_ids is None:
+        stop_token_ids = ()
+    elif isinstance(stop_token_ids, int | np.integer):
+        stop_token_ids = (int(stop_token_ids),)
+    ids = sorted({int(i) for i in stop_token_ids})
+    if len(ids) > MAX_STOP_IDS:
+        raise ValueError(f"generate: at most {MAX_STOP_IDS} stop_token_ids, got {len(ids)}")
+    return jnp.asarray(ids + [-1] * (MAX_STOP_IDS - len(ids)), jnp.int32)
+
+
+DEFAULT_SAMPLER = Sampler()
+
+
+def generate(
+    model,
+    prompt_tokens,
+    prompt_mask,
+    *,
+    max_new_tokens: int,
+    num_samples: int = 1,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    stop_token_ids: Sequence[int] | int | None = (),
+    rng: jax.Array | int | None = None,
+    pad_token_id: int = 0,
+    cache_dtype=None,
+    mesh: Mesh | None = None,
+    fuse_projections: bool = True,
+    sampler: Sampler | None = None,
+) -> GenerationResult:
+    """Samples ``num_samples`` completions of each left-padded prompt with a KV cache.
+
+    Args:
+      model: a ``jrft.models.Decoder`` or its ``(graphdef, state)`` from ``nnx.split``.
+      prompt_tokens: ``[B, Tp]`` int, LEFT-padded prompts.
+      prompt_mask: ``[B, Tp]`` 0/1, 1 for real tokens (None: all real).
+      max_new_tokens: completion length limit ``Tn``.
+      num_samples: G samples per prompt, contiguous in the output (row ``b * G + g``).
+      temperature: 0 for greedy (then the G samples are identical), else the softmax temperature.
+      top_k, top_p, min_p: filters (None/0, None/1.0, None/0.0 = off); see ``jrft.sampling.logits``.
+      stop_token_ids: a row ends at the first of these (kept in the completion); at most ``MAX_STOP_IDS``.
+      rng: a ``jax.random.key`` or an int seed (default 0). The output is a deterministic function of it.
+      pad_token_id: written after a row ends (and used to pad prompts to their length bucket).
+      cache_dtype: KV-cache dtype (default: the model's compute dtype); ``jnp.bfloat16`` halves its memory.
+      mesh: shard prompt rows and the cache over the mesh's batch axes (data, fsdp).
+      fuse_projections: fuse q/k/v and gate/up matmuls in the decode step (a transient copy of those weights).
+      sampler: whose compiled programs and counters to use (default: the process-wide ``DEFAULT_SAMPLER``).
+
+    Returns:
+      A ``GenerationResult`` with ``.tokens``, ``.mask``, ``.logprobs``, ``.lengths``, ``.finish_reason``
+      (``[B*G, Tn]`` / ``[B*G]``).
+    """
+    return (sampler or DEFAULT_SAMPLER).generate(
+        model,
+        prompt_tokens,
+        prompt_mask,
+        max_new_tokens=max_new_tokens,
+        num_samples=num_samples,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        stop_token_ids=stop_token_ids,
+        rng=rng,
+        pad_token_id=pad_token_id,
+        cache_dtype=cache_dtype,
+        mesh=mesh,
+        fuse_projections=fuse_projections,
+    )
