@@ -146,3 +146,20 @@ def test_user_function_options_rejected(user_file):
         build_reward({"name": f"{user_file}:reward_len", "scale": 2})
     with pytest.raises(ValueError, match="rewards\\[0\\]"):
         make_builtin("format", {"mode": "loose"}, where="rewards[0]")
+
+
+def test_trl_functions_run_unchanged_in_the_runner_on_conversational_data(user_file):
+    functions = [f"{user_file}:format_reward_func", f"{user_file}:reward_len"]
+    prompts = [[{"role": "user", "content": "q"}]] * 2
+    completions = [
+        [{"role": "assistant", "content": "<think>a</think><answer>b</answer>"}],
+        [{"role": "assistant", "content": "no tags"}],
+    ]
+    with RewardRunner(functions, weights=[1.0, 0.0], timeout=10) as runner:
+        result = runner(
+            prompts=prompts, completions=completions, completion_ids=[[1], [2]], trainer_state=[0, 0]
+        )
+    assert result.per_function["format_reward_func"].tolist() == [1.0, 0.0]
+    assert result.per_function["reward_len"].tolist() == [-19.0, -19.0]  # len() of a 1-message list
+    assert result.rewards.tolist() == [1.0, 0.0]
+    assert result.failures == {"format_reward_func": 0, "reward_len": 0}

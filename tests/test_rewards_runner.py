@@ -42,7 +42,7 @@ def not_a_list(completions, **kwargs):
 
 
 def bad_element(completions, **kwargs):
-    return ["x", 1, True, None]
+    return ["x", 1, np.bool_(True), None]
 
 
 def exits_process(completions, **kwargs):

@@ -132,7 +132,7 @@ def to_values(result: Any, n: int) -> tuple[np.ndarray, int, str | None]:
     for i, v in enumerate(result):
         if v is None:
             continue
-        if isinstance(v, numbers.Real) and math.isfinite(float(v)):
+        if isinstance(v, numbers.Real | np.bool_) and math.isfinite(float(v)):
             values[i] = float(v)
         else:
             bad.append(f"[{i}]={v!r}")
