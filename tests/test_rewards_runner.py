@@ -201,6 +201,21 @@ def test_group_normalize_matches_numpy_reference():
     np.testing.assert_allclose(got, ref)
 
 
+def test_functions_cannot_disturb_each_others_arguments():
+    def mutates(completions, **kwargs):
+        completions[:] = ["zzzzzzzzzz"] * len(completions)
+        return [0.0] * len(completions)
+
+    def reads_late(completions, **kwargs):
+        time.sleep(0.2)
+        return [float(len(c)) for c in completions]
+
+    with RewardRunner([mutates, reads_late], timeout=10) as runner:
+        result = run(runner)
+    np.testing.assert_array_equal(result.per_function["reads_late"], [1, 2, 3, 4])
+    assert COMPLETIONS == ["a", "bb", "ccc", "dddd"]
+
+
 def test_duplicate_names_get_suffixes():
     with RewardRunner([length, length, "format"], timeout=10) as runner:
         assert runner.names == ["length", "length_2", "format"]

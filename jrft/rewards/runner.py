@@ -316,6 +316,9 @@ class RewardRunner:
         for i, (fn, name) in enumerate(zip(self.functions, self.names, strict=True)):
             try:
                 args = select_arguments(self._signatures[i], kwargs, where=f"reward function {name!r}")
+                # Each function gets its own (shallow) lists, so one that mutates its arguments in place
+                # cannot change what the others, running at the same time, see.
+                args = {k: list(v) if isinstance(v, list) else v for k, v in args.items()}
             except RewardSignatureError as err:  # a missing column: a failure like any other
                 outcomes[i].finish(error=f"{type(err).__name__}: {err}", seconds=0.0)
                 continue

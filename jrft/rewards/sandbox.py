@@ -23,6 +23,9 @@ What is enforced, by layer:
    except a bind mount of the temporary directory; the program then runs as an unprivileged user (uid 1000)
    of a nested user namespace, so it cannot undo those mounts. This is enforced by the kernel.
 
+Not restricted by either layer: reading files (whatever the user running jrft can read), and connecting to
+Unix sockets that exist in the filesystem (layer 1 blocks creating any socket from Python).
+
 ``isolation="python"`` uses layer 1 only. :func:`namespace_available` says whether layer 2 works here.
 """
 
