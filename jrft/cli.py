@@ -11,7 +11,11 @@ from __future__ import annotations
 import importlib
 import sys
 
-COMMANDS: dict[str, tuple[str, str]] = {}
+COMMANDS: dict[str, tuple[str, str]] = {
+    "sft": ("jrft.commands.train:sft", "supervised fine-tuning on prompt/completion or chat data"),
+    "reward": ("jrft.commands.train:reward", "train a reward model (Bradley-Terry) on preference pairs"),
+    "dpo": ("jrft.commands.train:dpo", "direct preference optimization against a frozen reference"),
+}
 
 
 def _usage() -> str:

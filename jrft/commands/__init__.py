@@ -1,0 +1,1 @@
+"""The ``jrft`` sub-commands, one module each (see ``jrft.cli.COMMANDS``)."""

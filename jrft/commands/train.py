@@ -1,0 +1,59 @@
+"""``jrft sft|reward|dpo|grpo|ppo CONFIG [key=value ...]``: train one objective from a YAML config."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP_EPILOG = """\
+Overrides are dotted keys parsed as YAML values, applied after the file:
+  jrft {objective} configs/{objective}.yaml optim.lr=1e-4 train.steps=200 data.train=my.jsonl
+A rerun with the same output_dir resumes from its latest checkpoint (train.resume=true).
+"""
+
+
+def _parser(objective: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"jrft {objective}",
+        description=f"Train with the {objective} objective.",
+        epilog=HELP_EPILOG.format(objective=objective),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("config", help="YAML run config (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    return parser
+
+
+def run(objective: str, argv: list[str]) -> int:
+    from jrft.config import ConfigError, load_config
+
+    args = _parser(objective).parse_args(argv)
+    try:
+        config = load_config(args.config, [*args.overrides, f"objective={objective}"])
+    except ConfigError as e:
+        print(f"jrft {objective}: {e}", file=sys.stderr)
+        return 2
+    if objective in ("sft", "reward", "dpo"):
+        from jrft.train.offline import run_offline
+
+        result = run_offline(config, progress=not args.no_progress)
+    else:
+        from jrft.train.online import run_online
+
+        result = run_online(config, progress=not args.no_progress)
+    summary = ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.last_metrics.items()) if k in ("loss",))
+    print(f"jrft {objective}: finished at step {result.step}; {summary}")
+    return 0
+
+
+def sft(argv: list[str]) -> int:
+    return run("sft", argv)
+
+
+def reward(argv: list[str]) -> int:
+    return run("reward", argv)
+
+
+def dpo(argv: list[str]) -> int:
+    return run("dpo", argv)

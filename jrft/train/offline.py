@@ -1,0 +1,243 @@
+"""``jrft sft | reward | dpo``: from a :class:`jrft.config.RunConfig` to a trained, exported model.
+
+config -> tokenizer + model on the mesh -> data iterator -> objective -> jitted step -> shared loop
+(checkpoints, resume, metrics, eval) -> ``save_pretrained`` export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jrft.config import RunConfig
+from jrft.train.checkpoint import Checkpointer
+from jrft.train.loop import LoopOptions, LoopResult, train_loop
+from jrft.train.metrics import MetricsLogger
+from jrft.train.objectives import dpo, pairs, reward, sft
+from jrft.train.optim import make_optimizer
+from jrft.train.sharding import device_batch, mesh_from_config, place_state
+from jrft.train.state import create_train_state
+from jrft.train.step import jit_step, make_train_step
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass
+class Objective:
+    """What differs between the offline objectives.
+
+    ``prepare(batch) -> batch`` runs outside the jitted step on device batches (e.g. DPO's reference
+    log-probs). ``bar_keys`` are the metrics shown in the progress bar.
+    """
+
+    normalizers: Callable
+    loss_fn: Callable
+    prepare: Callable[[dict], dict] = lambda batch: batch
+    bar_keys: tuple[str, ...] = ("loss",)
+
+
+def _sft(config: RunConfig, graphdef, state) -> Objective:
+    return Objective(sft.normalizers, sft.make_loss_fn(), bar_keys=("loss", "accuracy"))
+
+
+def _reward(config: RunConfig, graphdef, state) -> Objective:
+    if config.reward.loss != "bradley_terry":
+        raise NotImplementedError("reward.loss=listwise is not built yet in the trainer (jrft.losses has it)")
+    loss_fn = reward.make_loss_fn(center_coef=config.reward.center_coefficient)
+    return Objective(pairs.normalizers, loss_fn, bar_keys=("loss", "accuracy"))
+
+
+def _dpo(config: RunConfig, graphdef, state) -> Objective:
+    c = config.dpo
+    loss_fn = dpo.make_loss_fn(beta=c.beta, loss_type=c.loss_type, label_smoothing=c.label_smoothing)
+    if c.reference_free:
+
+        def prepare(batch):
+            zeros = jnp.zeros(batch["chosen_tokens"].shape[:1], jnp.float32)
+            return {**batch, "ref_chosen_logps": zeros, "ref_rejected_logps": zeros}
+
+    else:
+        # The reference is the starting policy, frozen: a copy, since the train state's buffers are donated.
+        ref_params = jax.tree.map(jnp.copy, state.params)
+        reference = dpo.make_reference_fn(graphdef)
+
+        def prepare(batch):
+            return {**batch, **reference(ref_params, state.rest, batch)}
+
+    return Objective(pairs.normalizers, loss_fn, prepare, bar_keys=("loss", "rewards/accuracies"))
+
+
+OBJECTIVES: dict[str, Callable[[RunConfig, Any, Any], Objective]] = {
+    "sft": _sft,
+    "reward": _reward,
+    "dpo": _dpo,
+}
+
+
+class DeviceBatches:
+    """Wraps the host data iterator: host batch -> sharded device arrays -> ``objective.prepare``.
+
+    Passes ``state_dict`` / ``load_state_dict`` through, so the loop checkpoints the data position.
+    """
+
+    def __init__(self, host, mesh, prepare):
+        self.host, self.mesh, self.prepare = host, mesh, prepare
+
+    def __next__(self):
+        return self.prepare(device_batch(next(self.host), self.mesh))
+
+    def state_dict(self):
+        return self.host.state_dict()
+
+    def load_state_dict(self, state):
+        self.host.load_state_dict(state)
+
+
+def make_eval_fn(graphdef, objective: Objective, batches_fn: Callable[[], Iterator[dict]], mesh):
+    """``state -> metrics``: the objective's loss and metrics averaged over one pass of the eval set
+    (weighted by each batch's normaliser, so filler rows do not count)."""
+
+    @jax.jit
+    def evaluate(params, rest, batch):
+        norms = objective.normalizers(batch)
+        model = nnx.merge(graphdef, params, rest)
+        loss, metrics = objective.loss_fn(model, batch, norms, jax.random.key(0))
+        weight = next(iter(norms.values()))
+        return {"loss": loss, **metrics}, weight
+
+    def eval_fn(state) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        total_weight = 0.0
+        for host_batch in batches_fn():
+            batch = objective.prepare(device_batch(host_batch, mesh))
+            metrics, weight = jax.device_get(evaluate(state.params, state.rest, batch))
+            total_weight += float(weight)
+            for key, value in metrics.items():
+                totals[key] = totals.get(key, 0.0) + float(value) * float(weight)
+        return {key: value / max(total_weight, 1.0) for key, value in totals.items()}
+
+    return eval_fn
+
+
+def build_model(config: RunConfig, mesh, *, scalar_head: bool = False):
+    from jrft.models import from_pretrained
+
+    m = config.model
+    return from_pretrained(
+        m.path,
+        mesh=mesh,
+        dtype=DTYPES[m.dtype],
+        param_dtype=DTYPES[m.param_dtype],
+        remat=m.remat,
+        scalar_head=scalar_head,
+        seed=config.seed,
+    )
+
+
+def export_dir(config: RunConfig) -> str:
+    return config.train.export_dir or os.path.join(config.output_dir, "export")
+
+
+def run_offline(config: RunConfig, *, progress: bool = True) -> LoopResult:
+    """Trains ``config.objective`` (sft, reward or dpo) and exports the result; returns the loop's result."""
+    from transformers import AutoTokenizer
+
+    from jrft.data import datasets_from_config, eval_batches_from_config, train_iterator_from_config
+    from jrft.models import save_pretrained
+
+    if config.objective not in OBJECTIVES:
+        raise ValueError(
+            f"run_offline: objective {config.objective!r} is not offline; use {sorted(OBJECTIVES)}"
+        )
+    mesh = mesh_from_config(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer_path)
+    train_ds, eval_ds = datasets_from_config(config, tokenizer)
+    model = build_model(config, mesh, scalar_head=config.objective == "reward")
+    o = config.optim
+    tx, schedule = make_optimizer(
+        lr=o.lr,
+        total_steps=config.train.steps,
+        warmup_steps=o.warmup_steps,
+        schedule=o.schedule,
+        min_lr_ratio=o.min_lr_ratio,
+        weight_decay=o.weight_decay,
+        b1=o.betas[0],
+        b2=o.betas[1],
+        eps=o.eps,
+        max_grad_norm=o.max_grad_norm,
+    )
+    graphdef, state = create_train_state(model, tx, seed=config.seed)
+    del model
+    state, shardings = place_state(state, mesh)
+    objective = OBJECTIVES[config.objective](config, graphdef, state)
+    step = make_train_step(
+        graphdef, objective.loss_fn, objective.normalizers, tx, grad_accum=config.train.grad_accum
+    )
+    jitted = jit_step(step, state_sharding=shardings)
+
+    def step_fn(state, batch):
+        state, metrics = jitted(state, batch)
+        return state, {**metrics, "lr": schedule(state.step - 1)}
+
+    host = train_iterator_from_config(
+        config, train_ds, process_index=jax.process_index(), process_count=jax.process_count()
+    )
+    batches = DeviceBatches(host, mesh, objective.prepare)
+    eval_fn = None
+    if eval_ds is not None:
+        eval_fn = make_eval_fn(
+            graphdef,
+            objective,
+            lambda: eval_batches_from_config(
+                config, eval_ds, process_index=jax.process_index(), process_count=jax.process_count()
+            ),
+            mesh,
+        )
+    t = config.train
+    checkpointer = Checkpointer(os.path.join(config.output_dir, "checkpoints"), keep_last=t.keep_last)
+    if not t.resume and checkpointer.latest_step() is not None:
+        raise FileExistsError(
+            f"{checkpointer.directory} holds checkpoints but train.resume=false: "
+            "choose a new output_dir or set train.resume=true"
+        )
+    logger = MetricsLogger(
+        config.output_dir,
+        total_steps=t.steps,
+        progress=progress,
+        bar_keys=objective.bar_keys,
+        desc=config.objective,
+    )
+    logger.write(train_ds.summary())
+    try:
+        result = train_loop(
+            step_fn,
+            state,
+            batches,
+            options=LoopOptions(
+                total_steps=t.steps, log_every=t.log_every, save_every=t.save_every, eval_every=t.eval_every
+            ),
+            checkpointer=checkpointer,
+            logger=logger,
+            eval_fn=eval_fn,
+            meta={"config": config.to_dict()},
+        )
+        final = nnx.merge(graphdef, result.state.params, result.state.rest)
+        if jax.process_index() == 0:
+            path = save_pretrained(final, export_dir(config), tokenizer)
+            logger.write(f"exported {config.objective} model to {path}")
+    finally:
+        logger.close()
+        checkpointer.close()
+    return result
+
+
+def param_arrays(state) -> list[np.ndarray]:
+    """Every parameter of a train state as host arrays (for tests and comparisons)."""
+    return [np.asarray(x) for x in jax.tree.leaves(state.params)]
