@@ -208,3 +208,16 @@ def test_launch_status_stop_logs_lifecycle(cloud):
     assert "jrft on w0, launch 2" in logs and "done" in logs
     assert tpu(cloud, "delete.sh", *base).returncode == 0
     assert tpu(cloud, "status.sh", *base).stdout.strip() == "tpu: missing"
+
+
+def test_run_with_resume_bounded_when_the_tpu_never_becomes_ready(cloud):
+    # A queued resource that always ends FAILED (e.g. no quota): recreated until --max-restarts, then stop.
+    gcloud = (cloud / "gcloud.py").read_text()
+    (cloud / "gcloud.py").write_text(
+        gcloud.replace('status_file.write_text("ACTIVE" if', 'status_file.write_text("FAILED" if')
+    )
+    args = [*TARGET, "--queued", "--poll", "0.1", "--max-restarts", "2", *COMMAND]
+    proc = tpu(cloud, "run_with_resume.sh", *args)
+    assert proc.returncode == 2 and "gave up after 2 restarts" in proc.stderr
+    assert verbs(cloud).count("queued-resources create") == 3
+    assert not (cloud / "jrft_calls.txt").exists()

@@ -93,6 +93,15 @@ watch_run() {
   done
 }
 
+# Every way round the loop again counts against --max-restarts, so no failure mode loops forever.
+count_restart() {
+  restarts=$((restarts + 1))
+  if ((restarts > MAX_RESTARTS)); then
+    die "$1; gave up after $MAX_RESTARTS restarts"
+  fi
+  note "$1 (restart $restarts of at most $MAX_RESTARTS)"
+}
+
 restarts=0
 failures=0
 need_install=$INSTALL_FIRST
@@ -106,7 +115,7 @@ while true; do
         "$TPU_DIR/delete.sh" "${TARGET[@]}" || true
       fi
       if ! "$TPU_DIR/create.sh" "${TARGET[@]}" "${CREATE_OPTS[@]}"; then
-        note "create failed; retrying in ${POLL}s"
+        count_restart "create failed"
         sleep "$POLL"
         continue
       fi
@@ -115,6 +124,7 @@ while true; do
     *) ;;  # WAITING_FOR_RESOURCES, PROVISIONING, CREATING, ...: wait below
   esac
   if ! wait_until_ready "$POLL"; then
+    count_restart "the TPU did not become ready"
     continue
   fi
   if [[ $need_install == 1 ]]; then
@@ -146,9 +156,5 @@ while true; do
       "$TPU_DIR/stop.sh" "${TARGET[@]}" || true
       ;;
   esac
-  restarts=$((restarts + 1))
-  if ((restarts > MAX_RESTARTS)); then
-    die "gave up after $MAX_RESTARTS restarts"
-  fi
-  note "relaunching (restart $restarts of at most $MAX_RESTARTS)"
+  count_restart "relaunching"
 done
