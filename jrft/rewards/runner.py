@@ -155,6 +155,7 @@ class RewardRunner:
       processes: ``True`` to run every non-async function in worker processes, or the names of those to.
       names: metric names (default: ``fn.name`` / ``__name__``; duplicates get ``_2``, ``_3``).
       eps: added to the group std in ``normalize_then_sum``.
+      startup_timeout: seconds the constructor waits for worker processes to start.
     """
 
     def __init__(
@@ -169,6 +170,7 @@ class RewardRunner:
         processes: bool | Collection[str] = False,
         names: Sequence[str] | None = None,
         eps: float = 1e-6,
+        startup_timeout: float = 60.0,
     ) -> None:
         if not functions:
             raise ValueError("RewardRunner: give at least one reward function")
@@ -203,6 +205,9 @@ class RewardRunner:
         self._pool = WorkerPool(len(self._payloads)) if self._payloads else None
         if self._pool is not None:
             self._finalizer = weakref.finalize(self, self._pool.close)
+            # Workers start in parallel (~1 s, Python + imports); wait here so the first batch's timeout is
+            # not spent on start-up. A worker replaced after a kill starts in the background.
+            self._pool.wait_ready(startup_timeout)
         self.abandoned_threads = 0
 
     def _process_set(self, processes: bool | Collection[str]) -> set[str]:

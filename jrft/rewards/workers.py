@@ -109,13 +109,17 @@ class _Worker:
         self.outbox.send(list(sys.path))
         self.ready = False
 
+    def wait_ready(self, deadline: float) -> None:
+        """Block until the worker has started (it says "ready"), or raise WorkerTimeout at ``deadline``."""
+        if not self.ready:
+            if not self.inbox.poll(max(0.0, deadline - time.monotonic())):
+                raise WorkerTimeout("worker process did not start in time")
+            self.inbox.recv()
+            self.ready = True
+
     def call(self, payload: bytes, kwargs: Mapping[str, Any], deadline: float) -> tuple[str, Any]:
         try:
-            if not self.ready:
-                if not self.inbox.poll(max(0.0, deadline - time.monotonic())):
-                    raise WorkerTimeout("worker process did not start in time")
-                self.inbox.recv()
-                self.ready = True
+            self.wait_ready(deadline)
             self.outbox.send((payload, kwargs))
             if not self.inbox.poll(max(0.0, deadline - time.monotonic())):
                 raise WorkerTimeout(
@@ -181,6 +185,32 @@ class WorkerPool:
             raise
         self._idle.put(worker)
         return result
+
+    def wait_ready(self, timeout: float) -> None:
+        """Wait (up to ``timeout`` seconds in all) until every idle worker has started.
+
+        Raises:
+          WorkerTimeout, WorkerCrashed: a worker did not start; it has been replaced by a fresh one.
+        """
+        deadline = time.monotonic() + timeout
+        workers = []
+        while True:
+            try:
+                workers.append(self._idle.get_nowait())
+            except queue.Empty:
+                break
+        failure: Exception | None = None
+        for i, worker in enumerate(workers):
+            try:
+                worker.wait_ready(deadline)
+            except (WorkerTimeout, EOFError, OSError) as err:
+                worker.kill()
+                workers[i] = _Worker()
+                failure = failure or err
+        for worker in workers:
+            self._idle.put(worker)
+        if failure is not None:
+            raise failure if isinstance(failure, WorkerTimeout) else WorkerCrashed(repr(failure))
 
     def close(self) -> None:
         with self._lock:
