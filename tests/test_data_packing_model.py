@@ -25,7 +25,8 @@ def test_packed_equals_unpacked_through_the_model():
     rows = sft_rows(AdditionTask(num_digits=2).sample(12, seed=0))
     ds = build_dataset(rows, tok, objective="sft")
     cfg = ModelConfig.from_hf(tiny_hf_config("llama", vocab_size=len(tok)))
-    model = Decoder(cfg, rngs=nnx.Rngs(0))
+    model = nnx.jit(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))()  # jitted init: far faster than eager here
+    forward = nnx.jit(lambda m, *args, **kw: m(*args, **kw))
 
     packed_it = BatchIterator(
         ds.examples,
@@ -41,7 +42,8 @@ def test_packed_equals_unpacked_through_the_model():
     units = packed_it.units(0)[:2]
     batch = next(packed_it)
     assert batch["segment_ids"].max() >= 3  # several documents per row
-    logits = model(
+    logits = forward(
+        model,
         jnp.asarray(batch["tokens"]),
         jnp.asarray(batch["attention_mask"]),
         jnp.asarray(batch["positions"]),
@@ -52,8 +54,11 @@ def test_packed_equals_unpacked_through_the_model():
     # the same examples unpacked: one right-padded row each, no segment ids
     flat = [i for unit in units for i in unit]
     single = collate_sft(ds.examples, [[i] for i in flat], 48, ds.pad_id)
-    single_logits = model(
-        jnp.asarray(single["tokens"]), jnp.asarray(single["attention_mask"]), jnp.asarray(single["positions"])
+    single_logits = forward(
+        model,
+        jnp.asarray(single["tokens"]),
+        jnp.asarray(single["attention_mask"]),
+        jnp.asarray(single["positions"]),
     )
     k = 0
     for r, unit in enumerate(units):
