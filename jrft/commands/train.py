@@ -27,8 +27,10 @@ def _parser(objective: str) -> argparse.ArgumentParser:
 
 def run(objective: str, argv: list[str]) -> int:
     from jrft.config import ConfigError, load_config
+    from jrft.parallel.distributed import initialize_distributed
 
     args = _parser(objective).parse_args(argv)
+    initialize_distributed()  # multi-host: joins the other processes (TPU VM, SLURM, JRFT_* env); else no-op
     try:
         config = load_config(args.config, [*args.overrides, f"objective={objective}"])
     except ConfigError as e:

@@ -3,6 +3,10 @@
 (``jrft.parallel.distributed`` — multi-host initialisation — lives beside these.)
 """
 
+from jrft.parallel.distributed import MainProcessFilter as MainProcessFilter
+from jrft.parallel.distributed import initialize_distributed as initialize_distributed
+from jrft.parallel.distributed import is_main_process as is_main_process
+from jrft.parallel.distributed import log_on_main as log_on_main
 from jrft.parallel.mesh import MESH_AXES as MESH_AXES
 from jrft.parallel.mesh import make_mesh as make_mesh
 from jrft.parallel.sharding import LOGICAL_RULES as LOGICAL_RULES
