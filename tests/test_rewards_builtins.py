@@ -119,6 +119,12 @@ def test_accuracy_fraction_vs_decimal_and_custom_column():
     assert out == [1.0, 1.0, 0.0]
 
 
+def test_accuracy_accepts_a_list_of_references():
+    fn = AccuracyReward(symbolic=False)
+    out = score(fn, ["<answer>NYC</answer>", "<answer>Boston</answer>"], answer=[["New York", "NYC"]] * 2)
+    assert out == [1.0, 0.0]
+
+
 def test_accuracy_errors_name_the_problem():
     with pytest.raises(KeyError, match="'answer'"):
         score(AccuracyReward(), ["1"], solution=["1"])

@@ -76,7 +76,8 @@ class AccuracyReward:
     ``None`` for rows whose reference is missing (``None``), so they do not count as wrong.
 
     Attributes:
-      answer_column: dataset column holding the reference answer (GSM8K's ``"… #### 42"`` is understood).
+      answer_column: dataset column holding the reference answer (GSM8K's ``"… #### 42"`` is understood),
+        or a list of accepted answers.
       extract: extractors tried in order (names in :data:`jrft.rewards.extract.EXTRACTORS`).
       tolerance: numeric tolerance, relative above 1 and absolute below (see :func:`numbers_close`).
       symbolic: also try math_verify's symbolic equivalence when it is installed.
@@ -107,8 +108,10 @@ class AccuracyReward:
                 out.append(None)
                 continue
             pred = extract_answer(completion_text(completion), self.extract)
-            ok = pred is not None and answers_match(
-                pred, reference_answer(gold), tolerance=self.tolerance, symbolic=self.symbolic
+            references = gold if isinstance(gold, list | tuple) else [gold]  # several accepted answers
+            ok = pred is not None and any(
+                answers_match(pred, reference_answer(g), tolerance=self.tolerance, symbolic=self.symbolic)
+                for g in references
             )
             out.append(self.correct if ok else self.incorrect)
         return out
