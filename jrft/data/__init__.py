@@ -4,7 +4,9 @@ Modules (one job each): :mod:`~jrft.data.sources` (rows from files, the hub, lis
 :mod:`~jrft.data.formats` (format detection and row validation), :mod:`~jrft.data.chat` (chat templates and
 assistant masks), :mod:`~jrft.data.encode` (tokenization, BOS/EOS, over-long policy),
 :mod:`~jrft.data.batching` (buckets, packing, batch layouts), :mod:`~jrft.data.iterator` (deterministic,
-resumable, process-sharded iteration), :mod:`~jrft.data.pipeline` (all of it from a config).
+resumable, process-sharded iteration), :mod:`~jrft.data.pipeline` (all of it from a config),
+:mod:`~jrft.data.synthetic` (the addition task of ``jrft demo``), :mod:`~jrft.data.local_tokenizer` (small
+tokenizers built from strings).
 """
 
 from jrft.data.batching import BATCH_KINDS as BATCH_KINDS
@@ -29,3 +31,6 @@ from jrft.data.pipeline import pad_token_id as pad_token_id
 from jrft.data.pipeline import train_iterator_from_config as train_iterator_from_config
 from jrft.data.sources import Rows as Rows
 from jrft.data.sources import load_rows as load_rows
+from jrft.data.synthetic import AdditionTask as AdditionTask
+from jrft.data.synthetic import arithmetic_tokenizer as arithmetic_tokenizer
+from jrft.data.synthetic import write_task_files as write_task_files

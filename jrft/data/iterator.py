@@ -132,7 +132,8 @@ class BatchIterator:
     # --- position --------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """The exact position (JSON-safe)."""
+        """The exact position after the last batch returned (JSON-safe). A loop that prefetches batches
+        must save the state that belongs to the last batch it trained on."""
         return {
             "epoch": self.epoch,
             "offset": self.offset,
