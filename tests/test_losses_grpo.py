@@ -105,10 +105,20 @@ def make_batch(dtype=jnp.float32):
 AGGREGATIONS = sorted(L.AGGREGATIONS)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("level", ["token", "sequence"])
-@pytest.mark.parametrize("aggregation", AGGREGATIONS)
-@pytest.mark.parametrize(("beta", "kl"), [(0.0, "k3"), (0.04, "k3"), (0.1, "k1"), (0.1, "k2")])
+# Every aggregation x importance level, then each KL estimator, no KL, and bf16 inputs.
+NUMPY_CASES = [
+    (agg, level, 0.04, "k3", jnp.float32) for agg in AGGREGATIONS for level in ("token", "sequence")
+]
+NUMPY_CASES += [
+    ("grpo", "token", 0.0, "k3", jnp.float32),
+    ("dapo", "token", 0.1, "k1", jnp.float32),
+    ("dr_grpo", "sequence", 0.1, "k2", jnp.float32),
+    ("grpo", "token", 0.04, "k3", jnp.bfloat16),
+    ("dapo", "sequence", 0.1, "k2", jnp.bfloat16),
+]
+
+
+@pytest.mark.parametrize(("aggregation", "level", "beta", "kl", "dtype"), NUMPY_CASES)
 def test_grpo_loss_matches_numpy(aggregation, level, beta, kl, dtype):
     logps, old, ref, adv, mask = make_batch(dtype)
     kwargs = dict(clip_eps_low=0.2, clip_eps_high=0.28, beta=beta, kl_estimator=kl, aggregation=aggregation)
@@ -165,6 +175,7 @@ def test_micro_batches_with_global_counts_equal_full_batch(aggregation, level):
             )[0]  # fmt: skip
         return total
 
+    full, accumulated = jax.jit(full), jax.jit(accumulated)
     np.testing.assert_allclose(accumulated(logps), full(logps), rtol=1e-5)
     # Without the global counts each micro-batch normalises by its own: the sum is not the full-batch loss.
     local = sum(
@@ -261,7 +272,7 @@ def test_gradients_match_finite_differences():
                     importance_level=level,
                 )[0]  # fmt: skip
 
-            check_grads(loss, (logps,), 1, ["rev"], eps=1e-6)
+            check_grads(jax.jit(loss), (logps,), 1, ["rev"], eps=1e-6)
 
 
 def test_errors_name_the_problem():
