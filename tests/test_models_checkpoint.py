@@ -155,3 +155,10 @@ def test_parse_size():
     assert parse_size("2GB") == 2 * 10**9 and parse_size("1KiB") == 1024 and parse_size(5) == 5
     with pytest.raises(ValueError, match="max_shard_size"):
         parse_size("lots")
+
+
+def test_corrupt_safetensors_names_the_file(tmp_path):
+    save_tiny_hf_model("llama", tmp_path, seed=0)
+    (tmp_path / SINGLE_FILE).write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00nope!")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a safetensors file"):
+        from_pretrained(tmp_path)
