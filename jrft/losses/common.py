@@ -69,6 +69,11 @@ def masked_mean(values, mask=None, axis=None) -> jnp.ndarray:
     """Mean of ``values`` over the unmasked entries along ``axis``; 0 where nothing is unmasked.
 
     ``sum(values * mask) / max(sum(mask), 1)``, so an all-masked row or batch gives 0 and finite gradients.
+
+    Args:
+      values: any shape, e.g. ``[B, T]``.
+      mask: same shape as ``values`` (0/1 or bool), or None for no mask.
+      axis: axis or axes to reduce (``-1``: per-sequence means ``[B]``); None reduces everything.
     """
     values = as_float(values)
     check_same_shape("masked_mean", values=values, mask=mask)
@@ -97,7 +102,8 @@ def k1(logps, ref_logps) -> jnp.ndarray:
 def k2(logps, ref_logps) -> jnp.ndarray:
     """Schulman's k2 estimator, per token: ``0.5 * (log pi - log pi_ref) ** 2`` (biased, low variance, >= 0).
 
-    Shapes as :func:`k1`. Reference: J. Schulman, "Approximating KL Divergence" (2020).
+    Shapes: ``logps``, ``ref_logps`` ``[B, T]`` -> ``[B, T]``. Reference: J. Schulman, "Approximating KL
+    Divergence" (2020).
     """
     check_same_shape("k2", logps=logps, ref_logps=ref_logps)
     return 0.5 * jnp.square(as_float(logps) - as_float(ref_logps))
@@ -106,8 +112,8 @@ def k2(logps, ref_logps) -> jnp.ndarray:
 def k3(logps, ref_logps) -> jnp.ndarray:
     """Schulman's k3 estimator, per token: ``r - 1 - log r`` with ``r = pi_ref / pi``.
 
-    Unbiased and always >= 0; the KL term of GRPO (DeepSeekMath, arXiv 2402.03300, eq. 4). Shapes as
-    :func:`k1`. Reference: J. Schulman, "Approximating KL Divergence" (2020).
+    Unbiased and always >= 0; the KL term of GRPO (DeepSeekMath, arXiv 2402.03300, eq. 4). Shapes:
+    ``[B, T]`` -> ``[B, T]``. Reference: J. Schulman, "Approximating KL Divergence" (2020).
     """
     check_same_shape("k3", logps=logps, ref_logps=ref_logps)
     log_ratio = as_float(ref_logps) - as_float(logps)
