@@ -10,3 +10,46 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_task(tmp_path_factory):
+    """A char tokenizer, a random 2-layer llama saved in transformers format (no torch), and 2-digit
+    addition task files: SFT, preference and prompt-only rows (train and held-out)."""
+    from flax import nnx
+
+    from jrft.data import synthetic
+    from jrft.models import Decoder, ModelConfig, save_pretrained
+    from jrft.models.testing import tiny_hf_config
+
+    root = tmp_path_factory.mktemp("tiny_task")
+    tokenizer = synthetic.arithmetic_tokenizer()
+    cfg = tiny_hf_config(
+        "llama",
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = Decoder(ModelConfig.from_hf(cfg), rngs=nnx.Rngs(0))
+    model_dir = save_pretrained(model, root / "model", tokenizer)
+    task = synthetic.AdditionTask(num_digits=2)
+    train = task.sample(256, split="train", seed=0)
+    heldout = task.sample(64, split="heldout", seed=0)
+    w = synthetic.write_jsonl
+    return {
+        "root": root,
+        "model": model_dir,
+        "sft_train": w(synthetic.sft_rows(train), root / "sft_train.jsonl"),
+        "sft_eval": w(synthetic.sft_rows(heldout), root / "sft_eval.jsonl"),
+        "pref_train": w(synthetic.preference_rows(train), root / "pref_train.jsonl"),
+        "pref_eval": w(synthetic.preference_rows(heldout, seed=1), root / "pref_eval.jsonl"),
+        "prompts": w(synthetic.prompt_rows(train), root / "prompts.jsonl"),
+    }

@@ -10,43 +10,13 @@ import pytest
 from flax import nnx
 
 from jrft.config import load_config
-from jrft.data import synthetic
-from jrft.models import Decoder, ModelConfig, from_pretrained, save_pretrained
-from jrft.models.testing import tiny_hf_config
+from jrft.models import from_pretrained
 from jrft.train.offline import param_arrays, run_offline
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    """A char tokenizer, a random 2-layer llama saved in transformers format, and task files."""
-    root = tmp_path_factory.mktemp("offline")
-    tokenizer = synthetic.arithmetic_tokenizer()
-    cfg = tiny_hf_config(
-        "llama",
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = Decoder(ModelConfig.from_hf(cfg), rngs=nnx.Rngs(0))
-    model_dir = save_pretrained(model, root / "model", tokenizer)
-    task = synthetic.AdditionTask(num_digits=2)
-    train = task.sample(256, split="train", seed=0)
-    heldout = task.sample(64, split="heldout", seed=0)
-    files = {
-        "sft_train": synthetic.write_jsonl(synthetic.sft_rows(train), root / "sft_train.jsonl"),
-        "sft_eval": synthetic.write_jsonl(synthetic.sft_rows(heldout), root / "sft_eval.jsonl"),
-        "pref_train": synthetic.write_jsonl(synthetic.preference_rows(train), root / "pref_train.jsonl"),
-        "pref_eval": synthetic.write_jsonl(
-            synthetic.preference_rows(heldout, seed=1), root / "pref_eval.jsonl"
-        ),
-    }
-    return {"root": root, "model": model_dir, **files}
+def assets(tiny_task):
+    return tiny_task
 
 
 def _config(assets, objective, out, *extra):

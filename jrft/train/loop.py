@@ -42,12 +42,15 @@ class LoopOptions:
       log_every: metrics are averaged over this many steps, then logged.
       save_every: checkpoint every this many steps (and always at the end); ``None`` or 0: only at the end.
       eval_every: call ``eval_fn`` every this many steps (and at the end); ``None`` or 0: only at the end.
+      guard_metrics: the metrics whose becoming NaN/inf stops the run (others, such as the mean of a reward
+        that applied to no completion, may legitimately be NaN).
     """
 
     total_steps: int
     log_every: int = 10
     save_every: int | None = None
     eval_every: int | None = None
+    guard_metrics: tuple[str, ...] = ("loss", "grad_norm")
 
     def __post_init__(self):
         if self.total_steps < 0:
@@ -120,7 +123,8 @@ def train_loop(
     last_saved = resumed_from
 
     def check(metrics: Mapping[str, Any], at_step: int) -> None:
-        ok, bad = all_finite({k: to_python(v) for k, v in metrics.items()})
+        guarded = {k: to_python(v) for k, v in metrics.items() if k in options.guard_metrics}
+        ok, bad = all_finite(guarded)
         if not ok:
             where = checkpointer.directory if checkpointer is not None else "(no checkpointing)"
             raise NonFiniteError(

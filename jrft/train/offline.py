@@ -141,29 +141,12 @@ def build_model(config: RunConfig, mesh, *, scalar_head: bool = False):
     )
 
 
-def export_dir(config: RunConfig) -> str:
-    return config.train.export_dir or os.path.join(config.output_dir, "export")
-
-
-def run_offline(config: RunConfig, *, progress: bool = True) -> LoopResult:
-    """Trains ``config.objective`` (sft, reward or dpo) and exports the result; returns the loop's result."""
-    from transformers import AutoTokenizer
-
-    from jrft.data import datasets_from_config, eval_batches_from_config, train_iterator_from_config
-    from jrft.models import save_pretrained
-
-    if config.objective not in OBJECTIVES:
-        raise ValueError(
-            f"run_offline: objective {config.objective!r} is not offline; use {sorted(OBJECTIVES)}"
-        )
-    mesh = mesh_from_config(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer_path)
-    train_ds, eval_ds = datasets_from_config(config, tokenizer)
-    model = build_model(config, mesh, scalar_head=config.objective == "reward")
+def optimizer_from_config(config: RunConfig, *, total_steps: int):
+    """``(optax transformation, schedule)`` of the config's ``optim`` section over ``total_steps`` updates."""
     o = config.optim
-    tx, schedule = make_optimizer(
+    return make_optimizer(
         lr=o.lr,
-        total_steps=config.train.steps,
+        total_steps=total_steps,
         warmup_steps=o.warmup_steps,
         schedule=o.schedule,
         min_lr_ratio=o.min_lr_ratio,
@@ -173,6 +156,40 @@ def run_offline(config: RunConfig, *, progress: bool = True) -> LoopResult:
         eps=o.eps,
         max_grad_norm=o.max_grad_norm,
     )
+
+
+def checkpointer_for(config: RunConfig) -> Checkpointer:
+    """The run's checkpointer; refuses to silently restart over old checkpoints when resume is off."""
+    checkpointer = Checkpointer(
+        os.path.join(config.output_dir, "checkpoints"), keep_last=config.train.keep_last
+    )
+    if not config.train.resume and checkpointer.latest_step() is not None:
+        raise FileExistsError(
+            f"{checkpointer.directory} holds checkpoints but train.resume=false: "
+            "choose a new output_dir or set train.resume=true"
+        )
+    return checkpointer
+
+
+def export_dir(config: RunConfig) -> str:
+    return config.train.export_dir or os.path.join(config.output_dir, "export")
+
+
+def run_offline(config: RunConfig, *, progress: bool = True) -> LoopResult:
+    """Trains ``config.objective`` (sft, reward or dpo) and exports the result; returns the loop's result."""
+    from transformers import AutoTokenizer
+
+    from jrft.data import datasets_from_config, eval_batches_from_config, train_iterator_from_config
+
+    if config.objective not in OBJECTIVES:
+        raise ValueError(
+            f"run_offline: objective {config.objective!r} is not offline; use {sorted(OBJECTIVES)}"
+        )
+    mesh = mesh_from_config(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer_path)
+    train_ds, eval_ds = datasets_from_config(config, tokenizer)
+    model = build_model(config, mesh, scalar_head=config.objective == "reward")
+    tx, schedule = optimizer_from_config(config, total_steps=config.train.steps)
     graphdef, state = create_train_state(model, tx, seed=config.seed)
     del model
     state, shardings = place_state(state, mesh)
@@ -200,21 +217,44 @@ def run_offline(config: RunConfig, *, progress: bool = True) -> LoopResult:
             ),
             mesh,
         )
-    t = config.train
-    checkpointer = Checkpointer(os.path.join(config.output_dir, "checkpoints"), keep_last=t.keep_last)
-    if not t.resume and checkpointer.latest_step() is not None:
-        raise FileExistsError(
-            f"{checkpointer.directory} holds checkpoints but train.resume=false: "
-            "choose a new output_dir or set train.resume=true"
-        )
-    logger = MetricsLogger(
-        config.output_dir,
-        total_steps=t.steps,
-        progress=progress,
+    return loop_and_export(
+        config,
+        step_fn,
+        state,
+        batches,
+        graphdef,
+        tokenizer,
+        eval_fn=eval_fn,
         bar_keys=objective.bar_keys,
-        desc=config.objective,
+        progress=progress,
+        summary=train_ds.summary(),
     )
-    logger.write(train_ds.summary())
+
+
+def loop_and_export(
+    config: RunConfig,
+    step_fn,
+    state,
+    batches,
+    graphdef,
+    tokenizer,
+    *,
+    eval_fn=None,
+    bar_keys: tuple[str, ...] = ("loss",),
+    progress: bool = True,
+    summary: str | None = None,
+) -> LoopResult:
+    """The part every objective shares: the loop (checkpoints, resume, metrics, eval), then the
+    transformers-format export of the final parameters (process 0 writes it)."""
+    from jrft.models import save_pretrained
+
+    t = config.train
+    checkpointer = checkpointer_for(config)
+    logger = MetricsLogger(
+        config.output_dir, total_steps=t.steps, progress=progress, bar_keys=bar_keys, desc=config.objective
+    )
+    if summary:
+        logger.write(summary)
     try:
         result = train_loop(
             step_fn,

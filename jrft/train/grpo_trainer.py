@@ -1,0 +1,232 @@
+"""One GRPO round: sample G completions per prompt, score them on the host, update the policy.
+
+``GRPORound`` is the ``step_fn`` the shared loop calls with a prompt batch: one loop step is one
+generation round, which takes ``num_iterations (mu) x num_mini_batches`` optimizer steps. Policy, sampler
+and reference live in this one process and share the parameters: no weight transfer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jrft.config import GRPOConfig
+from jrft.losses import group_advantages
+from jrft.train.objectives import grpo
+from jrft.train.rollout import Rollout, concat_rollouts, group_has_signal, sample_rollout, score_rollout
+from jrft.train.sharding import device_batch
+from jrft.train.step import jit_step, make_train_step
+
+
+class GRPORound:
+    """Callable ``(state, prompt_batch) -> (state, metrics)`` for :func:`jrft.train.loop.train_loop`.
+
+    Args:
+      config: the ``grpo`` section.
+      graphdef: the policy's nnx graphdef; ``state`` its initial train state (reference = a frozen copy).
+      optimizer: the optax transformation of the train state.
+      tokenizer: decodes completions for the reward functions; its EOS stops sampling.
+      runner: a ``jrft.rewards.RewardRunner`` (group_size = G).
+      prompts: the prompt iterator (dynamic sampling pulls extra batches from it).
+      mesh, state_sharding: where the state lives (explicit shardings of the jitted update).
+      grad_accum: micro-batches per mini-batch.
+      completions_path: JSONL file for the sample-completions table (None: not written).
+    """
+
+    def __init__(
+        self,
+        config: GRPOConfig,
+        graphdef,
+        state,
+        optimizer,
+        tokenizer,
+        runner,
+        prompts,
+        *,
+        mesh,
+        state_sharding,
+        pad_token_id: int,
+        grad_accum: int = 1,
+        completions_path: str | None = None,
+    ):
+        self.c, self.graphdef, self.tokenizer, self.runner, self.prompts = (
+            config,
+            graphdef,
+            tokenizer,
+            runner,
+            prompts,
+        )
+        self.mesh, self.pad_token_id, self.completions_path = mesh, pad_token_id, completions_path
+        c = config
+        loss_fn = grpo.make_loss_fn(
+            temperature=c.temperature,
+            clip_eps_low=c.epsilon_low,
+            clip_eps_high=c.epsilon_high,
+            beta=c.beta,
+            kl_estimator=c.kl_estimator,
+            aggregation=c.loss_aggregation,
+            importance_level=c.importance_level,
+            max_completion_length=c.max_new_tokens,
+        )
+        step = make_train_step(graphdef, loss_fn, grpo.normalizers, optimizer, grad_accum=grad_accum)
+        self.update = jit_step(step, state_sharding=state_sharding)
+        self.logps_fn = grpo.make_logps_fn(graphdef, temperature=c.temperature)
+        # The reference is the starting policy, frozen (a copy: the train state's buffers are donated).
+        self.ref_params = jax.tree.map(jnp.copy, state.params) if c.beta > 0 else None
+        self.ref_logp_calls = 0  # beta == 0 must never compute reference log-probs (tested)
+        self.on_policy = c.num_iterations == 1 and c.num_mini_batches == 1
+        self.rounds = 0
+
+    # -- rollout ----------------------------------------------------------------------------------------
+
+    def _policy(self, state):
+        from flax import nnx
+
+        return nnx.merge(self.graphdef, state.params, state.rest)
+
+    def _rollout(self, state, prompt_batch, salt: int) -> Rollout:
+        c = self.c
+        rollout = sample_rollout(
+            self._policy(state),
+            prompt_batch,
+            self.tokenizer,
+            num_generations=c.num_generations,
+            max_new_tokens=c.max_new_tokens,
+            temperature=c.temperature,
+            top_k=c.top_k,
+            top_p=c.top_p,
+            rng=state.key(salt),
+            mesh=self.mesh,
+            pad_token_id=self.pad_token_id,
+        )
+        return score_rollout(rollout, self.runner)
+
+    def collect(self, state, prompt_batch) -> tuple[Rollout, dict[str, float]]:
+        """A scored rollout; with dynamic sampling, only groups with reward spread, topped up from more
+        prompt batches for at most ``max_sampling_rounds`` rounds (then what there is)."""
+        c, g = self.c, self.c.num_generations
+        rollout = self._rollout(state, prompt_batch, salt=1)
+        seconds = dict(rollout.seconds)
+        stats = {"sampling_rounds": 1.0}
+        if not c.dynamic_sampling:
+            return rollout, {**stats, **{f"time/{k}": v for k, v in seconds.items()}}
+        wanted = rollout.num_rows // g
+        keep = group_has_signal(rollout.rewards, g)
+        kept, total = [rollout.select_groups(keep, g)], int(keep.size)
+        rounds = 1
+        while sum(r.num_rows for r in kept) // g < wanted and rounds < c.max_sampling_rounds:
+            more = self._rollout(state, next(self.prompts), salt=1 + rounds)
+            for k, v in more.seconds.items():
+                seconds[k] = seconds.get(k, 0.0) + v
+            keep = group_has_signal(more.rewards, g)
+            kept.append(more.select_groups(keep, g))
+            total += int(keep.size)
+            rounds += 1
+        kept = [r for r in kept if r.num_rows]
+        merged = concat_rollouts(kept) if kept else rollout.select_groups(np.zeros(wanted, bool), g)
+        if merged.num_rows > wanted * g:
+            merged = merged.select_groups(np.arange(merged.num_rows // g) < wanted, g)
+        stats.update(
+            sampling_rounds=float(rounds),
+            kept_group_fraction=float(sum(r.num_rows for r in kept) // g) / max(total, 1),
+        )
+        return merged, {**stats, **{f"time/{k}": v for k, v in seconds.items()}}
+
+    # -- update -----------------------------------------------------------------------------------------
+
+    def _batch(self, state, rollout: Rollout) -> dict[str, jax.Array]:
+        c = self.c
+        advantages = np.asarray(
+            group_advantages(
+                jnp.asarray(rollout.rewards, jnp.float32),
+                c.num_generations,
+                scale=c.scale_rewards,
+                baseline=c.baseline,
+            )
+        )
+        completion_mask = rollout.completion_mask.copy()
+        if c.mask_truncated_completions:
+            completion_mask[rollout.truncated] = 0  # DAPO overlong filtering: no gradient from cut-off rows
+        host = {
+            "tokens": rollout.tokens,
+            "attention_mask": rollout.attention_mask,
+            "completion_mask": completion_mask,
+            "advantages": advantages.astype(np.float32),
+        }
+        if not self.on_policy and c.old_logprobs == "sampler":
+            host["old_logps"] = rollout.sampler_logps
+        batch = device_batch(host, self.mesh)
+        if not self.on_policy and c.old_logprobs == "recompute":
+            batch["old_logps"] = self.logps_fn(state.params, state.rest, batch)
+        if c.beta > 0:
+            self.ref_logp_calls += 1
+            self.ref_logps_this_round = 1.0
+            batch["ref_logps"] = self.logps_fn(self.ref_params, state.rest, batch)
+        return batch
+
+    def __call__(self, state, prompt_batch) -> tuple[Any, dict[str, Any]]:
+        c = self.c
+        t0 = time.perf_counter()
+        rollout, metrics = self.collect(state, prompt_batch)
+        if rollout.num_rows == 0:  # dynamic sampling found no group with signal: nothing to learn from
+            return state, {**metrics, **rollout.reward_metrics, "skipped_update": 1.0}
+        t1 = time.perf_counter()
+        self.ref_logps_this_round = 0.0
+        batch = self._batch(state, rollout)
+        jax.block_until_ready(batch)
+        t2 = time.perf_counter()
+        n = rollout.num_rows
+        bounds = np.linspace(0, n, c.num_mini_batches + 1).astype(int)
+        update_metrics = []
+        for _ in range(c.num_iterations):
+            for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+                mini = {k: v[lo:hi] for k, v in batch.items()}
+                state, m = self.update(state, mini)
+                update_metrics.append(m)
+        update_metrics = jax.device_get(update_metrics)
+        t3 = time.perf_counter()
+        lengths = rollout.completion_mask.sum(axis=1)
+        metrics.update({k: float(np.mean([m[k] for m in update_metrics])) for k in update_metrics[0]})
+        metrics.update(rollout.reward_metrics)
+        metrics.update(
+            {
+                "completion_length": float(lengths.mean()),
+                "truncated_fraction": float(rollout.truncated.mean()),
+                "time/logps": t2 - t1,
+                "time/update": t3 - t2,
+                "time/round": t3 - t0,
+                "rollout_tokens_per_s": float(lengths.sum()) / max(metrics.get("time/sample", 1e-9), 1e-9),
+                "ref_logps_computed": self.ref_logps_this_round,
+                "batch/zero_std_groups": float(
+                    np.mean(~group_has_signal(rollout.rewards, c.num_generations))
+                ),
+            }
+        )
+        self.rounds += 1
+        self._log_completions(rollout)
+        return state, metrics
+
+    def _log_completions(self, rollout: Rollout) -> None:
+        every = self.c.log_completions_every
+        if not self.completions_path or not every or self.rounds % every or jax.process_index() != 0:
+            return
+        os.makedirs(os.path.dirname(self.completions_path) or ".", exist_ok=True)
+        with open(self.completions_path, "a", encoding="utf-8") as f:
+            for i in range(min(rollout.num_rows, 2 * self.c.num_generations)):
+                row = {
+                    "round": self.rounds,
+                    "prompt": rollout.prompts[i],
+                    "completion": rollout.completions[i],
+                    "reward": None if np.isnan(rollout.rewards[i]) else float(rollout.rewards[i]),
+                    **{
+                        f"reward/{k}": (None if np.isnan(v[i]) else float(v[i]))
+                        for k, v in rollout.per_function.items()
+                    },
+                }
+                f.write(json.dumps(row) + "\n")

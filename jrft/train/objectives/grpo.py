@@ -1,0 +1,78 @@
+"""GRPO's policy update (DeepSeekMath, arXiv 2402.03300) on a rollout batch, via ``jrft.losses.grpo_loss``.
+
+Batch keys: ``tokens``, ``attention_mask`` (``[N, Tp + Tc]``), ``completion_mask`` (``[N, Tc]``),
+``advantages`` (``[N]``), optional ``old_logps`` and ``ref_logps`` (``[N, Tc]``). Without ``old_logps`` the
+update is on-policy (``mu = 1``, one mini-batch): the ratio is exactly 1 and only the clipped objective's
+gradient remains.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jrft.losses import grpo_loss
+from jrft.train.logprobs import shifted_token_logps
+
+
+def completion_logps(model, batch, *, temperature: float) -> jax.Array:
+    """``[N, Tc]`` float32 log-probs of the completion tokens (logits divided by ``temperature``)."""
+    tc = batch["completion_mask"].shape[1]
+    logps = shifted_token_logps(model, batch["tokens"], batch["attention_mask"], temperature=temperature)
+    return logps[:, -tc:]  # target j of the completion sits at shifted position Tp - 1 + j
+
+
+def normalizers(batch):
+    mask = batch["completion_mask"].astype(jnp.float32)
+    return {
+        "tokens": jnp.maximum(jnp.sum(mask), 1.0),
+        "sequences": jnp.maximum(jnp.sum(jnp.any(mask > 0, axis=-1)), 1.0),
+    }
+
+
+def make_loss_fn(
+    *,
+    temperature: float,
+    clip_eps_low: float,
+    clip_eps_high: float,
+    beta: float,
+    kl_estimator: str,
+    aggregation: str,
+    importance_level: str,
+    max_completion_length: int,
+):
+    def loss_fn(model, batch, norms, key):
+        del key
+        logps = completion_logps(model, batch, temperature=temperature)
+        loss, metrics = grpo_loss(
+            logps,
+            batch.get("old_logps"),
+            batch.get("ref_logps") if beta else None,
+            batch["advantages"],
+            batch["completion_mask"],
+            clip_eps_low=clip_eps_low,
+            clip_eps_high=clip_eps_high,
+            beta=beta,
+            kl_estimator=kl_estimator,
+            aggregation=aggregation,
+            importance_level=importance_level,
+            max_completion_length=max_completion_length,
+            num_tokens=norms["tokens"],
+            num_sequences=norms["sequences"],
+        )
+        share = metrics.pop("num_tokens") / norms["tokens"]  # token-weighted means add up over micro-batches
+        return loss, {k: v * share for k, v in metrics.items()}
+
+    return loss_fn
+
+
+def make_logps_fn(graphdef: nnx.GraphDef, *, temperature: float):
+    """Jitted ``(params, rest, batch) -> [N, Tc]`` completion log-probs, no gradients (old / reference)."""
+
+    @jax.jit
+    def logps_fn(params, rest, batch):
+        model = nnx.merge(graphdef, params, rest)
+        return jax.lax.stop_gradient(completion_logps(model, batch, temperature=temperature))
+
+    return logps_fn

@@ -1,0 +1,205 @@
+"""Rollouts for the online objectives: prompts -> sampled completions -> host rewards -> one batch.
+
+A rollout keeps each prompt's G completions contiguous (row ``p * G + g``) and lays every row out as
+``[prompt (left-padded, Tp) | completion (right-padded, Tc)]`` so one forward pass scores all completion
+tokens: the log-prob of completion token ``j`` comes from logits position ``Tp - 1 + j``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from jrft.sampling import FINISH_LENGTH, bucket_length, generate
+
+
+@dataclasses.dataclass
+class Rollout:
+    """Host arrays of one rollout of ``N = P * G`` rows.
+
+    Attributes:
+      tokens: ``[N, Tp + Tc]`` prompt then completion tokens.
+      attention_mask: ``[N, Tp + Tc]`` 0/1.
+      completion_mask: ``[N, Tc]`` 0/1, 1 on generated tokens (the stop token included).
+      sampler_logps: ``[N, Tc]`` float32 log-probs of the sampled tokens under the sampling distribution.
+      truncated: ``[N]`` bool, the completion hit ``max_new_tokens`` without a stop token.
+      prompt_length: ``Tp``.
+      prompts: ``[N]`` prompt strings (each repeated G times); columns: name -> ``[N]`` list.
+      completions: ``[N]`` decoded completion strings; completion_ids: ``[N]`` lists of ints.
+      rewards: ``[N]`` float64 combined rewards (NaN where no reward function applied), after scoring.
+      reward_metrics: the runner's metrics (per-function means, failures, seconds...).
+    """
+
+    tokens: np.ndarray
+    attention_mask: np.ndarray
+    completion_mask: np.ndarray
+    sampler_logps: np.ndarray
+    truncated: np.ndarray
+    prompt_length: int
+    prompts: list[Any]
+    columns: dict[str, list[Any]]
+    completions: list[str]
+    completion_ids: list[list[int]]
+    rewards: np.ndarray | None = None
+    per_function: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    reward_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def select_groups(self, keep: np.ndarray, group_size: int) -> Rollout:
+        """The rollout restricted to the groups where ``keep [P]`` is true (rows stay contiguous)."""
+        rows = np.repeat(np.asarray(keep, bool), group_size)
+        idx = np.flatnonzero(rows)
+
+        def take(x):
+            if isinstance(x, np.ndarray):
+                return x[idx]
+            return [x[i] for i in idx]
+
+        return dataclasses.replace(
+            self,
+            tokens=self.tokens[idx],
+            attention_mask=self.attention_mask[idx],
+            completion_mask=self.completion_mask[idx],
+            sampler_logps=self.sampler_logps[idx],
+            truncated=self.truncated[idx],
+            prompts=take(self.prompts),
+            columns={k: take(v) for k, v in self.columns.items()},
+            completions=take(self.completions),
+            completion_ids=take(self.completion_ids),
+            rewards=None if self.rewards is None else self.rewards[idx],
+            per_function={k: v[idx] for k, v in self.per_function.items()},
+        )
+
+
+def concat_rollouts(parts: Sequence[Rollout]) -> Rollout:
+    """Rows of several rollouts in order (prompt and completion widths padded to the largest)."""
+    if len(parts) == 1:
+        return parts[0]
+    tp = max(r.prompt_length for r in parts)
+    tc = max(r.completion_mask.shape[1] for r in parts)
+
+    def widen(r: Rollout):
+        lp, lc = tp - r.prompt_length, tc - r.completion_mask.shape[1]
+        tokens = np.pad(r.tokens, ((0, 0), (lp, lc)))
+        attn = np.pad(r.attention_mask, ((0, 0), (lp, lc)))
+        return (
+            tokens,
+            attn,
+            np.pad(r.completion_mask, ((0, 0), (0, lc))),
+            np.pad(r.sampler_logps, ((0, 0), (0, lc))),
+        )
+
+    widened = [widen(r) for r in parts]
+    cat = lambda i: np.concatenate([w[i] for w in widened])  # noqa: E731
+    names = list(parts[0].per_function)
+    return Rollout(
+        tokens=cat(0),
+        attention_mask=cat(1),
+        completion_mask=cat(2),
+        sampler_logps=cat(3),
+        truncated=np.concatenate([r.truncated for r in parts]),
+        prompt_length=tp,
+        prompts=[p for r in parts for p in r.prompts],
+        columns={k: [v for r in parts for v in r.columns[k]] for k in parts[0].columns},
+        completions=[c for r in parts for c in r.completions],
+        completion_ids=[c for r in parts for c in r.completion_ids],
+        rewards=None if parts[0].rewards is None else np.concatenate([r.rewards for r in parts]),
+        per_function={k: np.concatenate([r.per_function[k] for r in parts]) for k in names},
+        reward_metrics=parts[-1].reward_metrics,
+    )
+
+
+def sample_rollout(
+    model,
+    prompt_batch: Mapping[str, Any],
+    tokenizer,
+    *,
+    num_generations: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    rng,
+    mesh=None,
+    pad_token_id: int,
+) -> Rollout:
+    """Samples G completions per prompt and lays out the rows (see the module docstring).
+
+    ``prompt_batch`` is a host prompt batch from ``jrft.data`` (``prompt_tokens``, ``prompt_attention_mask``,
+    ``prompts``, ``columns``). The completion width is trimmed to a bucket of the longest completion, so
+    short completions make short training rows.
+    """
+    t0 = time.perf_counter()
+    g = num_generations
+    out = generate(
+        model,
+        np.asarray(prompt_batch["prompt_tokens"]),
+        np.asarray(prompt_batch["prompt_attention_mask"]),
+        max_new_tokens=max_new_tokens,
+        num_samples=g,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        stop_token_ids=[tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else (),
+        rng=rng,
+        mesh=mesh,
+        pad_token_id=pad_token_id,
+    )
+    tokens, mask, logps, lengths, reason = (
+        np.asarray(x) for x in (out.tokens, out.mask, out.logprobs, out.lengths, out.finish_reason)
+    )
+    width = min(bucket_length(max(int(lengths.max()), 1), 32), max_new_tokens)
+    tokens, mask, logps = tokens[:, :width], mask[:, :width], logps[:, :width]
+    prompt_tokens = np.asarray(out.prompt_tokens)
+    prompt_mask = np.asarray(out.prompt_mask)
+    ids = [row[: int(n)].tolist() for row, n in zip(tokens, lengths, strict=True)]
+    texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    seconds = {"sample": time.perf_counter() - t0}
+    return Rollout(
+        tokens=np.concatenate([prompt_tokens, np.where(mask > 0, tokens, pad_token_id)], axis=1).astype(
+            np.int32
+        ),
+        attention_mask=np.concatenate([prompt_mask, mask], axis=1).astype(np.int32),
+        completion_mask=mask.astype(np.int32),
+        sampler_logps=logps.astype(np.float32),
+        truncated=reason == FINISH_LENGTH,
+        prompt_length=int(prompt_tokens.shape[1]),
+        prompts=[p for p in prompt_batch["prompts"] for _ in range(g)],
+        columns={k: [v for v in vals for _ in range(g)] for k, vals in prompt_batch["columns"].items()},
+        completions=texts,
+        completion_ids=ids,
+        seconds=seconds,
+    )
+
+
+def score_rollout(rollout: Rollout, runner) -> Rollout:
+    """Runs the reward functions on the host (``jrft.rewards.RewardRunner``) and stores the rewards."""
+    t0 = time.perf_counter()
+    result = runner(
+        prompts=rollout.prompts,
+        completions=rollout.completions,
+        completion_ids=rollout.completion_ids,
+        **rollout.columns,
+    )
+    rollout.rewards = np.asarray(result.rewards, np.float64)
+    rollout.per_function = dict(result.per_function)
+    rollout.reward_metrics = dict(result.metrics)
+    rollout.seconds["rewards"] = time.perf_counter() - t0
+    return rollout
+
+
+def group_has_signal(rewards: np.ndarray, group_size: int) -> np.ndarray:
+    """``[P]`` bool: the group's rewards are not all equal (DAPO dynamic sampling keeps only these)."""
+    grouped = np.asarray(rewards, np.float64).reshape(-1, group_size)  # [P, G]
+    valid = ~np.isnan(grouped)
+    high = np.where(valid, grouped, -np.inf).max(axis=1)
+    low = np.where(valid, grouped, np.inf).min(axis=1)
+    return high > low  # NaN rewards (no function applied) are ignored; an all-NaN group has no signal
