@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("jrft.commands.train:sft", "supervised fine-tuning on prompt/completion or chat data"),
     "reward": ("jrft.commands.train:reward", "train a reward model (Bradley-Terry) on preference pairs"),
     "dpo": ("jrft.commands.train:dpo", "direct preference optimization against a frozen reference"),
+    "grpo": ("jrft.commands.train:grpo", "GRPO: sample groups, score with reward functions, update"),
     "demo": ("jrft.commands.demo:main", "tiny model + tokenizer: save/load in transformers format, generate"),
 }
 

@@ -59,3 +59,7 @@ def reward(argv: list[str]) -> int:
 
 def dpo(argv: list[str]) -> int:
     return run("dpo", argv)
+
+
+def grpo(argv: list[str]) -> int:
+    return run("grpo", argv)
