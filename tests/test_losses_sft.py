@@ -141,3 +141,11 @@ def test_errors_name_the_problem():
         L.sft_loss(logits, targets, mask[:, :5])
     with pytest.raises(ValueError, match=r"sft_loss: logits must be \[batch, seq, vocab\]"):
         L.sft_loss(logits[0], targets, mask)
+
+
+def test_ignored_targets_at_masked_positions_are_never_read():
+    logits, targets, mask = batch()
+    ignored = jnp.where(mask > 0, targets, -100)  # the Hugging Face "ignore" id at masked positions
+    loss_fn = lambda z, t: L.sft_loss(z, t, mask)[0]
+    np.testing.assert_allclose(loss_fn(logits, ignored), loss_fn(logits, targets), rtol=1e-6)
+    assert bool(jnp.all(jnp.isfinite(jax.grad(loss_fn)(logits, ignored))))

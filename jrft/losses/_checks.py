@@ -46,3 +46,16 @@ def lookup(registry: Mapping[str, F], name: str, what: str) -> F:
     except (KeyError, TypeError):
         valid = ", ".join(sorted(registry))
         raise ValueError(f"unknown {what} {name!r}; valid: {valid}") from None
+
+
+def per_token(advantages, like, fn: str):
+    """Broadcasts ``[B]`` advantages to ``[B, T]``; checks that ``[B, T]`` ones match ``like``."""
+    advantages = as_float(advantages)
+    if advantages.ndim == 1 and advantages.shape[0] == jnp.shape(like)[0]:
+        return jnp.broadcast_to(advantages[:, None], jnp.shape(like))
+    if advantages.shape != jnp.shape(like):
+        raise ValueError(
+            f"{fn}: advantages must be [batch] or [batch, seq] = {list(jnp.shape(like))}, "
+            f"got {list(advantages.shape)}"
+        )
+    return advantages

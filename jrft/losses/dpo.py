@@ -36,7 +36,8 @@ def _hinge(c, r, *, beta, label_smoothing):
 
 
 def _ipo(c, r, *, beta, label_smoothing):
-    """IPO (Azar et al. 2023, arXiv 2310.12036, eq. 17): ``((c - r) - 1 / (2 beta))**2``; ``beta`` is tau."""
+    """IPO (Azar et al. 2023, arXiv 2310.12036, eq. 17): ``((c - r) - 1 / (2 beta))**2``; ``beta`` is tau.
+    Usually fed length-averaged log-probs (the paper's regulariser assumes per-token scale)."""
     return jnp.square((c - r) - 1.0 / (2.0 * beta))
 
 

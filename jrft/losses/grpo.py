@@ -18,9 +18,9 @@ sequences, ``T`` completion tokens. Variants are named entries of four registrie
 import jax
 import jax.numpy as jnp
 
-from jrft.losses._checks import as_float, as_mask, check_rank, check_same_shape, lookup
+from jrft.losses._checks import as_float, as_mask, check_rank, check_same_shape, lookup, per_token
 from jrft.losses.common import batch_counts, kl_estimate, masked_mean
-from jrft.losses.ppo import _per_token, clipped_objective
+from jrft.losses.ppo import clipped_objective
 
 # ---------------------------------------------------------------------------------------------- advantages
 # Each baseline / scale maps (rewards [P, G] with NaN replaced by 0, valid [P, G] bool) to a [P, G] array.
@@ -240,7 +240,7 @@ def grpo_loss(
     to_ratio = lookup(IMPORTANCE_LEVELS, importance_level, "importance_level")
     check_rank("grpo_loss", "logps", logps, 2, "[batch, seq]")
     check_same_shape("grpo_loss", logps=logps, old_logps=old_logps, ref_logps=ref_logps, mask=mask)
-    advantages = _per_token(advantages, logps, "grpo_loss")
+    advantages = per_token(advantages, logps, "grpo_loss")
     if ref_logps is None and not isinstance(beta, jax.Array) and beta != 0:
         raise ValueError(f"grpo_loss: beta={beta} needs ref_logps (pass ref_logps, or beta=0.0)")
     keep = as_mask(mask, logps)

@@ -9,7 +9,7 @@ RLHF with a per-token KL penalty, Ziegler et al. 2019 (arXiv 1909.08593), Ouyang
 import jax
 import jax.numpy as jnp
 
-from jrft.losses._checks import as_float, as_mask, check_rank, check_same_shape
+from jrft.losses._checks import as_float, as_mask, check_rank, check_same_shape, per_token
 from jrft.losses.common import k3, kl_estimate, masked_mean
 
 
@@ -143,7 +143,7 @@ def clipped_policy_loss(
     """
     check_rank("clipped_policy_loss", "logps", logps, 2, "[batch, seq]")
     check_same_shape("clipped_policy_loss", logps=logps, old_logps=old_logps, mask=mask)
-    advantages = _per_token(advantages, logps, "clipped_policy_loss")
+    advantages = per_token(advantages, logps, "clipped_policy_loss")
     if dual_clip is not None and not isinstance(dual_clip, jax.Array) and dual_clip <= 1.0:
         raise ValueError(f"clipped_policy_loss: dual_clip must be > 1, got {dual_clip}")
     keep = as_mask(mask, logps)
@@ -227,16 +227,3 @@ def kl_penalty_rewards(scores, logps, ref_logps, mask, *, kl_coef: float, kl_est
     at_last = (jnp.arange(seq_len)[None, :] == last[:, None]) & keep
     rewards = -kl_coef * kl + jnp.where(at_last, as_float(scores)[:, None], 0.0)
     return rewards, kl
-
-
-def _per_token(advantages, like, fn: str):
-    """Broadcasts ``[B]`` advantages to ``[B, T]``; checks that ``[B, T]`` ones match ``like``."""
-    advantages = as_float(advantages)
-    if advantages.ndim == 1 and advantages.shape[0] == jnp.shape(like)[0]:
-        return jnp.broadcast_to(advantages[:, None], jnp.shape(like))
-    if advantages.shape != jnp.shape(like):
-        raise ValueError(
-            f"{fn}: advantages must be [batch] or [batch, seq] = {list(jnp.shape(like))}, "
-            f"got {list(advantages.shape)}"
-        )
-    return advantages
