@@ -63,15 +63,16 @@ def test_explicit_positions_and_hidden(tmp_path):
     save_tiny_hf_model("qwen2", tmp_path, seed=0)
     model = from_pretrained(tmp_path)
     tokens, mask = mixed_padding_batch(128, lengths=(8, 5))
+    forward = jax.jit(lambda m, t, a, p: m(t, a, p, return_hidden=True))
     derived = model(tokens, mask)
-    explicit, hidden = model(tokens, mask, positions_from_mask(mask), return_hidden=True)
-    np.testing.assert_array_equal(np.asarray(derived), np.asarray(explicit))
+    explicit, hidden = forward(model, tokens, mask, positions_from_mask(mask))
+    np.testing.assert_allclose(np.asarray(derived), np.asarray(explicit), atol=1e-6)
     assert hidden.shape == (2, 8, model.config.hidden_size)
     np.testing.assert_allclose(np.asarray(model.logits_from_hidden(hidden)), np.asarray(derived), atol=1e-6)
     # RoPE is relative: a constant shift changes nothing, stretched distances do
-    shifted = model(tokens, mask, positions_from_mask(mask) + 3)
+    shifted, _ = forward(model, tokens, mask, positions_from_mask(mask) + 3)
     np.testing.assert_allclose(np.asarray(shifted)[mask == 1], np.asarray(derived)[mask == 1], atol=1e-5)
-    stretched = model(tokens, mask, positions_from_mask(mask) * 2)
+    stretched, _ = forward(model, tokens, mask, positions_from_mask(mask) * 2)
     assert np.abs(np.asarray(stretched) - np.asarray(derived))[mask == 1].max() > 1e-3
 
 

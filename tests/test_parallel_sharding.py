@@ -107,7 +107,7 @@ def test_sharded_train_step_and_optimizer_state_shardings(checkpoint):
             jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, tokens[..., None], -1)[..., 0]
         )
 
-    ref_grads = nnx.grad(loss)(from_pretrained(checkpoint))
+    ref_grads = nnx.jit(nnx.grad(loss))(from_pretrained(checkpoint))
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     model = from_pretrained(checkpoint, mesh=mesh)
     optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
