@@ -55,7 +55,10 @@ def create_train_state(
     """
     graphdef, params, rest = split_model(model)
     opt_state = jax.jit(optimizer.init)(params)
+    step = jnp.zeros((), jnp.int32)
     rng = jax.random.key_data(jax.random.key(seed))
-    return graphdef, TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=opt_state, rng=rng
-    )
+    state = TrainState(step=step, params=params, rest=rest, opt_state=opt_state, rng=rng)
+    # Commit every leaf where it is: an uncommitted input (fresh scalars, optimizer zeros) makes the first
+    # jitted step compile twice (once for it, once for the committed state the step returns). Runners on a
+    # mesh then move the state onto its explicit shardings (jrft.train.sharding.place_state).
+    return graphdef, jax.tree.map(lambda x: jax.device_put(x, x.sharding), state)
