@@ -127,3 +127,16 @@ def test_shard_model_moves_an_existing_model(checkpoint):
     shard_model(model, mesh)
     assert model.layers.w_down[...].sharding.spec == PartitionSpec(None, "tensor", "fsdp")
     assert model.lm_head[...].sharding.spec == PartitionSpec("fsdp", "tensor")
+
+
+def test_save_sharded_model_and_reload_on_another_mesh(checkpoint, tmp_path):
+    from jrft.models import save_pretrained
+
+    model = from_pretrained(checkpoint, mesh=make_mesh(data=2, fsdp=2, tensor=2))
+    save_pretrained(model, tmp_path / "out")
+    other = from_pretrained(tmp_path / "out", mesh=make_mesh(data=1, fsdp=8, tensor=1))
+    assert other.layers.w_gate[...].sharding.spec == PartitionSpec(None, "fsdp", None)
+    for name in ("wq", "w_gate", "bk"):
+        np.testing.assert_array_equal(
+            np.asarray(getattr(other.layers, name)[...]), np.asarray(getattr(model.layers, name)[...])
+        )

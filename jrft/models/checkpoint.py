@@ -175,7 +175,12 @@ def _resolve_dir(path: str | os.PathLike) -> str:
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"]
-    return snapshot_download(path, allow_patterns=patterns)
+    try:
+        return snapshot_download(path, allow_patterns=patterns)
+    except Exception as e:  # offline, unknown repo, gated model...
+        raise FileNotFoundError(
+            f"from_pretrained: {path} is neither a local directory nor a downloadable hub model ({e})"
+        ) from e
 
 
 def _weight_files(directory: str) -> dict[str, str]:
@@ -328,7 +333,12 @@ def _hf_tensors(model: Decoder, dtype) -> list[tuple[str, np.ndarray]]:
     for path_key, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         name = _path_str(path_key)
         template, n_in = HF_TENSORS[name]
-        host = np.asarray(jax.device_get(var.get_value()))
+        value = var.get_value()
+        if isinstance(value, jax.Array) and not value.is_fully_addressable:  # multi-host: gather the slices
+            from jax.experimental import multihost_utils
+
+            value = multihost_utils.process_allgather(value, tiled=True)
+        host = np.asarray(jax.device_get(value))
         if dtype is not None:
             host = host.astype(np.dtype(jnp.dtype(dtype)))
         if "{i}" in template:
@@ -384,6 +394,7 @@ def save_pretrained(
     ``transformers.AutoModelForCausalLM.from_pretrained(path)`` loads the result; a model with a scalar head
     is tagged ``...ForSequenceClassification`` (``num_labels=1``, head in ``score.weight``), which
     ``AutoModelForSequenceClassification`` loads. ``dtype`` casts the saved tensors (default: as stored).
+    Multi-host: call it on every process (parameters are gathered collectively); process 0 writes.
     Returns the path.
     """
     path = os.path.abspath(os.fspath(path))
@@ -397,6 +408,8 @@ def save_pretrained(
     hf_config["dtype"] = saved_dtype
     if model.scalar_head is not None:
         hf_config["num_labels"] = 1
+    if jax.process_index() != 0:  # every process gathered (collective); one writes
+        return path
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
     try:
         _write_weights(tmp, tensors, parse_size(max_shard_size))
