@@ -191,8 +191,9 @@ def test_all_masked_gives_finite_gradients():
         val, _ = L.clipped_value_loss(lp, garbage, garbage, zeros, clip_eps=0.2)
         return L.masked_mean(pol, zeros) + L.masked_mean(val, zeros)
 
+    total = jax.jit(total)
     assert float(total(logps)) == 0.0
-    assert bool(jnp.all(jax.grad(total)(logps) == 0))
+    assert bool(jnp.all(jax.jit(jax.grad(total))(logps) == 0))
     adv, ret = L.gae(garbage, garbage, zeros, gamma=1.0, lam=0.95)
     assert bool(jnp.all(adv == 0)) and bool(jnp.all(ret == 0))
     assert bool(jnp.all(L.whiten(garbage, zeros) == 0))
@@ -205,14 +206,14 @@ def test_gradients_match_finite_differences():
         adv = jnp.asarray(RNG.normal(size=(2, 3)))
         mask = jnp.array([[1, 1, 1], [1, 1, 0]])
         policy = lambda lp: L.clipped_policy_loss(lp, old, adv, mask, clip_eps_low=0.2, dual_clip=2.0)[0]
-        check_grads(policy, (logps,), 1, ["rev"], eps=1e-6)
+        check_grads(jax.jit(policy), (logps,), 1, ["rev"], eps=1e-6)
         values = jnp.asarray(RNG.normal(size=(2, 3)))
         value = lambda v: L.clipped_value_loss(
             v, v + jnp.array([[0.5, -0.05, 0.3]] * 2), adv, mask, clip_eps=0.2
         )[0]
-        check_grads(value, (values,), 1, ["rev"], eps=1e-6)
-        check_grads(lambda r, v: L.gae(r, v, mask, gamma=0.9, lam=0.8), (adv, values), 1, ["rev"])
-        check_grads(lambda x: L.whiten(x, mask), (values,), 1, ["rev"])
+        check_grads(jax.jit(value), (values,), 1, ["rev"], eps=1e-6)
+        check_grads(jax.jit(lambda r, v: L.gae(r, v, mask, gamma=0.9, lam=0.8)), (adv, values), 1, ["rev"])
+        check_grads(jax.jit(lambda x: L.whiten(x, mask)), (values,), 1, ["rev"])
 
 
 def test_shape_mismatches_raise_clear_errors():

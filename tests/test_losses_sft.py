@@ -90,6 +90,7 @@ def test_micro_batches_with_global_counts_equal_full_batch(reduction):
             )[0]
         return total
 
+    full, split = jax.jit(full), jax.jit(split)
     np.testing.assert_allclose(split(logits), full(logits), rtol=1e-6)
     np.testing.assert_allclose(jax.grad(split)(logits), jax.grad(full)(logits), rtol=1e-5, atol=1e-7)
 
