@@ -192,3 +192,15 @@ def test_rejects_right_padding():
     tokens = np.array([[5, 6, 0]])
     with pytest.raises(ValueError, match="LEFT-padded; row 0"):
         generate((None, None), tokens, np.array([[1, 1, 0]]), max_new_tokens=2)
+
+
+def test_scan_layout_equals_unrolled(llama):
+    _, model, _ = llama
+    tokens, mask = _prompts(model.config.vocab_size)
+    kw = dict(max_new_tokens=MAX_NEW, num_samples=2, temperature=1.0, rng=3)
+    a = generate(model, tokens, mask, **kw)
+    b = generate(model, tokens, mask, layout="scan", fuse_projections=False, **kw)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+    with pytest.raises(ValueError, match="layout"):
+        generate(model, tokens, mask, max_new_tokens=2, layout="nope")

@@ -171,3 +171,76 @@ def decode_step(
     (x, ck, cv), _ = jax.lax.scan(layer, (x, ck, cv), xs)
     logits = model.logits_from_hidden(model._final(x)[:, None])[:, 0]  # [B, V]
     return logits, KVCache(ck, cv)
+
+
+# --- unrolled layers over per-layer weights and caches (the CPU fast path) ----------------------------------
+
+
+def split_layers(weights: dict[str, jax.Array], num_layers: int) -> list[dict[str, jax.Array]]:
+    """``fuse_decode_weights``' stacked arrays as one dict per layer (static slices, done once outside the
+    decode loop: slicing a stacked weight inside the loop copied it every layer of every step)."""
+    return [{k: v[i] for k, v in weights.items()} for i in range(num_layers)]
+
+
+def decode_step_unrolled(
+    model,
+    layers: list[dict[str, jax.Array]],
+    tokens: jax.Array,
+    positions: jax.Array,
+    ks: tuple[jax.Array, ...],
+    vs: tuple[jax.Array, ...],
+    slot: jax.Array,
+    key_valid: jax.Array,
+):
+    """``decode_step`` with the layers unrolled: per-layer weights ``layers`` and per-layer caches
+    ``ks, vs`` (each ``[B, K, S, Dh]``). Attention reads the cache BEFORE this step's write (the new key is
+    scored separately and joined in the softmax), so the in-place write never forces a copy of the cache.
+
+    ``key_valid [B, s_att]`` must be False at ``slot`` (not yet written) — the new token is added explicitly.
+    Returns float32 logits ``[B, V]`` and the updated ``ks, vs``.
+    """
+    cfg = model.config
+    dt = model.dtype
+    b, s_att = key_valid.shape
+    h_, k_, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    g_ = h_ // k_
+    eps, plus_one = cfg.rms_norm_eps, cfg.norm_plus_one
+    freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(rope_inv_freq(cfg))  # [B, Dh/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, None, :]  # [B, 1, Dh]
+    cos, sin = jnp.cos(emb).astype(dt), jnp.sin(emb).astype(dt)
+    bias = jnp.where(key_valid, 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]  # [B, 1, 1, s_att]
+    scale = dh**-0.5
+    zero = jnp.zeros((), jnp.int32)
+    x = model._embed(tokens[:, None])[:, 0]  # [B, D]
+    new_ks, new_vs = [], []
+    for p, ck, cv in zip(layers, ks, vs, strict=True):
+        h = rms_norm(x, p["attn_norm"], eps, plus_one)
+        q, k, v = _project_qkv(cfg, p, h)
+        q, k, v = q.reshape(b, h_, dh), k.reshape(b, k_, dh), v.reshape(b, k_, dh)
+        if cfg.qk_norm:
+            q, k = rms_norm(q, p["q_norm"], eps), rms_norm(k, p["k_norm"], eps)
+        q, k = _rope_1(q, cos, sin), _rope_1(k, cos, sin)
+        qg = q.reshape(b, k_, g_, dh)  # [B, K, G, Dh]
+        k_old, v_old = ck[:, :, :s_att].astype(dt), cv[:, :, :s_att].astype(dt)  # [B, K, s_att, Dh]
+        s_old = jnp.einsum("bkgd,bksd->bkgs", qg, k_old, preferred_element_type=jnp.float32) * scale + bias
+        s_new = jnp.einsum(
+            "bkgd,bkd->bkg", qg, k.astype(ck.dtype).astype(dt), preferred_element_type=jnp.float32
+        )
+        s_new = s_new[..., None] * scale  # [B, K, G, 1]
+        m = jnp.maximum(jnp.max(s_old, axis=-1, keepdims=True), s_new)
+        e_old, e_new = jnp.exp(s_old - m), jnp.exp(s_new - m)
+        denom = jnp.sum(e_old, axis=-1, keepdims=True) + e_new
+        v_new = v.astype(cv.dtype).astype(dt)
+        attn = jnp.einsum("bkgs,bksd->bkgd", (e_old / denom).astype(dt), v_old)
+        attn = attn + (e_new / denom).astype(dt) * v_new[:, :, None, :]  # [B, K, G, Dh]
+        y = attn.reshape(b, h_ * dh) @ p["wo"]  # [B, D]
+        if cfg.o_bias:
+            y = y + p["bo"]
+        x = x + y
+        h = rms_norm(x, p["mlp_norm"], eps, plus_one)
+        x = x + _gated_mlp(cfg, p, h) @ p["w_down"]
+        start = (zero, zero, slot, zero)
+        new_ks.append(jax.lax.dynamic_update_slice(ck, k[:, :, None, :].astype(ck.dtype), start))
+        new_vs.append(jax.lax.dynamic_update_slice(cv, v[:, :, None, :].astype(cv.dtype), start))
+    logits = model.logits_from_hidden(model._final(x)[:, None])[:, 0]  # [B, V]
+    return logits, tuple(new_ks), tuple(new_vs)

@@ -35,7 +35,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
@@ -46,7 +47,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jrft.models.decoder import CACHE_AXES, KVCache, init_cache
 from jrft.parallel.sharding import logical_to_spec, with_logical_constraint
-from jrft.sampling.decode import decode_step, fuse_decode_weights, prefill
+from jrft.sampling.decode import decode_step, decode_step_unrolled, fuse_decode_weights, prefill, split_layers
 from jrft.sampling.logits import SamplingParams, select_next
 
 FINISH_STOP = 0  # ended with a stop token
@@ -116,6 +117,7 @@ class _ProgramKey:
     sampling: SamplingParams  # structure only (placeholder values)
     cache_dtype: str
     fuse: bool
+    layout: str
 
 
 def _structure(params: SamplingParams) -> SamplingParams:
@@ -144,6 +146,53 @@ def _record(out, t, tok, lp, finished, stop_ids, pad_id):
     return (out_tok, out_lp, out_mask), finished | (emit & is_stop)
 
 
+class _Step(NamedTuple):
+    """A decode-step layout: the loop-carried cache it starts from, ``run(tokens, positions, cache, slot,
+    key_valid) -> (logits, cache)``, and whether ``key_valid`` covers the slot being written."""
+
+    init: Any
+    run: Callable
+    includes_slot: bool
+    grow: Callable  # (cache, extra slots) -> the cache with ``extra`` empty slots appended
+
+
+def _pad_slots(x: jax.Array, extra: int, axis: int) -> jax.Array:
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths)
+
+
+def _scan_step(model, weights, cache: KVCache) -> _Step:
+    """Stacked weights and cache, layers scanned: no weight copies (use where memory is tight)."""
+
+    def run(tok, pos, cache, slot, key_valid):
+        return decode_step(model, weights, tok, pos, cache, slot, key_valid)
+
+    def grow(cache, extra):
+        return KVCache(*(with_logical_constraint(_pad_slots(c, extra, 3), CACHE_AXES) for c in cache))
+
+    return _Step(cache, run, True, grow)
+
+
+def _unrolled_step(model, weights, cache: KVCache) -> _Step:
+    """Per-layer weights and caches, layers unrolled: no per-step slicing copies (fastest on CPU), at the
+    price of one transient copy of the layer weights per generate call."""
+    layers = split_layers(weights, model.config.num_layers)
+    init = (tuple(cache.k), tuple(cache.v))  # [L] x [B, K, S, Dh]
+
+    def run(tok, pos, cache, slot, key_valid):
+        logits, ks, vs = decode_step_unrolled(model, layers, tok, pos, *cache, slot, key_valid)
+        return logits, (ks, vs)
+
+    def grow(cache, extra):
+        return tuple(tuple(_pad_slots(c, extra, 2) for c in part) for part in cache)
+
+    return _Step(init, run, False, grow)
+
+
+_STEPS: dict[str, Callable[..., _Step]] = {"scan": _scan_step, "unrolled": _unrolled_step}
+
+
 class _Counter:
     """Counts traces; hashable by identity, so it can be a static jit argument."""
 
@@ -161,7 +210,9 @@ def _program(
     g, n = key.num_samples, key.new_bucket
     rows, s_total = bp * g, tp + n
 
-    cache = init_cache(cfg, bp, s_total, jnp.dtype(key.cache_dtype))
+    # The cache grows segment by segment (one copy per segment) so that attention always reads a whole,
+    # exactly filled-to-bucket array: a static slice of a bigger cache was materialised every layer and step.
+    cache = init_cache(cfg, bp, tp + key.segments[0], jnp.dtype(key.cache_dtype))
     cache = KVCache(*(with_logical_constraint(c, CACHE_AXES) for c in cache))
     logits, cache = prefill(model, tokens, mask, cache)  # [Bp, V]
     # one prefill per prompt; its cache and logits serve all G samples
@@ -172,6 +223,7 @@ def _program(
     prompt_valid = jnp.pad(mask_r, ((0, 0), (0, n)))  # [R, S], generated slots filled in per step below
     slots = jnp.arange(s_total, dtype=jnp.int32)
     weights = fuse_decode_weights(model, key.fuse)
+    step = _STEPS[key.layout](model, weights, cache)
 
     def constrain(x):
         return with_logical_constraint(x, ("batch",) + (None,) * (x.ndim - 1))
@@ -184,10 +236,13 @@ def _program(
     finished = n_real == 0  # batch-padding rows never run
     tok, lp = select_next(jax.random.fold_in(rng, 0), logits, key.sampling, values)
     out, finished = _record(out, 0, tok, lp, finished, stop_ids, pad_id)
-    carry = (jnp.int32(1), tok, finished, cache, out)
+    carry = (jnp.int32(1), tok, finished, step.init, out)
 
-    for end in key.segments:
-        s_att = min(tp + end, s_total)
+    for j, end in enumerate(key.segments):
+        s_att = tp + end
+        if j:
+            t, tok, finished, cache, out = carry
+            carry = (t, tok, finished, step.grow(cache, end - key.segments[j - 1]), out)
 
         def cond(c, end=end):
             t, _, finished, _, _ = c
@@ -196,8 +251,9 @@ def _program(
         def body(c, s_att=s_att):
             t, tok, finished, cache, out = c
             slot = tp + t - 1  # where the previous token's k/v go
-            key_valid = jnp.where(slots[:s_att] < tp, prompt_valid[:, :s_att], slots[:s_att] <= slot)
-            logits, cache = decode_step(model, weights, tok, n_real + t - 1, cache, slot, key_valid)
+            generated = slots[:s_att] <= slot if step.includes_slot else slots[:s_att] < slot
+            key_valid = jnp.where(slots[:s_att] < tp, prompt_valid[:, :s_att], generated)
+            logits, cache = step.run(tok, n_real + t - 1, cache, slot, key_valid)
             tok, lp = select_next(jax.random.fold_in(rng, t), logits, key.sampling, values)
             out, finished = _record(out, t, tok, lp, finished, stop_ids, pad_id)
             return t + 1, tok, finished, cache, out
@@ -208,6 +264,15 @@ def _program(
     stopped = finished & (n_real > 0)
     reason = jnp.where(stopped, FINISH_STOP, FINISH_LENGTH).astype(jnp.int32)
     return out_tok, out_mask, out_lp, jnp.sum(out_mask, axis=-1, dtype=jnp.int32), reason, t - 1
+
+
+def _compiler_options() -> dict[str, Any] | None:
+    """XLA:CPU's default copy insertion copies every loop-carried cache buffer twice per decode step as soon
+    as the step both reads and updates it (measured on the compiled HLO); its region analysis proves the read
+    precedes the in-place update and inserts no copy. CPU-only option, so only set on CPU."""
+    if jax.default_backend() == "cpu":
+        return {"xla_cpu_copy_insertion_use_region_analysis": True}
+    return None
 
 
 class Sampler:
@@ -221,7 +286,7 @@ class Sampler:
         self._counter = _Counter()
         self._calls = 0
         self._buckets: list[tuple[int, int, int, int]] = []
-        self._jitted = jax.jit(_program, static_argnums=(0, 1, 2))
+        self._jitted = jax.jit(_program, static_argnums=(0, 1, 2), compiler_options=_compiler_options())
 
     @property
     def stats(self) -> SamplerStats:
@@ -245,8 +310,11 @@ class Sampler:
         cache_dtype=None,
         mesh: Mesh | None = None,
         fuse_projections: bool = True,
+        layout: str = "unrolled",
     ) -> GenerationResult:
         """See ``jrft.sampling.generate``."""
+        if layout not in _STEPS:
+            raise ValueError(f"generate: layout must be one of {sorted(_STEPS)}, got {layout!r}")
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
         graphdef, state = model if isinstance(model, tuple) else nnx.split(model)
         tokens, mask = _check_prompts(prompt_tokens, prompt_mask)
@@ -264,7 +332,13 @@ class Sampler:
         if cache_dtype is None:
             cache_dtype = graphdef_dtype(model)
         key = _ProgramKey(
-            num_samples, nb, _segments(nb), _structure(params), jnp.dtype(cache_dtype).name, fuse_projections
+            num_samples,
+            nb,
+            _segments(nb),
+            _structure(params),
+            jnp.dtype(cache_dtype).name,
+            fuse_projections,
+            layout,
         )
         if rng is None:
             rng = jax.random.key(0)
@@ -373,6 +447,7 @@ def generate(
     cache_dtype=None,
     mesh: Mesh | None = None,
     fuse_projections: bool = True,
+    layout: str = "unrolled",
     sampler: Sampler | None = None,
 ) -> GenerationResult:
     """Samples ``num_samples`` completions of each left-padded prompt with a KV cache.
@@ -391,6 +466,8 @@ def generate(
       cache_dtype: KV-cache dtype (default: the model's compute dtype); ``jnp.bfloat16`` halves its memory.
       mesh: shard prompt rows and the cache over the mesh's batch axes (data, fsdp).
       fuse_projections: fuse q/k/v and gate/up matmuls in the decode step (a transient copy of those weights).
+      layout: ``"unrolled"`` (per-layer weights and caches, layers unrolled; fastest on CPU, a transient copy
+        of the layer weights) or ``"scan"`` (stacked weights and cache, layers scanned; no weight copy).
       sampler: whose compiled programs and counters to use (default: the process-wide ``DEFAULT_SAMPLER``).
 
     Returns:
@@ -413,4 +490,5 @@ def generate(
         cache_dtype=cache_dtype,
         mesh=mesh,
         fuse_projections=fuse_projections,
+        layout=layout,
     )
