@@ -1,143 +1,81 @@
-"""``jrft demo``: the smallest real end-to-end run (interim, until the full SFT -> GRPO demo replaces it).
+"""``jrft demo``: train a tiny reasoning model from scratch on CPU and show that it learned.
 
-Builds a character tokenizer and a tiny Llama-family model from scratch (no download, no torch), saves both
-in transformers' format, loads them back with ``jrft.models.from_pretrained``, checks the logits are equal,
-and generates greedily with the KV cache (checked against a full-forward greedy loop). If torch is installed,
-also checks that transformers loads the saved directory and gives the same logits.
+Default (``--objective grpo``): build a character tokenizer and a ~0.8M-parameter Llama from scratch (saved
+in transformers format), SFT it on 300 labelled 3-digit additions with ``<think>…</think><answer>…</answer>``
+traces, evaluate held-out exact match and format rate (greedy), run GRPO on fresh unlabelled prompts with the
+``accuracy`` + ``format`` reward built-ins, evaluate again, export the final model and load it back (jrft and,
+with torch, transformers), then write a report: ``report.png`` (loss, reward, KL, held-out accuracy),
+``report.md``, ``result.json`` and the stages' ``metrics.jsonl``.
+
+``--objective dpo``: SFT, then DPO on synthetic preference pairs (chosen = correct trace, rejected = a wrong
+or malformed one); reports held-out preference accuracy before/after. ``--objective rlhf``: SFT, a reward
+model on the same pairs, then PPO against it; reports the reward model's score before/after.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import time
+import sys
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
+EPILOG = """\
+Settings come from configs/demo.yaml when it exists (or --config), then --quick, then key=value overrides:
+  jrft demo                          # SFT -> GRPO, ~5-10 minutes on 2 CPU cores, report in runs/demo/
+  jrft demo --quick                  # the same stages at toy sizes (plumbing only, no learning)
+  jrft demo --objective dpo          # SFT -> DPO on preference pairs
+  jrft demo grpo.steps=100 seed=1    # overrides (see configs/demo.yaml for every key)
+"""
 
-from jrft.data.local_tokenizer import train_tokenizer
-from jrft.models import (
-    Decoder,
-    ModelConfig,
-    from_pretrained,
-    init_cache,
-    positions_from_mask,
-    save_pretrained,
-)
-
-ALPHABET = "0123456789+=abcdefghijklmnopqrstuvwxyz "
-PROMPTS = ("12+34=", "hello world ")
+DEFAULT_CONFIG = "configs/demo.yaml"
 
 
-def _config(vocab_size: int) -> ModelConfig:
-    return ModelConfig(
-        family="llama",
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=172,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        hf_extra=(("bos_token_id", "1"), ("eos_token_id", "2"), ("pad_token_id", "0")),
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jrft demo",
+        description=__doc__.splitlines()[0].split(": ", 1)[1],
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-
-
-def greedy_with_cache(model: Decoder, tokens: jax.Array, mask: jax.Array, max_new: int) -> jax.Array:
-    """Greedy decoding ``[B, P] -> [B, max_new]``: one prefill, then a ``fori_loop`` of single-token steps
-    with the cache in the loop carry (a minimal sampler; ``jrft.sampling`` is the real one)."""
-    b, p = tokens.shape
-    cache = init_cache(model.config, b, p + max_new)
-    slots = jnp.zeros((b, p + max_new), jnp.int32).at[:, :p].set(mask)
-    positions = positions_from_mask(mask)
-    logits, cache = model.forward_with_cache(tokens, positions, cache, 0, slots, last_only=True)
-    first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-    out = jnp.zeros((b, max_new), jnp.int32).at[:, 0].set(first)
-
-    def step(i, carry):
-        out, cache, slots = carry
-        index = p + i - 1
-        slots = slots.at[:, index].set(1)
-        pos = (positions[:, -1] + i)[:, None]
-        last = jax.lax.dynamic_slice_in_dim(out, i - 1, 1, axis=1)  # [B, 1]
-        logits, cache = model.forward_with_cache(last, pos, cache, index, slots)
-        return out.at[:, i].set(jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)), cache, slots
-
-    out, _, _ = jax.lax.fori_loop(1, max_new, step, (out, cache, slots))
-    return out
-
-
-def greedy_full_forward(model: Decoder, tokens: np.ndarray, mask: np.ndarray, max_new: int) -> np.ndarray:
-    """The same greedy decode by re-running the whole sequence each step (slow, obviously correct). The
-    sequence lives in a fixed ``[B, P + max_new]`` buffer (causal attention ignores the right padding), so it
-    compiles once."""
-    b, p = tokens.shape
-    buf = np.concatenate([tokens, np.zeros((b, max_new), np.int32)], axis=1)
-    buf_mask = np.concatenate([mask, np.zeros((b, max_new), np.int32)], axis=1)
-    forward = jax.jit(lambda m, t, a, i: jnp.argmax(m(t, a)[:, i], axis=-1))
-    for i in range(max_new):
-        buf[:, p + i] = np.asarray(forward(model, buf, buf_mask, p + i - 1))
-        buf_mask[:, p + i] = 1
-    return buf[:, p:]
-
-
-def _transformers_check(path: str, tokens: np.ndarray, mask: np.ndarray, ours: np.ndarray) -> str:
-    try:
-        import torch  # noqa: F401
-        import transformers
-    except ImportError:
-        return "skipped (torch not installed)"
-    from jrft.models.testing import hf_logits
-
-    theirs = hf_logits(transformers.AutoModelForCausalLM.from_pretrained(path).eval(), tokens, mask)
-    diff = float(np.abs(theirs - ours)[mask.astype(bool)].max())
-    if diff > 1e-4:
-        raise SystemExit(f"jrft demo: transformers' logits differ from jrft's by {diff:.2e}")
-    return f"max |logit diff| vs transformers = {diff:.1e}"
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the demo settings")
+    parser.add_argument("--objective", choices=("grpo", "dpo", "rlhf"), default=None, help="default: grpo")
+    parser.add_argument("--out", default=None, help="output directory (default: runs/demo)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of everything random (default: 0)")
+    parser.add_argument(
+        "--config", default=None, help=f"demo settings YAML (default: {DEFAULT_CONFIG} if present)"
+    )
+    parser.add_argument("--quick", action="store_true", help="toy sizes: checks the plumbing in < 1 minute")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="jrft demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
-    parser.add_argument("--max-new", type=int, default=16, help="tokens to generate per prompt")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--skip-transformers", action="store_true", help="skip the transformers load check")
-    args = parser.parse_args(argv)
-    t0 = time.perf_counter()
+    import os
 
-    tokenizer = train_tokenizer(alphabet=ALPHABET)
-    config = _config(len(tokenizer))
-    model = Decoder(config, rngs=nnx.Rngs(args.seed))
-    print(
-        f"[1/5] built a char tokenizer ({len(tokenizer)} tokens) and a random {config.family} model "
-        f"({config.num_params / 1e3:.0f}K params, {config.num_layers} layers, hidden {config.hidden_size})"
-    )
+    from jrft.config import ConfigError
 
-    path = save_pretrained(model, os.path.join(args.out, "model"), tokenizer)
-    print(f"[2/5] saved in transformers format: {path} ({', '.join(sorted(os.listdir(path)))})")
+    args = _parser().parse_args(argv)
+    from jrft.demo import DemoNotBuiltError, load_demo_config, run_demo
+    from jrft.demo.report import write_report
 
-    loaded = from_pretrained(path)
-    batch = tokenizer([tokenizer.bos_token + p for p in PROMPTS], padding=True, padding_side="left")
-    tokens = np.asarray(batch["input_ids"], np.int32)
-    mask = np.asarray(batch["attention_mask"], np.int32)
-    before, after = np.asarray(model(tokens, mask)), np.asarray(loaded(tokens, mask))
-    diff = float(np.abs(before - after)[mask.astype(bool)].max())
-    if diff != 0.0:
-        raise SystemExit(f"jrft demo: reloaded model's logits differ by {diff:.2e}")
-    print(f"[3/5] loaded it back with from_pretrained: logits identical (max diff {diff})")
-
-    hf = "skipped" if args.skip_transformers else _transformers_check(path, tokens, mask, after)
-    print(f"[4/5] transformers.AutoModelForCausalLM check: {hf}")
-
-    generated = np.asarray(jax.jit(greedy_with_cache, static_argnums=3)(loaded, tokens, mask, args.max_new))
-    reference = greedy_full_forward(loaded, tokens, mask, args.max_new)
-    if not np.array_equal(generated, reference):
-        raise SystemExit("jrft demo: KV-cache greedy decoding disagrees with the full-forward loop")
-    print(f"[5/5] greedy generation with the KV cache ({args.max_new} tokens, same as a full-forward loop):")
-    for prompt, row in zip(PROMPTS, generated, strict=True):
-        print(f"      {prompt!r} -> {tokenizer.decode(row.tolist())!r}  (random weights: gibberish expected)")
-    print(f"done in {time.perf_counter() - t0:.1f}s")
+    path = args.config or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)
+    flags = [
+        f"{k}={v}"
+        for k, v in (("objective", args.objective), ("output_dir", args.out), ("seed", args.seed))
+        if v is not None
+    ]
+    try:
+        cfg = load_demo_config(path, [*flags, *args.overrides], quick=args.quick)
+    except ConfigError as e:
+        print(f"jrft demo: {e}", file=sys.stderr)
+        return 2
+    quick = ", quick" if args.quick else ""
+    print(f"jrft demo --objective {cfg.objective} (seed {cfg.seed}{quick}) -> {cfg.output_dir}")
+    try:
+        result = run_demo(cfg, progress=not args.no_progress, log=lambda m: print(m, flush=True))
+    except DemoNotBuiltError as e:
+        print(f"\n{e}", file=sys.stderr)
+        return 3
+    text, _ = write_report(result)
+    print()
+    print(text)
+    print(f"\njrft demo: done in {result.seconds['total'] / 60:.1f} min")
     return 0

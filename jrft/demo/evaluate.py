@@ -1,0 +1,188 @@
+"""Held-out evaluation for the demo: greedy exact match and format rate, preference accuracy, reward scores.
+
+* :func:`evaluate_task` — greedy completions of held-out prompts (``jrft.sampling.generate``, temperature 0,
+  batched), scored by the reward built-ins: ``accuracy`` (the ``<answer>`` tag only, exact numeric match) and
+  ``format`` (strict ``<think>…</think><answer>…</answer>``). The reported numbers are the means.
+* :func:`preference_accuracy` — the fraction of held-out pairs whose chosen completion the policy scores
+  above the rejected one: by summed log-prob ``log pi(y_c|x) > log pi(y_r|x)``, or, with a reference, by
+  DPO's implicit reward ``log pi/pi_ref(y_c|x) > log pi/pi_ref(y_r|x)`` (Rafailov et al. 2023, eq. 5).
+* :func:`reward_scores` — a reward model's scalar on ``prompt + completion`` (its last real token).
+
+Prompts are encoded as the training data encodes plain-text rows: ``[bos] + tokens(prompt)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jrft.rewards import AccuracyReward, ThinkAnswerFormatReward
+from jrft.sampling import generate
+from jrft.sampling.text import decode_completions, left_pad
+from jrft.train.logprobs import shifted_token_logps
+
+# Exact match on the <answer> tag only (no last-number fallback, no symbolic equivalence).
+EXACT_MATCH = AccuracyReward(extract=("answer_tag",), symbolic=False)
+STRICT_FORMAT = ThinkAnswerFormatReward(mode="strict")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskEval:
+    """Greedy held-out results: ``accuracy`` and ``format_rate`` in [0, 1] over ``num`` prompts, and the
+    first few ``samples`` as ``(prompt, completion, answer)``."""
+
+    accuracy: float
+    format_rate: float
+    num: int
+    seconds: float
+    samples: tuple[tuple[str, str, str], ...] = ()
+
+    def as_metrics(self) -> dict[str, float]:
+        return {"accuracy": self.accuracy, "format_rate": self.format_rate}
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """``[bos] + tokens(prompt)``, as ``jrft.data`` encodes plain-text prompts."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos + list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+
+def _chunks(n: int, size: int):
+    for lo in range(0, n, size):
+        yield lo, min(lo + size, n)
+
+
+def greedy_completions(
+    model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int
+) -> list[str]:
+    """Greedy completions ``[N]`` of ``prompts``, ``batch_size`` at a time (the last chunk padded by repeating
+    its first prompt, so every call has the same shape and compiles once)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = [prompt_ids(tokenizer, p) for p in prompts]
+    out: list[str] = []
+    for lo, hi in _chunks(len(ids), batch_size):
+        chunk = ids[lo:hi]
+        chunk = chunk + [chunk[0]] * (min(batch_size, len(ids)) - len(chunk))
+        tokens, mask = left_pad(chunk, pad)  # the sampler rounds the prompt length up to a bucket
+        result = generate(
+            model,
+            tokens,
+            mask,
+            max_new_tokens=max_new_tokens,
+            temperature=0.0,
+            stop_token_ids=[tokenizer.eos_token_id],
+            pad_token_id=pad,
+        )
+        out.extend(decode_completions(tokenizer, result)[: hi - lo])
+    return out
+
+
+def evaluate_task(
+    model,
+    tokenizer,
+    rows: Sequence[Mapping[str, str]],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    num_samples: int = 4,
+) -> TaskEval:
+    """Greedy exact-match accuracy and strict format rate on ``rows`` (``{prompt, answer}``)."""
+    t0 = time.perf_counter()
+    prompts = [r["prompt"] for r in rows]
+    answers = [r["answer"] for r in rows]
+    completions = greedy_completions(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size
+    )
+    correct = EXACT_MATCH(completions=completions, answer=answers)
+    formatted = STRICT_FORMAT(completions=completions)
+    samples = tuple(zip(prompts[:num_samples], completions[:num_samples], answers[:num_samples], strict=True))
+    return TaskEval(
+        accuracy=float(np.mean(correct)),
+        format_rate=float(np.mean(formatted)),
+        num=len(rows),
+        seconds=time.perf_counter() - t0,
+        samples=samples,
+    )
+
+
+def _pad_right(seqs: Sequence[Sequence[int]], pad: int, multiple: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    t = -(-max(len(s) for s in seqs) // multiple) * multiple
+    tokens = np.full((len(seqs), t), pad, np.int32)
+    mask = np.zeros((len(seqs), t), np.int32)
+    for i, s in enumerate(seqs):
+        tokens[i, : len(s)], mask[i, : len(s)] = s, 1
+    return tokens, mask
+
+
+def _encode_pairs(tokenizer, rows: Sequence[Mapping[str, str]]):
+    """``(tokens, attention_mask, completion_mask)`` ``[2N, T]``: N chosen rows then N rejected rows, each
+    ``[bos] prompt completion [eos]`` with the completion (and eos) marked."""
+    eos = [tokenizer.eos_token_id]
+    seqs, marks = [], []
+    for key in ("chosen", "rejected"):
+        for r in rows:
+            p = prompt_ids(tokenizer, r["prompt"])
+            c = list(tokenizer(r[key], add_special_tokens=False)["input_ids"]) + eos
+            seqs.append(p + c)
+            marks.append([0] * len(p) + [1] * len(c))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    tokens, mask = _pad_right(seqs, pad)
+    completion, _ = _pad_right(marks, 0)
+    return tokens, mask, completion
+
+
+@jax.jit
+def _sequence_logps(model, tokens, mask, completion):
+    logps = shifted_token_logps(model, tokens, mask)  # [B, T-1]
+    return jnp.sum(logps * completion[:, 1:], axis=-1)  # [B]
+
+
+def pair_logps(model, tokenizer, rows: Sequence[Mapping[str, str]], batch_size: int = 128):
+    """Summed completion log-probs ``(chosen [N], rejected [N])`` under ``model``."""
+    chosen, rejected = [], []
+    for lo, hi in _chunks(len(rows), batch_size):
+        tokens, mask, completion = _encode_pairs(tokenizer, rows[lo:hi])
+        logps = np.asarray(_sequence_logps(model, tokens, mask, completion))
+        n = hi - lo
+        chosen.append(logps[:n])
+        rejected.append(logps[n:])
+    return np.concatenate(chosen), np.concatenate(rejected)
+
+
+def preference_accuracy(model, tokenizer, rows: Sequence[Mapping[str, str]], *, reference=None) -> float:
+    """Fraction of pairs where the policy prefers ``chosen`` (see the module docstring); ``reference``
+    (a model or precomputed ``(chosen, rejected)`` log-probs) switches to DPO's implicit reward."""
+    c, r = pair_logps(model, tokenizer, rows)
+    if reference is not None:
+        rc, rr = reference if isinstance(reference, tuple) else pair_logps(reference, tokenizer, rows)
+        c, r = c - rc, r - rr
+    return float(np.mean(c > r))
+
+
+@jax.jit
+def _last_scores(model, tokens, mask):
+    scores = model.score(tokens, mask)  # [B, T]
+    last = jnp.sum(mask, axis=-1) - 1  # right padding: the last real token
+    return jnp.take_along_axis(scores, last[:, None], axis=1)[:, 0]
+
+
+def reward_scores(
+    reward_model, tokenizer, prompts: Sequence[str], completions: Sequence[str], batch_size: int = 128
+) -> np.ndarray:
+    """The reward model's score ``[N]`` of each ``[bos] prompt completion [eos]``."""
+    eos = [tokenizer.eos_token_id]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    seqs = [
+        prompt_ids(tokenizer, p) + list(tokenizer(c, add_special_tokens=False)["input_ids"]) + eos
+        for p, c in zip(prompts, completions, strict=True)
+    ]
+    out = []
+    for lo, hi in _chunks(len(seqs), batch_size):
+        tokens, mask = _pad_right(seqs[lo:hi], pad)
+        out.append(np.asarray(_last_scores(reward_model, tokens, mask)))
+    return np.concatenate(out)

@@ -1,0 +1,501 @@
+"""The demo's stages: build -> SFT -> evaluate -> GRPO (or DPO, or reward model + PPO) -> evaluate -> export.
+
+Each training stage is an ordinary jrft run: a :class:`jrft.config.RunConfig` derived from the demo settings
+with ``load_config(None, overrides)`` and trained by ``run_offline`` / ``run_grpo`` / ``run_online``, writing
+its ``metrics.jsonl``, checkpoints and transformers-format export under ``<output_dir>/<stage>/``. The
+stage directories are removed first, so a rerun starts over instead of resuming a finished run.
+
+The story (shared/NOTES.md): SFT on a few hundred labelled problems teaches the
+``<think>…</think><answer>…</answer>`` format but plateaus around 40-50% exact match; GRPO on fresh,
+unlabelled prompts with a programmable correctness + format reward (DeepSeekMath, arXiv 2402.03300) then
+raises accuracy further, because the checker needs no labelled trace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from jrft.config import RunConfig, load_config
+from jrft.demo.evaluate import TaskEval, evaluate_task, preference_accuracy, reward_scores
+from jrft.demo.settings import DemoConfig
+
+
+class DemoNotBuiltError(RuntimeError):
+    """A part of the demo whose jrft machinery is not built yet."""
+
+
+@dataclasses.dataclass
+class DemoResult:
+    """What the report shows: stage timings, before/after numbers, curves' sources and sample completions.
+
+    Attributes:
+      objective: grpo | dpo | rlhf.
+      seconds: stage name -> wall seconds, in order.
+      before, after: metric name -> value (accuracy, format_rate, preference_accuracy, rm_score, ...).
+      metrics_files: stage name -> its metrics.jsonl.
+      samples_before, samples_after: ``(prompt, completion, answer)`` greedy samples.
+      evals: ``(step, accuracy, format_rate)`` held-out evaluations during RL (step 0 = the SFT model).
+      export_dir: the final model in transformers format; load_check: what loading it showed.
+    """
+
+    objective: str
+    output_dir: str
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    before: dict[str, float] = dataclasses.field(default_factory=dict)
+    after: dict[str, float] = dataclasses.field(default_factory=dict)
+    metrics_files: dict[str, str] = dataclasses.field(default_factory=dict)
+    samples_before: tuple = ()
+    samples_after: tuple = ()
+    evals: list[tuple[int, float, float]] = dataclasses.field(default_factory=list)
+    export_dir: str = ""
+    load_check: dict[str, str] = dataclasses.field(default_factory=dict)
+    num_params: int = 0
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class _Timer:
+    def __init__(self, result: DemoResult, name: str, log: Callable[[str], None]):
+        self.result, self.name, self.log = result, name, log
+
+    def __enter__(self):
+        self.log(f"== {self.name}")
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        seconds = time.perf_counter() - self.t0
+        self.result.seconds[self.name] = seconds
+        if exc[0] is None:
+            self.log(f"   {self.name}: {seconds:.1f}s")
+
+
+# --- stage 1: tokenizer, model, task files ---------------------------------------------------------------
+
+
+def build(cfg: DemoConfig, out: str) -> dict[str, str]:
+    """The arithmetic tokenizer and a tiny Llama initialised from scratch (saved in transformers format under
+    ``out/base``), and the task files under ``out/data``. Returns name -> path (``base`` and the files)."""
+    from flax import nnx
+
+    from jrft.data.synthetic import AdditionTask, arithmetic_tokenizer, write_task_files
+    from jrft.models import Decoder, ModelConfig, save_pretrained
+
+    tokenizer = arithmetic_tokenizer()
+    m = cfg.model
+    config = ModelConfig(
+        family="llama",
+        vocab_size=len(tokenizer),
+        hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size,
+        num_layers=m.num_layers,
+        num_heads=m.num_heads,
+        num_kv_heads=m.num_kv_heads,
+        head_dim=m.head_dim,
+        max_position_embeddings=256,
+        tie_embeddings=m.tie_embeddings,
+        hf_extra=tuple(
+            (f"{name}_token_id", json.dumps(getattr(tokenizer, f"{name}_token_id")))
+            for name in ("bos", "eos", "pad")
+        ),
+    )
+    model = Decoder(config, rngs=nnx.Rngs(cfg.seed))
+    paths = {"base": save_pretrained(model, os.path.join(out, "base"), tokenizer)}
+    t = cfg.task
+    paths.update(
+        write_task_files(
+            os.path.join(out, "data"),
+            num_train=t.num_sft,
+            num_heldout=t.num_heldout,
+            num_rl_prompts=t.num_rl_prompts,
+            seed=cfg.seed,
+            task=AdditionTask(num_digits=t.num_digits),
+        )
+    )
+    return paths
+
+
+def num_params(path: str) -> int:
+    from safetensors.numpy import load_file
+
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    return int(sum(v.size for v in tensors.values()))
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# --- run configs of the training stages ------------------------------------------------------------------
+
+
+def stage_config(cfg: DemoConfig, out: str, stage: str, model_path: str, overrides: list[str]) -> RunConfig:
+    """The stage's RunConfig: common settings (seed, mesh, output dir, no intermediate checkpoints), then the
+    stage's ``overrides``. The stage directory is emptied first (a rerun starts over)."""
+    stage_dir = os.path.join(out, stage)
+    shutil.rmtree(stage_dir, ignore_errors=True)
+    return load_config(
+        None,
+        [
+            f"seed={cfg.seed}",
+            f"output_dir={stage_dir}",
+            f"model.path={model_path}",
+            f"mesh.data={cfg.mesh_data}",
+            "train.save_every=0",
+            "train.keep_last=1",
+            *overrides,
+        ],
+    )
+
+
+def _rewards_yaml(cfg: DemoConfig) -> str:
+    """Correctness (exact match inside <answer>) + weighted strict format: the reward built-ins."""
+    accuracy = "{name: accuracy, weight: 1.0, kwargs: {extract: [answer_tag], symbolic: false}}"
+    return f"[{accuracy}, {{name: format, weight: {cfg.grpo.format_weight}}}]"
+
+
+def sft_config(cfg: DemoConfig, out: str, paths: dict[str, str]) -> RunConfig:
+    s = cfg.sft
+    return stage_config(
+        cfg,
+        out,
+        "sft",
+        paths["base"],
+        [
+            "objective=sft",
+            f"data.train={paths['sft_train']}",
+            "data.format=prompt_completion",
+            "data.max_length=64",
+            "data.buckets=16",  # rows are ~46 tokens: pad to 48, not 64
+            f"optim.lr={s.lr}",
+            f"optim.warmup_steps={s.warmup_steps}",
+            "optim.schedule=cosine",
+            f"train.steps={s.steps}",
+            f"train.batch_size={s.batch_size}",
+            f"train.log_every={s.log_every}",
+        ],
+    )
+
+
+def grpo_config(cfg: DemoConfig, out: str, paths: dict[str, str], model_path: str) -> RunConfig:
+    g = cfg.grpo
+    return stage_config(
+        cfg,
+        out,
+        "grpo",
+        model_path,
+        [
+            "objective=grpo",
+            f"data.train={paths['prompts_train']}",
+            "data.format=prompt_only",
+            "data.max_prompt_length=32",
+            "data.max_length=96",
+            "data.buckets=16",
+            f"optim.lr={g.lr}",
+            f"optim.warmup_steps={g.warmup_steps}",
+            "optim.schedule=constant",
+            f"train.steps={g.steps}",
+            f"train.batch_size={g.prompts_per_step}",
+            "train.log_every=1",
+            f"train.eval_every={g.eval_every}",
+            f"grpo.num_generations={g.num_generations}",
+            f"grpo.max_new_tokens={g.max_new_tokens}",
+            f"grpo.temperature={g.temperature}",
+            "grpo.beta=0.0",
+            "grpo.epsilon_low=0.2",
+            "grpo.epsilon_high=0.2",
+            "grpo.loss_aggregation=dapo",
+            f"grpo.reward_functions={_rewards_yaml(cfg)}",
+            f"grpo.log_completions_every={max(g.eval_every, 1)}",
+        ],
+    )
+
+
+def preference_config(
+    cfg: DemoConfig, out: str, paths: dict[str, str], model_path: str, objective: str
+) -> RunConfig:
+    s = cfg.dpo if objective == "dpo" else cfg.reward
+    extra = [f"dpo.beta={cfg.dpo.beta}"] if objective == "dpo" else []
+    return stage_config(
+        cfg,
+        out,
+        objective,
+        model_path,
+        [
+            f"objective={objective}",
+            f"data.train={paths['pref_train']}",
+            "data.format=preference",
+            "data.max_length=96",
+            "data.max_prompt_length=32",
+            "data.max_completion_length=64",
+            "data.buckets=64",
+            f"optim.lr={s.lr}",
+            f"optim.warmup_steps={s.warmup_steps}",
+            "optim.schedule=cosine",
+            f"train.steps={s.steps}",
+            f"train.batch_size={s.batch_size}",
+            "train.log_every=5",
+            *extra,
+        ],
+    )
+
+
+def ppo_config(cfg: DemoConfig, out: str, paths: dict[str, str], model_path: str, rm_path: str) -> RunConfig:
+    p = cfg.ppo
+    return stage_config(
+        cfg,
+        out,
+        "ppo",
+        model_path,
+        [
+            "objective=ppo",
+            f"data.train={paths['prompts_train']}",
+            "data.format=prompt_only",
+            "data.max_prompt_length=32",
+            "data.max_length=96",
+            "data.buckets=16",
+            f"optim.lr={p.lr}",
+            f"optim.warmup_steps={p.warmup_steps}",
+            "optim.schedule=constant",
+            f"train.steps={p.steps}",
+            f"train.batch_size={p.prompts_per_step}",
+            "train.log_every=1",
+            f"ppo.max_new_tokens={p.max_new_tokens}",
+            f"ppo.kl_coef={p.kl_coef}",
+            f"ppo.reward_model={rm_path}",
+        ],
+    )
+
+
+# --- the stages ------------------------------------------------------------------------------------------
+
+
+def _load(path: str):
+    from jrft.models import from_pretrained
+
+    return from_pretrained(path)
+
+
+def _task_eval(cfg: DemoConfig, model, tokenizer, rows) -> TaskEval:
+    e = cfg.eval
+    return evaluate_task(
+        model,
+        tokenizer,
+        rows,
+        max_new_tokens=e.max_new_tokens,
+        batch_size=e.batch_size,
+        num_samples=e.num_samples,
+    )
+
+
+def _sft(cfg, out, paths, result, log, progress) -> str:
+    from jrft.train.offline import export_dir, run_offline
+
+    with _Timer(result, "sft", log):
+        config = sft_config(cfg, out, paths)
+        run_offline(config, progress=progress)
+        result.metrics_files["sft"] = os.path.join(config.output_dir, "metrics.jsonl")
+    return export_dir(config)
+
+
+def check_export(path: str, tokenizer, prompts: list[str]) -> dict[str, str]:
+    """Loads the exported model with ``jrft.models.from_pretrained`` and, when torch is importable, with
+    ``transformers.AutoModelForCausalLM``, and compares their logits on ``prompts``."""
+    from jrft.demo.evaluate import prompt_ids
+    from jrft.sampling.text import left_pad
+
+    model = _load(path)
+    files = sorted(os.listdir(path))
+    check = {"jrft": f"jrft.models.from_pretrained({path!r}) ok ({', '.join(files)})"}
+    try:
+        import torch  # noqa: F401
+        import transformers
+    except ImportError:
+        check["transformers"] = "skipped (torch is not installed)"
+        return check
+    from jrft.models.testing import hf_logits
+
+    pad = tokenizer.pad_token_id
+    tokens, mask = left_pad([prompt_ids(tokenizer, p) for p in prompts], pad)
+    ours = np.asarray(model(tokens, mask))
+    theirs = hf_logits(transformers.AutoModelForCausalLM.from_pretrained(path).eval(), tokens, mask)
+    diff = float(np.abs(theirs - ours)[mask.astype(bool)].max())
+    check["transformers"] = f"AutoModelForCausalLM.from_pretrained ok, max |logit diff| vs jrft = {diff:.1e}"
+    if diff > 1e-3:
+        raise RuntimeError(f"jrft demo: transformers' logits differ from jrft's by {diff:.2e} ({path})")
+    return check
+
+
+def run_grpo_demo(cfg: DemoConfig, result: DemoResult, paths, tokenizer, log, progress) -> None:
+    from jrft.train.offline import export_dir
+    from jrft.train.online import run_grpo
+
+    heldout = read_jsonl(paths["prompts_heldout"])
+    sft_model = _sft(cfg, result.output_dir, paths, result, log, progress)
+    with _Timer(result, "eval before", log):
+        before = _task_eval(cfg, _load(sft_model), tokenizer, heldout)
+    result.before.update(before.as_metrics())
+    result.samples_before = before.samples
+    result.evals.append((0, before.accuracy, before.format_rate))
+    log(f"   SFT model: accuracy {before.accuracy:.1%}, format {before.format_rate:.1%} (n={before.num})")
+
+    last: list[TaskEval] = []
+
+    def eval_fn(model):
+        ev = _task_eval(cfg, model, tokenizer, heldout)
+        last.append(ev)
+        return ev.as_metrics()
+
+    with _Timer(result, "grpo", log):
+        config = grpo_config(cfg, result.output_dir, paths, sft_model)
+        run = run_grpo(config, progress=progress, eval_fn=eval_fn)
+        result.metrics_files["grpo"] = os.path.join(config.output_dir, "metrics.jsonl")
+    for rec in read_jsonl(result.metrics_files["grpo"]):
+        if "eval/accuracy" in rec:
+            result.evals.append((rec["step"], rec["eval/accuracy"], rec["eval/format_rate"]))
+    tail = last[-cfg.grpo.eval_last :]
+    result.after.update(
+        accuracy=float(np.mean([e.accuracy for e in tail])),
+        format_rate=float(np.mean([e.format_rate for e in tail])),
+        final_accuracy=last[-1].accuracy,
+        final_format_rate=last[-1].format_rate,
+        evals_averaged=float(len(tail)),
+    )
+    result.samples_after = last[-1].samples
+    result.export_dir = export_dir(config)
+    with _Timer(result, "export check", log):
+        result.load_check = check_export(result.export_dir, tokenizer, [r["prompt"] for r in heldout[:4]])
+    del run
+
+
+def run_dpo_demo(cfg: DemoConfig, result: DemoResult, paths, tokenizer, log, progress) -> None:
+    from jrft.demo.evaluate import pair_logps
+    from jrft.train.offline import export_dir, run_offline
+
+    heldout = read_jsonl(paths["prompts_heldout"])
+    pairs = read_jsonl(paths["pref_heldout"])
+    sft_model = _sft(cfg, result.output_dir, paths, result, log, progress)
+    with _Timer(result, "eval before", log):
+        reference = _load(sft_model)
+        ref_logps = pair_logps(reference, tokenizer, pairs)
+        ev = _task_eval(cfg, reference, tokenizer, heldout)
+        result.before.update(
+            preference_accuracy=float(np.mean(ref_logps[0] > ref_logps[1])), **ev.as_metrics()
+        )
+        result.samples_before = ev.samples
+    with _Timer(result, "dpo", log):
+        config = preference_config(cfg, result.output_dir, paths, sft_model, "dpo")
+        run_offline(config, progress=progress)
+        result.metrics_files["dpo"] = os.path.join(config.output_dir, "metrics.jsonl")
+    result.export_dir = export_dir(config)
+    with _Timer(result, "eval after", log):
+        policy = _load(result.export_dir)
+        ev = _task_eval(cfg, policy, tokenizer, heldout)
+        result.after.update(
+            preference_accuracy=preference_accuracy(policy, tokenizer, pairs),
+            implicit_reward_accuracy=preference_accuracy(policy, tokenizer, pairs, reference=ref_logps),
+            **ev.as_metrics(),
+        )
+        result.samples_after = ev.samples
+    with _Timer(result, "export check", log):
+        result.load_check = check_export(result.export_dir, tokenizer, [r["prompt"] for r in heldout[:4]])
+
+
+def _rm_accuracy(reward_model, tokenizer, pairs) -> float:
+    prompts = [p["prompt"] for p in pairs]
+    chosen = reward_scores(reward_model, tokenizer, prompts, [p["chosen"] for p in pairs])
+    rejected = reward_scores(reward_model, tokenizer, prompts, [p["rejected"] for p in pairs])
+    return float(np.mean(chosen > rejected))
+
+
+def run_rlhf_demo(cfg: DemoConfig, result: DemoResult, paths, tokenizer, log, progress) -> None:
+    import importlib.util
+
+    from jrft.demo.evaluate import greedy_completions
+    from jrft.models import from_pretrained
+    from jrft.train.offline import export_dir, run_offline
+
+    heldout = read_jsonl(paths["prompts_heldout"])
+    pairs = read_jsonl(paths["pref_heldout"])
+    sft_model = _sft(cfg, result.output_dir, paths, result, log, progress)
+    with _Timer(result, "reward model", log):
+        config = preference_config(cfg, result.output_dir, paths, sft_model, "reward")
+        run_offline(config, progress=progress)
+        result.metrics_files["reward"] = os.path.join(config.output_dir, "metrics.jsonl")
+        rm_path = export_dir(config)
+        reward_model = from_pretrained(rm_path, scalar_head=True)
+    prompts = [r["prompt"] for r in heldout]
+    e = cfg.eval
+
+    def score(model_path: str) -> tuple[float, TaskEval]:
+        model = _load(model_path)
+        texts = greedy_completions(
+            model, tokenizer, prompts, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size
+        )
+        return float(np.mean(reward_scores(reward_model, tokenizer, prompts, texts))), _task_eval(
+            cfg, model, tokenizer, heldout
+        )
+
+    with _Timer(result, "eval before", log):
+        rm_acc = _rm_accuracy(reward_model, tokenizer, pairs)
+        rm_score, ev = score(sft_model)
+        result.before.update(rm_score=rm_score, **ev.as_metrics())
+        result.after["rm_preference_accuracy"] = rm_acc
+        result.samples_before = ev.samples
+    log(f"   reward model: held-out preference accuracy {rm_acc:.1%}; SFT policy's mean score {rm_score:.3f}")
+    if importlib.util.find_spec("jrft.train.ppo_trainer") is None:
+        raise DemoNotBuiltError(
+            "jrft demo --objective rlhf: the reward model is trained and evaluated above (export: "
+            f"{rm_path}), but PPO (jrft/train/ppo_trainer.py) is not built yet, so the PPO half cannot run."
+        )
+    from jrft.train.online import run_online
+
+    with _Timer(result, "ppo", log):
+        config = ppo_config(cfg, result.output_dir, paths, sft_model, rm_path)
+        run_online(config, progress=progress)
+        result.metrics_files["ppo"] = os.path.join(config.output_dir, "metrics.jsonl")
+    result.export_dir = export_dir(config)
+    with _Timer(result, "eval after", log):
+        rm_score, ev = score(result.export_dir)
+        result.after.update(rm_score=rm_score, **ev.as_metrics())
+        result.samples_after = ev.samples
+    with _Timer(result, "export check", log):
+        result.load_check = check_export(result.export_dir, tokenizer, prompts[:4])
+
+
+RUNNERS: dict[str, Callable] = {"grpo": run_grpo_demo, "dpo": run_dpo_demo, "rlhf": run_rlhf_demo}
+
+
+def run_demo(cfg: DemoConfig, *, progress: bool = True, log: Callable[[str], None] = print) -> DemoResult:
+    """Runs the whole demo for ``cfg.objective``; returns what the report needs (also written as
+    ``<output_dir>/result.json``)."""
+    from transformers import AutoTokenizer
+
+    out = os.path.abspath(cfg.output_dir)
+    os.makedirs(out, exist_ok=True)
+    result = DemoResult(objective=cfg.objective, output_dir=out)
+    t0 = time.perf_counter()
+    with _Timer(result, "build", log):
+        paths = build(cfg, out)
+        tokenizer = AutoTokenizer.from_pretrained(paths["base"])
+        result.num_params = num_params(paths["base"])
+        log(
+            f"   tokenizer: {len(tokenizer)} tokens; model: llama, {result.num_params / 1e6:.2f}M parameters "
+            f"(saved in transformers format: {paths['base']}); task files in {os.path.join(out, 'data')}"
+        )
+    try:
+        RUNNERS[cfg.objective](cfg, result, paths, tokenizer, log, progress)
+    finally:
+        result.seconds["total"] = time.perf_counter() - t0
+        with open(os.path.join(out, "result.json"), "w", encoding="utf-8") as f:
+            json.dump(result.to_json(), f, indent=1)
+    return result

@@ -1,0 +1,135 @@
+"""The demo's parts: settings loading, evaluation functions, report rendering."""
+
+import json
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from jrft.config import ConfigError
+from jrft.data import synthetic
+from jrft.demo import evaluate, report
+from jrft.demo.pipeline import DemoResult
+from jrft.demo.settings import QUICK_OVERRIDES, DemoConfig, load_demo_config
+
+
+def test_settings_overrides_quick_and_errors(tmp_path):
+    assert load_demo_config() == DemoConfig()
+    quick = load_demo_config(quick=True, overrides=["grpo.steps=5", "objective=dpo"])
+    assert quick.grpo.steps == 5 and quick.objective == "dpo" and quick.model.num_layers == 1
+    assert len(QUICK_OVERRIDES) == len(set(k.split("=")[0] for k in QUICK_OVERRIDES))
+    with pytest.raises(ConfigError, match=r"objective: must be one of"):
+        load_demo_config(overrides=["objective=ppo"])
+    with pytest.raises(ConfigError, match=r"grpo\.num_generations: must be >= 2"):
+        load_demo_config(overrides=["grpo.num_generations=1"])
+    bad = tmp_path / "demo.yaml"
+    bad.write_text("sft:\n  stepz: 3\n")
+    with pytest.raises(ConfigError, match=r"demo\.yaml: sft\.stepz: unknown key"):
+        load_demo_config(bad)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from jrft.models import Decoder, ModelConfig
+
+    tok = synthetic.arithmetic_tokenizer()
+    cfg = ModelConfig(
+        family="llama",
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=2,
+        head_dim=16,
+    )
+    return tok, Decoder(cfg, rngs=nnx.Rngs(0))
+
+
+def test_exact_match_and_format_use_the_reward_builtins():
+    completions = [
+        "<think>1+2+0=03</think><answer>3</answer>",  # correct, formatted
+        "<think>x</think><answer>4</answer>",  # wrong, formatted
+        "<answer>3</answer>",  # correct, no think block
+        "the answer is 3",  # no answer tag: not counted as correct (no last-number fallback)
+    ]
+    assert evaluate.EXACT_MATCH(completions=completions, answer=["3"] * 4) == [1.0, 0.0, 1.0, 0.0]
+    assert evaluate.STRICT_FORMAT(completions=completions) == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_evaluate_task_chunks_agree_with_one_batch(tiny):
+    tok, model = tiny
+    rows = synthetic.prompt_rows(synthetic.AdditionTask(num_digits=2).sample(7, split="heldout"))
+    whole = evaluate.greedy_completions(
+        model, tok, [r["prompt"] for r in rows], max_new_tokens=8, batch_size=8
+    )
+    chunked = evaluate.greedy_completions(
+        model, tok, [r["prompt"] for r in rows], max_new_tokens=8, batch_size=3
+    )
+    assert whole == chunked and len(whole) == 7
+    ev = evaluate.evaluate_task(model, tok, rows, max_new_tokens=8, batch_size=4, num_samples=2)
+    assert ev.num == 7 and len(ev.samples) == 2 and ev.samples[0][0] == rows[0]["prompt"]
+    assert ev.accuracy == 0.0  # a random model does not add
+
+
+def test_preference_accuracy_against_numpy_log_probs(tiny):
+    tok, model = tiny
+    problems = synthetic.AdditionTask(num_digits=2).sample(6, split="heldout")
+    pairs = synthetic.preference_rows(problems, seed=0)
+    chosen, rejected = evaluate.pair_logps(model, tok, pairs, batch_size=4)
+    # reference: one full forward per sequence, log-softmax in NumPy
+    for i, row in enumerate(pairs):
+        p = evaluate.prompt_ids(tok, row["prompt"])
+        c = tok(row["chosen"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        ids = np.asarray([p + c], np.int32)
+        logits = np.asarray(model(ids, np.ones_like(ids)), np.float64)[0]
+        logp = (
+            logits
+            - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+            - logits.max(-1, keepdims=True)
+        )
+        want = sum(logp[len(p) - 1 + j, t] for j, t in enumerate(c))
+        np.testing.assert_allclose(chosen[i], want, rtol=1e-4, atol=1e-4)
+    assert evaluate.preference_accuracy(model, tok, pairs) == np.mean(chosen > rejected)
+    # against itself as the reference every implicit reward margin is 0: nothing is preferred
+    assert evaluate.preference_accuracy(model, tok, pairs, reference=model) == 0.0
+
+
+def test_reward_scores_read_the_last_real_token(tiny):
+    from jrft.models import Decoder
+
+    tok, model = tiny
+    rm = Decoder(model.config, rngs=nnx.Rngs(1), scalar_head=True)
+    prompts, completions = ["1+2=", "10+20="], ["<answer>3</answer>", "<think>0+0+0=00</think>"]
+    scores = evaluate.reward_scores(rm, tok, prompts, completions)
+    for i in range(2):
+        ids = (
+            evaluate.prompt_ids(tok, prompts[i]) + tok(completions[i], add_special_tokens=False)["input_ids"]
+        )
+        ids = np.asarray([ids + [tok.eos_token_id]], np.int32)
+        np.testing.assert_allclose(scores[i], np.asarray(rm.score(ids, np.ones_like(ids)))[0, -1], rtol=1e-5)
+
+
+def test_report_table_plot_and_samples(tmp_path):
+    metrics = tmp_path / "grpo.jsonl"
+    metrics.write_text(
+        "\n".join(json.dumps({"step": s, "rewards/mean": 0.1 * s, "loss": 1.0}) for s in range(1, 5)) + "\n"
+    )
+    result = DemoResult(
+        objective="grpo",
+        output_dir=str(tmp_path),
+        seconds={"sft": 60.0, "grpo": 120.0},
+        before={"accuracy": 0.45, "format_rate": 0.99},
+        after={"accuracy": 0.70, "format_rate": 0.98, "final_accuracy": 0.72, "evals_averaged": 3.0},
+        metrics_files={"grpo": str(metrics)},
+        samples_before=(("1+2=", "<answer>4</answer>", "3"),),
+        samples_after=(("1+2=", "<answer>3</answer>", "3"),),
+        evals=[(0, 0.45, 0.99), (2, 0.6, 0.98), (4, 0.7, 0.98)],
+    )
+    text = report.table(result)
+    assert "45.0%" in text and "70.0%" in text and "+25.0 pt" in text and "grpo 120s" in text
+    assert "before: <answer>4</answer>" in report.samples(result)
+    assert report.read_curve(str(metrics), ("kl_mean", "rewards/mean"))[0] == "rewards/mean"
+    assert report.read_curve(str(metrics), ("kl_mean",)) is None
+    out, png = report.write_report(result)
+    assert open(png, "rb").read(4) == b"\x89PNG" and "plot:" in out

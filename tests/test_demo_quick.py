@@ -1,0 +1,80 @@
+"""``jrft demo --quick``: every stage runs end to end at toy sizes (plumbing, not learning)."""
+
+import importlib.util
+import json
+
+import pytest
+
+from jrft.commands.demo import main
+
+
+def _png(path) -> bool:
+    return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_grpo_demo_runs_every_stage(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["--quick", "--no-progress", "--out", str(out), "--seed", "3"]) == 0
+    text = capsys.readouterr().out
+    for stage in ("== build", "== sft", "== eval before", "== grpo", "== export check"):
+        assert stage in text, stage
+    assert "held-out exact match" in text and "format rate" in text and "time per stage" in text
+    assert "before:" in text and "after:" in text  # sample completions
+    result = json.loads((out / "result.json").read_text())
+    assert set(result["before"]) == {"accuracy", "format_rate"}
+    assert {"accuracy", "format_rate", "final_accuracy"} <= set(result["after"])
+    assert all(0.0 <= v <= 1.0 for v in (result["before"]["accuracy"], result["after"]["format_rate"]))
+    # evaluations: the SFT model at step 0, then every step of the 2-step quick GRPO run
+    assert [e[0] for e in result["evals"]] == [0, 1, 2]
+    assert _png(out / "report.png") and "report.png" in (out / "report.md").read_text()
+    grpo_metrics = [json.loads(line) for line in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval/accuracy" in r for r in grpo_metrics) and any("rewards/mean" in r for r in grpo_metrics)
+    assert (out / "sft" / "metrics.jsonl").is_file()
+    export = out / "grpo" / "export"
+    assert json.loads((export / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert (export / "tokenizer.json").is_file()
+    assert "from_pretrained" in result["load_check"]["jrft"]
+    if importlib.util.find_spec("torch") is not None:
+        assert "max |logit diff|" in result["load_check"]["transformers"]
+
+
+def test_quick_dpo_demo_reports_preference_accuracy(tmp_path, capsys):
+    out = tmp_path / "dpo"
+    assert main(["--quick", "--no-progress", "--objective", "dpo", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "held-out preference acc." in text and "DPO implicit-reward acc." in text
+    result = json.loads((out / "result.json").read_text())
+    assert 0.0 <= result["before"]["preference_accuracy"] <= 1.0
+    assert 0.0 <= result["after"]["implicit_reward_accuracy"] <= 1.0
+    assert (out / "dpo" / "export" / "config.json").is_file() and _png(out / "report.png")
+
+
+def test_quick_rlhf_demo_trains_the_reward_model(tmp_path, capsys):
+    out = tmp_path / "rlhf"
+    rc = main(["--quick", "--no-progress", "--objective", "rlhf", "--out", str(out)])
+    captured = capsys.readouterr()
+    result = json.loads((out / "result.json").read_text())
+    assert 0.0 <= result["after"]["rm_preference_accuracy"] <= 1.0
+    assert "rm_score" in result["before"]
+    assert (out / "reward" / "export" / "config.json").is_file()
+    if importlib.util.find_spec("jrft.train.ppo_trainer") is None:
+        assert rc == 3 and "PPO (jrft/train/ppo_trainer.py) is not built yet" in captured.err
+    else:
+        assert rc == 0 and "rm_score" in result["after"]
+
+
+def test_bad_override_is_reported_with_its_key(capsys):
+    assert main(["--quick", "grpo.lrr=1"]) == 2
+    assert "grpo.lrr: unknown key" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_full_demo_grpo_improves_heldout_accuracy(tmp_path):
+    """The acceptance run on one seed (~10 minutes on an idle 2-core machine)."""
+    from jrft.demo import load_demo_config, run_demo
+
+    cfg = load_demo_config(None, [f"output_dir={tmp_path / 'full'}", "seed=1"])
+    result = run_demo(cfg, progress=False)
+    gain = result.after["accuracy"] - result.before["accuracy"]
+    assert gain >= 0.15, (result.before, result.after)
+    assert result.after["format_rate"] >= 0.95, result.after
