@@ -7,7 +7,9 @@ function and the offending arguments before anything is computed.
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
+import jax
 import jax.numpy as jnp
+from jax.sharding import AxisType, PartitionSpec
 
 F = TypeVar("F", bound=Callable)
 
@@ -59,3 +61,19 @@ def per_token(advantages, like, fn: str):
             f"got {list(advantages.shape)}"
         )
     return advantages
+
+
+def replicate_if_explicit(x) -> jnp.ndarray:
+    """Replicates ``x`` when it is sharded over *Explicit* mesh axes, else returns it unchanged.
+
+    Under explicit sharding a reshape that splits a sharded axis (``[P * G] -> [P, G]``) is rejected unless
+    the output sharding is spelled out; the arrays reshaped here are small (one value per sequence), so
+    replicating them is free and keeps the functions mesh-agnostic.
+    """
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or AxisType.Explicit not in tuple(getattr(mesh, "axis_types", ())):
+        return x
+    if all(axis is None for axis in sharding.spec):
+        return x
+    return jax.sharding.reshard(x, PartitionSpec())

@@ -18,7 +18,15 @@ sequences, ``T`` completion tokens. Variants are named entries of four registrie
 import jax
 import jax.numpy as jnp
 
-from jrft.losses._checks import as_float, as_mask, check_rank, check_same_shape, lookup, per_token
+from jrft.losses._checks import (
+    as_float,
+    as_mask,
+    check_rank,
+    check_same_shape,
+    lookup,
+    per_token,
+    replicate_if_explicit,
+)
 from jrft.losses.common import batch_counts, kl_estimate, masked_mean
 from jrft.losses.ppo import clipped_objective
 
@@ -116,7 +124,7 @@ def group_advantages(
             f"group_advantages: rewards length {rewards.shape[0]} "
             f"is not a multiple of group_size {group_size}"
         )
-    grouped = as_float(rewards).reshape(-1, group_size)  # [P, G]
+    grouped = replicate_if_explicit(as_float(rewards)).reshape(-1, group_size)  # [P, G]
     valid = ~jnp.isnan(grouped)
     grouped = jnp.where(valid, grouped, 0.0)
     advantages = grouped - baseline_fn(grouped, valid)

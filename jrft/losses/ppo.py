@@ -38,7 +38,7 @@ def gae(rewards, values, mask, *, gamma: float, lam: float, bootstrap_values=Non
     rewards = jnp.where(keep, as_float(rewards), 0.0)
     values = jnp.where(keep, as_float(values), 0.0)
     if bootstrap_values is None:
-        next_value = jnp.zeros(rewards.shape[:1], rewards.dtype)
+        next_value = jnp.zeros_like(rewards[:, 0])  # [B], sharded like the batch
     else:
         check_same_shape("gae", bootstrap_values=bootstrap_values, batch=rewards[:, 0])
         next_value = as_float(bootstrap_values)
