@@ -43,7 +43,7 @@ def _incremental(model, tokens, mask, prompt_len, max_len, bucket=None, cache_dt
     return np.concatenate(out, axis=1), cache
 
 
-@pytest.mark.parametrize("family,bucket", [("llama", None), ("llama", 4), ("qwen3", None), ("gemma", None)])
+@pytest.mark.parametrize("family,bucket", [("llama", None), ("llama", 4), ("qwen3", None), ("gemma2", 4)])
 def test_prefill_and_decode_match_full_forward(family, bucket):
     model = _model(family)
     prompt, prompt_mask = mixed_padding_batch(128, seed=2, lengths=(6, 3, 6, 1))

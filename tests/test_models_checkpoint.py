@@ -28,6 +28,7 @@ def _hf(path):
         ("qwen2", False, "30KB", "2GB"),
         ("qwen3", True, None, "25KB"),
         ("gemma", True, None, "2GB"),
+        ("gemma2", True, None, "2GB"),
     ],
 )
 def test_round_trip_through_transformers(tmp_path, family, tied, source_shard, save_shard):

@@ -29,6 +29,7 @@ CASES = {
     ),
     "qwen3_bias_tied": ("qwen3", {"attention_bias": True, "tie_word_embeddings": True}),
     "gemma_mha": ("gemma", {"num_key_value_heads": 4, "head_dim": 32}),
+    "gemma2_default_layer_types": ("gemma2", {"layer_types": None, "num_hidden_layers": 3}),
 }
 
 
@@ -89,3 +90,19 @@ def test_segment_ids_packed_equals_separate():
     out = np.asarray(model(packed, segment_ids=segments))
     np.testing.assert_allclose(out[:, :5], np.asarray(model(a)), atol=1e-5)
     np.testing.assert_allclose(out[:, 5:], np.asarray(model(b)), atol=1e-5)
+
+
+def test_gemma2_window_and_soft_caps_are_used():
+    from flax import nnx
+
+    from jrft.models.testing import tiny_hf_config
+
+    cfg = ModelConfig.from_hf(tiny_hf_config("gemma2"))
+    assert cfg.sliding_layers == (True, False) and cfg.sliding_window == 4 and cfg.attn_scale == 24**-0.5
+    tokens, mask = mixed_padding_batch(128, lengths=(12, 9))
+    forward = jax.jit(lambda m, t, a: m(t, a))
+    base = np.asarray(forward(Decoder(cfg, rngs=nnx.Rngs(0)), tokens, mask))
+    assert np.abs(base).max() <= 3.0  # final soft cap
+    for change in ({"sliding_window": None, "sliding_layers": ()}, {"attn_softcap": 1e-4}):
+        other = np.asarray(forward(Decoder(cfg.replace(**change), rngs=nnx.Rngs(0)), tokens, mask))
+        assert np.abs(other - base)[mask == 1].max() > 1e-4, change

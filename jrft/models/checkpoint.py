@@ -61,6 +61,18 @@ HF_TENSORS: dict[str, tuple[str, int | None]] = {
     "layers/w_up": (_L + "mlp.up_proj.weight", 1),
     "layers/w_down": (_L + "mlp.down_proj.weight", 1),
 }
+# Gemma 2's "sandwich" norms: its post_attention_layernorm normalises the attention OUTPUT, and the pre-MLP
+# norm is pre_feedforward_layernorm.
+_POST_NORM_TENSORS = {
+    "layers/post_attn_norm": (_L + "post_attention_layernorm.weight", None),
+    "layers/mlp_norm": (_L + "pre_feedforward_layernorm.weight", None),
+    "layers/post_mlp_norm": (_L + "post_feedforward_layernorm.weight", None),
+}
+
+
+def hf_tensor_table(config: ModelConfig) -> dict[str, tuple[str, int | None]]:
+    """``HF_TENSORS`` adjusted for ``config``'s family."""
+    return {**HF_TENSORS, **_POST_NORM_TENSORS} if config.post_norms else HF_TENSORS
 
 
 class CheckpointError(ValueError):
@@ -154,9 +166,9 @@ def _path_str(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
-def _tensor_names(name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
+def _tensor_names(table, name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
     """(transformers name, transformers shape) of every tensor making up jrft parameter ``name``."""
-    template, n_in = HF_TENSORS[name]
+    template, n_in = table[name]
     if "{i}" not in template:
         return [(template, _hf_shape(shape, n_in))]
     return [(template.format(i=i), _hf_shape(shape[1:], n_in)) for i in range(shape[0])]
@@ -277,11 +289,12 @@ def from_pretrained(
     graphdef, state = nnx.split(abstract)
     flat = [(_path_str(p), v) for p, v in nnx.to_flat_state(state)]
     fresh = {"scalar_head/kernel"} if scalar_head and "score.weight" not in files else set()
+    table = hf_tensor_table(config)
     expected = {
         hf_name: hf_shape
         for name, var in flat
         if name not in fresh
-        for hf_name, hf_shape in _tensor_names(name, var.get_value().shape)
+        for hf_name, hf_shape in _tensor_names(table, name, var.get_value().shape)
     }
     np_dtype = np.dtype(jnp.dtype(param_dtype))
     with contextlib.ExitStack() as stack:
@@ -298,7 +311,7 @@ def from_pretrained(
                 key = jax.random.key(seed)
                 host = np.asarray(jax.random.normal(key, shape) / math.sqrt(shape[0])).astype(np_dtype)
             else:
-                template, n_in = HF_TENSORS[name]
+                template, n_in = table[name]
                 host = np.empty(shape, np_dtype)
                 if "{i}" in template:  # stack the per-layer tensors
                     for i in range(shape[0]):
@@ -329,10 +342,10 @@ def parse_size(size: int | str) -> int:
 
 def _hf_tensors(model: Decoder, dtype) -> list[tuple[str, np.ndarray]]:
     """All of ``model``'s parameters as transformers tensors, in a stable order."""
-    out = []
+    out, table = [], hf_tensor_table(model.config)
     for path_key, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         name = _path_str(path_key)
-        template, n_in = HF_TENSORS[name]
+        template, n_in = table[name]
         value = var.get_value()
         if isinstance(value, jax.Array) and not value.is_fully_addressable:  # multi-host: gather the slices
             from jax.experimental import multihost_utils

@@ -7,7 +7,10 @@ Families are registered in ``FAMILIES`` (model_type -> small reader/writer pair)
 * ``qwen2``  — Qwen2 / Qwen2.5: bias on the q/k/v projections.
 * ``qwen3``  — Qwen3 (dense): RMSNorm over each head of q and k before RoPE (no projection bias by default).
 * ``gemma``  — Gemma 1: GeGLU (tanh-approximate GELU), embeddings scaled by sqrt(hidden), RMSNorm with
-  ``(1 + w)``, tied embeddings. Gemma 2/3 (soft-capping, sliding windows, extra norms) are not supported.
+  ``(1 + w)``, tied embeddings.
+* ``gemma2`` — Gemma 2: Gemma 1 plus RMSNorms on the attention and MLP outputs ("sandwich" norms),
+  ``query_pre_attn_scalar``, tanh soft-capping of attention scores and final logits, and sliding-window
+  attention on the layers ``layer_types`` marks. (Gemma 3 is not supported.)
 
 Keys of ``config.json`` that jrft does not model (token ids, ``initializer_range``, ...) are kept verbatim in
 ``hf_extra`` so that ``to_hf()`` writes them back unchanged.
@@ -58,7 +61,7 @@ class ModelConfig:
     as sorted tuples of pairs.
     """
 
-    family: str  # transformers model_type: llama | qwen2 | qwen3 | gemma
+    family: str  # transformers model_type: llama | qwen2 | qwen3 | gemma | gemma2
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -79,6 +82,13 @@ class ModelConfig:
     norm_plus_one: bool = False  # gemma: RMSNorm scales by (1 + w)
     scale_embeddings: bool = False  # gemma: embeddings * sqrt(hidden_size)
     hidden_act: str = "silu"  # silu (SwiGLU) | gelu_pytorch_tanh (GeGLU)
+    # Gemma 2 (None / False / () elsewhere):
+    post_norms: bool = False  # RMSNorm on the attention and MLP outputs before each residual add
+    query_pre_attn_scalar: float | None = None  # scores scaled by this ** -0.5 instead of head_dim ** -0.5
+    attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap)
+    final_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
+    sliding_window: int | None = None  # keys at most this many slots back (exclusive), on sliding layers
+    sliding_layers: tuple[bool, ...] = ()  # per layer: True = sliding-window attention
     # Unmodelled config.json entries, (key, json-encoded value) pairs, written back by to_hf().
     hf_extra: tuple[tuple[str, str], ...] = ()
 
@@ -96,10 +106,18 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.rope_type: unsupported {self.rope_type!r}; supported: {ROPE_TYPES}"
             )
+        if self.sliding_layers and len(self.sliding_layers) != self.num_layers:
+            raise ValueError(
+                f"ModelConfig.sliding_layers: {len(self.sliding_layers)} entries for {self.num_layers} layers"
+            )
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(
                 f"ModelConfig.hidden_act: unsupported {self.hidden_act!r}; supported: {ACTIVATIONS}"
             )
+
+    @property
+    def attn_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     @property
     def rope_params(self) -> dict[str, Any]:
@@ -121,7 +139,7 @@ class ModelConfig:
         )
         attn = d * h * hd * 2 + d * kv * hd * 2
         attn += (h * hd + 2 * kv * hd) * self.qkv_bias + d * self.o_bias + 2 * hd * self.qk_norm
-        per_layer = attn + 3 * d * f + 2 * d
+        per_layer = attn + 3 * d * f + 2 * d * (2 if self.post_norms else 1)
         embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         return self.num_layers * per_layer + embed + d
 
@@ -260,6 +278,44 @@ def _read_gemma(cfg):
     return _common_from_hf(cfg, norm_plus_one=True, scale_embeddings=True, default_tie=True)
 
 
+def _read_gemma2(cfg):
+    n = cfg["num_hidden_layers"]
+    # transformers' default: layers 0, 2, 4, ... slide, the others attend globally
+    default = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
+    types = cfg.get("layer_types") or default
+    unknown = sorted(set(types) - {"sliding_attention", "full_attention"})
+    if unknown:
+        raise ValueError(f"layer_types {unknown} are not supported")
+    window = cfg.get("sliding_window")
+    return _common_from_hf(
+        cfg,
+        norm_plus_one=True,
+        scale_embeddings=True,
+        default_tie=True,
+        post_norms=True,
+        query_pre_attn_scalar=cfg.get("query_pre_attn_scalar"),
+        attn_softcap=cfg.get("attn_logit_softcapping"),
+        final_softcap=cfg.get("final_logit_softcapping"),
+        sliding_window=window,
+        sliding_layers=tuple(t == "sliding_attention" for t in types) if window else (),
+    )
+
+
+def _write_gemma2(mc, out):
+    out.update(
+        attention_bias=mc.qkv_bias,
+        hidden_activation=mc.hidden_act,
+        query_pre_attn_scalar=mc.query_pre_attn_scalar,
+        attn_logit_softcapping=mc.attn_softcap,
+        final_logit_softcapping=mc.final_softcap,
+        sliding_window=mc.sliding_window,
+        layer_types=[
+            "sliding_attention" if mc.sliding_layers and mc.sliding_layers[i] else "full_attention"
+            for i in range(mc.num_layers)
+        ],
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
     architecture: str  # transformers causal-LM class written to config.json
@@ -273,4 +329,5 @@ FAMILIES: dict[str, Family] = {
     "qwen2": Family("Qwen2ForCausalLM", _read_qwen2, _write_qwen2, "Qwen2ForSequenceClassification"),
     "qwen3": Family("Qwen3ForCausalLM", _read_qwen3, _write_llama, "Qwen3ForSequenceClassification"),
     "gemma": Family("GemmaForCausalLM", _read_gemma, _write_llama, "GemmaForSequenceClassification"),
+    "gemma2": Family("Gemma2ForCausalLM", _read_gemma2, _write_gemma2, "Gemma2ForSequenceClassification"),
 }

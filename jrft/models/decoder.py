@@ -32,6 +32,7 @@ from jrft.models.layers import (
     rms_norm,
     rope_cos_sin,
     rope_inv_freq,
+    window_mask,
 )
 from jrft.parallel.sharding import with_logical_constraint
 
@@ -76,6 +77,9 @@ def layer_param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
         specs["bv"] = ParamSpec((L, K, Dh), ("layers", "kv_heads", "head_dim"), "zeros")
     if cfg.o_bias:
         specs["bo"] = ParamSpec((L, D), ("layers", "embed"), "zeros")
+    if cfg.post_norms:
+        specs["post_attn_norm"] = ParamSpec((L, D), ("layers", "norm"), norm)
+        specs["post_mlp_norm"] = ParamSpec((L, D), ("layers", "norm"), norm)
     if cfg.qk_norm:
         specs["q_norm"] = ParamSpec((L, Dh), ("layers", "head_dim"), "ones")
         specs["k_norm"] = ParamSpec((L, Dh), ("layers", "head_dim"), "ones")
@@ -177,11 +181,25 @@ def _attn_out_and_mlp(cfg: ModelConfig, p, x, attn):
     y = attn @ p["wo"].reshape(-1, d)  # [B*T, D]
     if cfg.o_bias:
         y = y + p["bo"]
+    if cfg.post_norms:  # Gemma 2 normalises each branch's output before the residual add
+        y = rms_norm(y, p["post_attn_norm"], cfg.rms_norm_eps, cfg.norm_plus_one)
     x = with_logical_constraint(x + y.reshape(b, t, d), ACT_BTD)
     h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps, cfg.norm_plus_one).reshape(b * t, d)
     g = ACTIVATIONS[cfg.hidden_act](h @ p["w_gate"]) * (h @ p["w_up"])  # [B*T, F]
     g = checkpoint_name(g, "mlp_hidden")
-    return with_logical_constraint(x + (g @ p["w_down"]).reshape(b, t, d), ACT_BTD)
+    y = g @ p["w_down"]  # [B*T, D]
+    if cfg.post_norms:
+        y = rms_norm(y, p["post_mlp_norm"], cfg.rms_norm_eps, cfg.norm_plus_one)
+    return with_logical_constraint(x + y.reshape(b, t, d), ACT_BTD)
+
+
+def _layer_mask(full: jax.Array, windowed: jax.Array | None, sliding: jax.Array) -> jax.Array:
+    """This layer's mask: the sliding-window one on sliding layers (``sliding``: a scanned bool scalar)."""
+    return full if windowed is None else jnp.where(sliding, windowed, full)
+
+
+def _sliding_flags(cfg: ModelConfig) -> jax.Array:
+    return jnp.asarray(cfg.sliding_layers or (False,) * cfg.num_layers)
 
 
 def _cast(p: dict[str, jax.Array], dtype) -> dict[str, jax.Array]:
@@ -190,7 +208,7 @@ def _cast(p: dict[str, jax.Array], dtype) -> dict[str, jax.Array]:
 
 
 class Decoder(nnx.Module):
-    """A decoder-only transformer (Llama / Qwen2 / Qwen3 / Gemma 1) with stacked, scanned layers.
+    """A decoder-only transformer (Llama / Qwen2 / Qwen3 / Gemma 1 and 2) with stacked, scanned layers.
 
     Args:
       config: the model's shape and variant.
@@ -248,6 +266,8 @@ class Decoder(nnx.Module):
         b, t, d = hidden.shape
         w = self.embed[...].T if self.lm_head is None else self.lm_head[...]  # [D, V]
         logits = jnp.dot(hidden.reshape(b * t, d), w.astype(self.dtype), preferred_element_type=jnp.float32)
+        if self.config.final_softcap is not None:  # Gemma 2
+            logits = self.config.final_softcap * jnp.tanh(logits / self.config.final_softcap)
         return with_logical_constraint(logits.reshape(b, t, -1), ("batch", "seq", "act_vocab"))
 
     # -- full-sequence forward --------------------------------------------------------------------
@@ -277,17 +297,18 @@ class Decoder(nnx.Module):
             positions = positions_from_mask(attention_mask, segment_ids)
         slots = jnp.arange(t, dtype=jnp.int32)
         mask = causal_mask(attention_mask, slots, slots, segment_ids)  # [B, T, T]
+        windowed = window_mask(mask, slots, slots, cfg.sliding_window)
         cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg), self.dtype)
-        scale = cfg.head_dim**-0.5
 
-        def layer(x, p):
+        def layer(x, xs):
+            p, sliding = xs
             p = _cast(p, self.dtype)
             q, k, v = _qkv(cfg, p, x, cos, sin)
-            return _attn_out_and_mlp(cfg, p, x, attention(q, k, v, mask, scale)), None
+            attn = attention(q, k, v, _layer_mask(mask, windowed, sliding), cfg.attn_scale, cfg.attn_softcap)
+            return _attn_out_and_mlp(cfg, p, x, attn), None
 
-        x, _ = jax.lax.scan(
-            remat(layer, self.remat), self._embed(tokens), self.layers.arrays(cfg), unroll=self.scan_unroll
-        )
+        xs = (self.layers.arrays(cfg), _sliding_flags(cfg))
+        x, _ = jax.lax.scan(remat(layer, self.remat), self._embed(tokens), xs, unroll=self.scan_unroll)
         return self._final(x)
 
     def __call__(
@@ -349,15 +370,16 @@ class Decoder(nnx.Module):
         b, t = tokens.shape
         s_att = attention_mask.shape[1]
         cache_index = jnp.asarray(cache_index, jnp.int32)
-        mask = causal_mask(attention_mask, cache_index + jnp.arange(t, dtype=jnp.int32), jnp.arange(s_att))
+        q_slots, k_slots = cache_index + jnp.arange(t, dtype=jnp.int32), jnp.arange(s_att, dtype=jnp.int32)
+        mask = causal_mask(attention_mask, q_slots, k_slots)
+        windowed = window_mask(mask, q_slots, k_slots, cfg.sliding_window)
         cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg), self.dtype)
-        scale = cfg.head_dim**-0.5
         zero = jnp.zeros((), jnp.int32)
         k_shape = (1, b, cfg.num_kv_heads, s_att, cfg.head_dim)
 
         def layer(carry, xs):
             x, ck, cv = carry  # ck, cv: the whole [L, B, K, S, Dh] cache, updated in place
-            p, i = xs
+            p, i, sliding = xs
             p = _cast(p, self.dtype)
             q, k, v = _qkv(cfg, p, x, cos, sin)  # k, v [B, K, T, Dh]
             start = (i, zero, zero, cache_index, zero)
@@ -365,12 +387,14 @@ class Decoder(nnx.Module):
             cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), start)
             k_att = jax.lax.dynamic_slice(ck, (i, zero, zero, zero, zero), k_shape)[0].astype(self.dtype)
             v_att = jax.lax.dynamic_slice(cv, (i, zero, zero, zero, zero), k_shape)[0].astype(self.dtype)
-            x = _attn_out_and_mlp(cfg, p, x, attention(q, k_att, v_att, mask, scale))
+            layer_mask = _layer_mask(mask, windowed, sliding)
+            attn = attention(q, k_att, v_att, layer_mask, cfg.attn_scale, cfg.attn_softcap)
+            x = _attn_out_and_mlp(cfg, p, x, attn)
             return (x, ck, cv), None
 
         ck = with_logical_constraint(cache.k, CACHE_AXES)
         cv = with_logical_constraint(cache.v, CACHE_AXES)
-        xs = (self.layers.arrays(cfg), jnp.arange(cfg.num_layers, dtype=jnp.int32))
+        xs = (self.layers.arrays(cfg), jnp.arange(cfg.num_layers, dtype=jnp.int32), _sliding_flags(cfg))
         (x, ck, cv), _ = jax.lax.scan(layer, (self._embed(tokens), ck, cv), xs, unroll=self.scan_unroll)
         if last_only:
             x = x[:, -1:]

@@ -87,7 +87,9 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 # --- attention ----------------------------------------------------------------------------------
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+def attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float, softcap: float | None = None
+) -> jax.Array:
     """Grouped-query scaled dot-product attention (Ainslie et al. 2023, GQA).
 
     Args:
@@ -96,6 +98,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: 
       mask: ``[B, T, S]`` bool, True where query t may attend key s. A row with no True key gets uniform
         weights (finite, no NaN); such rows are padding and are ignored downstream.
       scale: multiplies the scores (``Dh ** -0.5``).
+      softcap: Gemma 2's ``cap * tanh(scores / cap)`` before masking (None: off).
 
     Returns:
       ``[B, T, H, Dh]`` in ``q.dtype``; scores and softmax in float32.
@@ -104,6 +107,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: 
     kv = k.shape[1]
     qg = q.reshape(b, t, kv, h // kv, dh)  # [B, T, K, G, Dh]
     scores = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    if softcap is not None:
+        scores = softcap * jnp.tanh(scores / softcap)
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)  # [B, K, G, T, S]
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bksd->btkgd", probs, v)  # [B, T, K, G, Dh]
@@ -127,6 +132,16 @@ def causal_mask(
     if segment_ids is not None:
         mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
     return mask
+
+
+def window_mask(
+    mask: jax.Array, query_slots: jax.Array, key_slots: jax.Array, window: int | None
+) -> jax.Array | None:
+    """``mask`` restricted to keys fewer than ``window`` slots back (sliding-window attention), or None."""
+    if window is None:
+        return None
+    qs = query_slots if query_slots.ndim == 2 else query_slots[None, :]
+    return mask & (qs[:, :, None] - key_slots[None, None, :] < window)
 
 
 # --- gated MLPs: SwiGLU (Shazeer 2020, "GLU Variants Improve Transformer") and GeGLU ------------

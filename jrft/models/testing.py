@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-FAMILY_NAMES = ("llama", "qwen2", "qwen3", "gemma")
+FAMILY_NAMES = ("llama", "qwen2", "qwen3", "gemma", "gemma2")
 
 _TINY: dict[str, Any] = dict(
     vocab_size=128,
@@ -33,11 +33,21 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen2": dict(hidden_act="silu", tie_word_embeddings=False),
     "qwen3": dict(hidden_act="silu", tie_word_embeddings=False),
     "gemma": dict(hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True),
+    # small window and soft caps so that both bite on tiny inputs
+    "gemma2": dict(
+        hidden_activation="gelu_pytorch_tanh",
+        tie_word_embeddings=True,
+        query_pre_attn_scalar=24,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"],
+        attn_logit_softcapping=2.0,
+        final_logit_softcapping=3.0,
+    ),
 }
 
 
 def tiny_hf_config(family: str, **overrides) -> dict[str, Any]:
-    """A ``config.json`` dict for a tiny model of ``family`` (llama | qwen2 | qwen3 | gemma).
+    """A ``config.json`` dict for a tiny model of ``family`` (llama | qwen2 | qwen3 | gemma | gemma2).
 
     Defaults: vocab 128, hidden 64, MLP 96, 2 layers, 4 heads of 16, 2 kv heads. ``rope_parameters`` may be
     overridden (e.g. llama3 scaling); any key may be overridden.
