@@ -65,3 +65,13 @@ def test_unsupported_options_are_named():
     del bad["hidden_size"]
     with pytest.raises(ValueError, match="hidden_size"):
         ModelConfig.from_hf(bad)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_num_params_matches_transformers(family):
+    from jrft.models.testing import build_hf_model
+
+    overrides = {"attention_bias": True} if family in ("llama", "qwen3") else {}
+    hf_config = tiny_hf_config(family, **overrides)
+    hf = build_hf_model(hf_config, noise=0.0)
+    assert ModelConfig.from_hf(hf_config).num_params == sum(p.numel() for p in hf.parameters())
