@@ -8,7 +8,8 @@ on CPU is dominated by per-op overhead, not FLOPs (see shared/NOTES.md), and thr
   matmul against ``[D, 2F]``; the fused weights are concatenated once per ``generate`` call, outside the loop
   (``fuse_decode_weights``; a transient copy of those weights, freed when generation ends);
 * 2-D activations ``[B, D]`` throughout (a decode step has T = 1);
-* attention reads only the first ``s_att`` cache slots (a static bucket chosen by the caller).
+* attention reads only the filled bucket of the cache (``decode_step``: the first ``s_att`` slots of the
+  stacked cache; ``decode_step_unrolled``: whole per-layer arrays that the caller grows bucket by bucket).
 
 It uses the model's own building blocks (``rms_norm``, RoPE frequencies, embedding, final norm, LM head) and
 its stacked parameters by name (``Decoder.layers``: ``wq, wk, wv, wo, w_gate, w_up, w_down, attn_norm,
@@ -78,6 +79,26 @@ def _rope_1(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1) * sin
 
 
+def _rope_cos_sin_1(cfg, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos, sin ``[B, 1, Dh]`` for one position per row (angles in float32, as the model computes them)."""
+    freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(rope_inv_freq(cfg))  # [B, Dh/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, None, :]  # [B, 1, Dh]
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def _attend_1(cfg, p, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
+    """One query per row against its cache, then the output projection: ``q [B, H, Dh]``, ``k, v
+    [B, K, S, Dh]``, ``bias [B, 1, 1, S]`` (0 or float32 min) -> ``[B, D]``. Scores and softmax in float32."""
+    b, h_, dh = q.shape
+    k_ = k.shape[1]
+    qg = q.reshape(b, k_, h_ // k_, dh)  # [B, K, G, Dh]
+    scores = jnp.einsum("bkgd,bksd->bkgs", qg, k, preferred_element_type=jnp.float32) * dh**-0.5 + bias
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, K, G, S]
+    attn = jnp.einsum("bkgs,bksd->bkgd", probs, v).reshape(b, h_ * dh)
+    y = attn @ p["wo"]  # [B, D]
+    return y + p["bo"] if cfg.o_bias else y
+
+
 def _project_qkv(cfg, p, h):
     """``h [B, D]`` -> q ``[B, H*Dh]``, k, v ``[B, K*Dh]``."""
     hq, hk = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
@@ -131,11 +152,8 @@ def decode_step(
     b, s_att = key_valid.shape
     h_, k_, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     eps, plus_one = cfg.rms_norm_eps, cfg.norm_plus_one
-    freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(rope_inv_freq(cfg))  # [B, Dh/2]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, None, :]  # [B, 1, Dh]
-    cos, sin = jnp.cos(emb).astype(dt), jnp.sin(emb).astype(dt)
+    cos, sin = _rope_cos_sin_1(cfg, positions, dt)
     bias = jnp.where(key_valid, 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]  # [B, 1, 1, s_att]
-    scale = dh**-0.5
     zero = jnp.zeros((), jnp.int32)
     x = model._embed(tokens[:, None])[:, 0]  # [B, D]
 
@@ -153,14 +171,7 @@ def decode_step(
         cv = jax.lax.dynamic_update_slice(cv, v[None, :, :, None, :].astype(cv.dtype), start)
         k_att = jax.lax.dynamic_slice(ck, (i, zero, zero, zero, zero), (1, b, k_, s_att, dh))[0].astype(dt)
         v_att = jax.lax.dynamic_slice(cv, (i, zero, zero, zero, zero), (1, b, k_, s_att, dh))[0].astype(dt)
-        qg = q.reshape(b, k_, h_ // k_, dh)  # [B, K, G, Dh]
-        scores = jnp.einsum("bkgd,bksd->bkgs", qg, k_att, preferred_element_type=jnp.float32) * scale + bias
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)  # [B, K, G, s_att]
-        attn = jnp.einsum("bkgs,bksd->bkgd", probs, v_att).reshape(b, h_ * dh)
-        y = attn @ p["wo"]  # [B, D]
-        if cfg.o_bias:
-            y = y + p["bo"]
-        x = x + y
+        x = x + _attend_1(cfg, p, q, k_att, v_att, bias)
         h = rms_norm(x, p["mlp_norm"], eps, plus_one)
         x = x + _gated_mlp(cfg, p, h) @ p["w_down"]
         return (x, ck, cv), None
@@ -192,24 +203,19 @@ def decode_step_unrolled(
     slot: jax.Array,
     key_valid: jax.Array,
 ):
-    """``decode_step`` with the layers unrolled: per-layer weights ``layers`` and per-layer caches
-    ``ks, vs`` (each ``[B, K, S, Dh]``). Attention reads the cache BEFORE this step's write (the new key is
-    scored separately and joined in the softmax), so the in-place write never forces a copy of the cache.
+    """``decode_step`` with the layers unrolled over per-layer weights ``layers`` and per-layer caches
+    ``ks, vs`` (each ``[B, K, S, Dh]``); attention reads each whole cache array (``key_valid [B, S]``, True at
+    ``slot``), so callers size the caches to the attended bucket rather than slicing them.
 
-    ``key_valid [B, s_att]`` must be False at ``slot`` (not yet written) — the new token is added explicitly.
     Returns float32 logits ``[B, V]`` and the updated ``ks, vs``.
     """
     cfg = model.config
     dt = model.dtype
-    b, s_att = key_valid.shape
+    b = tokens.shape[0]
     h_, k_, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    g_ = h_ // k_
     eps, plus_one = cfg.rms_norm_eps, cfg.norm_plus_one
-    freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(rope_inv_freq(cfg))  # [B, Dh/2]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, None, :]  # [B, 1, Dh]
-    cos, sin = jnp.cos(emb).astype(dt), jnp.sin(emb).astype(dt)
-    bias = jnp.where(key_valid, 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]  # [B, 1, 1, s_att]
-    scale = dh**-0.5
+    cos, sin = _rope_cos_sin_1(cfg, positions, dt)
+    bias = jnp.where(key_valid, 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]  # [B, 1, 1, S]
     zero = jnp.zeros((), jnp.int32)
     x = model._embed(tokens[:, None])[:, 0]  # [B, D]
     new_ks, new_vs = [], []
@@ -220,27 +226,14 @@ def decode_step_unrolled(
         if cfg.qk_norm:
             q, k = rms_norm(q, p["q_norm"], eps), rms_norm(k, p["k_norm"], eps)
         q, k = _rope_1(q, cos, sin), _rope_1(k, cos, sin)
-        qg = q.reshape(b, k_, g_, dh)  # [B, K, G, Dh]
-        k_old, v_old = ck[:, :, :s_att].astype(dt), cv[:, :, :s_att].astype(dt)  # [B, K, s_att, Dh]
-        s_old = jnp.einsum("bkgd,bksd->bkgs", qg, k_old, preferred_element_type=jnp.float32) * scale + bias
-        s_new = jnp.einsum(
-            "bkgd,bkd->bkg", qg, k.astype(ck.dtype).astype(dt), preferred_element_type=jnp.float32
-        )
-        s_new = s_new[..., None] * scale  # [B, K, G, 1]
-        m = jnp.maximum(jnp.max(s_old, axis=-1, keepdims=True), s_new)
-        e_old, e_new = jnp.exp(s_old - m), jnp.exp(s_new - m)
-        denom = jnp.sum(e_old, axis=-1, keepdims=True) + e_new
-        v_new = v.astype(cv.dtype).astype(dt)
-        attn = jnp.einsum("bkgs,bksd->bkgd", (e_old / denom).astype(dt), v_old)
-        attn = attn + (e_new / denom).astype(dt) * v_new[:, :, None, :]  # [B, K, G, Dh]
-        y = attn.reshape(b, h_ * dh) @ p["wo"]  # [B, D]
-        if cfg.o_bias:
-            y = y + p["bo"]
-        x = x + y
+        # write first, then read: with region-analysis copy insertion XLA:CPU updates the carry in place
+        start = (zero, zero, slot, zero)
+        ck = jax.lax.dynamic_update_slice(ck, k[:, :, None, :].astype(ck.dtype), start)
+        cv = jax.lax.dynamic_update_slice(cv, v[:, :, None, :].astype(cv.dtype), start)
+        new_ks.append(ck)
+        new_vs.append(cv)
+        x = x + _attend_1(cfg, p, q, ck.astype(dt), cv.astype(dt), bias)
         h = rms_norm(x, p["mlp_norm"], eps, plus_one)
         x = x + _gated_mlp(cfg, p, h) @ p["w_down"]
-        start = (zero, zero, slot, zero)
-        new_ks.append(jax.lax.dynamic_update_slice(ck, k[:, :, None, :].astype(ck.dtype), start))
-        new_vs.append(jax.lax.dynamic_update_slice(cv, v[:, :, None, :].astype(cv.dtype), start))
     logits = model.logits_from_hidden(model._final(x)[:, None])[:, 0]  # [B, V]
     return logits, tuple(new_ks), tuple(new_vs)

@@ -148,11 +148,10 @@ def _record(out, t, tok, lp, finished, stop_ids, pad_id):
 
 class _Step(NamedTuple):
     """A decode-step layout: the loop-carried cache it starts from, ``run(tokens, positions, cache, slot,
-    key_valid) -> (logits, cache)``, and whether ``key_valid`` covers the slot being written."""
+    key_valid) -> (logits, cache)`` (``key_valid`` covers the slot being written) and ``grow``."""
 
     init: Any
     run: Callable
-    includes_slot: bool
     grow: Callable  # (cache, extra slots) -> the cache with ``extra`` empty slots appended
 
 
@@ -171,7 +170,7 @@ def _scan_step(model, weights, cache: KVCache) -> _Step:
     def grow(cache, extra):
         return KVCache(*(with_logical_constraint(_pad_slots(c, extra, 3), CACHE_AXES) for c in cache))
 
-    return _Step(cache, run, True, grow)
+    return _Step(cache, run, grow)
 
 
 def _unrolled_step(model, weights, cache: KVCache) -> _Step:
@@ -187,7 +186,7 @@ def _unrolled_step(model, weights, cache: KVCache) -> _Step:
     def grow(cache, extra):
         return tuple(tuple(_pad_slots(c, extra, 2) for c in part) for part in cache)
 
-    return _Step(init, run, False, grow)
+    return _Step(init, run, grow)
 
 
 _STEPS: dict[str, Callable[..., _Step]] = {"scan": _scan_step, "unrolled": _unrolled_step}
@@ -251,8 +250,7 @@ def _program(
         def body(c, s_att=s_att):
             t, tok, finished, cache, out = c
             slot = tp + t - 1  # where the previous token's k/v go
-            generated = slots[:s_att] <= slot if step.includes_slot else slots[:s_att] < slot
-            key_valid = jnp.where(slots[:s_att] < tp, prompt_valid[:, :s_att], generated)
+            key_valid = jnp.where(slots[:s_att] < tp, prompt_valid[:, :s_att], slots[:s_att] <= slot)
             logits, cache = step.run(tok, n_real + t - 1, cache, slot, key_valid)
             tok, lp = select_next(jax.random.fold_in(rng, t), logits, key.sampling, values)
             out, finished = _record(out, t, tok, lp, finished, stop_ids, pad_id)
