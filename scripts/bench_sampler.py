@@ -92,7 +92,7 @@ def run_hf(model, prompts: np.ndarray, new: int) -> tuple[float, np.ndarray]:
     return time.perf_counter() - t0, out[:, prompts.shape[1] :].numpy()
 
 
-def run_jrft(model, prompts: np.ndarray, new: int, sampler: Sampler, cache_dtype) -> tuple[float, np.ndarray]:
+def run_jrft(model, prompts: np.ndarray, new: int, sampler: Sampler, args) -> tuple[float, np.ndarray]:
     t0 = time.perf_counter()
     res = generate(
         model,
@@ -101,7 +101,8 @@ def run_jrft(model, prompts: np.ndarray, new: int, sampler: Sampler, cache_dtype
         max_new_tokens=new,
         temperature=0.0,
         sampler=sampler,
-        cache_dtype=cache_dtype,
+        cache_dtype=args.cache_dtype,
+        layout=args.layout,
     )
     tokens = np.asarray(res.tokens)  # blocks until done
     return time.perf_counter() - t0, tokens
@@ -111,13 +112,13 @@ def bench_batch(hf, model, params: int, batch: int, args, flops: dict) -> dict:
     rng = np.random.default_rng(batch)
     prompts = rng.integers(3, hf.config.vocab_size, (batch, args.prompt_len)).astype(np.int32)
     sampler = Sampler()
-    first, _ = run_jrft(model, prompts, args.new, sampler, args.cache_dtype)
+    first, _ = run_jrft(model, prompts, args.new, sampler, args)
     run_hf(hf, prompts, args.new)  # warm-up
     t_hf, t_jrft = [], []
     for _ in range(args.repeats):  # interleaved
         t, hf_tokens = run_hf(hf, prompts, args.new)
         t_hf.append(t)
-        t, jrft_tokens = run_jrft(model, prompts, args.new, sampler, args.cache_dtype)
+        t, jrft_tokens = run_jrft(model, prompts, args.new, sampler, args)
         t_jrft.append(t)
     tokens = batch * args.new
     med_hf, med_jrft = statistics.median(t_hf), statistics.median(t_jrft)
@@ -152,6 +153,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--matmul", type=int, default=2048, help="size of the square matmul giving FLOP/s")
     parser.add_argument("--cache-dtype", default=None, help="e.g. bfloat16 (default: model dtype, float32)")
+    parser.add_argument(
+        "--layout", default="unrolled", choices=["unrolled", "scan"], help="jrft decode layout"
+    )
     parser.add_argument("--tiny", action="store_true", help="smoke run: tiny model, batch 4, 16 new tokens")
     args = parser.parse_args()
     shape = FULL
@@ -163,7 +167,8 @@ def main():
     params = sum(p.numel() for p in hf.parameters())
     flops = {"jax": matmul_flops_jax(args.matmul), "torch": matmul_flops_torch(args.matmul)}
     print(
-        f"model: {params / 1e6:.1f}M params; torch threads {torch.get_num_threads()}, "
+        f"model: {params / 1e6:.1f}M params; jrft layout {args.layout}; "
+        f"torch threads {torch.get_num_threads()}, "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}"
     )
     print(

@@ -20,3 +20,8 @@ from jrft.sampling.logits import process_logits as process_logits
 from jrft.sampling.logits import sample as sample
 from jrft.sampling.logits import select_next as select_next
 from jrft.sampling.logits import token_logprob as token_logprob
+from jrft.sampling.text import TextGeneration as TextGeneration
+from jrft.sampling.text import decode_completions as decode_completions
+from jrft.sampling.text import encode_prompt as encode_prompt
+from jrft.sampling.text import generate_text as generate_text
+from jrft.sampling.text import left_pad as left_pad
