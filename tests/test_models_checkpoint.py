@@ -95,6 +95,23 @@ def test_scalar_head_saved_as_sequence_classification(tmp_path):
     np.testing.assert_allclose(np.asarray(reloaded.score(tokens, mask)), scores, atol=1e-6)
 
 
+def test_reward_model_from_sequence_classification_checkpoint(tmp_path):
+    import torch
+
+    from jrft.models.testing import build_hf_model, tiny_hf_config
+
+    clf = build_hf_model(tiny_hf_config("llama"), seed=1, classifier=True)
+    clf.save_pretrained(tmp_path)  # model.* + score.weight, no lm_head.weight
+    model = from_pretrained(tmp_path, scalar_head=True)
+    tokens = np.random.default_rng(0).integers(3, 128, (3, 7)).astype(np.int32)
+    with torch.no_grad():
+        theirs = clf(input_ids=torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()[:, 0]
+    np.testing.assert_allclose(np.asarray(model.score(tokens))[:, -1], theirs, atol=1e-5)
+    assert model.lm_head is not None  # freshly initialised: the checkpoint has none
+    with pytest.raises(CheckpointError, match="lm_head.weight"):
+        from_pretrained(tmp_path)  # as a causal LM the missing LM head is an error
+
+
 def _tamper(path, fn):
     tensors = load_file(path / SINGLE_FILE)
     fn(tensors)

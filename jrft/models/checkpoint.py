@@ -18,6 +18,7 @@ import shutil
 import struct
 import tempfile
 import uuid
+import zlib
 from collections.abc import Mapping
 
 import jax
@@ -266,7 +267,7 @@ def from_pretrained(
       dtype: compute dtype; param_dtype: storage dtype of the parameters.
       remat: remat policy name (``jrft.models.layers.REMAT_POLICIES``).
       scalar_head: add a scalar head, read from ``score.weight`` if present, else freshly initialised
-        (``seed``).
+        (``seed``); a sequence-classification checkpoint without ``lm_head.weight`` then gets a fresh LM head.
       rules: overrides of the logical-axis rules table.
 
     Raises:
@@ -288,7 +289,13 @@ def from_pretrained(
     )
     graphdef, state = nnx.split(abstract)
     flat = [(_path_str(p), v) for p, v in nnx.to_flat_state(state)]
-    fresh = {"scalar_head/kernel"} if scalar_head and "score.weight" not in files else set()
+    # Parameters a checkpoint may lack, initialised fresh instead: the scalar head of a reward/value model
+    # started from a causal LM, and the LM head of a ...ForSequenceClassification checkpoint (which has none).
+    fresh = set()
+    if scalar_head and "score.weight" not in files:
+        fresh.add("scalar_head/kernel")
+    if scalar_head and not config.tie_embeddings and "lm_head.weight" not in files:
+        fresh.add("lm_head")
     table = hf_tensor_table(config)
     expected = {
         hf_name: hf_shape
@@ -308,7 +315,7 @@ def from_pretrained(
         for name, var in flat:
             shape = var.get_value().shape
             if name in fresh:
-                key = jax.random.key(seed)
+                key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(name.encode()))
                 host = np.asarray(jax.random.normal(key, shape) / math.sqrt(shape[0])).astype(np_dtype)
             else:
                 template, n_in = table[name]
