@@ -63,3 +63,7 @@ def dpo(argv: list[str]) -> int:
 
 def grpo(argv: list[str]) -> int:
     return run("grpo", argv)
+
+
+def ppo(argv: list[str]) -> int:
+    return run("ppo", argv)

@@ -126,12 +126,14 @@ def make_eval_fn(graphdef, objective: Objective, batches_fn: Callable[[], Iterat
     return eval_fn
 
 
-def build_model(config: RunConfig, mesh, *, scalar_head: bool = False):
+def build_model(config: RunConfig, mesh, *, scalar_head: bool = False, path: str | None = None):
+    """The run's model (``config.model``), or another checkpoint ``path`` with the same dtype/remat settings
+    (PPO's value and reward models)."""
     from jrft.models import from_pretrained
 
     m = config.model
     return from_pretrained(
-        m.path,
+        path or m.path,
         mesh=mesh,
         dtype=DTYPES[m.dtype],
         param_dtype=DTYPES[m.param_dtype],
@@ -243,9 +245,14 @@ def loop_and_export(
     bar_keys: tuple[str, ...] = ("loss",),
     progress: bool = True,
     summary: str | None = None,
+    export_model: Callable[[Any], nnx.Module] | None = None,
 ) -> LoopResult:
     """The part every objective shares: the loop (checkpoints, resume, metrics, eval), then the
-    transformers-format export of the final parameters (process 0 writes it)."""
+    transformers-format export of the final parameters (process 0 writes it).
+
+    ``export_model(final_state) -> nnx.Module`` picks what is exported when the state holds more than one
+    model (PPO: the policy, not the value model); default: ``graphdef`` merged with ``state.params/rest``.
+    """
     from jrft.models import save_pretrained
 
     t = config.train
@@ -268,7 +275,10 @@ def loop_and_export(
             eval_fn=eval_fn,
             meta={"config": config.to_dict()},
         )
-        final = nnx.merge(graphdef, result.state.params, result.state.rest)
+        if export_model is None:
+            final = nnx.merge(graphdef, result.state.params, result.state.rest)
+        else:
+            final = export_model(result.state)
         if jax.process_index() == 0:
             path = save_pretrained(final, export_dir(config), tokenizer)
             logger.write(f"exported {config.objective} model to {path}")

@@ -203,3 +203,31 @@ def group_has_signal(rewards: np.ndarray, group_size: int) -> np.ndarray:
     high = np.where(valid, grouped, -np.inf).max(axis=1)
     low = np.where(valid, grouped, np.inf).min(axis=1)
     return high > low  # NaN rewards (no function applied) are ignored; an all-NaN group has no signal
+
+
+def append_completions(
+    path: str,
+    rollout: Rollout,
+    *,
+    round_index: int,
+    max_rows: int,
+    extra: Mapping[str, np.ndarray] | None = None,
+) -> None:
+    """Appends the first ``max_rows`` rows of a scored rollout to the JSONL table of sample completions:
+    prompt, completion, combined reward, each reward function's value, and ``extra`` per-row columns
+    (e.g. PPO's reward-model score). NaN (no reward applied) is written as null."""
+    import json
+    import os
+
+    def value(x):
+        return None if np.isnan(x) else float(x)
+
+    columns = {"reward": rollout.rewards} if rollout.rewards is not None else {}
+    columns.update({f"reward/{k}": v for k, v in rollout.per_function.items()})
+    columns.update(extra or {})
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        for i in range(min(rollout.num_rows, max_rows)):
+            row = {"round": round_index, "prompt": rollout.prompts[i], "completion": rollout.completions[i]}
+            row.update({k: value(np.asarray(v, np.float64)[i]) for k, v in columns.items()})
+            f.write(json.dumps(row) + "\n")
