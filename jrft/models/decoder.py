@@ -9,6 +9,9 @@ the mesh). Shapes: B batch, T tokens, S cache slots, D hidden, H heads, K kv hea
 V vocab, L layers.
 
 Call API (fixed): ``model(tokens [B, T], attention_mask=None, positions=None) -> float32 logits [B, T, V]``.
+Sharded use: place the parameters (``from_pretrained(..., mesh=mesh)`` or ``jrft.parallel.shard_model``) and
+call the jitted function under ``with jax.set_mesh(mesh):`` so the activation constraints take effect (without
+a mesh they are no-ops).
 """
 
 from __future__ import annotations
@@ -252,9 +255,7 @@ class Decoder(nnx.Module):
 
     def _embed(self, tokens: jax.Array) -> jax.Array:
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)  # [B, T, D]
-        if (
-            self.config.scale_embeddings
-        ):  # Gemma; the scale is rounded to the weights' dtype as transformers does
+        if self.config.scale_embeddings:  # Gemma: sqrt(D), rounded to the weights' dtype as in transformers
             x = x * jnp.asarray(math.sqrt(self.config.hidden_size), self.param_dtype).astype(self.dtype)
         return with_logical_constraint(x, ACT_BTD)
 
