@@ -12,6 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
 
 from jrft.models import from_pretrained  # noqa: E402
 from jrft.models import testing as mt  # noqa: E402
@@ -159,13 +160,17 @@ def test_buckets_compile_once_and_loop_stops_early(llama):
     tokens, mask = mt.mixed_padding_batch(model.config.vocab_size, seed=2, lengths=(5, 9))
     first = generate(model, tokens, mask, max_new_tokens=20, temperature=0.0, sampler=sampler)
     assert sampler.stats.compiles == 1
+    # a (graphdef, state) pair, as a trainer holds it, runs the same program
+    split = generate(nnx.split(model), tokens, mask, max_new_tokens=20, temperature=0.0, sampler=sampler)
+    np.testing.assert_array_equal(split.tokens, first.tokens)
+    assert sampler.stats.compiles == 1
     # other prompt length, max_new_tokens, temperature, top-p value and stop ids: same buckets, no compile
     tokens2, mask2 = mt.mixed_padding_batch(model.config.vocab_size, seed=3, lengths=(12, 4))
     generate(
         model, tokens2, mask2, max_new_tokens=30, temperature=0.0, stop_token_ids=[5, 6], sampler=sampler
     )
     generate(model, tokens, mask, max_new_tokens=7, temperature=0.0, sampler=sampler)
-    assert sampler.stats.compiles == 1 and sampler.stats.calls == 3
+    assert sampler.stats.compiles == 1 and sampler.stats.calls == 4
     res = generate(model, tokens, mask, max_new_tokens=20, temperature=0.8, top_p=0.9, sampler=sampler)
     generate(model, tokens, mask, max_new_tokens=20, temperature=1.3, top_p=0.5, sampler=sampler)
     assert sampler.stats.compiles == 2 and res.stats.compiles == 2
