@@ -44,19 +44,17 @@ def np_group_advantages(rewards, group_size, scale, baseline, eps=1e-4):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize(
-    ("baseline", "scale"), list(itertools.product(sorted(L.BASELINES), sorted(L.ADVANTAGE_SCALES)))
-)
-def test_group_advantages_match_numpy(baseline, scale, dtype):
+def test_group_advantages_match_numpy(dtype):
     rewards = RNG.normal(size=B) * 2
     rewards[1] = np.nan  # one failed reward
     rewards[4:8] = np.nan  # a whole group failed
     rewards = jnp.asarray(rewards, dtype)
-    fn = jax.jit(lambda r: L.group_advantages(r, G, scale=scale, baseline=baseline))
-    got = fn(rewards)
-    want = np_group_advantages(rewards, G, scale, baseline)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    assert bool(jnp.all(got[4:8] == 0)) and float(got[1]) == 0.0
+    combos = list(itertools.product(sorted(L.BASELINES), sorted(L.ADVANTAGE_SCALES)))
+    every = jax.jit(lambda r: [L.group_advantages(r, G, scale=sc, baseline=bl) for bl, sc in combos])
+    for (baseline, scale), got in zip(combos, every(rewards), strict=True):
+        want = np_group_advantages(rewards, G, scale, baseline)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"{baseline}/{scale}")
+        assert bool(jnp.all(got[4:8] == 0)) and float(got[1]) == 0.0
 
 
 def test_group_advantages_hand_values():
@@ -103,6 +101,12 @@ def make_batch(dtype=jnp.float32):
 
 
 AGGREGATIONS = sorted(L.AGGREGATIONS)
+# "bnpo" and "dapo" share one normaliser here (see grpo_loss), so the invariance tests run one of them.
+DISTINCT_AGGREGATIONS = ["dapo", "dr_grpo", "grpo"]
+
+
+def test_bnpo_and_dapo_are_the_same_normaliser():
+    assert L.AGGREGATIONS["bnpo"] is L.AGGREGATIONS["dapo"]
 
 
 # Every aggregation x importance level, then each KL estimator, no KL, and bf16 inputs.
@@ -152,38 +156,35 @@ def test_grpo_metrics():
     np.testing.assert_allclose(loss, (-1.3 + 0.8 - 1.0 + 0.1 * kl) / 3, rtol=1e-5)
 
 
-@pytest.mark.parametrize("level", ["token", "sequence"])
-@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+@pytest.mark.parametrize(
+    ("aggregation", "level"),
+    [("grpo", "token"), ("grpo", "sequence"), ("dapo", "token"), ("dr_grpo", "sequence")],
+)
 def test_micro_batches_with_global_counts_equal_full_batch(aggregation, level):
     logps, old, ref, adv, mask = make_batch()
     num_tokens, num_sequences = L.batch_counts(mask)
     kwargs = dict(clip_eps_low=0.2, beta=0.04, aggregation=aggregation, importance_level=level)
 
+    def micro(lp, rows, **counts):
+        return L.grpo_loss(lp[rows], old[rows], ref[rows], adv[rows], mask[rows], **counts, **kwargs)[0]
+
     def full(lp):
         return L.grpo_loss(lp, old, ref, adv, mask, **kwargs)[0]
 
-    def accumulated(lp):
-        total = 0.0
-        for rows in (
-            slice(0, 5),
-            slice(5, 7),
-            slice(7, B),
-        ):  # uneven micro-batches, one holding the empty row
-            total += L.grpo_loss(
-                lp[rows], old[rows], ref[rows], adv[rows], mask[rows], num_tokens=num_tokens,
-                num_sequences=num_sequences, max_completion_length=T, **kwargs,
-            )[0]  # fmt: skip
-        return total
+    def accumulated(lp):  # uneven micro-batches, one holding the empty row
+        counts = dict(num_tokens=num_tokens, num_sequences=num_sequences, max_completion_length=T)
+        return sum(micro(lp, rows, **counts) for rows in (slice(0, 5), slice(5, 7), slice(7, B)))
 
-    full, accumulated = jax.jit(full), jax.jit(accumulated)
-    np.testing.assert_allclose(accumulated(logps), full(logps), rtol=1e-5)
-    # Without the global counts each micro-batch normalises by its own: the sum is not the full-batch loss.
-    local = sum(
-        L.grpo_loss(logps[r], old[r], ref[r], adv[r], mask[r], **kwargs)[0]
-        for r in (slice(0, 5), slice(5, B))
-    )
-    assert abs(float(local) - float(full(logps))) > 1e-3
-    np.testing.assert_allclose(jax.grad(accumulated)(logps), jax.grad(full)(logps), rtol=1e-5, atol=1e-8)
+    @jax.jit
+    def run(lp):
+        # Without the global counts each micro-batch normalises by its own: not the full-batch loss.
+        local = micro(lp, slice(0, 5)) + micro(lp, slice(5, B))
+        return jax.value_and_grad(full)(lp), jax.value_and_grad(accumulated)(lp), local
+
+    (full_loss, full_grad), (acc_loss, acc_grad), local = run(logps)
+    np.testing.assert_allclose(acc_loss, full_loss, rtol=1e-5)
+    np.testing.assert_allclose(acc_grad, full_grad, rtol=1e-5, atol=1e-8)
+    assert abs(float(local) - float(full_loss)) > 1e-3
 
 
 def test_gspo_equals_token_grpo_when_ratios_are_one():
@@ -209,56 +210,64 @@ def test_gspo_equals_token_grpo_when_ratios_are_one():
 def test_gspo_token_variant_matches_sequence_variant_off_policy():
     logps, old, ref, adv, mask = make_batch()
 
-    def loss(lp, level):
-        return L.grpo_loss(lp, old, ref, adv, mask, clip_eps_low=0.2, beta=0.0, importance_level=level)[0]
+    @jax.jit
+    def value_and_grads(lp):
+        def loss(x, level):
+            return L.grpo_loss(x, old, ref, adv, mask, clip_eps_low=0.2, beta=0.0, importance_level=level)[0]
 
-    np.testing.assert_allclose(loss(logps, "sequence_token"), loss(logps, "sequence"), rtol=1e-6)
-    np.testing.assert_allclose(
-        jax.grad(loss)(logps, "sequence_token"), jax.grad(loss)(logps, "sequence"), rtol=1e-5, atol=1e-8
-    )
+        return [jax.value_and_grad(loss)(lp, level) for level in ("sequence_token", "sequence")]
+
+    (token_loss, token_grad), (seq_loss, seq_grad) = value_and_grads(logps)
+    np.testing.assert_allclose(token_loss, seq_loss, rtol=1e-6)
+    np.testing.assert_allclose(token_grad, seq_grad, rtol=1e-5, atol=1e-8)
 
 
 @pytest.mark.parametrize("level", ["token", "sequence"])
-@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+@pytest.mark.parametrize("aggregation", DISTINCT_AGGREGATIONS)
 def test_masking_equals_dropping(aggregation, level):
     logps, old, ref, adv, mask = make_batch()
     kwargs = dict(clip_eps_low=0.2, beta=0.04, aggregation=aggregation, importance_level=level)
     kwargs["max_completion_length"] = T
+    loss = jax.jit(lambda *a: L.grpo_loss(*a, **kwargs)[0])
     # A fully masked row is the same as a row left out.
     masked = mask.at[2].set(0)
     rows = np.array([i for i in range(B) if i != 2])
     np.testing.assert_allclose(
-        L.grpo_loss(logps, old, ref, adv, masked, **kwargs)[0],
-        L.grpo_loss(logps[rows], old[rows], ref[rows], adv[rows], mask[rows], **kwargs)[0],
+        loss(logps, old, ref, adv, masked),
+        loss(logps[rows], old[rows], ref[rows], adv[rows], mask[rows]),
         rtol=1e-6,
     )
     # Masked trailing positions are the same as a shorter sequence (garbage there is never read).
     short = mask.at[:, 4:].set(0)
     garbage = logps.at[:, 4:].set(1e4)
     np.testing.assert_allclose(
-        L.grpo_loss(garbage, old, ref, adv, short, **kwargs)[0],
-        L.grpo_loss(logps[:, :4], old[:, :4], ref[:, :4], adv, short[:, :4], **kwargs)[0],
+        loss(garbage, old, ref, adv, short),
+        loss(logps[:, :4], old[:, :4], ref[:, :4], adv, short[:, :4]),
         rtol=1e-6,
     )
 
 
-@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+@pytest.mark.parametrize("aggregation", DISTINCT_AGGREGATIONS)
 def test_all_masked_gives_zero_loss_and_finite_grads(aggregation):
     logps, old, ref, adv, mask = make_batch()
     zeros = jnp.zeros_like(mask)
     garbage = jnp.full_like(old, -1e4)
 
-    def loss(lp):
-        return L.grpo_loss(
-            lp, garbage, garbage, adv, zeros, clip_eps_low=0.2, beta=0.1, aggregation=aggregation
-        )
+    kwargs = dict(clip_eps_low=0.2, beta=0.1, aggregation=aggregation)
 
-    value, metrics = loss(logps)
+    @jax.jit
+    def run(lp):
+        masked = jax.value_and_grad(
+            lambda x: L.grpo_loss(x, garbage, garbage, adv, zeros, **kwargs), has_aux=True
+        )
+        # One empty row (row 5) among full ones.
+        one_empty = jax.grad(lambda x: L.grpo_loss(x, old, ref, adv, mask, **kwargs)[0])
+        return masked(lp), one_empty(lp)
+
+    ((value, metrics), grads), one_empty_grads = run(logps)
     assert float(value) == 0.0 and all(bool(jnp.isfinite(v)) for v in metrics.values())
-    assert bool(jnp.all(jax.grad(lambda lp: loss(lp)[0])(logps) == 0))
-    # One empty row among full ones: gradients stay finite and that row's are zero.
-    grads = jax.grad(lambda lp: L.grpo_loss(lp, old, ref, adv, mask, clip_eps_low=0.2, beta=0.1)[0])(logps)
-    assert bool(jnp.all(jnp.isfinite(grads))) and bool(jnp.all(grads[5] == 0))
+    assert bool(jnp.all(grads == 0))
+    assert bool(jnp.all(jnp.isfinite(one_empty_grads))) and bool(jnp.all(one_empty_grads[5] == 0))
 
 
 def test_gradients_match_finite_differences():
@@ -268,7 +277,7 @@ def test_gradients_match_finite_differences():
         ref = logps + jnp.asarray(RNG.normal(size=(4, 3)) * 0.3)
         adv = jnp.asarray(RNG.normal(size=4))
         mask = jnp.array([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]])
-        for aggregation, level in itertools.product(AGGREGATIONS, ["token", "sequence"]):
+        for aggregation, level in [("grpo", "token"), ("dapo", "token"), ("dr_grpo", "sequence")]:
 
             def loss(lp, aggregation=aggregation, level=level):
                 return L.grpo_loss(

@@ -98,19 +98,16 @@ def test_micro_batches_with_global_counts_equal_full_batch(reduction):
 @pytest.mark.parametrize("reduction", ["token", "sequence"])
 def test_masking_equals_dropping(reduction):
     logits, targets, mask = batch()
+    loss = jax.jit(lambda *a: L.sft_loss(*a, reduction=reduction)[0])
     masked_row = mask.at[1].set(0)
     dropped = np.array([0, 2, 3])
     np.testing.assert_allclose(
-        L.sft_loss(logits, targets, masked_row, reduction=reduction)[0],
-        L.sft_loss(logits[dropped], targets[dropped], mask[dropped], reduction=reduction)[0],
-        rtol=1e-6,
+        loss(logits, targets, masked_row), loss(logits[dropped], targets[dropped], mask[dropped]), rtol=1e-6
     )
-    # Row 1 has 4 tokens: truncating the sequence to 4 positions drops only masked tokens elsewhere too.
+    # Masking row 0's last two tokens equals cutting every row to 4 positions (the others have at most 4).
     short = mask.at[0, 4:].set(0)
     np.testing.assert_allclose(
-        L.sft_loss(logits, targets, short, reduction=reduction)[0],
-        L.sft_loss(logits[:, :4], targets[:, :4], short[:, :4], reduction=reduction)[0],
-        rtol=1e-6,
+        loss(logits, targets, short), loss(logits[:, :4], targets[:, :4], short[:, :4]), rtol=1e-6
     )
 
 
@@ -118,7 +115,7 @@ def test_masking_equals_dropping(reduction):
 def test_all_masked_gives_zero_loss_and_finite_grads(reduction):
     logits, targets, mask = batch()
     zeros = jnp.zeros_like(mask)
-    loss_fn = lambda z: L.sft_loss(z, targets, zeros, reduction=reduction)[0]
+    loss_fn = jax.jit(lambda z: L.sft_loss(z, targets, zeros, reduction=reduction)[0])
     assert float(loss_fn(logits)) == 0.0
     grads = jax.grad(loss_fn)(logits)
     assert bool(jnp.all(grads == 0))
@@ -131,7 +128,7 @@ def test_gradients_match_finite_differences():
         mask = jnp.array([[1, 1, 0], [1, 0, 0]])
         for reduction in ("token", "sequence"):
             loss_fn = lambda z, r=reduction: L.sft_loss(z, targets, mask, reduction=r)[0]
-            check_grads(loss_fn, (logits,), 1, ["rev"])
+            check_grads(jax.jit(loss_fn), (logits,), 1, ["rev"])
 
 
 def test_errors_name_the_problem():
