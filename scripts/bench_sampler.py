@@ -111,7 +111,7 @@ def run_jrft(model, prompts: np.ndarray, new: int, sampler: Sampler, args) -> tu
 def bench_batch(hf, model, params: int, batch: int, args, flops: dict) -> dict:
     rng = np.random.default_rng(batch)
     prompts = rng.integers(3, hf.config.vocab_size, (batch, args.prompt_len)).astype(np.int32)
-    sampler = Sampler()
+    sampler = Sampler(compiler_options=args.xla_options)
     first, _ = run_jrft(model, prompts, args.new, sampler, args)
     run_hf(hf, prompts, args.new)  # warm-up
     t_hf, t_jrft = [], []
@@ -145,6 +145,16 @@ def bench_batch(hf, model, params: int, batch: int, args, flops: dict) -> dict:
     }
 
 
+def _parse_value(text: str):
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, nargs="+", default=[32, 128])
@@ -156,8 +166,16 @@ def main():
     parser.add_argument(
         "--layout", default="unrolled", choices=["unrolled", "scan"], help="jrft decode layout"
     )
+    parser.add_argument(
+        "--xla-option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra XLA compile option of jrft's program, e.g. xla_cpu_multi_thread_eigen=false",
+    )
     parser.add_argument("--tiny", action="store_true", help="smoke run: tiny model, batch 4, 16 new tokens")
     args = parser.parse_args()
+    args.xla_options = {k: _parse_value(v) for k, v in (o.split("=", 1) for o in args.xla_option)}
     shape = FULL
     if args.tiny:
         shape, args.batch, args.new, args.repeats, args.matmul = TINY, [4], 16, 1, 256
@@ -167,7 +185,7 @@ def main():
     params = sum(p.numel() for p in hf.parameters())
     flops = {"jax": matmul_flops_jax(args.matmul), "torch": matmul_flops_torch(args.matmul)}
     print(
-        f"model: {params / 1e6:.1f}M params; jrft layout {args.layout}; "
+        f"model: {params / 1e6:.1f}M params; jrft layout {args.layout}, options {args.xla_options}; "
         f"torch threads {torch.get_num_threads()}, "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}"
     )

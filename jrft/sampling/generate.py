@@ -280,11 +280,15 @@ class Sampler:
     ``stats`` for its run only.
     """
 
-    def __init__(self):
+    def __init__(self, compiler_options: dict[str, Any] | None = None):
+        """``compiler_options``: extra XLA options for the generate program, e.g.
+        ``{"xla_cpu_multi_thread_eigen": False}`` (measured +12% on an idle 2-core CPU in NOTES.md as a
+        process flag; worse when another process holds a core), added to the CPU defaults."""
         self._counter = _Counter()
         self._calls = 0
         self._buckets: list[tuple[int, int, int, int]] = []
-        self._jitted = jax.jit(_program, static_argnums=(0, 1, 2), compiler_options=_compiler_options())
+        options = {**(_compiler_options() or {}), **(compiler_options or {})} or None
+        self._jitted = jax.jit(_program, static_argnums=(0, 1, 2), compiler_options=options)
 
     @property
     def stats(self) -> SamplerStats:
