@@ -69,19 +69,19 @@ def _std(rewards, valid, axis):
     return jnp.sqrt(var)
 
 
-def _group_std(rewards, valid):
-    """Population std of the group's rewards (GRPO)."""
-    return jnp.broadcast_to(_std(rewards, valid, -1), rewards.shape)
+def _group_std(rewards, valid, eps):
+    """Population std of the group's rewards, plus eps (GRPO)."""
+    return jnp.broadcast_to(_std(rewards, valid, -1) + eps, rewards.shape)
 
 
-def _batch_std(rewards, valid):
-    """Population std of all rewards of the batch (REINFORCE++)."""
-    return jnp.broadcast_to(_std(rewards, valid, None), rewards.shape)
+def _batch_std(rewards, valid, eps):
+    """Population std of all rewards of the batch, plus eps (REINFORCE++)."""
+    return jnp.broadcast_to(_std(rewards, valid, None) + eps, rewards.shape)
 
 
-def _no_scale(rewards, valid):
-    """No division: Dr. GRPO removes the std normalisation as a difficulty bias."""
-    return jnp.zeros_like(rewards)
+def _no_scale(rewards, valid, eps):
+    """No division (divisor 1): Dr. GRPO removes the std normalisation as a difficulty bias."""
+    return jnp.ones_like(rewards)
 
 
 BASELINES = {
@@ -90,7 +90,7 @@ BASELINES = {
     "batch_mean": _batch_mean,
     "none": _no_baseline,
 }
-# A scale returns the std; the advantage is divided by (std + eps), or left alone for "none".
+# A scale returns the divisor of the centred rewards, given (rewards, valid, eps).
 ADVANTAGE_SCALES = {"group": _group_std, "batch": _batch_std, "none": _no_scale}
 
 
@@ -118,20 +118,20 @@ def group_advantages(
     """
     scale_fn = lookup(ADVANTAGE_SCALES, scale, "advantage scale")
     baseline_fn = lookup(BASELINES, baseline, "advantage baseline")
+    rewards = replicate_if_explicit(as_float(rewards))
     check_rank("group_advantages", "rewards", rewards, 1, "[num_prompts * group_size]")
     if group_size < 1 or rewards.shape[0] % group_size:
         raise ValueError(
             f"group_advantages: rewards length {rewards.shape[0]} "
             f"is not a multiple of group_size {group_size}"
         )
-    grouped = replicate_if_explicit(as_float(rewards)).reshape(-1, group_size)  # [P, G]
+    grouped = rewards.reshape(-1, group_size)  # [P, G]
     valid = ~jnp.isnan(grouped)
     grouped = jnp.where(valid, grouped, 0.0)
     advantages = grouped - baseline_fn(grouped, valid)
-    if scale != "none":
-        std = scale_fn(grouped, valid) + eps
-        # eps = 0 with a tied group would give 0 / 0: a group with no spread has no signal, so 0.
-        advantages = advantages / jnp.where(std > 0, std, 1.0)
+    divisor = scale_fn(grouped, valid, eps)
+    # eps = 0 with a tied group would give 0 / 0: a group with no spread has no signal, so 0.
+    advantages = advantages / jnp.where(divisor > 0, divisor, 1.0)
     return jnp.where(valid, advantages, 0.0).reshape(-1)  # [P * G]
 
 
