@@ -197,6 +197,10 @@ def test_all_masked_gives_finite_gradients():
     adv, ret = L.gae(garbage, garbage, zeros, gamma=1.0, lam=0.95)
     assert bool(jnp.all(adv == 0)) and bool(jnp.all(ret == 0))
     assert bool(jnp.all(L.whiten(garbage, zeros) == 0))
+    # Non-finite padding next to real values: whitening and its gradient only see the real ones.
+    padded = jnp.array([[1.0, 2.0, 4.0, jnp.inf]])
+    grads = jax.grad(lambda x: jnp.sum(L.whiten(x, jnp.array([[1, 1, 1, 0]])) ** 3))(padded)
+    assert bool(jnp.all(jnp.isfinite(grads))) and float(grads[0, 3]) == 0.0
 
 
 def test_gradients_match_finite_differences():

@@ -72,7 +72,7 @@ def whiten(values, mask, *, shift_mean: bool = True, eps: float = 1e-8):
     """
     check_same_shape("whiten", values=values, mask=mask)
     keep = as_mask(mask, values)
-    values = as_float(values)
+    values = jnp.where(keep, as_float(values), 0.0)
     mean = masked_mean(values, keep)
     var = masked_mean(jnp.square(values - mean), keep)
     out = (values - mean) * jax.lax.rsqrt(var + eps)
