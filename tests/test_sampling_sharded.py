@@ -18,7 +18,7 @@ def setup():
         pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
     path = mt.save_tiny_hf_model("qwen2", tempfile.mkdtemp(prefix="jrft_sampling_sharded_"), seed=4)
     tokens, mask = mt.mixed_padding_batch(128, seed=5, lengths=(9, 4, 7, 2, 8, 5, 3, 6))
-    kw = dict(max_new_tokens=10, num_samples=2, temperature=1.0, top_k=50, stop_token_ids=[2], rng=11)
+    kw = dict(max_new_tokens=36, num_samples=2, temperature=1.0, top_k=50, stop_token_ids=[2], rng=11)
     single = generate(from_pretrained(path), tokens, mask, **kw)
     return path, tokens, mask, kw, single
 

@@ -177,14 +177,18 @@ def _unrolled_step(model, weights, cache: KVCache) -> _Step:
     """Per-layer weights and caches, layers unrolled: no per-step slicing copies (fastest on CPU), at the
     price of one transient copy of the layer weights per generate call."""
     layers = split_layers(weights, model.config.num_layers)
-    init = (tuple(cache.k), tuple(cache.v))  # [L] x [B, K, S, Dh]
+
+    def constrain(c):
+        return with_logical_constraint(c, CACHE_AXES[1:])  # rows over the mesh's batch axes
+
+    init = (tuple(constrain(c) for c in cache.k), tuple(constrain(c) for c in cache.v))  # [L] x [B, K, S, Dh]
 
     def run(tok, pos, cache, slot, key_valid):
         logits, ks, vs = decode_step_unrolled(model, layers, tok, pos, *cache, slot, key_valid)
         return logits, (ks, vs)
 
     def grow(cache, extra):
-        return tuple(tuple(_pad_slots(c, extra, 2) for c in part) for part in cache)
+        return tuple(tuple(constrain(_pad_slots(c, extra, 2)) for c in part) for part in cache)
 
     return _Step(init, run, grow)
 
