@@ -127,12 +127,12 @@ class PPORound:
         self.reference = None
         if c.kl_coef > 0:
             self.reference = FrozenModel(jax.tree.map(jnp.copy, state.policy.params), state.policy.rest)
-        self.ref_logp_calls = 0
         self.reward_model = None
         if reward_model is not None:
             rm_graphdef, self.reward_model = reward_model
             self.score_fn = ppo.make_score_fn(rm_graphdef)
         self.rounds = 0
+        self.ref_logp_calls = 0  # kl_coef = 0 must never compute reference log-probs (tested)
 
     # -- rollout and rewards ----------------------------------------------------------------------------
 
@@ -189,11 +189,11 @@ class PPORound:
             batch["old_values"] = self.value_forward(state.value.params, state.value.rest, batch)["values"]
         if self.reference is not None:
             # The policy's own jitted forward (same graph): no second compilation for the reference.
+            ref = self.policy_forward(self.reference.params, self.reference.rest, batch)
+            batch["ref_logps"] = ref["logps"]
             self.ref_logp_calls += 1
-            batch["ref_logps"] = self.policy_forward(self.reference.params, self.reference.rest, batch)[
-                "logps"
-            ]
         targets, metrics = self.advantage_fn(batch)
+        metrics = {**metrics, "ref_logps_computed": "ref_logps" in batch}
         batch.update(targets)
         batch.pop("scores")
         batch.pop("ref_logps", None)
