@@ -106,8 +106,8 @@ def test_greedy_equals_transformers_with_eos_stop(models):
         assert (row[n - 1] == stop) == (why == "stop")
 
 
-def test_logprobs_equal_teacher_forcing(models):
-    _, model, _ = models
+def test_logprobs_equal_teacher_forcing(llama):
+    _, model, _ = llama
     tokens, mask = _prompts(model.config.vocab_size)
     for temperature in (1.0, 0.7):
         res = generate(model, tokens, mask, max_new_tokens=12, num_samples=2, temperature=temperature, rng=5)

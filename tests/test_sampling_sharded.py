@@ -23,7 +23,7 @@ def setup():
     return path, tokens, mask, kw, single
 
 
-@pytest.mark.parametrize("axes", [dict(data=8), dict(data=2, fsdp=4)])
+@pytest.mark.parametrize("axes", [dict(data=8), pytest.param(dict(data=2, fsdp=4), marks=pytest.mark.slow)])
 def test_sharded_equals_single_device(setup, axes):
     path, tokens, mask, kw, single = setup
     mesh = make_mesh(**axes)
