@@ -197,6 +197,8 @@ def test_rejects_right_padding():
     tokens = np.array([[5, 6, 0]])
     with pytest.raises(ValueError, match="LEFT-padded; row 0"):
         generate((None, None), tokens, np.array([[1, 1, 0]]), max_new_tokens=2)
+    with pytest.raises(ValueError, match="row 1 has no tokens"):
+        generate((None, None), np.array([[5, 6], [0, 0]]), np.array([[1, 1], [0, 0]]), max_new_tokens=2)
 
 
 def test_scan_layout_equals_unrolled(llama):

@@ -414,6 +414,9 @@ def _check_prompts(prompt_tokens, prompt_mask) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"generate: prompt_mask shape {mask.shape} != prompt_tokens shape {tokens.shape}")
     m = mask.astype(bool)
     # left padding: once a row starts, it stays real to the end
+    empty = np.flatnonzero(~m.any(axis=-1))
+    if empty.size:
+        raise ValueError(f"generate: prompt row {int(empty[0])} has no tokens (its prompt_mask is all 0)")
     bad = np.flatnonzero(np.any(m[:, :-1] & ~m[:, 1:], axis=-1))
     if bad.size:
         raise ValueError(
