@@ -25,8 +25,10 @@ static. ``Sampler.stats.compiles`` counts traces of the program (one per new buc
 a snapshot of it.
 
 Parameters: the model is split once per call into (graphdef, state); the state is a jit argument (never
-donated: the trainer keeps using it) and is not copied except for the fused decode projections (see
-``jrft.sampling.decode``). With a ``mesh``, prompt rows and the cache are sharded over the mesh's batch axes
+donated: the trainer keeps using it). The default CPU layout (``layout="unrolled"``, fused projections) makes
+one transient copy of the layer weights per call, freed when it returns (a decode step on CPU is
+overhead-bound and this removes per-step slicing); ``layout="scan", fuse_projections=False`` (the default off
+CPU) copies nothing. With a ``mesh``, prompt rows and the cache are sharded over the mesh's batch axes
 (``LOGICAL_RULES['batch']``: data and fsdp); parameters stay where the caller placed them.
 """
 
@@ -315,10 +317,13 @@ class Sampler:
         pad_token_id: int = 0,
         cache_dtype=None,
         mesh: Mesh | None = None,
-        fuse_projections: bool = True,
-        layout: str = "unrolled",
+        fuse_projections: bool | None = None,
+        layout: str | None = None,
     ) -> GenerationResult:
         """See ``jrft.sampling.generate``."""
+        on_cpu = jax.default_backend() == "cpu"
+        layout = layout or ("unrolled" if on_cpu else "scan")
+        fuse_projections = on_cpu if fuse_projections is None else fuse_projections
         if layout not in _STEPS:
             raise ValueError(f"generate: layout must be one of {sorted(_STEPS)}, got {layout!r}")
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
@@ -455,8 +460,8 @@ def generate(
     pad_token_id: int = 0,
     cache_dtype=None,
     mesh: Mesh | None = None,
-    fuse_projections: bool = True,
-    layout: str = "unrolled",
+    fuse_projections: bool | None = None,
+    layout: str | None = None,
     sampler: Sampler | None = None,
 ) -> GenerationResult:
     """Samples ``num_samples`` completions of each left-padded prompt with a KV cache.
@@ -474,9 +479,11 @@ def generate(
       pad_token_id: written after a row ends (and used to pad prompts to their length bucket).
       cache_dtype: KV-cache dtype (default: the model's compute dtype); ``jnp.bfloat16`` halves its memory.
       mesh: shard prompt rows and the cache over the mesh's batch axes (data, fsdp).
-      fuse_projections: fuse q/k/v and gate/up matmuls in the decode step (a transient copy of those weights).
+      fuse_projections: fuse q/k/v and gate/up matmuls in the decode step (a transient copy of those
+        weights). Default: on for CPU, off elsewhere.
       layout: ``"unrolled"`` (per-layer weights and caches, layers unrolled; fastest on CPU, a transient copy
-        of the layer weights) or ``"scan"`` (stacked weights and cache, layers scanned; no weight copy).
+        of the layer weights) or ``"scan"`` (stacked weights and cache, layers scanned; with unfused
+        projections no weight is copied). Default: unrolled on CPU, scan elsewhere (not measured on GPU/TPU).
       sampler: whose compiled programs and counters to use (default: the process-wide ``DEFAULT_SAMPLER``).
 
     Returns:
