@@ -334,12 +334,10 @@ class Sampler:
         if num_samples < 1:
             raise ValueError(f"generate: num_samples must be >= 1, got {num_samples}")
         stops = _stop_array(stop_token_ids)
-        b, tp = tokens.shape
-        shards = _batch_shards(mesh)
-        bp, tpb, nb = -(-b // shards) * shards, bucket_length(tp), bucket_length(max_new_tokens, 32)
-        tok_p = np.full((bp, tpb), pad_token_id, np.int32)
-        mask_p = np.zeros((bp, tpb), np.int32)
-        tok_p[:b, tpb - tp :], mask_p[:b, tpb - tp :] = tokens, mask
+        b = tokens.shape[0]
+        tok_p, mask_p = _pad_to_buckets(tokens, mask, _batch_shards(mesh), pad_token_id)
+        bp, tpb = tok_p.shape
+        nb = bucket_length(max_new_tokens, 32)
         if cache_dtype is None:
             cache_dtype = graphdef_dtype(model)
         key = _ProgramKey(
@@ -428,6 +426,16 @@ def _check_prompts(prompt_tokens, prompt_mask) -> tuple[np.ndarray, np.ndarray]:
             f"generate: prompts must be LEFT-padded; row {int(bad[0])} has padding after a token"
         )
     return tokens.astype(np.int32), m.astype(np.int32)
+
+
+def _pad_to_buckets(tokens: np.ndarray, mask: np.ndarray, shards: int, pad_id: int):
+    """Left-pads the prompt length to its bucket and adds all-padding rows up to a multiple of ``shards``."""
+    b, tp = tokens.shape
+    bp, tpb = -(-b // shards) * shards, bucket_length(tp)
+    tok_p = np.full((bp, tpb), pad_id, np.int32)
+    mask_p = np.zeros((bp, tpb), np.int32)
+    tok_p[:b, tpb - tp :], mask_p[:b, tpb - tp :] = tokens, mask
+    return tok_p, mask_p
 
 
 def _stop_array(stop_token_ids) -> jax.Array:
