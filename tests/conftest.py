@@ -14,6 +14,23 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_compilations(tmp_path_factory):
+    """A persistent JAX compilation cache for the whole session (and the subprocesses tests start): many
+    tests build the same jitted programs again from fresh closures; each distinct one compiles once."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    cache = str(tmp_path_factory.mktemp("jax_cache"))
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    compilation_cache.reset_cache()
+    yield
+
+
 @pytest.fixture(scope="session")
 def tiny_task(tmp_path_factory):
     """A char tokenizer, a random 2-layer llama saved in transformers format (no torch), and 2-digit

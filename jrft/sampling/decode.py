@@ -42,6 +42,26 @@ def prefill(model, tokens: jax.Array, mask: jax.Array, cache: KVCache) -> tuple[
     return logits[:, 0], cache
 
 
+# Gemma 2 features the decode step does not implement yet: refuse rather than sample from a different model.
+UNSUPPORTED_FEATURES = (
+    "post_norms",
+    "query_pre_attn_scalar",
+    "attn_softcap",
+    "final_softcap",
+    "sliding_window",
+)
+
+
+def check_decodable(cfg) -> None:
+    """Raises ``NotImplementedError`` for model features the sampler's decode step lacks (Gemma 2's)."""
+    used = [name for name in UNSUPPORTED_FEATURES if getattr(cfg, name, None)]
+    if used:
+        raise NotImplementedError(
+            f"jrft.sampling: the decode step does not implement {used} (family {cfg.family!r}); "
+            "generation for this model is not built yet"
+        )
+
+
 def fuse_decode_weights(model, fuse: bool = True) -> dict[str, jax.Array]:
     """The stacked layer weights in the decode step's layout, cast to the compute dtype.
 
@@ -49,6 +69,7 @@ def fuse_decode_weights(model, fuse: bool = True) -> dict[str, jax.Array]:
     projections are kept separate (``wq [L, D, H*Dh]`` ...), which avoids the transient copy.
     """
     cfg = model.config
+    check_decodable(cfg)
     p = model.layers.arrays(cfg)
     L, D = cfg.num_layers, cfg.hidden_size
     dtype = model.dtype
