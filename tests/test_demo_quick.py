@@ -26,6 +26,7 @@ def test_quick_grpo_demo_runs_every_stage(tmp_path, capsys):
     assert all(0.0 <= v <= 1.0 for v in (result["before"]["accuracy"], result["after"]["format_rate"]))
     # evaluations: the SFT model at step 0, then every step of the 2-step quick GRPO run
     assert [e[0] for e in result["evals"]] == [0, 1, 2]
+    assert [e[0] for e in result["sft_evals"]] == [2, 4]  # quick SFT: 4 steps, held-out eval every 2
     assert _png(out / "report.png") and "report.png" in (out / "report.md").read_text()
     grpo_metrics = [json.loads(line) for line in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
     assert any("eval/accuracy" in r for r in grpo_metrics) and any("rewards/mean" in r for r in grpo_metrics)

@@ -1,7 +1,7 @@
 """``jrft demo``: train a tiny reasoning model from scratch on CPU and show that it learned.
 
 Default (``--objective grpo``): build a character tokenizer and a ~0.8M-parameter Llama from scratch (saved
-in transformers format), SFT it on 300 labelled 3-digit additions with ``<think>…</think><answer>…</answer>``
+in transformers format), SFT it on 200 labelled 3-digit additions with ``<think>…</think><answer>…</answer>``
 traces, evaluate held-out exact match and format rate (greedy), run GRPO on fresh unlabelled prompts with the
 ``accuracy`` + ``format`` reward built-ins, evaluate again, export the final model and load it back (jrft and,
 with torch, transformers), then write a report: ``report.png`` (loss, reward, KL, held-out accuracy),

@@ -6,7 +6,7 @@ its ``metrics.jsonl``, checkpoints and transformers-format export under ``<outpu
 stage directories are removed first, so a rerun starts over instead of resuming a finished run.
 
 The story (shared/NOTES.md): SFT on a few hundred labelled problems teaches the
-``<think>…</think><answer>…</answer>`` format but plateaus around 40-50% exact match; GRPO on fresh,
+``<think>…</think><answer>…</answer>`` format but plateaus around 30% exact match; GRPO on fresh,
 unlabelled prompts with a programmable correctness + format reward (DeepSeekMath, arXiv 2402.03300) then
 raises accuracy further, because the checker needs no labelled trace.
 """
@@ -42,6 +42,7 @@ class DemoResult:
       metrics_files: stage name -> its metrics.jsonl.
       samples_before, samples_after: ``(prompt, completion, answer)`` greedy samples.
       evals: ``(step, accuracy, format_rate)`` held-out evaluations during RL (step 0 = the SFT model).
+      sft_evals: the same during SFT (every ``sft.eval_every`` steps).
       export_dir: the final model in transformers format; load_check: what loading it showed.
     """
 
@@ -54,6 +55,7 @@ class DemoResult:
     samples_before: tuple = ()
     samples_after: tuple = ()
     evals: list[tuple[int, float, float]] = dataclasses.field(default_factory=list)
+    sft_evals: list[tuple[int, float, float]] = dataclasses.field(default_factory=list)
     export_dir: str = ""
     load_check: dict[str, str] = dataclasses.field(default_factory=dict)
     num_params: int = 0
@@ -86,7 +88,13 @@ def build(cfg: DemoConfig, out: str) -> dict[str, str]:
     ``out/base``), and the task files under ``out/data``. Returns name -> path (``base`` and the files)."""
     from flax import nnx
 
-    from jrft.data.synthetic import AdditionTask, arithmetic_tokenizer, write_task_files
+    from jrft.data.synthetic import (
+        AdditionTask,
+        arithmetic_tokenizer,
+        preference_rows,
+        write_jsonl,
+        write_task_files,
+    )
     from jrft.models import Decoder, ModelConfig, save_pretrained
 
     tokenizer = arithmetic_tokenizer()
@@ -110,6 +118,7 @@ def build(cfg: DemoConfig, out: str) -> dict[str, str]:
     model = Decoder(config, rngs=nnx.Rngs(cfg.seed))
     paths = {"base": save_pretrained(model, os.path.join(out, "base"), tokenizer)}
     t = cfg.task
+    task = AdditionTask(num_digits=t.num_digits)
     paths.update(
         write_task_files(
             os.path.join(out, "data"),
@@ -117,9 +126,13 @@ def build(cfg: DemoConfig, out: str) -> dict[str, str]:
             num_heldout=t.num_heldout,
             num_rl_prompts=t.num_rl_prompts,
             seed=cfg.seed,
-            task=AdditionTask(num_digits=t.num_digits),
+            task=task,
         )
     )
+    # Preference pairs on problems of the RL pool (the same draw write_task_files made), replacing the
+    # default file, which has one pair per labelled SFT problem only.
+    pool = task.sample(t.num_sft + t.num_rl_prompts, split="train", seed=cfg.seed)[t.num_sft :]
+    write_jsonl(preference_rows(pool[: t.num_preference], seed=cfg.seed), paths["pref_train"])
     return paths
 
 
@@ -182,6 +195,7 @@ def sft_config(cfg: DemoConfig, out: str, paths: dict[str, str]) -> RunConfig:
             f"train.steps={s.steps}",
             f"train.batch_size={s.batch_size}",
             f"train.log_every={s.log_every}",
+            f"train.eval_every={s.eval_every}",
         ],
     )
 
@@ -210,7 +224,7 @@ def grpo_config(cfg: DemoConfig, out: str, paths: dict[str, str], model_path: st
             f"grpo.num_generations={g.num_generations}",
             f"grpo.max_new_tokens={g.max_new_tokens}",
             f"grpo.temperature={g.temperature}",
-            "grpo.beta=0.0",
+            f"grpo.beta={g.beta}",
             "grpo.epsilon_low=0.2",
             "grpo.epsilon_high=0.2",
             "grpo.loss_aggregation=dapo",
@@ -297,14 +311,35 @@ def _task_eval(cfg: DemoConfig, model, tokenizer, rows) -> TaskEval:
     )
 
 
+def _evals_from(metrics_file: str) -> list[tuple[int, float, float]]:
+    return [
+        (r["step"], r["eval/accuracy"], r["eval/format_rate"])
+        for r in read_jsonl(metrics_file)
+        if "eval/accuracy" in r
+    ]
+
+
 def _sft(cfg, out, paths, result, log, progress) -> str:
+    """SFT from the scratch model; with ``sft.eval_every``, held-out exact match is logged during it."""
     from jrft.train.offline import export_dir, run_offline
+
+    heldout = read_jsonl(paths["prompts_heldout"])
+
+    def model_eval_fn(model):
+        return _task_eval(cfg, model, tokenizer_of(paths), heldout).as_metrics()
 
     with _Timer(result, "sft", log):
         config = sft_config(cfg, out, paths)
-        run_offline(config, progress=progress)
+        run_offline(config, progress=progress, model_eval_fn=model_eval_fn if cfg.sft.eval_every else None)
         result.metrics_files["sft"] = os.path.join(config.output_dir, "metrics.jsonl")
+    result.sft_evals = _evals_from(result.metrics_files["sft"])
     return export_dir(config)
+
+
+def tokenizer_of(paths: dict[str, str]):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(paths["base"])
 
 
 def check_export(path: str, tokenizer, prompts: list[str]) -> dict[str, str]:
@@ -350,18 +385,16 @@ def run_grpo_demo(cfg: DemoConfig, result: DemoResult, paths, tokenizer, log, pr
 
     last: list[TaskEval] = []
 
-    def eval_fn(model):
+    def model_eval_fn(model):
         ev = _task_eval(cfg, model, tokenizer, heldout)
         last.append(ev)
         return ev.as_metrics()
 
     with _Timer(result, "grpo", log):
         config = grpo_config(cfg, result.output_dir, paths, sft_model)
-        run = run_grpo(config, progress=progress, eval_fn=eval_fn)
+        run = run_grpo(config, progress=progress, model_eval_fn=model_eval_fn)
         result.metrics_files["grpo"] = os.path.join(config.output_dir, "metrics.jsonl")
-    for rec in read_jsonl(result.metrics_files["grpo"]):
-        if "eval/accuracy" in rec:
-            result.evals.append((rec["step"], rec["eval/accuracy"], rec["eval/format_rate"]))
+    result.evals.extend(_evals_from(result.metrics_files["grpo"]))
     tail = last[-cfg.grpo.eval_last :]
     result.after.update(
         accuracy=float(np.mean([e.accuracy for e in tail])),

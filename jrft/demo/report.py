@@ -17,7 +17,7 @@ from jrft.demo.pipeline import DemoResult
 PANELS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("SFT loss", "sft", ("loss",)),
     ("GRPO reward (mean)", "grpo", ("rewards/mean",)),
-    ("GRPO KL to old/ref policy", "grpo", ("kl_mean", "kl", "approx_kl")),
+    ("GRPO KL to the SFT model", "grpo", ("kl_mean",)),
     ("DPO loss", "dpo", ("loss",)),
     ("DPO reward accuracy (train)", "dpo", ("rewards/accuracies",)),
     ("reward model loss", "reward", ("loss",)),
@@ -60,6 +60,9 @@ def plot(result: DemoResult, path: str) -> str:
         curve = read_curve(result.metrics_files.get(stage, ""), keys)
         if curve is not None:
             panels.append((title, *curve))
+    if result.sft_evals:
+        steps, values = [e[0] for e in result.sft_evals], [100 * e[1] for e in result.sft_evals]
+        panels.append(("held-out accuracy during SFT", "accuracy", steps, values))
     if result.evals:
         steps = [e[0] for e in result.evals]
         panels.append(
@@ -69,6 +72,13 @@ def plot(result: DemoResult, path: str) -> str:
     rows = max(1, -(-len(panels) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.2 * rows), squeeze=False)
     for ax, (title, key, steps, values) in zip(axes.flat, panels, strict=False):
+        if key == "kl_mean" and not any(values):
+            # beta = 0: the trainer never computes reference log-probs, so there is no KL to show
+            ax.text(0.5, 0.5, "not computed: grpo.beta = 0\n(no reference model)", ha="center", va="center")
+            ax.set_title(title)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            continue
         ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3)
         ax.set_title(title)
         ax.set_xlabel("step")

@@ -177,8 +177,13 @@ def export_dir(config: RunConfig) -> str:
     return config.train.export_dir or os.path.join(config.output_dir, "export")
 
 
-def run_offline(config: RunConfig, *, progress: bool = True) -> LoopResult:
-    """Trains ``config.objective`` (sft, reward or dpo) and exports the result; returns the loop's result."""
+def run_offline(config: RunConfig, *, progress: bool = True, model_eval_fn=None) -> LoopResult:
+    """Trains ``config.objective`` (sft, reward or dpo) and exports the result; returns the loop's result.
+
+    ``model_eval_fn(model) -> metrics`` (optional) is called with the current model every ``train.eval_every``
+    steps and at the end, next to the eval set's loss; its metrics are logged with an ``eval/`` prefix (e.g.
+    held-out exact match of greedy generations).
+    """
     from transformers import AutoTokenizer
 
     from jrft.data import datasets_from_config, eval_batches_from_config, train_iterator_from_config
@@ -219,6 +224,13 @@ def run_offline(config: RunConfig, *, progress: bool = True) -> LoopResult:
             ),
             mesh,
         )
+    if model_eval_fn is not None:
+        loss_eval = eval_fn
+
+        def eval_fn(state):
+            metrics = dict(loss_eval(state)) if loss_eval is not None else {}
+            return {**metrics, **model_eval_fn(nnx.merge(graphdef, state.params, state.rest))}
+
     return loop_and_export(
         config,
         step_fn,

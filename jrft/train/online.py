@@ -49,11 +49,12 @@ def run_online(config: RunConfig, *, progress: bool = True) -> LoopResult:
     raise ValueError(f"run_online: objective {config.objective!r} is not online; use grpo or ppo")
 
 
-def run_grpo(config: RunConfig, *, progress: bool = True, runner=None, eval_fn=None) -> LoopResult:
+def run_grpo(config: RunConfig, *, progress: bool = True, runner=None, model_eval_fn=None) -> LoopResult:
     """GRPO; ``runner`` overrides the reward runner built from ``grpo.reward_functions`` (tests).
 
-    ``eval_fn(model) -> metrics`` (optional) is called with the current policy every ``train.eval_every``
-    steps and at the end; its metrics are logged with an ``eval/`` prefix (e.g. held-out accuracy).
+    ``model_eval_fn(model) -> metrics`` (optional) is called with the current policy every
+    ``train.eval_every`` steps and at the end; its metrics are logged with an ``eval/`` prefix (e.g. held-out
+    accuracy).
     """
     from transformers import AutoTokenizer
 
@@ -100,7 +101,7 @@ def run_grpo(config: RunConfig, *, progress: bool = True, runner=None, eval_fn=N
     def eval_state(state):
         from flax import nnx
 
-        return eval_fn(nnx.merge(graphdef, state.params, state.rest))
+        return model_eval_fn(nnx.merge(graphdef, state.params, state.rest))
 
     return loop_and_export(
         config,
@@ -109,7 +110,7 @@ def run_grpo(config: RunConfig, *, progress: bool = True, runner=None, eval_fn=N
         prompts,
         graphdef,
         tokenizer,
-        eval_fn=None if eval_fn is None else eval_state,
+        eval_fn=None if model_eval_fn is None else eval_state,
         bar_keys=("rewards/mean", "kl_mean", "clip_frac", "completion_length"),
         progress=progress,
         summary=train_ds.summary(),
