@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dpo": ("jrft.commands.train:dpo", "direct preference optimization against a frozen reference"),
     "grpo": ("jrft.commands.train:grpo", "GRPO: sample groups, score with reward functions, update"),
     "ppo": ("jrft.commands.train:ppo", "PPO (RLHF): reward model and/or functions, value model, GAE, update"),
-    "demo": ("jrft.commands.demo:main", "tiny model + tokenizer: save/load in transformers format, generate"),
+    "demo": ("jrft.commands.demo:main", "a tiny reasoning model from scratch on CPU: SFT -> GRPO, report"),
 }
 
 
