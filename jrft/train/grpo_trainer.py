@@ -7,8 +7,6 @@ and reference live in this one process and share the parameters: no weight trans
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from typing import Any
 
@@ -19,7 +17,14 @@ import numpy as np
 from jrft.config import GRPOConfig
 from jrft.losses import group_advantages
 from jrft.train.objectives import grpo
-from jrft.train.rollout import Rollout, concat_rollouts, group_has_signal, sample_rollout, score_rollout
+from jrft.train.rollout import (
+    Rollout,
+    append_completions,
+    concat_rollouts,
+    group_has_signal,
+    sample_rollout,
+    score_rollout,
+)
 from jrft.train.sharding import device_batch
 from jrft.train.step import jit_step, make_train_step
 
@@ -219,17 +224,6 @@ class GRPORound:
         every = self.c.log_completions_every
         if not self.completions_path or not every or self.rounds % every or jax.process_index() != 0:
             return
-        os.makedirs(os.path.dirname(self.completions_path) or ".", exist_ok=True)
-        with open(self.completions_path, "a", encoding="utf-8") as f:
-            for i in range(min(rollout.num_rows, 2 * self.c.num_generations)):
-                row = {
-                    "round": self.rounds,
-                    "prompt": rollout.prompts[i],
-                    "completion": rollout.completions[i],
-                    "reward": None if np.isnan(rollout.rewards[i]) else float(rollout.rewards[i]),
-                    **{
-                        f"reward/{k}": (None if np.isnan(v[i]) else float(v[i]))
-                        for k, v in rollout.per_function.items()
-                    },
-                }
-                f.write(json.dumps(row) + "\n")
+        append_completions(
+            self.completions_path, rollout, round_index=self.rounds, max_rows=2 * self.c.num_generations
+        )
