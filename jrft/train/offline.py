@@ -173,6 +173,38 @@ def checkpointer_for(config: RunConfig) -> Checkpointer:
     return checkpointer
 
 
+def memory_summary(
+    config: RunConfig, mesh, state, *, rows: int, cache_rows: int = 0, cache_len: int = 0
+) -> str:
+    """The per-device memory estimate (``jrft.parallel.memory``) and, beside it, what the parameters really
+    occupy per device and what the device reports in use (where it can)."""
+    from jrft.models import ModelConfig
+    from jrft.parallel.memory import actual_param_bytes_per_device, device_memory_in_use, estimate_memory
+
+    model_cfg = ModelConfig.from_hf(config.model.path) if os.path.isdir(config.model.path) else None
+    if model_cfg is None:
+        return "memory estimate: skipped (model config not in a local directory)"
+    nbytes = {"float32": 4, "bfloat16": 2, "float16": 2}
+    micro = config.train.micro_batch_size or rows
+    est = estimate_memory(
+        model_cfg,
+        mesh_shape=tuple(mesh.shape[a] for a in ("data", "fsdp", "tensor")),
+        batch=min(micro, rows),
+        seq_len=config.data.max_length,
+        param_bytes=nbytes[config.model.param_dtype],
+        compute_bytes=nbytes[config.model.dtype],
+        opt_bytes=nbytes[config.model.param_dtype],
+        remat=config.model.remat,
+        cache_batch=cache_rows,
+        cache_len=cache_len,
+        cache_bytes=nbytes[config.model.dtype],
+    )
+    actual = actual_param_bytes_per_device(state.params)
+    reported = device_memory_in_use()
+    tail = f"; device reports {reported / 2**30:.2f} GiB in use" if reported else ""
+    return f"{est.describe()}; parameters actually {actual / 2**30:.3f} GiB/device{tail}"
+
+
 def export_dir(config: RunConfig) -> str:
     return config.train.export_dir or os.path.join(config.output_dir, "export")
 
@@ -241,7 +273,7 @@ def run_offline(config: RunConfig, *, progress: bool = True, model_eval_fn=None)
         eval_fn=eval_fn,
         bar_keys=objective.bar_keys,
         progress=progress,
-        summary=train_ds.summary(),
+        summary=train_ds.summary() + "\n" + memory_summary(config, mesh, state, rows=config.train.batch_size),
     )
 
 

@@ -12,7 +12,7 @@ import jax
 
 from jrft.config import RunConfig
 from jrft.train.loop import LoopResult
-from jrft.train.offline import build_model, loop_and_export, optimizer_from_config
+from jrft.train.offline import build_model, loop_and_export, memory_summary, optimizer_from_config
 from jrft.train.sharding import mesh_from_config, place_state
 from jrft.train.state import create_train_state
 
@@ -113,5 +113,14 @@ def run_grpo(config: RunConfig, *, progress: bool = True, runner=None, model_eva
         eval_fn=None if model_eval_fn is None else eval_state,
         bar_keys=("rewards/mean", "kl_mean", "clip_frac", "completion_length"),
         progress=progress,
-        summary=train_ds.summary(),
+        summary=train_ds.summary()
+        + "\n"
+        + memory_summary(
+            config,
+            mesh,
+            state,
+            rows=config.train.batch_size * c.num_generations,
+            cache_rows=config.train.batch_size * c.num_generations,
+            cache_len=config.data.max_prompt_length + c.max_new_tokens,
+        ),
     )

@@ -1,0 +1,117 @@
+"""A per-device memory estimate for a training or sampling run, printed at start.
+
+Counts, per device, for a model of ``ModelConfig`` on a ``(data, fsdp, tensor)`` mesh:
+  params      every parameter, split over fsdp x tensor (the rules table shards matrices over both);
+  grads       the same again (one gradient per parameter, in the parameter dtype);
+  optimizer   AdamW's two moments (``optimizer_copies`` = 2) in ``opt_dtype``;
+  activations what the backward pass keeps: per layer ``B_local x T x D`` times a factor set by the remat
+              policy (``REMAT_ACTIVATION_FACTORS``), plus the float32 logits ``B_local x T x V / tensor``;
+  kv_cache    ``2 x L x B_local x KV/tensor x S x Dh x bytes`` for sampling.
+It is an estimate (XLA's temporaries and fragmentation come on top): :func:`device_memory_in_use` reports
+what the device itself says, where it can (GPU/TPU ``memory_stats``; CPU has none).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+# Activations kept per layer, in units of B*T*D values (rough, from the tensors each policy saves):
+# none keeps q/k/v, attention output, MLP hidden (3F/D ~ 8) and norms; full keeps only the layer input.
+REMAT_ACTIVATION_FACTORS = {
+    "none": 16.0,
+    "dots_saveable": 12.0,
+    "dots_no_batch": 10.0,
+    "save_qkv_attn_out": 6.0,
+    "save_attn_out": 3.0,
+    "full": 1.0,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per device of each part; ``total`` sums them."""
+
+    params: int
+    grads: int
+    optimizer: int
+    activations: int
+    kv_cache: int
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer + self.activations + self.kv_cache
+
+    def describe(self) -> str:
+        gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+        parts = ", ".join(f"{f.name} {gib(getattr(self, f.name))}" for f in dataclasses.fields(self))
+        return f"estimated per-device memory: {gib(self.total)} ({parts})"
+
+
+def estimate_memory(
+    config,
+    *,
+    mesh_shape: tuple[int, int, int],
+    batch: int,
+    seq_len: int,
+    param_bytes: int = 4,
+    compute_bytes: int = 4,
+    opt_bytes: int = 4,
+    optimizer_copies: int = 2,
+    remat: str = "none",
+    training: bool = True,
+    cache_batch: int = 0,
+    cache_len: int = 0,
+    cache_bytes: int = 4,
+) -> MemoryEstimate:
+    """Per-device bytes for ``config`` (a ``jrft.models.ModelConfig``) on a ``(data, fsdp, tensor)`` mesh.
+
+    ``batch`` is the global batch (rows) of one micro-batch; ``cache_batch``/``cache_len`` the sampler's.
+    """
+    data, fsdp, tensor = mesh_shape
+    if remat not in REMAT_ACTIVATION_FACTORS:
+        raise ValueError(f"unknown remat policy {remat!r}; known: {sorted(REMAT_ACTIVATION_FACTORS)}")
+    n = config.num_params() if callable(getattr(config, "num_params", None)) else config.num_params
+    shards = fsdp * tensor
+    params = n * param_bytes // shards
+    grads = params if training else 0
+    optimizer = n * opt_bytes * optimizer_copies // shards if training else 0
+    local_batch = max(batch // (data * fsdp), 1)
+    activations = 0
+    if training:
+        per_layer = (
+            REMAT_ACTIVATION_FACTORS[remat] * local_batch * seq_len * config.hidden_size * compute_bytes
+        )
+        logits = local_batch * seq_len * config.vocab_size * 4 * 2 // tensor  # float32 logits + log-softmax
+        activations = int(config.num_layers * per_layer + logits)
+    kv = 0
+    if cache_batch and cache_len:
+        local_cache_batch = max(cache_batch // (data * fsdp), 1)
+        kv_heads = (
+            max(config.num_kv_heads // tensor, 1)
+            if config.num_kv_heads % tensor == 0
+            else config.num_kv_heads
+        )
+        kv = 2 * config.num_layers * local_cache_batch * kv_heads * cache_len * config.head_dim * cache_bytes
+    return MemoryEstimate(int(params), int(grads), int(optimizer), int(activations), int(kv))
+
+
+def device_memory_in_use() -> int | None:
+    """Bytes in use on the first local device, from the runtime (None where it does not say, e.g. CPU)."""
+    stats = jax.local_devices()[0].memory_stats()
+    if not stats:
+        return None
+    return int(stats.get("bytes_in_use", 0)) or None
+
+
+def actual_param_bytes_per_device(params) -> int:
+    """The largest per-device byte count over the addressable shards of a parameter pytree."""
+    per_device: dict = {}
+    for x in jax.tree.leaves(params):
+        for shard in getattr(x, "addressable_shards", ()):
+            per_device[shard.device] = (
+                per_device.get(shard.device, 0) + int(np.prod(shard.data.shape)) * x.dtype.itemsize
+            )
+    return max(per_device.values()) if per_device else 0
