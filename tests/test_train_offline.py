@@ -97,3 +97,19 @@ def test_sharded_run_equals_single_device_run(assets, tmp_path):
         finals.append(param_arrays(run_offline(cfg, progress=False).state))
     for a, b in zip(*finals, strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("loss_type", ["simpo", "orpo"])
+def test_reference_free_preference_losses_raise_margins(assets, tmp_path, loss_type):
+    out = tmp_path / loss_type
+    extra = ("dpo.beta=2.0",) if loss_type == "simpo" else ()
+    cfg = _config(assets, "dpo", out, "train.steps=20", f"dpo.loss_type={loss_type}", "optim.lr=1e-3", *extra)
+    result = run_offline(cfg, progress=False)
+    rows = _metrics(out)
+    assert rows[0]["rewards/margins"] < result.last_metrics["rewards/margins"]
+
+
+def test_precomputed_reference_option_is_refused_clearly(assets, tmp_path):
+    cfg = _config(assets, "dpo", tmp_path / "pre", "train.steps=1", "dpo.precompute_ref_logps=true")
+    with pytest.raises(NotImplementedError, match="precompute_ref_logps"):
+        run_offline(cfg, progress=False)

@@ -56,8 +56,21 @@ def _reward(config: RunConfig, graphdef, state) -> Objective:
 
 def _dpo(config: RunConfig, graphdef, state) -> Objective:
     c = config.dpo
-    loss_fn = dpo.make_loss_fn(beta=c.beta, loss_type=c.loss_type, label_smoothing=c.label_smoothing)
-    if c.reference_free:
+    if c.precompute_ref_logps:
+        raise NotImplementedError(
+            "dpo.precompute_ref_logps=true is not built yet: the reference log-probs are computed per batch "
+            "(set it to false)"
+        )
+    loss_fn = dpo.make_loss_fn(
+        beta=c.beta,
+        loss_type=c.loss_type,
+        label_smoothing=c.label_smoothing,
+        simpo_gamma=c.simpo_gamma,
+        orpo_lambda=c.orpo_lambda,
+        sft_weight=c.sft_weight,
+    )
+    if c.reference_free or not dpo.needs_reference(c.loss_type):
+        # No reference model in memory: DPO's reference-free case uses a uniform reference (log-probs 0).
 
         def prepare(batch):
             zeros = jnp.zeros(batch["chosen_tokens"].shape[:1], jnp.float32)

@@ -12,24 +12,81 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jrft.losses import dpo_loss
+from jrft.losses import dpo_loss, orpo_odds_ratio_loss, simpo_loss
 from jrft.train.logprobs import pair_sequence_logps
 from jrft.train.objectives.pairs import valid_rows
 
 
-def make_loss_fn(*, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0):
+def _dpo_family(out, batch, *, beta, loss_type, label_smoothing, simpo_gamma, orpo_lambda):
+    return dpo_loss(
+        out["chosen_logps"],
+        out["rejected_logps"],
+        batch["ref_chosen_logps"],
+        batch["ref_rejected_logps"],
+        beta=beta,
+        loss_type=loss_type,
+        label_smoothing=label_smoothing,
+    )
+
+
+def _simpo(out, batch, *, beta, loss_type, label_smoothing, simpo_gamma, orpo_lambda):
+    return simpo_loss(
+        out["chosen_logps"],
+        out["rejected_logps"],
+        out["chosen_lengths"],
+        out["rejected_lengths"],
+        beta=beta,
+        gamma=simpo_gamma,
+        label_smoothing=label_smoothing,
+    )
+
+
+def _orpo(out, batch, *, beta, loss_type, label_smoothing, simpo_gamma, orpo_lambda):
+    """ORPO = NLL of the chosen response (per token) + lambda * odds-ratio term; rewards as TRL logs them
+    (beta x mean log-prob)."""
+    odds, _ = orpo_odds_ratio_loss(
+        out["chosen_logps"], out["rejected_logps"], out["chosen_lengths"], out["rejected_lengths"]
+    )
+    chosen_mean = out["chosen_logps"] / jnp.maximum(out["chosen_lengths"], 1.0)
+    rejected_mean = out["rejected_logps"] / jnp.maximum(out["rejected_lengths"], 1.0)
+    losses = -chosen_mean + orpo_lambda * odds
+    return losses, jax.lax.stop_gradient(beta * chosen_mean), jax.lax.stop_gradient(beta * rejected_mean)
+
+
+# Losses with their own functions (no reference model); every other name is a key of jrft.losses.DPO_LOSSES.
+REFERENCE_FREE_LOSSES = {"simpo": _simpo, "orpo": _orpo}
+
+
+def needs_reference(loss_type: str) -> bool:
+    return loss_type not in REFERENCE_FREE_LOSSES
+
+
+def make_loss_fn(
+    *,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.5,
+    orpo_lambda: float = 0.1,
+    sft_weight: float = 0.0,
+):
+    """Pairwise preference loss ``loss_type`` (DPO family, ``simpo`` or ``orpo``), plus ``sft_weight`` x the
+    chosen responses' per-token NLL (RPO, arXiv 2404.19733)."""
+    pair_loss = REFERENCE_FREE_LOSSES.get(loss_type, _dpo_family)
+    hyper = dict(
+        beta=beta,
+        loss_type=loss_type,
+        label_smoothing=label_smoothing,
+        simpo_gamma=simpo_gamma,
+        orpo_lambda=orpo_lambda,
+    )
+
     def loss_fn(model, batch, norms, key):
         del key
         out = pair_sequence_logps(model, batch)
-        losses, chosen_rewards, rejected_rewards = dpo_loss(
-            out["chosen_logps"],
-            out["rejected_logps"],
-            batch["ref_chosen_logps"],
-            batch["ref_rejected_logps"],
-            beta=beta,
-            loss_type=loss_type,
-            label_smoothing=label_smoothing,
-        )
+        losses, chosen_rewards, rejected_rewards = pair_loss(out, batch, **hyper)
+        if sft_weight:
+            losses = losses - sft_weight * out["chosen_logps"] / jnp.maximum(out["chosen_lengths"], 1.0)
         valid = valid_rows(batch)
 
         def mean(x):  # contribution to the mean over the global batch's real pairs
