@@ -103,8 +103,15 @@ class DataSource:
     rows: tuple[dict, ...] | None = None
     # Keep only the first N rows (None = all): quick experiments on big datasets.
     limit: int | None = None
+    # Column renames applied after loading, e.g. {question: prompt} for GSM8K's prompt-only rows.
+    rename: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        _check(
+            all(isinstance(k, str) and isinstance(v, str) for k, v in self.rename.items()),
+            "rename",
+            "must map column names to column names",
+        )
         _check((self.path is None) != (self.rows is None), "path", "give exactly one of 'path' or 'rows'")
         _check(self.limit is None or self.limit > 0, "limit", f"must be positive, got {self.limit}")
 

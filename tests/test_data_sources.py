@@ -76,3 +76,15 @@ def test_unknown_hub_name_is_a_named_error(monkeypatch):
         DataError, match=r"^no-such-org/no-such-dataset: the datasets library could not load it"
     ):
         load_rows("no-such-org/no-such-dataset")
+
+
+def test_rename_maps_columns_and_names_missing_ones():
+    from jrft.config import DataSource
+    from jrft.data import DataError, load_rows
+
+    rows = load_rows(
+        DataSource(rows=({"question": "1+1=", "answer": "#### 2"},), rename={"question": "prompt"})
+    )
+    assert rows.rows == [{"prompt": "1+1=", "answer": "#### 2"}]
+    with pytest.raises(DataError, match=r"no column\(s\) \['nope'\]"):
+        load_rows(DataSource(rows=({"question": "x"},), rename={"nope": "prompt"}))

@@ -127,8 +127,10 @@ def load_rows(
     Raises:
       DataError: a missing or unreadable file, a line that is not a JSON object, an empty source.
     """
+    rename: Mapping[str, str] = {}
     if hasattr(source, "rows") and hasattr(source, "path") and hasattr(source, "split"):  # a DataSource
         split, subset, limit = source.split, source.subset, source.limit
+        rename = getattr(source, "rename", None) or {}
         source = list(source.rows) if source.rows is not None else source.path
     if isinstance(source, Rows):
         name, rows = source.name, list(source.rows)
@@ -161,4 +163,11 @@ def load_rows(
         rows = rows[:limit]
     if not rows:
         raise DataError(name, "no rows")
+    if rename:
+        missing = sorted(set(rename) - set(rows[0]))
+        if missing:
+            raise DataError(
+                name, f"data.rename: no column(s) {missing} to rename; columns: {sorted(rows[0])}"
+            )
+        rows = [{rename.get(k, k): v for k, v in row.items()} for row in rows]
     return Rows(name=name, rows=rows)
