@@ -41,6 +41,7 @@ class TaskEval:
     num: int
     seconds: float
     samples: tuple[tuple[str, str, str], ...] = ()
+    completions: tuple[str, ...] = ()
 
     def as_metrics(self) -> dict[str, float]:
         return {"accuracy": self.accuracy, "format_rate": self.format_rate}
@@ -107,6 +108,7 @@ def evaluate_task(
         num=len(rows),
         seconds=time.perf_counter() - t0,
         samples=samples,
+        completions=tuple(completions),
     )
 
 

@@ -453,7 +453,6 @@ def _rm_accuracy(reward_model, tokenizer, pairs) -> float:
 def run_rlhf_demo(cfg: DemoConfig, result: DemoResult, paths, tokenizer, log, progress) -> None:
     import importlib.util
 
-    from jrft.demo.evaluate import greedy_completions
     from jrft.models import from_pretrained
     from jrft.train.offline import export_dir, run_offline
 
@@ -461,22 +460,21 @@ def run_rlhf_demo(cfg: DemoConfig, result: DemoResult, paths, tokenizer, log, pr
     pairs = read_jsonl(paths["pref_heldout"])
     sft_model = _sft(cfg, result.output_dir, paths, result, log, progress)
     with _Timer(result, "reward model", log):
+        # before training: the SFT model with a freshly initialised scalar head
+        untrained = from_pretrained(sft_model, scalar_head=True, seed=cfg.seed)
+        result.before["rm_preference_accuracy"] = _rm_accuracy(untrained, tokenizer, pairs)
+        del untrained
         config = preference_config(cfg, result.output_dir, paths, sft_model, "reward")
         run_offline(config, progress=progress)
         result.metrics_files["reward"] = os.path.join(config.output_dir, "metrics.jsonl")
         rm_path = export_dir(config)
         reward_model = from_pretrained(rm_path, scalar_head=True)
     prompts = [r["prompt"] for r in heldout]
-    e = cfg.eval
 
     def score(model_path: str) -> tuple[float, TaskEval]:
-        model = _load(model_path)
-        texts = greedy_completions(
-            model, tokenizer, prompts, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size
-        )
-        return float(np.mean(reward_scores(reward_model, tokenizer, prompts, texts))), _task_eval(
-            cfg, model, tokenizer, heldout
-        )
+        """The reward model's mean score of the policy's greedy held-out completions, and the task eval."""
+        ev = _task_eval(cfg, _load(model_path), tokenizer, heldout)
+        return float(np.mean(reward_scores(reward_model, tokenizer, prompts, list(ev.completions)))), ev
 
     with _Timer(result, "eval before", log):
         rm_acc = _rm_accuracy(reward_model, tokenizer, pairs)
