@@ -83,6 +83,15 @@ class Checkpointer:
         )
         return restored["state"], dict(restored["meta"])
 
+    def read_meta(self, step: int | None = None) -> dict[str, Any]:
+        """The JSON meta of checkpoint ``step`` (``None``: the latest) without touching the arrays."""
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(restored["meta"])
+
     def wait(self) -> None:
         """Blocks until a background save has finished."""
         self._manager.wait_until_finished()

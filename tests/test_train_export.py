@@ -1,0 +1,38 @@
+"""`jrft export` turns a run's checkpoint into the same transformers directory the run itself exports."""
+
+import numpy as np
+from safetensors.numpy import load_file
+
+from jrft.commands.export import main as export_main
+from jrft.config import load_config
+from jrft.train.offline import run_offline
+
+
+def test_export_of_the_final_checkpoint_equals_the_runs_own_export(tiny_task, tmp_path, capsys):
+    out = tmp_path / "run"
+    cfg = load_config(
+        None,
+        [
+            "objective=sft",
+            f"output_dir={out}",
+            f"model.path={tiny_task['model']}",
+            f"data.train={tiny_task['sft_train']}",
+            "data.buckets=32",
+            "data.max_length=64",
+            "train.steps=3",
+            "train.batch_size=8",
+            "train.save_every=0",
+        ],
+    )
+    run_offline(cfg, progress=False)
+    assert export_main([str(out), str(tmp_path / "exported")]) == 0
+    ours, theirs = (
+        load_file(str(out / "export" / "model.safetensors")),
+        load_file(str(tmp_path / "exported" / "model.safetensors")),
+    )
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        np.testing.assert_array_equal(ours[name], theirs[name])
+    assert (tmp_path / "exported" / "tokenizer.json").exists()
+    assert export_main([str(tmp_path / "nothing"), str(tmp_path / "x")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
