@@ -21,8 +21,8 @@ PANELS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("DPO loss", "dpo", ("loss",)),
     ("DPO reward accuracy (train)", "dpo", ("rewards/accuracies",)),
     ("reward model loss", "reward", ("loss",)),
-    ("PPO reward", "ppo", ("rewards/mean", "scores/mean", "reward")),
-    ("PPO KL", "ppo", ("kl_mean", "kl", "objective/kl")),
+    ("PPO reward-model score", "ppo", ("rm_score/mean", "score/mean")),
+    ("PPO KL to the SFT model", "ppo", ("kl_mean",)),
 )
 
 METRIC_LABELS = {
@@ -72,7 +72,7 @@ def plot(result: DemoResult, path: str) -> str:
     rows = max(1, -(-len(panels) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.2 * rows), squeeze=False)
     for ax, (title, key, steps, values) in zip(axes.flat, panels, strict=False):
-        if key == "kl_mean" and not any(values):
+        if key == "kl_mean" and not any(values) and title.startswith("GRPO"):
             # beta = 0: the trainer never computes reference log-probs, so there is no KL to show
             ax.text(0.5, 0.5, "not computed: grpo.beta = 0\n(no reference model)", ha="center", va="center")
             ax.set_title(title)
