@@ -25,6 +25,7 @@ from jrft.rewards import AccuracyReward, ThinkAnswerFormatReward
 from jrft.sampling import generate
 from jrft.sampling.text import decode_completions, left_pad
 from jrft.train.logprobs import shifted_token_logps
+from jrft.train.objectives.reward import sequence_rewards
 
 # Exact match on the <answer> tag only (no last-number fallback, no symbolic equivalence).
 EXACT_MATCH = AccuracyReward(extract=("answer_tag",), symbolic=False)
@@ -166,11 +167,8 @@ def preference_accuracy(model, tokenizer, rows: Sequence[Mapping[str, str]], *, 
     return float(np.mean(c > r))
 
 
-@jax.jit
-def _last_scores(model, tokens, mask):
-    scores = model.score(tokens, mask)  # [B, T]
-    last = jnp.sum(mask, axis=-1) - 1  # right padding: the last real token
-    return jnp.take_along_axis(scores, last[:, None], axis=1)[:, 0]
+# The reward model's score at each row's last real token: the trainer's own function, jitted once here.
+_last_scores = jax.jit(sequence_rewards)
 
 
 def reward_scores(
