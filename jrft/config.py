@@ -233,6 +233,14 @@ class TrainConfig:
     resume: bool = True
     # Where the final transformers-format model is written (None = <output_dir>/export).
     export_dir: str | None = None
+    # Memory lever: compute the LM head + log-softmax over sequence chunks of this many positions so the
+    # float32 [batch, seq, vocab] logits never exist at once (forward and backward); 0 = off. Same values;
+    # costs one extra LM-head matmul in the backward. Worth it for large vocabularies (Llama 3: 128k).
+    logits_chunk_size: int = 0
+    # Memory lever: keep the frozen reference model (DPO, GRPO with beta > 0, PPO with kl_coef > 0) in
+    # pinned host memory and copy it to the device inside each reference forward. Frees one model's worth
+    # of device memory per device for a host-to-device transfer per reference call (TPU/GPU).
+    offload_reference: bool = False
 
     def __post_init__(self):
         _check(self.steps > 0, "steps", f"must be positive, got {self.steps}")
@@ -248,6 +256,7 @@ class TrainConfig:
             _check(getattr(self, name) >= 0, name, "must be >= 0")
         _check(self.log_every > 0, "log_every", "must be positive")
         _check(self.keep_last >= 1, "keep_last", "must be >= 1")
+        _check(self.logits_chunk_size >= 0, "logits_chunk_size", "must be >= 0 (0 = off)")
 
     @property
     def grad_accum(self) -> int:

@@ -1,8 +1,15 @@
-"""Log-probabilities of given tokens under a causal LM: the quantity DPO, PPO and GRPO all start from.
+"""Log-probabilities of given tokens under a causal LM: the quantity SFT, DPO, PPO and GRPO all start from.
 
 Position ``t`` of the model's logits predicts token ``t + 1``, so results are aligned with the *targets*
 ``tokens[:, 1:]``: ``[B, T - 1]``. Always float32 (DESIGN.md: log-probs in float32 whatever the compute
 dtype).
+
+Memory lever (``train.logits_chunk_size``): for a large vocabulary the float32 logits ``[B, T, V]`` are the
+biggest activation of a step (Llama 3: V = 128256, ~31x the hidden size). With ``chunk_size > 0`` the LM head,
+log-softmax and gather run over sequence chunks of ``chunk_size`` positions (:func:`chunked_token_logps`): a
+``jax.lax.map`` over chunks whose body is ``jax.checkpoint``-ed, so neither the forward nor the backward ever
+holds more than one chunk's ``[B, chunk, V]`` logits (the backward recomputes them). The result is the same
+(to float rounding) as the unchunked path; the cost is one extra LM-head matmul in the backward.
 """
 
 from __future__ import annotations
@@ -15,6 +22,88 @@ import jax.numpy as jnp
 from jrft.losses import token_logprobs
 
 
+def _head_logps(model, hidden, targets, temperature: float):
+    """LM head + log-softmax + gather: ``hidden [B, C, D]`` -> ``([B, C] logps, [B, C] correct)``."""
+    logits = model.logits_from_hidden(hidden).astype(jnp.float32)  # [B, C, V]
+    if temperature != 1.0:
+        logits = logits / temperature
+    correct = jnp.argmax(logits, axis=-1) == targets  # [B, C] (no gradient: argmax)
+    return token_logprobs(logits, targets), correct
+
+
+def chunked_token_logps(
+    model,
+    hidden: jax.Array,
+    targets: jax.Array,
+    *,
+    chunk_size: int,
+    temperature: float = 1.0,
+    with_correct: bool = False,
+):
+    """``log softmax(head(hidden[:, t]) / temperature)[targets[:, t]]``, ``chunk_size`` positions at a time.
+
+    The model's own ``logits_from_hidden`` is the head (tied or untied embeddings, Gemma 2 final-logit
+    soft-capping), so values equal the unchunked path. Each chunk's body is under ``jax.checkpoint``: the
+    backward keeps only the chunk's hidden states and recomputes its logits. The sequence axis is chunked
+    (not ``B*T`` rows) so a chunk stays sharded over the batch axes like the full activation.
+
+    Args:
+      model: a ``jrft.models.Decoder`` (anything with ``logits_from_hidden([B, C, D]) -> [B, C, V]``).
+      hidden: ``[B, T, D]`` final hidden states (after the final norm); position ``t`` predicts
+        ``targets[:, t]`` (shift before calling).
+      targets: ``[B, T]`` int token ids.
+      chunk_size: positions per chunk (> 0); need not divide ``T`` (the last chunk is zero-padded and the
+        padding dropped).
+      temperature: divides the (soft-capped) logits.
+      with_correct: also return ``argmax == target`` per position (SFT's accuracy metric).
+
+    Returns:
+      ``[B, T]`` float32 log-probs, and ``[B, T]`` bool ``correct`` when ``with_correct``.
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunked_token_logps: chunk_size must be positive, got {chunk_size}")
+    b, t, d = hidden.shape
+    c = min(chunk_size, t)
+    n = -(-t // c)  # chunks
+    pad = n * c - t
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    hs = hidden.reshape(b, n, c, d).transpose(1, 0, 2, 3)  # [N, B, C, D]
+    ts = targets.reshape(b, n, c).transpose(1, 0, 2)  # [N, B, C]
+
+    @jax.checkpoint
+    def chunk(xs):
+        h, tgt = xs
+        return _head_logps(model, h, tgt, temperature)
+
+    logps, correct = jax.lax.map(chunk, (hs, ts))  # [N, B, C] each
+    logps = logps.transpose(1, 0, 2).reshape(b, n * c)[:, :t]  # [B, T]
+    if not with_correct:
+        return logps
+    return logps, correct.transpose(1, 0, 2).reshape(b, n * c)[:, :t]
+
+
+def hidden_token_logps(
+    model,
+    hidden: jax.Array,
+    targets: jax.Array,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 0,
+    with_correct: bool = False,
+):
+    """LM head + log-softmax + gather from final hidden states ``[B, T, D]`` for ``targets [B, T]``:
+    ``[B, T]`` float32 (and ``correct`` when ``with_correct``). ``chunk_size`` 0 computes the whole
+    ``[B, T, V]`` logits at once; > 0 uses :func:`chunked_token_logps`."""
+    if chunk_size > 0:
+        return chunked_token_logps(
+            model, hidden, targets, chunk_size=chunk_size, temperature=temperature, with_correct=with_correct
+        )
+    logps, correct = _head_logps(model, hidden, targets, temperature)
+    return (logps, correct) if with_correct else logps
+
+
 def shifted_token_logps(
     model,
     tokens: jax.Array,
@@ -23,11 +112,18 @@ def shifted_token_logps(
     positions: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
     temperature: float = 1.0,
+    chunk_size: int = 0,
 ) -> jax.Array:
     """``log p(tokens[:, t+1] | tokens[:, :t+1])`` for every ``t``: ``[B, T - 1]`` float32.
 
     ``temperature`` divides the logits first (GRPO/PPO score completions under the sampling temperature).
+    ``chunk_size > 0`` never materialises the full ``[B, T, V]`` logits (see the module docstring).
     """
+    if chunk_size > 0:
+        hidden = model.hidden(tokens, attention_mask, positions, segment_ids=segment_ids)  # [B, T, D]
+        return chunked_token_logps(
+            model, hidden[:, :-1], tokens[:, 1:], chunk_size=chunk_size, temperature=temperature
+        )
     logits = model(tokens, attention_mask=attention_mask, positions=positions, segment_ids=segment_ids)
     logits = logits[:, :-1].astype(jnp.float32)  # [B, T-1, V]
     if temperature != 1.0:
@@ -36,25 +132,32 @@ def shifted_token_logps(
 
 
 def sequence_logps(model, tokens, attention_mask, loss_mask, **kwargs) -> tuple[jax.Array, jax.Array]:
-    """Summed log-prob of the tokens where ``loss_mask[:, 1:]`` is 1, and their count: ``([B], [B])``."""
+    """Summed log-prob of the tokens where ``loss_mask[:, 1:]`` is 1, and their count: ``([B], [B])``.
+
+    ``kwargs`` go to :func:`shifted_token_logps` (``positions``, ``segment_ids``, ``temperature``,
+    ``chunk_size``)."""
     mask = loss_mask[:, 1:].astype(jnp.float32)
     logps = shifted_token_logps(model, tokens, attention_mask, **kwargs)
     return jnp.sum(logps * mask, axis=-1), jnp.sum(mask, axis=-1)
 
 
-def pair_sequence_logps(model, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+def pair_sequence_logps(
+    model, batch: Mapping[str, jax.Array], *, chunk_size: int = 0
+) -> dict[str, jax.Array]:
     """Chosen and rejected completions scored in ONE forward pass (concatenated on the batch axis).
 
     Expects ``chosen_tokens``, ``chosen_attention_mask``, ``chosen_loss_mask`` and the ``rejected_*``
     twins, each ``[B, T]`` (padded to the same T). Returns ``chosen_logps``, ``rejected_logps``,
-    ``chosen_lengths``, ``rejected_lengths``: ``[B]`` each.
+    ``chosen_lengths``, ``rejected_lengths``: ``[B]`` each. ``chunk_size``: see :func:`shifted_token_logps`.
     """
     n = batch["chosen_tokens"].shape[0]
 
     def both(key):
         return jnp.concatenate([batch[f"chosen_{key}"], batch[f"rejected_{key}"]], axis=0)  # [2B, T]
 
-    logps, lengths = sequence_logps(model, both("tokens"), both("attention_mask"), both("loss_mask"))
+    logps, lengths = sequence_logps(
+        model, both("tokens"), both("attention_mask"), both("loss_mask"), chunk_size=chunk_size
+    )
     return {
         "chosen_logps": logps[:n],
         "rejected_logps": logps[n:],
