@@ -145,3 +145,16 @@ def test_config_key():
     assert load_config(None, ["train.logits_chunk_size=512"]).train.logits_chunk_size == 512
     with pytest.raises(ConfigError, match="logits_chunk_size"):
         load_config(None, ["train.logits_chunk_size=-1"])
+
+
+def test_ppo_completion_logps_from_hidden_equal_unchunked():
+    from jrft.train.objectives import ppo
+
+    graphdef, params, rest = _model()
+    model = nnx.merge(graphdef, params, rest)
+    batch = _sft_batch(b=3)
+    hidden = model.hidden(batch["tokens"], batch["attention_mask"])
+    full = ppo.completion_logps_from_hidden(model, hidden, batch["tokens"], 13, 0.8)
+    chunked = ppo.completion_logps_from_hidden(model, hidden, batch["tokens"], 13, 0.8, chunk_size=4)
+    assert full.shape == (3, 13)
+    np.testing.assert_allclose(np.asarray(chunked), np.asarray(full), atol=1e-5, rtol=1e-6)

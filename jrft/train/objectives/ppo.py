@@ -28,9 +28,9 @@ from jrft.losses import (
     gae,
     kl_penalty_rewards,
     masked_mean,
-    token_logprobs,
     whiten,
 )
+from jrft.train.logprobs import hidden_token_logps
 
 
 def completion_slice(x: jax.Array, tc: int) -> jax.Array:
@@ -38,12 +38,14 @@ def completion_slice(x: jax.Array, tc: int) -> jax.Array:
     return x[:, -tc - 1 : -1]
 
 
-def completion_logps_from_hidden(model, hidden: jax.Array, tokens: jax.Array, tc: int, temperature: float):
-    """``[N, Tc]`` float32 log-probs of the completion tokens; LM head on completion positions only."""
-    logits = model.logits_from_hidden(completion_slice(hidden, tc)).astype(jnp.float32)  # [N, Tc, V]
-    if temperature != 1.0:
-        logits = logits / temperature
-    return token_logprobs(logits, tokens[:, -tc:])
+def completion_logps_from_hidden(
+    model, hidden: jax.Array, tokens: jax.Array, tc: int, temperature: float, chunk_size: int = 0
+):
+    """``[N, Tc]`` float32 log-probs of the completion tokens; LM head on completion positions only
+    (over chunks of ``chunk_size`` positions when > 0: ``jrft.train.logprobs.chunked_token_logps``)."""
+    return hidden_token_logps(
+        model, completion_slice(hidden, tc), tokens[:, -tc:], temperature=temperature, chunk_size=chunk_size
+    )
 
 
 def completion_values_from_hidden(model, hidden: jax.Array, tc: int) -> jax.Array:
@@ -61,7 +63,9 @@ def normalizers(batch):
 
 def _policy_term(model, hidden, batch, norms, hp):
     mask = batch["completion_mask"]
-    logps = completion_logps_from_hidden(model, hidden, batch["tokens"], mask.shape[1], hp["temperature"])
+    logps = completion_logps_from_hidden(
+        model, hidden, batch["tokens"], mask.shape[1], hp["temperature"], hp["logits_chunk_size"]
+    )
     losses, m = clipped_policy_loss(
         logps, batch["old_logps"], batch["advantages"], mask, clip_eps_low=hp["cliprange"]
     )
@@ -97,6 +101,7 @@ def make_loss_fn(
     cliprange: float = 0.2,
     cliprange_value: float = 0.2,
     vf_coef: float = 0.1,
+    logits_chunk_size: int = 0,
 ):
     """``loss_fn(model, batch, norms, key)`` summing the named :data:`TERMS` over one shared forward pass."""
     unknown = [t for t in terms if t not in TERMS]
@@ -104,7 +109,13 @@ def make_loss_fn(
         raise ValueError(
             f"ppo.make_loss_fn: terms must be a non-empty subset of {sorted(TERMS)}, got {terms}"
         )
-    hp = dict(temperature=temperature, cliprange=cliprange, cliprange_value=cliprange_value, vf_coef=vf_coef)
+    hp = dict(
+        temperature=temperature,
+        cliprange=cliprange,
+        cliprange_value=cliprange_value,
+        vf_coef=vf_coef,
+        logits_chunk_size=logits_chunk_size,
+    )
 
     def loss_fn(model, batch, norms, key):
         del key
@@ -119,7 +130,9 @@ def make_loss_fn(
     return loss_fn
 
 
-def make_forward_fn(graphdef: nnx.GraphDef, *, temperature: float, logps: bool, values: bool):
+def make_forward_fn(
+    graphdef: nnx.GraphDef, *, temperature: float, logps: bool, values: bool, logits_chunk_size: int = 0
+):
     """Jitted ``(params, rest, batch) -> {"logps"?, "values"?}`` (``[N, Tc]`` each), no gradients.
 
     One forward pass gives both when the model is a policy with a value head.
@@ -132,7 +145,9 @@ def make_forward_fn(graphdef: nnx.GraphDef, *, temperature: float, logps: bool, 
         hidden = model.hidden(tokens, batch["attention_mask"])
         out = {}
         if logps:
-            out["logps"] = completion_logps_from_hidden(model, hidden, tokens, tc, temperature)
+            out["logps"] = completion_logps_from_hidden(
+                model, hidden, tokens, tc, temperature, logits_chunk_size
+            )
         if values:
             out["values"] = completion_values_from_hidden(model, hidden, tc)
         return jax.lax.stop_gradient(out)

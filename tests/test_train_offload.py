@@ -1,0 +1,97 @@
+"""Reference offload (``train.offload_reference``): the frozen copy lives in ``pinned_host`` memory with the
+policy's sharding, survives donation of the train state, and gives the same reference log-probs.
+
+What CPU can and cannot show: XLA:CPU reports ``pinned_host`` as a memory space (arrays and jit arguments
+carry the kind, and ``device_put`` to ``device`` inside jit works), but host and device are the same RAM and
+its compiled memory analysis does not split host from device arguments. The saving itself (device memory
+freed) shows only on GPU/TPU.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jrft.config import load_config
+from jrft.models import Decoder, ModelConfig
+from jrft.models.testing import tiny_hf_config
+from jrft.parallel import make_mesh
+from jrft.train import reference as reference_mod
+from jrft.train.objectives import grpo
+from jrft.train.reference import FrozenParams, host_memory_supported, memory_kinds
+from jrft.train.sharding import place_state
+from jrft.train.state import split_model
+
+pytestmark = pytest.mark.skipif(not host_memory_supported(), reason="no pinned_host memory on this backend")
+
+
+def _placed(mesh_shape=(1, 8, 1)):
+    cfg = ModelConfig.from_hf(tiny_hf_config("llama", vocab_size=96, hidden_size=32))
+    graphdef, params, rest = split_model(Decoder(cfg, rngs=nnx.Rngs(0)))
+    (params, rest), _ = place_state((params, rest), make_mesh(*mesh_shape))
+    return graphdef, params, rest
+
+
+def _rollout_batch(b=8, tp=6, tc=10):
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, 96, size=(b, tp + tc))
+    return {
+        "tokens": jnp.asarray(tokens),
+        "attention_mask": jnp.ones((b, tp + tc), jnp.int32),
+        "completion_mask": jnp.ones((b, tc), jnp.int32),
+    }
+
+
+def test_offloaded_copy_is_in_host_memory_with_the_same_sharding():
+    _, params, _ = _placed()
+    frozen = FrozenParams(params, offload=True)
+    assert memory_kinds(params) == {"device"}
+    assert memory_kinds(frozen.params) == {"pinned_host"}
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(frozen.params), strict=True):
+        assert b.sharding.spec == a.sharding.spec and b.sharding.mesh == a.sharding.mesh
+        assert [s.data.shape for s in b.addressable_shards] == [s.data.shape for s in a.addressable_shards]
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
+    # the largest parameter (the embedding) really is split over fsdp: each device's host holds 1/8 of it
+    largest = max(jax.tree.leaves(frozen.params), key=lambda x: x.size)
+    assert largest.addressable_shards[0].data.size * 8 == largest.size
+    assert memory_kinds(FrozenParams(params, offload=False).params) == {"device"}
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_frozen_copy_survives_donation_of_the_train_params(offload):
+    _, params, _ = _placed()
+    expected = [np.array(x, copy=True) for x in jax.tree.leaves(params)]  # no view of the buffers
+    frozen = FrozenParams(params, offload=offload)
+    jax.jit(lambda p: jax.tree.map(lambda x: x + 1, p), donate_argnums=0)(params)
+    assert all(x.is_deleted() for x in jax.tree.leaves(params))  # really donated
+    for x, e in zip(jax.tree.leaves(frozen.params), expected, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), e)
+
+
+def test_offloaded_reference_gives_the_same_logps_and_moves_params_in_the_program():
+    graphdef, params, rest = _placed()
+    batch = _rollout_batch()
+    logps_fn = grpo.make_logps_fn(graphdef, temperature=0.9)
+    on_device = FrozenParams(params).call(logps_fn, rest, batch)
+    frozen = FrozenParams(params, offload=True)
+    offloaded = frozen.call(logps_fn, rest, batch)
+    np.testing.assert_allclose(np.asarray(offloaded), np.asarray(on_device), atol=1e-6)
+    assert offloaded.sharding.memory_kind == "device"
+    frozen.call(logps_fn, rest, batch)
+    assert len(frozen._calls) == 1  # one wrapped program per reference function
+    # the jitted program takes its parameter arguments from host memory and returns device arrays
+    hlo = frozen._calls[logps_fn].lower(frozen.params, rest, batch).as_text()
+    assert hlo.count('mhlo.memory_kind = "pinned_host"') == len(jax.tree.leaves(params))
+
+
+def test_unsupported_backend_is_a_clear_error(monkeypatch):
+    _, params, _ = _placed((8, 1, 1))
+    monkeypatch.setattr(reference_mod, "host_memory_supported", lambda device=None: False)
+    with pytest.raises(ValueError, match="train.offload_reference"):
+        FrozenParams(params, offload=True)
+
+
+def test_config_key():
+    assert load_config(None).train.offload_reference is False
+    assert load_config(None, ["train.offload_reference=true"]).train.offload_reference is True
