@@ -45,3 +45,43 @@ def test_remat_and_cache_terms():
     with pytest.raises(ValueError, match="unknown remat policy"):
         estimate_memory(cfg, mesh_shape=(1, 1, 1), batch=1, seq_len=1, remat="bogus")
     assert jax.device_count() == 8
+
+
+def test_logits_chunking_and_reference_terms():
+    cfg = ModelConfig.from_hf(tiny_hf_config("llama", vocab_size=32000, hidden_size=64))
+    kw = dict(mesh_shape=(2, 1, 1), batch=8, seq_len=512, remat="full")
+    full = estimate_memory(cfg, **kw)
+    chunked = estimate_memory(cfg, **kw, logits_chunk_size=128)
+    local_batch, v, d = 4, 32000, 64
+    saved = 2 * local_batch * (512 - 128) * v * 4 - local_batch * 512 * d * 4
+    assert full.activations - chunked.activations == saved
+    assert chunked.params == full.params and chunked.reference == 0
+    ref = estimate_memory(cfg, **kw, reference=True)
+    assert ref.reference == ref.params and ref.total == full.total + ref.params
+    assert estimate_memory(cfg, **kw, reference=True, offload_reference=True).reference == 0
+    assert "reference" in ref.describe()
+
+
+@pytest.mark.parametrize("chunk", [0, 16])
+def test_logits_term_matches_compiled_temporaries(chunk):
+    """The estimator's logits term against XLA's own count for the LM head + log-softmax backward alone
+    (a vocab-heavy head, so the rest of the program is negligible)."""
+    import jax.numpy as jnp
+
+    from jrft.parallel.memory import logits_activation_bytes
+    from jrft.train.logprobs import hidden_token_logps
+
+    cfg = ModelConfig.from_hf(tiny_hf_config("llama", vocab_size=8192, hidden_size=32))
+    graphdef, params, rest = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+    b, t = 8, 128
+    hidden = jnp.ones((b, t, 32))
+    targets = jnp.zeros((b, t), jnp.int32)
+
+    def f(p, h):
+        return jnp.sum(hidden_token_logps(nnx.merge(graphdef, p, rest), h, targets, chunk_size=chunk))
+
+    analysis = jax.jit(jax.grad(f, argnums=(0, 1))).lower(params, hidden).compile().memory_analysis()
+    if analysis is None:
+        pytest.skip("no memory analysis on this backend")
+    est = logits_activation_bytes(cfg, b, t, chunk=chunk)
+    assert 0.8 * est <= analysis.temp_size_in_bytes <= 1.25 * est, (est, analysis.temp_size_in_bytes)

@@ -5,8 +5,11 @@ Counts, per device, for a model of ``ModelConfig`` on a ``(data, fsdp, tensor)``
   grads       the same again (one gradient per parameter, in the parameter dtype);
   optimizer   AdamW's two moments (``optimizer_copies`` = 2) in ``opt_dtype``;
   activations what the backward pass keeps: per layer ``B_local x T x D`` times a factor set by the remat
-              policy (``REMAT_ACTIVATION_FACTORS``), plus the float32 logits ``B_local x T x V / tensor``;
-  kv_cache    ``2 x L x B_local x KV/tensor x S x Dh x bytes`` for sampling.
+              policy (``REMAT_ACTIVATION_FACTORS``), plus the float32 logits and their log-softmax,
+              ``2 x B_local x T x V / tensor x 4`` -- or, with ``logits_chunk_size`` C, one chunk's
+              ``2 x B_local x C x V / tensor x 4`` plus the chunks' saved hidden states ``B_local x T x D``;
+  kv_cache    ``2 x L x B_local x KV/tensor x S x Dh x bytes`` for sampling;
+  reference   a frozen reference model's parameters (DPO, GRPO/PPO with a KL term), 0 when offloaded to host.
 It is an estimate (XLA's temporaries and fragmentation come on top): :func:`device_memory_in_use` reports
 what the device itself says, where it can (GPU/TPU ``memory_stats``; CPU has none).
 """
@@ -39,15 +42,29 @@ class MemoryEstimate:
     optimizer: int
     activations: int
     kv_cache: int
+    reference: int = 0
 
     @property
     def total(self) -> int:
-        return self.params + self.grads + self.optimizer + self.activations + self.kv_cache
+        return self.params + self.grads + self.optimizer + self.activations + self.kv_cache + self.reference
 
     def describe(self) -> str:
         gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
         parts = ", ".join(f"{f.name} {gib(getattr(self, f.name))}" for f in dataclasses.fields(self))
         return f"estimated per-device memory: {gib(self.total)} ({parts})"
+
+
+def logits_activation_bytes(
+    config, local_batch: int, seq_len: int, *, tensor: int = 1, compute_bytes: int = 4, chunk: int = 0
+) -> int:
+    """Bytes the LM head + log-softmax keep live per device in a training step: the float32 logits and their
+    gradient/softmax (``2 x B x T x V / tensor x 4``); with ``chunk`` > 0 (``train.logits_chunk_size``) one
+    chunk's worth (``T`` -> ``chunk``) plus the hidden states the chunks keep for the backward."""
+    rows = seq_len if chunk <= 0 else min(chunk, seq_len)
+    logits = local_batch * rows * config.vocab_size * 4 * 2 // tensor
+    if chunk > 0:
+        logits += local_batch * seq_len * config.hidden_size * compute_bytes
+    return int(logits)
 
 
 def estimate_memory(
@@ -65,10 +82,15 @@ def estimate_memory(
     cache_batch: int = 0,
     cache_len: int = 0,
     cache_bytes: int = 4,
+    logits_chunk_size: int = 0,
+    reference: bool = False,
+    offload_reference: bool = False,
 ) -> MemoryEstimate:
     """Per-device bytes for ``config`` (a ``jrft.models.ModelConfig``) on a ``(data, fsdp, tensor)`` mesh.
 
     ``batch`` is the global batch (rows) of one micro-batch; ``cache_batch``/``cache_len`` the sampler's.
+    ``logits_chunk_size`` is ``train.logits_chunk_size`` (0: the whole float32 logits at once); ``reference``
+    counts a frozen reference copy of the parameters (in ``param_bytes``), none if ``offload_reference``.
     """
     data, fsdp, tensor = mesh_shape
     if remat not in REMAT_ACTIVATION_FACTORS:
@@ -84,7 +106,9 @@ def estimate_memory(
         per_layer = (
             REMAT_ACTIVATION_FACTORS[remat] * local_batch * seq_len * config.hidden_size * compute_bytes
         )
-        logits = local_batch * seq_len * config.vocab_size * 4 * 2 // tensor  # float32 logits + log-softmax
+        logits = logits_activation_bytes(
+            config, local_batch, seq_len, tensor=tensor, compute_bytes=compute_bytes, chunk=logits_chunk_size
+        )
         activations = int(config.num_layers * per_layer + logits)
     kv = 0
     if cache_batch and cache_len:
@@ -95,7 +119,8 @@ def estimate_memory(
             else config.num_kv_heads
         )
         kv = 2 * config.num_layers * local_cache_batch * kv_heads * cache_len * config.head_dim * cache_bytes
-    return MemoryEstimate(int(params), int(grads), int(optimizer), int(activations), int(kv))
+    ref = n * param_bytes // shards if reference and not offload_reference else 0
+    return MemoryEstimate(int(params), int(grads), int(optimizer), int(activations), int(kv), int(ref))
 
 
 def device_memory_in_use() -> int | None:
