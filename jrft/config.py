@@ -283,6 +283,11 @@ class RewardConfig:
 
     def __post_init__(self):
         _check(self.center_coefficient >= 0, "center_coefficient", "must be >= 0")
+        _check(
+            self.margin_column is None or self.loss == "bradley_terry",
+            "margin_column",
+            "a per-pair margin applies to bradley_terry only, not to listwise rankings",
+        )
 
 
 # Keys of jrft.losses.DPO_LOSSES plus the two losses with their own functions (kept equal by a test).

@@ -107,9 +107,3 @@ def test_reference_free_preference_losses_raise_margins(assets, tmp_path, loss_t
     result = run_offline(cfg, progress=False)
     rows = _metrics(out)
     assert rows[0]["rewards/margins"] < result.last_metrics["rewards/margins"]
-
-
-def test_precomputed_reference_option_is_refused_clearly(assets, tmp_path):
-    cfg = _config(assets, "dpo", tmp_path / "pre", "train.steps=1", "dpo.precompute_ref_logps=true")
-    with pytest.raises(NotImplementedError, match="precompute_ref_logps"):
-        run_offline(cfg, progress=False)

@@ -11,7 +11,8 @@ process builds the same shapes):
 * ``preference``: ``chosen_tokens``, ``chosen_attention_mask``, ``chosen_loss_mask``, ``chosen_positions``
   and the ``rejected_*`` twins, all ``[B, T]`` with one shared T (so a trainer can concatenate them into one
   ``[2B, T]`` forward); ``group [B] int32`` (source row; pairs of one ranked row share it); ``margin [B]
-  float32`` when the data has a margin column.
+  float32`` when the data has a margin column; ``ref_chosen_logps`` / ``ref_rejected_logps [B] float32`` when
+  a trainer attached them to every example (DPO's precomputed reference log-probs).
 * ``ranking`` (whole rankings, for listwise reward losses; ``K`` = most items of any row in the dataset):
   ``tokens``, ``attention_mask``, ``loss_mask``, ``positions``: ``[B, K, T]``; ``item_mask [B, K]``
   (1 = a real item; items fill the first slots); ``ranking [B, K] int32`` (item indices best first, 0 where
@@ -131,6 +132,11 @@ def collate_sft(examples: Sequence[dict], units: Sequence[Sequence[int]], length
     return out
 
 
+# Per-example float32 values a trainer may attach to preference examples before batching; they become
+# ``[B]`` batch entries (0 on filler rows).
+PRECOMPUTED_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
+
+
 def collate_preference(
     examples: Sequence[dict], units: Sequence[Sequence[int]], length: int, pad_id: int
 ) -> dict:
@@ -157,6 +163,9 @@ def collate_preference(
         out["group"][r] = ex["group"]
         if has_margin:
             out["margin"][r] = ex.get("margin", 0.0)
+    for key in PRECOMPUTED_KEYS:  # attached to the examples before batching (DPO's precomputed reference)
+        if all(key in examples[u[0]] for u in units if u):
+            out[key] = np.asarray([examples[u[0]][key] if u else 0.0 for u in units], np.float32)
     return out
 
 

@@ -34,13 +34,20 @@ class Objective:
     """What differs between the offline objectives.
 
     ``prepare(batch) -> batch`` runs outside the jitted step on device batches (e.g. DPO's reference
-    log-probs). ``bar_keys`` are the metrics shown in the progress bar.
+    log-probs). ``bar_keys`` are the metrics shown in the progress bar. ``attach(dataset, mesh)``, when
+    set, runs once per dataset (train and eval) before any batch is made: it adds per-example values that
+    the collator carries into batches (DPO's precomputed reference log-probs). ``frozen`` holds the device
+    arrays the objective keeps besides the train state (DPO's live reference parameters), ``None`` if none.
+    ``data_kind`` is the batch kind the loss needs (None: the objective's usual kind).
     """
 
     normalizers: Callable
     loss_fn: Callable
     prepare: Callable[[dict], dict] = lambda batch: batch
     bar_keys: tuple[str, ...] = ("loss",)
+    attach: Callable[[Any, Any], None] | None = None
+    frozen: Any = None
+    data_kind: str | None = None
 
 
 def _sft(config: RunConfig, graphdef, state) -> Objective:
@@ -48,19 +55,17 @@ def _sft(config: RunConfig, graphdef, state) -> Objective:
 
 
 def _reward(config: RunConfig, graphdef, state) -> Objective:
-    if config.reward.loss != "bradley_terry":
-        raise NotImplementedError("reward.loss=listwise is not built yet in the trainer (jrft.losses has it)")
-    loss_fn = reward.make_loss_fn(center_coef=config.reward.center_coefficient)
+    c = config.reward
+    if c.loss == "listwise":  # whole rankings [B, K, T], Plackett-Luce
+        loss_fn = reward.make_listwise_loss_fn(center_coef=c.center_coefficient)
+        keys = ("loss", "accuracy", "top1_accuracy")
+        return Objective(reward.ranking_normalizers, loss_fn, bar_keys=keys, data_kind="ranking")
+    loss_fn = reward.make_loss_fn(center_coef=c.center_coefficient)
     return Objective(pairs.normalizers, loss_fn, bar_keys=("loss", "accuracy"))
 
 
 def _dpo(config: RunConfig, graphdef, state) -> Objective:
     c = config.dpo
-    if c.precompute_ref_logps:
-        raise NotImplementedError(
-            "dpo.precompute_ref_logps=true is not built yet: the reference log-probs are computed per batch "
-            "(set it to false)"
-        )
     loss_fn = dpo.make_loss_fn(
         beta=c.beta,
         loss_type=c.loss_type,
@@ -76,6 +81,15 @@ def _dpo(config: RunConfig, graphdef, state) -> Objective:
             zeros = jnp.zeros(batch["chosen_tokens"].shape[:1], jnp.float32)
             return {**batch, "ref_chosen_logps": zeros, "ref_rejected_logps": zeros}
 
+    elif c.precompute_ref_logps:
+        # One pass of the reference (the starting parameters, before any step) over each dataset; the values
+        # travel with the examples into every batch, so no reference parameters are kept after it.
+        def attach(dataset, mesh):
+            attach_reference_logps(dataset, graphdef, state.params, state.rest, mesh, config=config)
+
+        keys = ("loss", "rewards/accuracies")
+        return Objective(pairs.normalizers, loss_fn, bar_keys=keys, attach=attach)
+
     else:
         # The reference is the starting policy, frozen: a copy, since the train state's buffers are donated.
         ref_params = jax.tree.map(jnp.copy, state.params)
@@ -84,7 +98,47 @@ def _dpo(config: RunConfig, graphdef, state) -> Objective:
         def prepare(batch):
             return {**batch, **reference(ref_params, state.rest, batch)}
 
+        return Objective(
+            pairs.normalizers, loss_fn, prepare, bar_keys=("loss", "rewards/accuracies"), frozen=ref_params
+        )
     return Objective(pairs.normalizers, loss_fn, prepare, bar_keys=("loss", "rewards/accuracies"))
+
+
+def _host_array(x: jax.Array) -> np.ndarray:
+    """A global array as a host numpy array on every process (gathered across processes if needed)."""
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def attach_reference_logps(dataset, graphdef, params, rest, mesh, *, config: RunConfig) -> None:
+    """Adds ``ref_chosen_logps`` / ``ref_rejected_logps`` (host float32) to every example of a preference
+    ``dataset``: one ordered pass of the reference ``(graphdef, params, rest)`` in batches of
+    ``train.batch_size`` (the same reference function as the live path).
+
+    Because the values are attached to the examples themselves, every batch the iterator makes (any shuffle,
+    any resume position, eval batches too) carries its rows' own values. The pass is deterministic, so a
+    resumed run recomputes exactly the same values from the same starting parameters.
+    """
+    reference = dpo.make_reference_fn(graphdef)
+    batches = dataset.eval_batches(
+        batch_size=config.train.batch_size,
+        buckets=config.data.buckets,
+        max_length=config.data.max_length,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    out: dict[str, list[np.ndarray]] = {"ref_chosen_logps": [], "ref_rejected_logps": []}
+    for host_batch in batches:  # global rows in example order; filler rows only at the very end
+        logps = reference(params, rest, device_batch(host_batch, mesh))
+        for key in out:
+            out[key].append(_host_array(logps[key]))
+    for key, parts in out.items():
+        values = np.concatenate(parts)[: len(dataset.examples)].astype(np.float32)
+        for example, value in zip(dataset.examples, values, strict=True):
+            example[key] = value
 
 
 OBJECTIVES: dict[str, Callable[[RunConfig, Any, Any], Objective]] = {
@@ -246,6 +300,16 @@ def run_offline(config: RunConfig, *, progress: bool = True, model_eval_fn=None)
     del model
     state, shardings = place_state(state, mesh)
     objective = OBJECTIVES[config.objective](config, graphdef, state)
+    if objective.data_kind is not None and train_ds.kind != objective.data_kind:
+        raise ValueError(
+            f"{config.objective}: these settings train on {objective.data_kind!r} batches, but "
+            f"{train_ds.name} holds {train_ds.format!r} rows (reward.loss=listwise needs ranked rows: "
+            "prompt, completions, ranking; use reward.loss=bradley_terry for pairs)"
+        )
+    if objective.attach is not None:
+        for dataset in (train_ds, eval_ds):
+            if dataset is not None:
+                objective.attach(dataset, mesh)
     step = make_train_step(
         graphdef, objective.loss_fn, objective.normalizers, tx, grad_accum=config.train.grad_accum
     )
