@@ -61,6 +61,60 @@ def test_sft_learns_the_trace_format_and_exports(assets, tmp_path):
     assert os.path.exists(out / "export" / "tokenizer.json")
 
 
+@pytest.mark.slow  # ~35 s: 200 SFT steps, then greedy generation
+def test_sft_model_reproduces_heldout_completions_greedily(assets, tmp_path):
+    """SFT on "reverse a 4-digit string" (prompt ``1234=``, completion ``4321``), then greedy generation with
+    ``jrft.sampling.generate`` on 100 held-out strings never seen in training: exact match >= 90%."""
+    from transformers import AutoTokenizer
+
+    from jrft.data import synthetic
+    from jrft.sampling import generate
+    from jrft.sampling.text import decode_completions, left_pad
+
+    rng = np.random.default_rng(0)
+    strings = list(dict.fromkeys("".join(map(str, rng.integers(0, 10, 4))) for _ in range(3000)))
+    train, heldout = strings[:2000], strings[-100:]  # distinct strings: held-out ones are never trained on
+    rows = [{"prompt": f"{s}=", "completion": s[::-1]} for s in train]
+    out = tmp_path / "reverse"
+    cfg = load_config(
+        None,
+        [
+            "objective=sft",
+            f"output_dir={out}",
+            f"model.path={assets['model']}",
+            f"data.train={synthetic.write_jsonl(rows, tmp_path / 'reverse.jsonl')}",
+            "data.buckets=16",
+            "data.max_length=32",
+            "optim.lr=3e-3",
+            "optim.warmup_steps=10",
+            "train.batch_size=32",
+            "train.steps=200",
+            "train.log_every=50",
+            "train.save_every=0",
+        ],
+    )
+    run_offline(cfg, progress=False)
+    tokenizer = AutoTokenizer.from_pretrained(out / "export")
+    model = from_pretrained(out / "export")
+    bos, pad = tokenizer.bos_token_id, tokenizer.pad_token_id
+    prompts = [[bos, *tokenizer(f"{s}=", add_special_tokens=False)["input_ids"]] for s in heldout]
+    tokens, mask = left_pad(prompts, pad)
+    result = generate(
+        model,
+        tokens,
+        mask,
+        max_new_tokens=8,
+        temperature=0.0,
+        stop_token_ids=[tokenizer.eos_token_id],
+        pad_token_id=pad,
+    )
+    completions = decode_completions(tokenizer, result)
+    exact = np.mean([c == s[::-1] for c, s in zip(completions, heldout, strict=True)])
+    print("held-out greedy exact match", exact, list(zip(heldout[:5], completions[:5], strict=True)))
+    # Exact text match also means the model stopped (EOS) right after the 4 digits.
+    assert exact >= 0.9, list(zip(heldout, completions, strict=True))
+
+
 def test_reward_model_learns_preferences(assets, tmp_path):
     out = tmp_path / "rm"
     cfg = _config(assets, "reward", out, "train.steps=100", "train.eval_every=100", "optim.lr=1e-3")
