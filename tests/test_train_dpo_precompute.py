@@ -7,6 +7,7 @@ import os
 
 import jax
 import numpy as np
+import pytest
 
 from jrft.config import load_config
 from jrft.train.offline import OBJECTIVES, param_arrays, run_offline
@@ -138,3 +139,58 @@ def test_precomputed_values_travel_with_the_examples(tiny_task):
         for r, i in enumerate(units):
             n = len(train.examples[i]["chosen_tokens"])
             np.testing.assert_array_equal(batch["chosen_tokens"][r, :n], train.examples[i]["chosen_tokens"])
+
+
+@pytest.mark.slow  # three CLI runs in subprocesses (~1 min)
+def test_sigkill_then_rerun_with_precomputed_reference_equals_uninterrupted(tiny_task, tmp_path):
+    """`jrft dpo` with precomputed reference log-probs, killed with SIGKILL after a checkpoint and restarted
+    (which recomputes the reference pass from the same starting weights), ends with the weights of an
+    uninterrupted run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+    from safetensors.numpy import load_file
+
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, like a user's run
+    env["JAX_PLATFORMS"] = "cpu"
+
+    def write(name):
+        cfg = {
+            "objective": "dpo",
+            "output_dir": str(tmp_path / name),
+            "model": {"path": tiny_task["model"]},
+            "data": {"train": tiny_task["pref_train"], "buckets": 16, "max_length": 64},
+            "optim": {"lr": 1e-3, "warmup_steps": 2},
+            "train": {"steps": 60, "batch_size": 8, "log_every": 1, "save_every": 5, "keep_last": 2},
+            "dpo": {"precompute_ref_logps": True},
+        }
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return [sys.executable, "-m", "jrft.cli", "dpo", str(path), "--no-progress"]
+
+    ref_cmd, run_cmd = write("ref"), write("run")
+    subprocess.run(ref_cmd, env=env, check=True, timeout=600, capture_output=True)
+    ckpts = tmp_path / "run" / "checkpoints"
+    proc = subprocess.Popen(run_cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if ckpts.exists() and any(p.isdigit() and int(p) >= 10 for p in os.listdir(ckpts)):
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not (tmp_path / "run" / "export").exists()
+    done = subprocess.run(run_cmd, env=env, timeout=600, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from checkpoint at step" in done.stdout + done.stderr
+    ref = load_file(str(tmp_path / "ref" / "export" / "model.safetensors"))
+    run = load_file(str(tmp_path / "run" / "export" / "model.safetensors"))
+    assert ref.keys() == run.keys()
+    for name in ref:
+        np.testing.assert_array_equal(ref[name], run[name], err_msg=name)

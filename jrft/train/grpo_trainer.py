@@ -3,6 +3,13 @@
 ``GRPORound`` is the ``step_fn`` the shared loop calls with a prompt batch: one loop step is one
 generation round, which takes ``num_iterations (mu) x num_mini_batches`` optimizer steps. Policy, sampler
 and reference live in this one process and share the parameters: no weight transfer.
+
+Multi-host: each process holds its rows of the global prompt batch; the sampler runs once over the global
+batch and each process keeps, decodes and scores its own completions (whole groups, see
+``jrft.train.rollout``). Rewards are gathered so that advantages (including ``scale_rewards: batch``) and
+logged metrics are those of the global batch, the same numbers as a one-process run of the same config;
+the update is fed global arrays. DAPO dynamic sampling agrees across processes through gathered counts: all
+take the same number of sampling rounds and keep the same number of groups.
 """
 
 from __future__ import annotations
@@ -21,9 +28,13 @@ from jrft.train.rollout import (
     Rollout,
     append_completions,
     concat_rollouts,
+    gather_rows,
+    global_reward_metrics,
     group_has_signal,
+    local_rows,
     sample_rollout,
     score_rollout,
+    widen_rollout,
 )
 from jrft.train.sharding import device_batch
 from jrft.train.step import jit_step, make_train_step
@@ -113,11 +124,16 @@ class GRPORound:
             mesh=self.mesh,
             pad_token_id=self.pad_token_id,
         )
-        return score_rollout(rollout, self.runner)
+        rollout = score_rollout(rollout, self.runner)
+        rollout.reward_metrics = global_reward_metrics(rollout, c.num_generations)
+        return rollout
 
     def collect(self, state, prompt_batch) -> tuple[Rollout, dict[str, float]]:
         """A scored rollout; with dynamic sampling, only groups with reward spread, topped up from more
-        prompt batches for at most ``max_sampling_rounds`` rounds (then what there is)."""
+        prompt batches for at most ``max_sampling_rounds`` rounds (then what there is).
+
+        Multi-host: the loop goes on while ANY process has fewer than its wanted groups, and every process
+        then keeps the smallest count any process has, so all feed the update the same number of rows."""
         c, g = self.c, self.c.num_generations
         rollout = self._rollout(state, prompt_batch, salt=1)
         seconds = dict(rollout.seconds)
@@ -127,22 +143,34 @@ class GRPORound:
         wanted = rollout.num_rows // g
         keep = group_has_signal(rollout.rewards, g)
         kept, total = [rollout.select_groups(keep, g)], int(keep.size)
+        last_metrics = rollout.reward_metrics
         rounds = 1
-        while sum(r.num_rows for r in kept) // g < wanted and rounds < c.max_sampling_rounds:
+
+        def fewest_kept() -> int:  # groups kept so far, the smallest over processes (collective)
+            return int(gather_rows(np.asarray([sum(r.num_rows for r in kept) // g])).min())
+
+        while fewest_kept() < wanted and rounds < c.max_sampling_rounds:
             more = self._rollout(state, next(self.prompts), salt=1 + rounds)
             for k, v in more.seconds.items():
                 seconds[k] = seconds.get(k, 0.0) + v
             keep = group_has_signal(more.rewards, g)
             kept.append(more.select_groups(keep, g))
             total += int(keep.size)
+            last_metrics = more.reward_metrics
             rounds += 1
+        counts = gather_rows(np.asarray([[sum(r.num_rows for r in kept) // g, total]]))  # [P, 2]
+        take = min(int(counts[:, 0].min()), wanted)
         kept = [r for r in kept if r.num_rows]
         merged = concat_rollouts(kept) if kept else rollout.select_groups(np.zeros(wanted, bool), g)
-        if merged.num_rows > wanted * g:
-            merged = merged.select_groups(np.arange(merged.num_rows // g) < wanted, g)
+        if merged.num_rows > take * g:
+            merged = merged.select_groups(np.arange(merged.num_rows // g) < take, g)
+        if jax.process_count() > 1:  # one global batch shape: the widest parts of any process
+            widths = gather_rows(np.asarray([[merged.prompt_length, merged.completion_mask.shape[1]]]))
+            merged = widen_rollout(merged, int(widths[:, 0].max()), int(widths[:, 1].max()))
+            merged.reward_metrics = last_metrics  # the last round's global metrics, as one process reports
         stats.update(
             sampling_rounds=float(rounds),
-            kept_group_fraction=float(sum(r.num_rows for r in kept) // g) / max(total, 1),
+            kept_group_fraction=float(counts[:, 0].sum()) / max(int(counts[:, 1].sum()), 1),
         )
         return merged, {**stats, **{f"time/{k}": v for k, v in seconds.items()}}
 
@@ -150,14 +178,18 @@ class GRPORound:
 
     def _batch(self, state, rollout: Rollout) -> dict[str, jax.Array]:
         c = self.c
+        # the global batch's rewards (each process scored its own rows), so batch-level baselines and scales
+        # see every completion; then this process's rows
         advantages = np.asarray(
             _group_advantages(
-                jnp.asarray(rollout.rewards, jnp.float32),
+                jnp.asarray(gather_rows(rollout.rewards), jnp.float32),
                 group_size=c.num_generations,
                 scale=c.scale_rewards,
                 baseline=c.baseline,
             )
         )
+        if jax.process_count() > 1:
+            advantages = local_rows(advantages)
         completion_mask = rollout.completion_mask.copy()
         if c.mask_truncated_completions:
             completion_mask[rollout.truncated] = 0  # DAPO overlong filtering: no gradient from cut-off rows
@@ -189,7 +221,7 @@ class GRPORound:
         batch = self._batch(state, rollout)
         jax.block_until_ready(batch)
         t2 = time.perf_counter()
-        n = rollout.num_rows
+        n = int(batch["tokens"].shape[0])  # global rows (all processes)
         bounds = np.linspace(0, n, c.num_mini_batches + 1).astype(int)
         update_metrics = []
         for _ in range(c.num_iterations):
@@ -199,20 +231,21 @@ class GRPORound:
                 update_metrics.append(m)
         update_metrics = jax.device_get(update_metrics)
         t3 = time.perf_counter()
-        lengths = rollout.completion_mask.sum(axis=1)
+        lengths = gather_rows(rollout.completion_mask.sum(axis=1))  # metrics of the global batch
+        truncated = gather_rows(rollout.truncated)
         metrics.update({k: float(np.mean([m[k] for m in update_metrics])) for k in update_metrics[0]})
         metrics.update(rollout.reward_metrics)
         metrics.update(
             {
                 "completion_length": float(lengths.mean()),
-                "truncated_fraction": float(rollout.truncated.mean()),
+                "truncated_fraction": float(truncated.mean()),
                 "time/logps": t2 - t1,
                 "time/update": t3 - t2,
                 "time/round": t3 - t0,
                 "rollout_tokens_per_s": float(lengths.sum()) / max(metrics.get("time/sample", 1e-9), 1e-9),
                 "ref_logps_computed": self.ref_logps_this_round,
                 "batch/zero_std_groups": float(
-                    np.mean(~group_has_signal(rollout.rewards, c.num_generations))
+                    np.mean(~group_has_signal(gather_rows(rollout.rewards), c.num_generations))
                 ),
             }
         )

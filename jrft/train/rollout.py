@@ -3,6 +3,15 @@
 A rollout keeps each prompt's G completions contiguous (row ``p * G + g``) and lays every row out as
 ``[prompt (left-padded, Tp) | completion (right-padded, Tc)]`` so one forward pass scores all completion
 tokens: the log-prob of completion token ``j`` comes from logits position ``Tp - 1 + j``.
+
+Multi-host (``jax.process_count() > 1``): a ``Rollout`` holds THIS process's rows only, which are a contiguous
+slice of the global rollout (process ``p`` owns prompts ``[p * B/P, (p+1) * B/P)`` of the global prompt batch
+and their G completions: whole groups). Sampling is one global program: the prompt rows of all processes are
+gathered, every process calls the sampler with the same global prompts under the same global mesh, and each
+takes back its own rows. Random numbers are drawn for the global ``[rows, vocab]`` array from one key (JAX's
+partitionable threefry: the bits of row ``r`` depend on the key and ``r`` only), so a row samples the same
+tokens whatever the number of processes. Rewards are computed by each process for its own rows;
+:func:`gather_rows` collects them where batch-level statistics need all of them.
 """
 
 from __future__ import annotations
@@ -12,9 +21,40 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 from jrft.sampling import FINISH_LENGTH, bucket_length, generate
+
+
+def gather_rows(x: np.ndarray) -> np.ndarray:
+    """``[n, ...]`` rows of this process -> ``[P * n, ...]`` rows of all processes in process order (every
+    process gets the same array). The identity in a single-process run."""
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils
+
+    # sent as raw bytes: JAX would turn float64 rewards (and int64, bool) into 32-bit values on the way
+    x = np.ascontiguousarray(x)
+    raw = x.view(np.uint8).reshape(x.shape[0], x.itemsize * int(np.prod(x.shape[1:], dtype=np.int64)))
+    gathered = np.asarray(multihost_utils.process_allgather(raw, tiled=True))
+    return np.ascontiguousarray(gathered).view(x.dtype).reshape(-1, *x.shape[1:])
+
+
+def local_rows(x: np.ndarray) -> np.ndarray:
+    """This process's contiguous slice of a ``[P * n, ...]`` global host array (the inverse of
+    :func:`gather_rows`)."""
+    n = x.shape[0] // jax.process_count()
+    return x[jax.process_index() * n : (jax.process_index() + 1) * n]
+
+
+def _host(x) -> np.ndarray:
+    """A (possibly multi-process) array as one global host array on every process."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
 
 
 @dataclasses.dataclass
@@ -79,32 +119,36 @@ class Rollout:
         )
 
 
+def widen_rollout(r: Rollout, prompt_length: int, completion_length: int) -> Rollout:
+    """The rollout with its prompt part left-padded to ``prompt_length`` and its completion part
+    right-padded to ``completion_length`` (padding is masked out: the same rows for the loss)."""
+    lp, lc = prompt_length - r.prompt_length, completion_length - r.completion_mask.shape[1]
+    if lp == 0 and lc == 0:
+        return r
+    return dataclasses.replace(
+        r,
+        tokens=np.pad(r.tokens, ((0, 0), (lp, lc))),
+        attention_mask=np.pad(r.attention_mask, ((0, 0), (lp, lc))),
+        completion_mask=np.pad(r.completion_mask, ((0, 0), (0, lc))),
+        sampler_logps=np.pad(r.sampler_logps, ((0, 0), (0, lc))),
+        prompt_length=prompt_length,
+    )
+
+
 def concat_rollouts(parts: Sequence[Rollout]) -> Rollout:
     """Rows of several rollouts in order (prompt and completion widths padded to the largest)."""
     if len(parts) == 1:
         return parts[0]
     tp = max(r.prompt_length for r in parts)
     tc = max(r.completion_mask.shape[1] for r in parts)
-
-    def widen(r: Rollout):
-        lp, lc = tp - r.prompt_length, tc - r.completion_mask.shape[1]
-        tokens = np.pad(r.tokens, ((0, 0), (lp, lc)))
-        attn = np.pad(r.attention_mask, ((0, 0), (lp, lc)))
-        return (
-            tokens,
-            attn,
-            np.pad(r.completion_mask, ((0, 0), (0, lc))),
-            np.pad(r.sampler_logps, ((0, 0), (0, lc))),
-        )
-
-    widened = [widen(r) for r in parts]
-    cat = lambda i: np.concatenate([w[i] for w in widened])  # noqa: E731
+    widened = [widen_rollout(r, tp, tc) for r in parts]
+    cat = lambda name: np.concatenate([getattr(w, name) for w in widened])  # noqa: E731
     names = list(parts[0].per_function)
     return Rollout(
-        tokens=cat(0),
-        attention_mask=cat(1),
-        completion_mask=cat(2),
-        sampler_logps=cat(3),
+        tokens=cat("tokens"),
+        attention_mask=cat("attention_mask"),
+        completion_mask=cat("completion_mask"),
+        sampler_logps=cat("sampler_logps"),
         truncated=np.concatenate([r.truncated for r in parts]),
         prompt_length=tp,
         prompts=[p for r in parts for p in r.prompts],
@@ -139,10 +183,11 @@ def sample_rollout(
     """
     t0 = time.perf_counter()
     g = num_generations
+    # Multi-host: every process samples the same global prompt batch in one global program (module doc).
     out = generate(
         model,
-        np.asarray(prompt_batch["prompt_tokens"]),
-        np.asarray(prompt_batch["prompt_attention_mask"]),
+        gather_rows(np.asarray(prompt_batch["prompt_tokens"])),
+        gather_rows(np.asarray(prompt_batch["prompt_attention_mask"])),
         max_new_tokens=max_new_tokens,
         num_samples=g,
         temperature=temperature,
@@ -154,12 +199,17 @@ def sample_rollout(
         pad_token_id=pad_token_id,
     )
     tokens, mask, logps, lengths, reason = (
-        np.asarray(x) for x in (out.tokens, out.mask, out.logprobs, out.lengths, out.finish_reason)
+        _host(x) for x in (out.tokens, out.mask, out.logprobs, out.lengths, out.finish_reason)
     )
+    # the width from the global longest completion: the same on every process (one global batch shape)
     width = min(bucket_length(max(int(lengths.max()), 1), 32), max_new_tokens)
     tokens, mask, logps = tokens[:, :width], mask[:, :width], logps[:, :width]
     prompt_tokens = np.asarray(out.prompt_tokens)
     prompt_mask = np.asarray(out.prompt_mask)
+    if jax.process_count() > 1:  # this process's rows (whole groups) of the global rollout
+        tokens, mask, logps, lengths, reason, prompt_tokens, prompt_mask = (
+            local_rows(x) for x in (tokens, mask, logps, lengths, reason, prompt_tokens, prompt_mask)
+        )
     ids = [row[: int(n)].tolist() for row, n in zip(tokens, lengths, strict=True)]
     texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
     seconds = {"sample": time.perf_counter() - t0}
@@ -194,6 +244,30 @@ def score_rollout(rollout: Rollout, runner) -> Rollout:
     rollout.reward_metrics = dict(result.metrics)
     rollout.seconds["rewards"] = time.perf_counter() - t0
     return rollout
+
+
+def global_reward_metrics(rollout: Rollout, group_size: int) -> dict[str, float]:
+    """The reward runner's metrics over the rows of ALL processes (each process scored only its own rows):
+    means, stds and NaN fractions recomputed from the gathered values, failures summed, seconds of the
+    slowest process. A single-process run returns the runner's metrics unchanged. Collective: every process
+    must call it."""
+    local = rollout.reward_metrics
+    if jax.process_count() == 1:
+        return local
+    from jrft.rewards.runner import _stats
+
+    out = {}
+    for name in sorted(rollout.per_function):  # sorted: the same collective order on every process
+        out.update(_stats(f"rewards/{name}", gather_rows(rollout.per_function[name])))
+        counts = gather_rows(np.asarray([[local.get(f"rewards/{name}/failures", 0.0)]]))
+        seconds = gather_rows(np.asarray([[local.get(f"rewards/{name}/seconds", 0.0)]]))
+        out[f"rewards/{name}/failures"] = float(counts.sum())
+        out[f"rewards/{name}/seconds"] = float(np.max(seconds))
+    rewards = gather_rows(rollout.rewards)
+    out.update(_stats("rewards", rewards, none_key="frac_nan"))
+    if "rewards/frac_zero_std_groups" in local and rewards.size:
+        out["rewards/frac_zero_std_groups"] = float(np.mean(~group_has_signal(rewards, group_size)))
+    return out
 
 
 def group_has_signal(rewards: np.ndarray, group_size: int) -> np.ndarray:

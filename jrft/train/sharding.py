@@ -37,7 +37,17 @@ def place_state(state: Any, mesh: Mesh) -> tuple[Any, Any]:
     """Puts every leaf of a train state on its sharding (logical names of nnx Variables; the rest
     replicated). Returns ``(placed_state, shardings)``; the shardings are the jit in/out shardings."""
     shardings = state_shardings(state, mesh)
-    return jax.device_put(state, shardings), shardings
+    return jax.tree.map(_place, state, shardings), shardings
+
+
+def _place(x: Any, sharding: NamedSharding) -> Any:
+    """``device_put``, except that a committed single-process array bound for a sharding that spans several
+    processes goes through the host (JAX refuses the device-to-device cross-host copy): every process
+    holds the same value there (fresh optimizer zeros, the step, the seed's rng), and ``device_put`` of a
+    host array checks exactly that."""
+    if isinstance(x, jax.Array) and x.is_fully_addressable and not sharding.is_fully_addressable:
+        return jax.device_put(np.asarray(x), sharding)
+    return jax.device_put(x, sharding)
 
 
 def mesh_from_config(data: int = -1, fsdp: int = 1, tensor: int = 1) -> Mesh:
