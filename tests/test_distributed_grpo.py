@@ -41,14 +41,14 @@ seed: 0
 model: {{path: {model}}}
 data: {{train: {prompts}, format: prompt_only, buckets: 16}}
 optim: {{lr: 3.0e-3, schedule: constant}}
-train: {{steps: {steps}, batch_size: 4, log_every: 1, save_every: 2}}
+train: {{steps: {steps}, batch_size: 4, log_every: 1, save_every: {save_every}}}
 mesh: {{data: 2, fsdp: 4, tensor: 1}}
 grpo:
   num_generations: 4
   max_new_tokens: 8
   beta: 0.04
   scale_rewards: batch
-  reward_functions: [{{spec: '{rewards}:ones'}}]
+  reward_functions: [{{spec: '{rewards}:{fn}'}}]
 """
 
 WORKER = textwrap.dedent(
@@ -141,9 +141,9 @@ def _rows(out) -> list[dict]:
     return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
 
 
-def _launch_two_processes(tmp_path, config_path, out, p1_out, p1_saved) -> list[dict]:
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER.format(repo=str(REPO), STEPS=STEPS))
+def _run_two_processes(tmp_path, make_cmd, timeout: float = 300) -> None:
+    """Starts ``make_cmd(pid)`` as processes 0 and 1 of a loopback job (4 CPU devices each, JRFT_* variables,
+    as a launcher would set them) and waits for both to succeed."""
     port = _free_port()
     procs, logs = [], []
     try:
@@ -157,19 +157,9 @@ def _launch_two_processes(tmp_path, config_path, out, p1_out, p1_saved) -> list[
                 JRFT_NUM_PROCESSES="2",
                 JRFT_PROCESS_ID=str(pid),
             )
-            result = tmp_path / f"result{pid}.json"
-            cmd = [
-                sys.executable,
-                str(script),
-                str(config_path),
-                str(out),
-                str(p1_out),
-                str(p1_saved),
-                str(result),
-            ]
             logs.append(open(tmp_path / f"log{pid}.txt", "w"))
-            procs.append(subprocess.Popen(cmd, env=env, stdout=logs[-1], stderr=subprocess.STDOUT))
-        deadline = time.monotonic() + 300
+            procs.append(subprocess.Popen(make_cmd(pid), env=env, stdout=logs[-1], stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + timeout
         for p in procs:
             p.wait(timeout=max(1.0, deadline - time.monotonic()))
     finally:
@@ -181,7 +171,62 @@ def _launch_two_processes(tmp_path, config_path, out, p1_out, p1_saved) -> list[
             f.close()
     output = "\n---\n".join((tmp_path / f"log{i}.txt").read_text()[-4000:] for i in range(len(procs)))
     assert [p.returncode for p in procs] == [0, 0], output
-    return [json.loads((tmp_path / f"result{pid}.json").read_text()) for pid in range(2)]
+
+
+def _write_config(tmp_path, tiny_task, rewards: str, fn: str, *, steps: int, save_every: int, extra=""):
+    """The run's YAML (``extra``: more ``grpo`` keys) with the reward function ``fn`` of ``rewards``."""
+    (tmp_path / "rewards.py").write_text(rewards)
+    path = tmp_path / "grpo.yaml"
+    text = CONFIG.format(
+        model=tiny_task["model"],
+        prompts=tiny_task["prompts"],
+        rewards=tmp_path / "rewards.py",
+        fn=fn,
+        steps=steps,
+        save_every=save_every,
+    )
+    path.write_text(text + extra)
+    return path
+
+
+# Process 1's first reward call gives every group the same reward (no signal); all later calls, and every
+# call on process 0, give each group a spread. Each call is recorded per process.
+UNEVEN_REWARDS = """
+import os
+import jax
+
+
+def uneven(completions, **kwargs):
+    pid = jax.process_index()
+    log = os.path.join(os.path.dirname(__file__), f"calls{pid}.txt")
+    first = not os.path.exists(log)
+    with open(log, "a") as f:
+        f.write(f"{len(completions)}\\n")
+    if pid == 1 and first:
+        return [0.5 for _ in completions]
+    return [float(i % 2) for i in range(len(completions))]
+"""
+
+
+def test_two_process_dynamic_sampling_agrees_on_rounds_and_groups(tiny_task, tmp_path):
+    """DAPO dynamic sampling on 2 processes: process 0 has enough groups after round 1, process 1 none, so
+    both must sample a second round (or the collectives would hang) and feed the update the same number of
+    groups. Through the real CLI: rewards scored per process, one step."""
+    extra = "  dynamic_sampling: true\n  max_sampling_rounds: 3\n"
+    config_path = _write_config(
+        tmp_path, tiny_task, UNEVEN_REWARDS, "uneven", steps=1, save_every=0, extra=extra
+    )
+    out = tmp_path / "run"
+    cli = [sys.executable, "-m", "jrft.cli", "grpo", str(config_path), f"output_dir={out}", "--no-progress"]
+    _run_two_processes(tmp_path, lambda pid: cli)
+    # 4 global prompts x 4 samples: each process scores its own 2 prompts (8 completions) per round
+    for pid in range(2):
+        assert (tmp_path / f"calls{pid}.txt").read_text().split() == ["8", "8"], pid
+    (row,) = _rows(out)
+    assert row["sampling_rounds"] == 2.0
+    # kept groups: process 0 2 + 2, process 1 0 + 2, of 4 seen each; both then train on 2 groups
+    assert row["kept_group_fraction"] == 6 / 8
+    assert "skipped_update" not in row and np.isfinite(row["loss"])
 
 
 @pytest.mark.slow
@@ -189,16 +234,7 @@ def test_two_process_grpo_equals_one_process_and_checkpoints_move(tiny_task, tmp
     from jrft.config import load_config
     from jrft.train.online import run_online
 
-    (tmp_path / "rewards.py").write_text(REWARDS)
-    config_path = tmp_path / "grpo.yaml"
-    config_path.write_text(
-        CONFIG.format(
-            model=tiny_task["model"],
-            prompts=tiny_task["prompts"],
-            rewards=tmp_path / "rewards.py",
-            steps=STEPS,
-        )
-    )
+    config_path = _write_config(tmp_path, tiny_task, REWARDS, "ones", steps=STEPS, save_every=2)
 
     def config(out, *extra):
         return load_config(config_path, ["objective=grpo", f"output_dir={out}", *extra])
@@ -211,7 +247,11 @@ def test_two_process_grpo_equals_one_process_and_checkpoints_move(tiny_task, tmp
 
     # 2. two processes through the CLI
     p2_out = tmp_path / "two_processes"
-    workers = _launch_two_processes(tmp_path, config_path, p2_out, p1_out, p1_saved)
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(repo=str(REPO), STEPS=STEPS))
+    args = [str(x) for x in (script, config_path, p2_out, p1_out, p1_saved)]
+    _run_two_processes(tmp_path, lambda pid: [sys.executable, *args, str(tmp_path / f"result{pid}.json")])
+    workers = [json.loads((tmp_path / f"result{pid}.json").read_text()) for pid in range(2)]
 
     # the curves
     one, two = _rows(p1_out), _rows(p2_out)
