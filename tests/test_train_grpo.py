@@ -124,5 +124,7 @@ def test_sharded_grpo_round_equals_single_device(tiny_task, reward_file, tmp_pat
     for name, mesh in (("one", ["mesh.data=1"]), ("sharded", ["mesh.data=2", "mesh.fsdp=4"])):
         cfg = _config(tiny_task, reward_file, tmp_path / name, "train.steps=1", *mesh)
         finals.append(param_arrays(run_online(cfg, progress=False).state))
+    # atol 1e-5: Adam's first step is ~lr * g / |g|, so a gradient entry near zero turns a 1e-9 layout
+    # difference into a few 1e-6 (measured 2.1e-6 on 2 of 8192 entries at lr 3e-3)
     for a, b in zip(*finals, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
