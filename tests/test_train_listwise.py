@@ -120,29 +120,57 @@ def test_listwise_loss_equals_numpy_plackett_luce_on_a_fixed_batch(tiny_task):
     np.testing.assert_allclose(metrics["top1_accuracy"], top1 / 3, rtol=1e-6)
 
 
+def _mixed_rankings(tiny_task, ranked, n: int = 8):
+    """The first ``n`` training rankings as a dataset, with the worst item dropped from rows 0, 3, 6, ...:
+    rankings of 3 and 4 items."""
+    from transformers import AutoTokenizer
+
+    from jrft.data import EncodeOptions, build_dataset, load_rows
+
+    rows = load_rows(ranked["train"]).rows[:n]
+    for row in rows[::3]:
+        worst = row["ranking"][-1]
+        row["completions"] = [c for i, c in enumerate(row["completions"]) if i != worst]
+        row["ranking"] = [r - (r > worst) for r in row["ranking"][:-1]]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_task["model"])
+    options = EncodeOptions(max_length=64, ranked_as="lists")
+    return build_dataset(rows, tokenizer, objective="reward", options=options)
+
+
+def test_listwise_eval_over_batches_equals_one_big_batch(tiny_task, ranked, tmp_path):
+    """Evaluation averages per-batch metrics weighted by the right counts: pairwise accuracy by pairs (the
+    two batches hold 18 and 21 pairs), the loss by rankings."""
+    import optax
+
+    from jrft.train.offline import OBJECTIVES, build_model, make_eval_fn, mesh_from_config
+    from jrft.train.state import create_train_state
+
+    cfg = _config(tiny_task, ranked, tmp_path / "eval")
+    mesh = mesh_from_config(1, 1, 1)
+    graphdef, state = create_train_state(build_model(cfg, mesh, scalar_head=True), optax.identity(), seed=0)
+    objective = OBJECTIVES["reward"](cfg, graphdef, state)
+    data = _mixed_rankings(tiny_task, ranked)
+    results = {}
+    for size in (4, 8):  # two batches, or one
+        batches = lambda size=size: data.eval_batches(batch_size=size, buckets=32, max_length=64)  # noqa: E731
+        results[size] = make_eval_fn(graphdef, objective, batches, mesh)(state)
+    for key, value in results[8].items():
+        np.testing.assert_allclose(results[4][key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+    assert 0 < results[8]["accuracy"] < 1
+
+
 def test_listwise_grad_accumulation_equals_the_full_batch(tiny_task, ranked):
     """Loss, metrics and updated parameters of one step are the same whole or in 2 micro-batches (rankings
     of different lengths, so the global pair count matters)."""
     import jax
     import optax
-    from transformers import AutoTokenizer
 
-    from jrft.data import EncodeOptions, build_dataset, load_rows
     from jrft.models import from_pretrained
     from jrft.train.objectives import reward
     from jrft.train.state import create_train_state
     from jrft.train.step import make_train_step
 
-    rows = load_rows(ranked["train"]).rows[:8]
-    for row in rows[::3]:  # drop the worst item of a few rankings: 3 or 4 items per ranking
-        worst = row["ranking"][-1]
-        row["completions"] = [c for i, c in enumerate(row["completions"]) if i != worst]
-        row["ranking"] = [r - (r > worst) for r in row["ranking"][:-1]]
-    tokenizer = AutoTokenizer.from_pretrained(tiny_task["model"])
-    data = build_dataset(
-        rows, tokenizer, objective="reward", options=EncodeOptions(max_length=64, ranked_as="lists")
-    )
-    (batch,) = list(data.eval_batches(batch_size=8, buckets=32, max_length=64))
+    (batch,) = list(_mixed_rankings(tiny_task, ranked).eval_batches(batch_size=8, buckets=32, max_length=64))
     batch = {k: v for k, v in batch.items() if k != "valid"}
     results = []
     for accum in (1, 2):

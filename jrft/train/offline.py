@@ -38,7 +38,10 @@ class Objective:
     set, runs once per dataset (train and eval) before any batch is made: it adds per-example values that
     the collator carries into batches (DPO's precomputed reference log-probs). ``frozen`` holds the device
     arrays the objective keeps besides the train state (DPO's live reference parameters), ``None`` if none.
-    ``data_kind`` is the batch kind the loss needs (None: the objective's usual kind).
+    ``data_kind`` is the batch kind the loss needs (None: the objective's usual kind). ``eval_weights`` maps a
+    metric to the normaliser it is a mean over, when that is not the first one (evaluation averages batches
+    weighted by it: the listwise reward model's pairwise accuracy is a mean over pairs, its loss over
+    rankings).
     """
 
     normalizers: Callable
@@ -48,6 +51,7 @@ class Objective:
     attach: Callable[[Any, Any], None] | None = None
     frozen: Any = None
     data_kind: str | None = None
+    eval_weights: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def _sft(config: RunConfig, graphdef, state) -> Objective:
@@ -59,7 +63,13 @@ def _reward(config: RunConfig, graphdef, state) -> Objective:
     if c.loss == "listwise":  # whole rankings [B, K, T], Plackett-Luce
         loss_fn = reward.make_listwise_loss_fn(center_coef=c.center_coefficient)
         keys = ("loss", "accuracy", "top1_accuracy")
-        return Objective(reward.ranking_normalizers, loss_fn, bar_keys=keys, data_kind="ranking")
+        return Objective(
+            reward.ranking_normalizers,
+            loss_fn,
+            bar_keys=keys,
+            data_kind="ranking",
+            eval_weights={"accuracy": "pairs"},
+        )
     loss_fn = reward.make_loss_fn(center_coef=c.center_coefficient)
     return Objective(pairs.normalizers, loss_fn, bar_keys=("loss", "accuracy"))
 
@@ -169,26 +179,28 @@ class DeviceBatches:
 
 def make_eval_fn(graphdef, objective: Objective, batches_fn: Callable[[], Iterator[dict]], mesh):
     """``state -> metrics``: the objective's loss and metrics averaged over one pass of the eval set
-    (weighted by each batch's normaliser, so filler rows do not count)."""
+    (weighted by each batch's normaliser, so filler rows do not count, and a mean over the whole set equals
+    the mean of the one big batch; see ``Objective.eval_weights``)."""
 
     @jax.jit
     def evaluate(params, rest, batch):
         norms = objective.normalizers(batch)
         model = nnx.merge(graphdef, params, rest)
         loss, metrics = objective.loss_fn(model, batch, norms, jax.random.key(0))
-        weight = next(iter(norms.values()))
-        return {"loss": loss, **metrics}, weight
+        metrics = {"loss": loss, **metrics}
+        first = next(iter(norms))
+        return metrics, {k: norms[objective.eval_weights.get(k, first)] for k in metrics}
 
     def eval_fn(state) -> dict[str, float]:
         totals: dict[str, float] = {}
-        total_weight = 0.0
+        weights: dict[str, float] = {}
         for host_batch in batches_fn():
             batch = objective.prepare(device_batch(host_batch, mesh))
-            metrics, weight = jax.device_get(evaluate(state.params, state.rest, batch))
-            total_weight += float(weight)
+            metrics, batch_weights = jax.device_get(evaluate(state.params, state.rest, batch))
             for key, value in metrics.items():
-                totals[key] = totals.get(key, 0.0) + float(value) * float(weight)
-        return {key: value / max(total_weight, 1.0) for key, value in totals.items()}
+                totals[key] = totals.get(key, 0.0) + float(value) * float(batch_weights[key])
+                weights[key] = weights.get(key, 0.0) + float(batch_weights[key])
+        return {key: value / max(weights[key], 1.0) for key, value in totals.items()}
 
     return eval_fn
 
