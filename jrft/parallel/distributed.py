@@ -437,6 +437,22 @@ class MainProcessFilter(logging.Filter):
         return is_main_process()
 
 
+def gather_to_host(tree):
+    """Every array leaf of ``tree`` as a whole host (numpy) array on every process: leaves split across
+    processes are gathered with ``process_allgather`` (a collective: every process must call it, e.g. all of
+    them before process 0 writes an export); other leaves are copied to the host."""
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    def gather(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x) if isinstance(x, jax.Array) else x
+
+    return jax.tree.map(gather, tree)
+
+
 def _reset_for_tests() -> None:
     """Forget the cached state (the JAX runtime itself is not torn down). Tests only."""
     _STATE.clear()

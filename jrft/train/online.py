@@ -102,10 +102,10 @@ def run_grpo(config: RunConfig, *, progress: bool = True, runner=None, model_eva
         """Multi-host export: every process gathers the parameters (a collective) before
         ``loop_and_export`` hands them to ``save_pretrained`` on process 0 only."""
         from flax import nnx
-        from jax.experimental import multihost_utils
 
-        params = jax.tree.map(lambda x: multihost_utils.process_allgather(x, tiled=True), final_state.params)
-        return nnx.merge(graphdef, params, final_state.rest)
+        from jrft.parallel.distributed import gather_to_host
+
+        return nnx.merge(graphdef, gather_to_host(final_state.params), final_state.rest)
 
     def eval_state(state):
         from flax import nnx

@@ -25,7 +25,15 @@ from flax import nnx, struct
 from jrft.config import PPOConfig, RunConfig
 from jrft.train.loop import LoopResult
 from jrft.train.objectives import ppo
-from jrft.train.rollout import Rollout, append_completions, sample_rollout, score_rollout
+from jrft.train.rollout import (
+    Rollout,
+    append_completions,
+    gather_rows,
+    global_reward_metrics,
+    host_local_rows,
+    sample_rollout,
+    score_rollout,
+)
 from jrft.train.sharding import device_batch
 from jrft.train.state import TrainState
 from jrft.train.step import jit_step, make_train_step
@@ -155,25 +163,28 @@ class PPORound:
 
     def _scores(self, rollout: Rollout, batch) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, float]]:
         """``[N]`` scalar reward per completion: reward functions (NaN = none applied -> 0) + reward-model
-        score - ``missing_eos_penalty`` for truncated completions. Also per-row parts and metrics."""
+        score - ``missing_eos_penalty`` for truncated completions. Also per-row parts and metrics.
+
+        Multi-host: rows are this process's (reward functions score them on its host; the reward model
+        scores the global batch and each process keeps its rows); metrics are over all processes' rows."""
         t0 = time.perf_counter()
         n = rollout.num_rows
         scores, parts, metrics = np.zeros(n, np.float64), {}, {}
         if self.runner is not None:
             score_rollout(rollout, self.runner)
             scores += np.nan_to_num(rollout.rewards, nan=0.0)
-            metrics.update(rollout.reward_metrics)
+            # the whole global batch is the one "group" (as in a single-process run)
+            metrics.update(global_reward_metrics(rollout, rollout.num_rows * jax.process_count()))
         if self.reward_model is not None:
-            rm = np.asarray(
-                jax.device_get(self.score_fn(self.reward_model.params, self.reward_model.rest, batch))
-            )
+            rm = host_local_rows(self.score_fn(self.reward_model.params, self.reward_model.rest, batch))
             scores += rm
             parts["rm_score"] = rm
-            metrics["rm_score/mean"] = float(rm.mean())
+            metrics["rm_score/mean"] = float(gather_rows(rm).mean())
         if self.c.missing_eos_penalty is not None:
             scores -= self.c.missing_eos_penalty * rollout.truncated
-        metrics["score/mean"] = float(scores.mean())
-        metrics["score/std"] = float(scores.std())
+        all_scores = gather_rows(scores)
+        metrics["score/mean"] = float(all_scores.mean())
+        metrics["score/std"] = float(all_scores.std())
         metrics["time/rewards"] = time.perf_counter() - t0
         return scores, parts, metrics
 
@@ -253,12 +264,12 @@ class PPORound:
         t3 = time.perf_counter()
         metrics.update({k: float(np.mean([m[k] for m in update_metrics])) for k in update_metrics[0]})
         metrics.update({k: float(v) for k, v in adv_metrics.items()})
-        lengths = rollout.completion_mask.sum(axis=1)
+        lengths = gather_rows(rollout.completion_mask.sum(axis=1))  # all processes' rows
         sample_s = rollout.seconds["sample"]
         metrics.update(
             {
                 "completion_length": float(lengths.mean()),
-                "truncated_fraction": float(rollout.truncated.mean()),
+                "truncated_fraction": float(gather_rows(rollout.truncated).mean()),
                 "time/sample": sample_s,
                 "time/logps_values": t2 - t1,
                 "time/update": t3 - t2,
@@ -281,7 +292,12 @@ def policy_export_model(policy_graphdef):
     """``PPOState -> Decoder``: the policy as a causal LM (a value head on it is dropped from the export)."""
 
     def export(state: PPOState):
-        model = nnx.merge(policy_graphdef, state.policy.params, state.policy.rest)
+        params = state.policy.params
+        if jax.process_count() > 1:  # every process gathers (a collective) before process 0 writes
+            from jrft.parallel.distributed import gather_to_host
+
+            params = gather_to_host(params)
+        model = nnx.merge(policy_graphdef, params, state.policy.rest)
         model.scalar_head = None
         return model
 
@@ -330,9 +346,10 @@ def run_ppo(config: RunConfig, *, progress: bool = True, runner=None) -> LoopRes
         )
         reward_model = (rm_graphdef, FrozenModel(rm_params, rm_rest))
     if runner is None and c.reward_functions:
-        # One completion per prompt: the rollout is one "group" for normalize_then_sum.
+        # One completion per prompt: the rollout is one "group" for normalize_then_sum (multi-host: this
+        # process's rows, the ones its runner scores).
         runner = reward_runner_from_config(
-            c, group_size=config.train.batch_size, max_new_tokens=c.max_new_tokens
+            c, group_size=config.train.batch_size // jax.process_count(), max_new_tokens=c.max_new_tokens
         )
     prompts = train_iterator_from_config(
         config, train_ds, process_index=jax.process_index(), process_count=jax.process_count()

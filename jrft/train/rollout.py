@@ -48,6 +48,14 @@ def local_rows(x: np.ndarray) -> np.ndarray:
     return x[jax.process_index() * n : (jax.process_index() + 1) * n]
 
 
+def host_local_rows(x) -> np.ndarray:
+    """This process's rows of a global device array (e.g. per-row scores computed on the global batch) as a
+    host array; in a single-process run, simply the whole array on the host."""
+    if jax.process_count() == 1:
+        return np.asarray(jax.device_get(x))
+    return local_rows(_host(x))
+
+
 def _host(x) -> np.ndarray:
     """A (possibly multi-process) array as one global host array on every process."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
