@@ -43,7 +43,7 @@ model: {{path: {model}}}
 data: {{train: {prompts}, format: prompt_only, buckets: 16}}
 optim: {{lr: 3.0e-3, schedule: constant}}
 train: {{steps: {steps}, batch_size: 4, log_every: 1, save_every: {save_every}}}
-mesh: {{data: 2, fsdp: 4, tensor: 1}}
+mesh: {{data: {data}, fsdp: {fsdp}, tensor: 1}}
 grpo:
   num_generations: 4
   max_new_tokens: 8
@@ -101,14 +101,10 @@ WORKER = textwrap.dedent(
 def host_leaves(state) -> list[np.ndarray]:
     """Every leaf of a train state as a full host array (gathered across processes where needed)."""
     import jax
-    from jax.experimental import multihost_utils
 
-    out = []
-    for x in jax.tree.leaves(state):
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            x = multihost_utils.process_allgather(x, tiled=True)
-        out.append(np.asarray(x))
-    return out
+    from jrft.parallel.distributed import gather_to_host
+
+    return [np.asarray(x) for x in jax.tree.leaves(gather_to_host(state))]
 
 
 def restore_state(config, step: int, *, data: int, fsdp: int):
@@ -174,8 +170,9 @@ def _run_two_processes(tmp_path, make_cmd, timeout: float = 300) -> None:
     assert [p.returncode for p in procs] == [0, 0], output
 
 
-def _write_config(tmp_path, tiny_task, rewards: str, fn: str, *, steps: int, save_every: int, extra=""):
-    """The run's YAML (``extra``: more ``grpo`` keys) with the reward function ``fn`` of ``rewards``."""
+def _write_config(tmp_path, tiny_task, rewards, fn, *, steps, save_every, mesh=(2, 4), extra=""):
+    """The run's YAML (``extra``: more ``grpo`` keys) with the reward function ``fn`` of ``rewards`` on a
+    ``(data, fsdp)`` mesh."""
     (tmp_path / "rewards.py").write_text(rewards)
     path = tmp_path / "grpo.yaml"
     text = CONFIG.format(
@@ -185,6 +182,8 @@ def _write_config(tmp_path, tiny_task, rewards: str, fn: str, *, steps: int, sav
         fn=fn,
         steps=steps,
         save_every=save_every,
+        data=mesh[0],
+        fsdp=mesh[1],
     )
     path.write_text(text + extra)
     return path
@@ -212,10 +211,12 @@ def uneven(completions, **kwargs):
 def test_two_process_dynamic_sampling_agrees_on_rounds_and_groups(tiny_task, tmp_path):
     """DAPO dynamic sampling on 2 processes: process 0 has enough groups after round 1, process 1 none, so
     both must sample a second round (or the collectives would hang) and feed the update the same number of
-    groups. Through the real CLI: rewards scored per process, one step."""
+    groups. Through the real CLI: rewards scored per process, one step, on a (1, 8) mesh whose fsdp axis
+    spans both processes (parameters split across processes: placement, sampling, update and the export's
+    collective gather)."""
     extra = "  dynamic_sampling: true\n  max_sampling_rounds: 3\n"
     config_path = _write_config(
-        tmp_path, tiny_task, UNEVEN_REWARDS, "uneven", steps=1, save_every=0, extra=extra
+        tmp_path, tiny_task, UNEVEN_REWARDS, "uneven", steps=1, save_every=0, mesh=(1, 8), extra=extra
     )
     out = tmp_path / "run"
     cli = [sys.executable, "-m", "jrft.cli", "grpo", str(config_path), f"output_dir={out}", "--no-progress"]
@@ -228,6 +229,7 @@ def test_two_process_dynamic_sampling_agrees_on_rounds_and_groups(tiny_task, tmp
     # kept groups: process 0 2 + 2, process 1 0 + 2, of 4 seen each; both then train on 2 groups
     assert row["kept_group_fraction"] == 6 / 8
     assert "skipped_update" not in row and np.isfinite(row["loss"])
+    assert os.path.exists(out / "export" / "model.safetensors")
 
 
 @pytest.mark.slow

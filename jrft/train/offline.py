@@ -412,9 +412,9 @@ def loop_and_export(
             final = nnx.merge(graphdef, result.state.params, result.state.rest)
         else:
             final = export_model(result.state)
-        if jax.process_index() == 0:
-            path = save_pretrained(final, export_dir(config), tokenizer)
-            logger.write(f"exported {config.objective} model to {path}")
+        # every process: parameters split across processes are gathered collectively; process 0 writes
+        path = save_pretrained(final, export_dir(config), tokenizer)
+        logger.write(f"exported {config.objective} model to {path}")
     finally:
         logger.close()
         checkpointer.close()

@@ -98,15 +98,6 @@ def run_grpo(config: RunConfig, *, progress: bool = True, runner=None, model_eva
         state, metrics = round_fn(state, batch)
         return state, {**metrics, "lr": schedule(max(int(state.step) - 1, 0))}
 
-    def export_gathered(final_state):
-        """Multi-host export: every process gathers the parameters (a collective) before
-        ``loop_and_export`` hands them to ``save_pretrained`` on process 0 only."""
-        from flax import nnx
-
-        from jrft.parallel.distributed import gather_to_host
-
-        return nnx.merge(graphdef, gather_to_host(final_state.params), final_state.rest)
-
     def eval_state(state):
         from flax import nnx
 
@@ -120,7 +111,6 @@ def run_grpo(config: RunConfig, *, progress: bool = True, runner=None, model_eva
         graphdef,
         tokenizer,
         eval_fn=None if model_eval_fn is None else eval_state,
-        export_model=export_gathered if jax.process_count() > 1 else None,
         bar_keys=("rewards/mean", "kl_mean", "clip_frac", "completion_length"),
         progress=progress,
         summary=train_ds.summary()

@@ -292,12 +292,7 @@ def policy_export_model(policy_graphdef):
     """``PPOState -> Decoder``: the policy as a causal LM (a value head on it is dropped from the export)."""
 
     def export(state: PPOState):
-        params = state.policy.params
-        if jax.process_count() > 1:  # every process gathers (a collective) before process 0 writes
-            from jrft.parallel.distributed import gather_to_host
-
-            params = gather_to_host(params)
-        model = nnx.merge(policy_graphdef, params, state.policy.rest)
+        model = nnx.merge(policy_graphdef, state.policy.params, state.policy.rest)
         model.scalar_head = None
         return model
 
