@@ -95,3 +95,65 @@ def test_unsupported_backend_is_a_clear_error(monkeypatch):
 def test_config_key():
     assert load_config(None).train.offload_reference is False
     assert load_config(None, ["train.offload_reference=true"]).train.offload_reference is True
+
+
+ONES = """
+def ones(completions, **kwargs):
+    return [c.count("1") / max(len(c), 1) for c in completions]
+"""
+
+
+def _online_rows(tiny_task, out, objective, *extra):
+    import json
+
+    from jrft.train.online import run_online
+
+    rewards = out / "ones_reward.py"
+    out.mkdir(parents=True, exist_ok=True)
+    rewards.write_text(ONES)
+    section = "grpo" if objective == "grpo" else "ppo"
+    overrides = [
+        f"objective={objective}",
+        f"output_dir={out}",
+        f"model.path={tiny_task['model']}",
+        f"data.train={tiny_task['prompts']}",
+        "data.format=prompt_only",
+        "data.buckets=16",
+        "mesh.data=1",
+        "optim.lr=3e-3",
+        "optim.schedule=constant",
+        "train.batch_size=4",
+        "train.steps=3",
+        "train.log_every=1",
+        "train.save_every=0",
+        f"{section}.max_new_tokens=8",
+        f"{section}.reward_functions=[{{spec: '{rewards}:ones'}}]",
+        *extra,
+    ]
+    run_online(load_config(None, overrides), progress=False)
+    return [json.loads(line) for line in open(out / "metrics.jsonl") if '"kl_mean"' in line]
+
+
+@pytest.mark.slow  # ~22 s each on 2 shared cores
+@pytest.mark.parametrize(
+    "objective, extra",
+    [("grpo", ("grpo.beta=0.1", "grpo.num_generations=4")), ("ppo", ("ppo.kl_coef=0.1", "ppo.num_epochs=1"))],
+)
+def test_run_with_offloaded_reference_and_chunked_logps_equals_the_default(
+    tiny_task, tmp_path, objective, extra
+):
+    """3 rounds with a KL term: the same KL and losses with both levers on (offload + chunk 3) as off."""
+    base = _online_rows(tiny_task, tmp_path / "base", objective, *extra)
+    levers = _online_rows(
+        tiny_task,
+        tmp_path / "levers",
+        objective,
+        *extra,
+        "train.offload_reference=true",
+        "train.logits_chunk_size=3",
+    )
+    assert len(base) == len(levers) == 3
+    assert all(r["ref_logps_computed"] == 1.0 for r in levers)
+    assert abs(base[-1]["kl_mean"]) > 0  # the policy has moved away from the reference
+    for key in ("kl_mean", "loss" if objective == "grpo" else "policy_loss"):
+        np.testing.assert_allclose([r[key] for r in levers], [r[key] for r in base], rtol=1e-3, atol=1e-5)

@@ -24,6 +24,7 @@ import numpy as np
 from jrft.config import GRPOConfig
 from jrft.losses import group_advantages
 from jrft.train.objectives import grpo
+from jrft.train.reference import FrozenParams
 from jrft.train.rollout import (
     Rollout,
     append_completions,
@@ -56,6 +57,8 @@ class GRPORound:
       mesh, state_sharding: where the state lives (explicit shardings of the jitted update).
       grad_accum: micro-batches per mini-batch.
       completions_path: JSONL file for the sample-completions table (None: not written).
+      logits_chunk_size: ``train.logits_chunk_size`` (log-probs over LM-head chunks; 0 = off).
+      offload_reference: ``train.offload_reference`` (the frozen reference in host memory).
     """
 
     def __init__(
@@ -73,6 +76,8 @@ class GRPORound:
         pad_token_id: int,
         grad_accum: int = 1,
         completions_path: str | None = None,
+        logits_chunk_size: int = 0,
+        offload_reference: bool = False,
     ):
         self.c, self.graphdef, self.tokenizer, self.runner, self.prompts = (
             config,
@@ -92,12 +97,15 @@ class GRPORound:
             aggregation=c.loss_aggregation,
             importance_level=c.importance_level,
             max_completion_length=c.max_new_tokens,
+            logits_chunk_size=logits_chunk_size,
         )
         step = make_train_step(graphdef, loss_fn, grpo.normalizers, optimizer, grad_accum=grad_accum)
         self.update = jit_step(step, state_sharding=state_sharding)
-        self.logps_fn = grpo.make_logps_fn(graphdef, temperature=c.temperature)
+        self.logps_fn = grpo.make_logps_fn(
+            graphdef, temperature=c.temperature, logits_chunk_size=logits_chunk_size
+        )
         # The reference is the starting policy, frozen (a copy: the train state's buffers are donated).
-        self.ref_params = jax.tree.map(jnp.copy, state.params) if c.beta > 0 else None
+        self.reference = FrozenParams(state.params, offload=offload_reference) if c.beta > 0 else None
         self.ref_logp_calls = 0  # beta == 0 must never compute reference log-probs (tested)
         self.on_policy = c.num_iterations == 1 and c.num_mini_batches == 1
         self.rounds = 0
@@ -207,7 +215,7 @@ class GRPORound:
         if c.beta > 0:
             self.ref_logp_calls += 1
             self.ref_logps_this_round = 1.0
-            batch["ref_logps"] = self.logps_fn(self.ref_params, state.rest, batch)
+            batch["ref_logps"] = self.reference.call(self.logps_fn, state.rest, batch)
         return batch
 
     def __call__(self, state, prompt_batch) -> tuple[Any, dict[str, Any]]:

@@ -92,6 +92,8 @@ def run_grpo(config: RunConfig, *, progress: bool = True, runner=None, model_eva
         pad_token_id=pad_token_id(tokenizer),
         grad_accum=grad_accum,
         completions_path=os.path.join(config.output_dir, "completions.jsonl"),
+        logits_chunk_size=config.train.logits_chunk_size,
+        offload_reference=config.train.offload_reference,
     )
 
     def step_fn(state, batch):

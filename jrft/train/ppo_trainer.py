@@ -18,13 +18,13 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
 from jrft.config import PPOConfig, RunConfig
 from jrft.train.loop import LoopResult
 from jrft.train.objectives import ppo
+from jrft.train.reference import FrozenParams
 from jrft.train.rollout import (
     Rollout,
     append_completions,
@@ -71,6 +71,8 @@ class PPORound:
       mesh, state_sharding: where the state lives (a :class:`PPOState` of shardings).
       grad_accum: micro-batches per mini-batch.
       completions_path: JSONL table of sample completions (None: not written).
+      logits_chunk_size: ``train.logits_chunk_size`` (policy log-probs over LM-head chunks; 0 = off).
+      offload_reference: ``train.offload_reference`` (the frozen reference in host memory).
     """
 
     def __init__(
@@ -89,6 +91,8 @@ class PPORound:
         pad_token_id: int,
         grad_accum: int = 1,
         completions_path: str | None = None,
+        logits_chunk_size: int = 0,
+        offload_reference: bool = False,
     ):
         c = self.c = config
         self.policy_graphdef, self.tokenizer, self.runner = policy_graphdef, tokenizer, runner
@@ -100,6 +104,7 @@ class PPORound:
             cliprange=c.cliprange,
             cliprange_value=c.cliprange_value,
             vf_coef=c.vf_coef,
+            logits_chunk_size=logits_chunk_size,
         )
         policy_terms = ("policy", "value") if self.head else ("policy",)
         policy_step = make_train_step(
@@ -111,7 +116,11 @@ class PPORound:
         )
         self.update_policy = jit_step(policy_step, state_sharding=state_sharding.policy)
         self.policy_forward = ppo.make_forward_fn(
-            policy_graphdef, temperature=c.temperature, logps=True, values=self.head
+            policy_graphdef,
+            temperature=c.temperature,
+            logps=True,
+            values=self.head,
+            logits_chunk_size=logits_chunk_size,
         )
         if not self.head:
             value_loss = ppo.make_loss_fn(terms=("value",), **hyper)
@@ -134,7 +143,8 @@ class PPORound:
         # kl_coef = 0 never needs it.
         self.reference = None
         if c.kl_coef > 0:
-            self.reference = FrozenModel(jax.tree.map(jnp.copy, state.policy.params), state.policy.rest)
+            self.reference = FrozenParams(state.policy.params, offload=offload_reference)
+            self.reference_rest = state.policy.rest
         self.reward_model = None
         if reward_model is not None:
             rm_graphdef, self.reward_model = reward_model
@@ -199,8 +209,9 @@ class PPORound:
         else:
             batch["old_values"] = self.value_forward(state.value.params, state.value.rest, batch)["values"]
         if self.reference is not None:
-            # The policy's own jitted forward (same graph): no second compilation for the reference.
-            ref = self.policy_forward(self.reference.params, self.reference.rest, batch)
+            # The policy's own jitted forward (same graph): no second compilation for the reference
+            # (offloaded: one wrapper program that first copies the reference parameters to the device).
+            ref = self.reference.call(self.policy_forward, self.reference_rest, batch)
             batch["ref_logps"] = ref["logps"]
             self.ref_logp_calls += 1
         targets, metrics = self.advantage_fn(batch)
@@ -366,6 +377,8 @@ def run_ppo(config: RunConfig, *, progress: bool = True, runner=None) -> LoopRes
         pad_token_id=pad_token_id(tokenizer),
         grad_accum=grad_accum,
         completions_path=os.path.join(config.output_dir, "completions.jsonl"),
+        logits_chunk_size=config.train.logits_chunk_size,
+        offload_reference=config.train.offload_reference,
     )
 
     def step_fn(state, batch):
