@@ -157,3 +157,41 @@ def test_run_with_offloaded_reference_and_chunked_logps_equals_the_default(
     assert abs(base[-1]["kl_mean"]) > 0  # the policy has moved away from the reference
     for key in ("kl_mean", "loss" if objective == "grpo" else "policy_loss"):
         np.testing.assert_allclose([r[key] for r in levers], [r[key] for r in base], rtol=1e-3, atol=1e-5)
+
+
+def test_dpo_objective_offloads_its_reference_and_scores_the_same(tiny_task, tmp_path):
+    from jrft.data import datasets_from_config
+    from jrft.train.offline import OBJECTIVES, build_model, mesh_from_config, optimizer_from_config
+    from jrft.train.sharding import device_batch
+    from jrft.train.state import create_train_state
+
+    def objective(*extra):
+        cfg = load_config(
+            None,
+            [
+                "objective=dpo",
+                f"output_dir={tmp_path}",
+                f"model.path={tiny_task['model']}",
+                f"data.train={tiny_task['pref_train']}",
+                "train.batch_size=4",
+                *extra,
+            ],
+        )
+        mesh = mesh_from_config(1, 8, 1)
+        tx, _ = optimizer_from_config(cfg, total_steps=1)
+        graphdef, state = create_train_state(build_model(cfg, mesh), tx, seed=0)
+        state, _ = place_state(state, mesh)
+        return cfg, mesh, OBJECTIVES["dpo"](cfg, graphdef, state)
+
+    from transformers import AutoTokenizer
+
+    cfg, mesh, base = objective()
+    _, _, offloaded = objective("train.offload_reference=true", "train.logits_chunk_size=5")
+    assert memory_kinds(base.frozen) == {"device"} and memory_kinds(offloaded.frozen) == {"pinned_host"}
+    train_ds, _ = datasets_from_config(cfg, AutoTokenizer.from_pretrained(tiny_task["model"]))
+    host = next(iter(train_ds.eval_batches(batch_size=8, buckets=16, max_length=cfg.data.max_length)))
+    batch = device_batch(host, mesh)
+    a, b = base.prepare(batch), offloaded.prepare(batch)
+    for key in ("ref_chosen_logps", "ref_rejected_logps"):
+        assert float(jnp.max(jnp.abs(a[key]))) > 1.0  # real sums of token log-probs
+        np.testing.assert_allclose(np.asarray(b[key]), np.asarray(a[key]), rtol=1e-5, atol=1e-4)

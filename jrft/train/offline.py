@@ -22,6 +22,7 @@ from jrft.train.loop import LoopOptions, LoopResult, train_loop
 from jrft.train.metrics import MetricsLogger
 from jrft.train.objectives import dpo, pairs, reward, sft
 from jrft.train.optim import make_optimizer
+from jrft.train.reference import FrozenParams
 from jrft.train.sharding import device_batch, mesh_from_config, place_state
 from jrft.train.state import create_train_state
 from jrft.train.step import jit_step, make_train_step
@@ -55,7 +56,8 @@ class Objective:
 
 
 def _sft(config: RunConfig, graphdef, state) -> Objective:
-    return Objective(sft.normalizers, sft.make_loss_fn(), bar_keys=("loss", "accuracy"))
+    loss_fn = sft.make_loss_fn(logits_chunk_size=config.train.logits_chunk_size)
+    return Objective(sft.normalizers, loss_fn, bar_keys=("loss", "accuracy"))
 
 
 def _reward(config: RunConfig, graphdef, state) -> Objective:
@@ -83,6 +85,7 @@ def _dpo(config: RunConfig, graphdef, state) -> Objective:
         simpo_gamma=c.simpo_gamma,
         orpo_lambda=c.orpo_lambda,
         sft_weight=c.sft_weight,
+        logits_chunk_size=config.train.logits_chunk_size,
     )
     if c.reference_free or not dpo.needs_reference(c.loss_type):
         # No reference model in memory: DPO's reference-free case uses a uniform reference (log-probs 0).
@@ -101,15 +104,16 @@ def _dpo(config: RunConfig, graphdef, state) -> Objective:
         return Objective(pairs.normalizers, loss_fn, bar_keys=keys, attach=attach)
 
     else:
-        # The reference is the starting policy, frozen: a copy, since the train state's buffers are donated.
-        ref_params = jax.tree.map(jnp.copy, state.params)
-        reference = dpo.make_reference_fn(graphdef)
+        # The reference is the starting policy, frozen: a copy, since the train state's buffers are donated
+        # (in host memory with train.offload_reference).
+        frozen = FrozenParams(state.params, offload=config.train.offload_reference)
+        reference = dpo.make_reference_fn(graphdef, logits_chunk_size=config.train.logits_chunk_size)
 
         def prepare(batch):
-            return {**batch, **reference(ref_params, state.rest, batch)}
+            return {**batch, **frozen.call(reference, state.rest, batch)}
 
         return Objective(
-            pairs.normalizers, loss_fn, prepare, bar_keys=("loss", "rewards/accuracies"), frozen=ref_params
+            pairs.normalizers, loss_fn, prepare, bar_keys=("loss", "rewards/accuracies"), frozen=frozen.params
         )
     return Objective(pairs.normalizers, loss_fn, prepare, bar_keys=("loss", "rewards/accuracies"))
 
@@ -132,7 +136,7 @@ def attach_reference_logps(dataset, graphdef, params, rest, mesh, *, config: Run
     any resume position, eval batches too) carries its rows' own values. The pass is deterministic, so a
     resumed run recomputes exactly the same values from the same starting parameters.
     """
-    reference = dpo.make_reference_fn(graphdef)
+    reference = dpo.make_reference_fn(graphdef, logits_chunk_size=config.train.logits_chunk_size)
     batches = dataset.eval_batches(
         batch_size=config.train.batch_size,
         buckets=config.data.buckets,
@@ -252,6 +256,16 @@ def checkpointer_for(config: RunConfig) -> Checkpointer:
     return checkpointer
 
 
+def _holds_reference(config: RunConfig) -> bool:
+    """Whether the run keeps a frozen reference copy of the parameters (for the memory estimate)."""
+    d = config.dpo
+    if config.objective == "dpo":
+        return not (d.reference_free or d.precompute_ref_logps or not dpo.needs_reference(d.loss_type))
+    return (config.objective == "grpo" and config.grpo.beta > 0) or (
+        config.objective == "ppo" and config.ppo.kl_coef > 0
+    )
+
+
 def memory_summary(
     config: RunConfig, mesh, state, *, rows: int, cache_rows: int = 0, cache_len: int = 0
 ) -> str:
@@ -277,6 +291,9 @@ def memory_summary(
         cache_batch=cache_rows,
         cache_len=cache_len,
         cache_bytes=nbytes[config.model.dtype],
+        logits_chunk_size=config.train.logits_chunk_size,
+        reference=_holds_reference(config),
+        offload_reference=config.train.offload_reference,
     )
     actual = actual_param_bytes_per_device(state.params)
     reported = device_memory_in_use()

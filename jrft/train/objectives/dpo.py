@@ -69,6 +69,7 @@ def make_loss_fn(
     simpo_gamma: float = 0.5,
     orpo_lambda: float = 0.1,
     sft_weight: float = 0.0,
+    logits_chunk_size: int = 0,
 ):
     """Pairwise preference loss ``loss_type`` (DPO family, ``simpo`` or ``orpo``), plus ``sft_weight`` x the
     chosen responses' per-token NLL (RPO, arXiv 2404.19733)."""
@@ -83,7 +84,7 @@ def make_loss_fn(
 
     def loss_fn(model, batch, norms, key):
         del key
-        out = pair_sequence_logps(model, batch)
+        out = pair_sequence_logps(model, batch, chunk_size=logits_chunk_size)
         losses, chosen_rewards, rejected_rewards = pair_loss(out, batch, **hyper)
         if sft_weight:
             losses = losses - sft_weight * out["chosen_logps"] / jnp.maximum(out["chosen_lengths"], 1.0)
@@ -106,16 +107,16 @@ def make_loss_fn(
     return loss_fn
 
 
-def make_reference_fn(graphdef: nnx.GraphDef):
+def make_reference_fn(graphdef: nnx.GraphDef, *, logits_chunk_size: int = 0):
     """Jitted ``(ref_params, ref_rest, batch) -> {"ref_chosen_logps", "ref_rejected_logps"}``.
 
-    No gradients flow into the reference.
+    No gradients flow into the reference. ``logits_chunk_size``: see ``jrft.train.logprobs``.
     """
 
     @jax.jit
     def reference(params, rest, batch):
         model = nnx.merge(graphdef, params, rest)
-        out = pair_sequence_logps(model, batch)
+        out = pair_sequence_logps(model, batch, chunk_size=logits_chunk_size)
         return {
             "ref_chosen_logps": jax.lax.stop_gradient(out["chosen_logps"]),
             "ref_rejected_logps": jax.lax.stop_gradient(out["rejected_logps"]),
