@@ -158,3 +158,31 @@ def test_ppo_completion_logps_from_hidden_equal_unchunked():
     chunked = ppo.completion_logps_from_hidden(model, hidden, batch["tokens"], 13, 0.8, chunk_size=4)
     assert full.shape == (3, 13)
     np.testing.assert_allclose(np.asarray(chunked), np.asarray(full), atol=1e-5, rtol=1e-6)
+
+
+def _sharded_sft_step(mesh_shape, chunk_size):
+    import optax
+
+    from jrft.train.sharding import device_batch, mesh_from_config, place_state
+    from jrft.train.state import create_train_state
+    from jrft.train.step import jit_step, make_train_step
+
+    mesh = mesh_from_config(*mesh_shape)
+    cfg = ModelConfig.from_hf(tiny_hf_config("llama", vocab_size=96, hidden_size=32, num_key_value_heads=2))
+    with jax.set_mesh(mesh):
+        model = Decoder(cfg, rngs=nnx.Rngs(0))
+    tx = optax.sgd(0.1)  # the update is the gradient
+    graphdef, state = create_train_state(model, tx, seed=0)
+    state, shardings = place_state(state, mesh)
+    loss_fn = sft.make_loss_fn(logits_chunk_size=chunk_size)
+    step = jit_step(make_train_step(graphdef, loss_fn, sft.normalizers, tx), state_sharding=shardings)
+    host = {k: np.asarray(v) for k, v in _sft_batch(b=8).items()}
+    return step(state, device_batch(host, mesh))
+
+
+def test_chunked_sft_step_on_a_2x2x2_mesh_equals_unchunked_single_device():
+    ref_state, ref_metrics = _sharded_sft_step((1, 1, 1), 0)
+    state, metrics = _sharded_sft_step((2, 2, 2), 5)
+    for key in ("loss", "grad_norm", "accuracy"):
+        np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, atol=1e-6)
+    _assert_trees_close(state.params, ref_state.params)
