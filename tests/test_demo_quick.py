@@ -50,6 +50,7 @@ def test_quick_dpo_demo_reports_preference_accuracy(tmp_path, capsys):
     assert (out / "dpo" / "export" / "config.json").is_file() and _png(out / "report.png")
 
 
+@pytest.mark.slow  # ~35 s; the reward-model and PPO stages are tested in test_train_offline/test_train_ppo
 def test_quick_rlhf_demo_trains_the_reward_model(tmp_path, capsys):
     out = tmp_path / "rlhf"
     rc = main(["--quick", "--no-progress", "--objective", "rlhf", "--out", str(out)])

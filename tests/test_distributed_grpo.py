@@ -208,6 +208,7 @@ def uneven(completions, **kwargs):
 """
 
 
+@pytest.mark.slow  # ~35 s; the default suite's 2-process check is test_distributed_loopback
 def test_two_process_dynamic_sampling_agrees_on_rounds_and_groups(tiny_task, tmp_path):
     """DAPO dynamic sampling on 2 processes: process 0 has enough groups after round 1, process 1 none, so
     both must sample a second round (or the collectives would hang) and feed the update the same number of

@@ -38,7 +38,8 @@ def _assert_trees_close(a, b, atol=1e-5):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=1e-5)
 
 
-@pytest.mark.parametrize("chunk", [5, 64])  # 5 does not divide T - 1 = 22; 64 > T
+# 5 does not divide T - 1 = 22; 64 > T
+@pytest.mark.parametrize("chunk", [5, pytest.param(64, marks=pytest.mark.slow)])
 def test_sft_loss_and_grads_equal_unchunked(chunk):
     graphdef, params, rest = _model()
     batch = _sft_batch()
@@ -61,7 +62,8 @@ def test_sft_loss_and_grads_equal_unchunked(chunk):
     assert max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(g0)) > 1e-4  # gradients are not trivial
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])  # gemma2: tied head + final-logit soft-capping
+# gemma2: tied head + final-logit soft-capping
+@pytest.mark.parametrize("family", [pytest.param("llama", marks=pytest.mark.slow), "gemma2"])
 def test_grpo_completion_logps_and_grads_equal_unchunked(family):
     graphdef, params, rest = _model(family)
     b, tp, tc = 4, 9, 14
@@ -180,6 +182,7 @@ def _sharded_sft_step(mesh_shape, chunk_size):
     return step(state, device_batch(host, mesh))
 
 
+@pytest.mark.slow  # ~25 s; the default suite has the unchunked sharded step and the chunked grads
 def test_chunked_sft_step_on_a_2x2x2_mesh_equals_unchunked_single_device():
     ref_state, ref_metrics = _sharded_sft_step((1, 1, 1), 0)
     state, metrics = _sharded_sft_step((2, 2, 2), 5)

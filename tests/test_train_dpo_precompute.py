@@ -70,7 +70,9 @@ def test_precomputed_reference_equals_live_reference(tiny_task, tmp_path):
             np.testing.assert_allclose(
                 b[key], a[key], rtol=1e-5, atol=1e-5, err_msg=f"step {a['step']} {key}"
             )
-    assert pre_rows[0]["rewards/margins"] != 0.0  # the reference really differs from the policy after a step
+    # Step 1 is logged before any update (policy == reference, margin 0); later steps must differ from it.
+    later_margins = [r["rewards/margins"] for r in pre_rows if "rewards/margins" in r and r["step"] > 1]
+    assert later_margins and max(abs(m) for m in later_margins) > 1e-4
     for key in live_eval:
         np.testing.assert_allclose(pre_eval[key], live_eval[key], rtol=1e-5, atol=1e-5, err_msg=key)
     for a, b in zip(live_params, pre_params, strict=True):
@@ -106,6 +108,7 @@ def test_precompute_mode_keeps_no_reference_parameters(tiny_task, tmp_path):
                 assert ref is not p
 
 
+@pytest.mark.slow  # ~16 s; resume is tested in the default suite by test_train_loop and test_train_ppo
 def test_precomputed_reference_run_resumes_exactly(tiny_task, tmp_path):
     common = ("optim.schedule=constant", "optim.warmup_steps=0", "dpo.precompute_ref_logps=true")
     whole = run_offline(_config(tiny_task, tmp_path / "whole", "train.steps=6", *common), progress=False)

@@ -153,7 +153,7 @@ def test_sharded_run_equals_single_device_run(assets, tmp_path):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
 
 
-@pytest.mark.parametrize("loss_type", ["simpo", "orpo"])
+@pytest.mark.parametrize("loss_type", ["simpo", pytest.param("orpo", marks=pytest.mark.slow)])
 def test_reference_free_preference_losses_raise_margins(assets, tmp_path, loss_type):
     out = tmp_path / loss_type
     extra = ("dpo.beta=2.0",) if loss_type == "simpo" else ()

@@ -70,7 +70,10 @@ def _kill_after_checkpoint(cmd, out, at_least):
 
 @pytest.mark.parametrize(
     "objective,steps,save_every,kill_at",
-    [("sft", 120, 10, 20), pytest.param("grpo", 12, 3, 3, marks=pytest.mark.slow)],
+    [
+        pytest.param("sft", 120, 10, 20, marks=pytest.mark.slow),
+        pytest.param("grpo", 12, 3, 3, marks=pytest.mark.slow),
+    ],
 )
 def test_sigkill_then_rerun_equals_uninterrupted(tiny_task, tmp_path, objective, steps, save_every, kill_at):
     ref_out, run_out = tmp_path / "ref", tmp_path / "run"
