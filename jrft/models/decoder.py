@@ -30,6 +30,7 @@ from jrft.models.layers import (
     ACTIVATIONS,
     apply_rope,
     attention,
+    causal_block_size,
     causal_mask,
     remat,
     rms_norm,
@@ -305,7 +306,15 @@ class Decoder(nnx.Module):
             p, sliding = xs
             p = _cast(p, self.dtype)
             q, k, v = _qkv(cfg, p, x, cos, sin)
-            attn = attention(q, k, v, _layer_mask(mask, windowed, sliding), cfg.attn_scale, cfg.attn_softcap)
+            attn = attention(
+                q,
+                k,
+                v,
+                _layer_mask(mask, windowed, sliding),
+                cfg.attn_scale,
+                cfg.attn_softcap,
+                causal_block=causal_block_size(t),  # the mask is causal in slots
+            )
             return _attn_out_and_mlp(cfg, p, x, attn), None
 
         xs = (self.layers.arrays(cfg), _sliding_flags(cfg))

@@ -7,6 +7,7 @@ heads per kv group, Dh head dim, F MLP width.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -88,31 +89,115 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float, softcap: float | None = None
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    scale: float,
+    softcap: float | None = None,
+    *,
+    causal_block: int | None = None,
 ) -> jax.Array:
     """Grouped-query scaled dot-product attention (Ainslie et al. 2023, GQA).
 
     Args:
       q: ``[B, T, H, Dh]`` queries.
       k, v: ``[B, K, S, Dh]`` keys and values (the KV-cache layout).
-      mask: ``[B, T, S]`` bool, True where query t may attend key s. A row with no True key gets uniform
-        weights (finite, no NaN); such rows are padding and are ignored downstream.
+      mask: ``[B, T, S]`` bool, True where query t may attend key s. A row with no True key gives zeros
+        (finite, no NaN); such rows are padding and are ignored downstream.
       scale: multiplies the scores (``Dh ** -0.5``).
       softcap: Gemma 2's ``cap * tanh(scores / cap)`` before masking (None: off).
+      causal_block: only when T == S and ``mask`` is causal in slots (query t sees no key s > t, as from
+        ``causal_mask(valid, slots, slots)``): queries are processed in blocks of this many, each against
+        the keys up to its last slot only, which skips the masked upper triangle (about half the work for
+        many blocks). The result equals the unblocked one.
 
     Returns:
       ``[B, T, H, Dh]`` in ``q.dtype``; scores and softmax in float32.
+
+    The backward pass recomputes the softmax from the saved row maxima and sums instead of keeping the
+    ``[B, K, G, T, S]`` probabilities (the FlashAttention recipe, Dao et al. 2022, without tiling).
     """
+    t, s = q.shape[1], k.shape[2]
+    if causal_block is None or t != s or t <= causal_block:
+        return _attention(q, k, v, mask, scale, softcap)
+    outs = []
+    for start in range(0, t, causal_block):
+        end = min(start + causal_block, t)
+        outs.append(
+            _attention(
+                q[:, start:end], k[:, :, :end], v[:, :, :end], mask[:, start:end, :end], scale, softcap
+            )
+        )
+    return jnp.concatenate(outs, axis=1)
+
+
+def causal_block_size(t: int, max_blocks: int = 16, min_block: int = 64) -> int:
+    """Query block for ``attention(causal_block=...)`` on a length-``t`` sequence: at most ``max_blocks``
+    blocks (bounded compile size), none shorter than ``min_block`` (matmuls stay large)."""
+    return max(min_block, -(-t // max_blocks))
+
+
+def _grouped_scores(q: jax.Array, k: jax.Array, scale: float) -> tuple[jax.Array, jax.Array]:
+    """``(qg [B, T, K, G, Dh], scale * q.k [B, K, G, T, S] float32)``."""
     b, t, h, dh = q.shape
     kv = k.shape[1]
-    qg = q.reshape(b, t, kv, h // kv, dh)  # [B, T, K, G, Dh]
-    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    qg = q.reshape(b, t, kv, h // kv, dh)
+    return qg, jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+
+
+def _masked_probs(
+    raw: jax.Array, mask: jax.Array, softcap: float | None
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+    """Softmax of the (soft-capped) scores over allowed keys: ``(probs, row_max, row_sum, tanh or None)``;
+    probs are 0 at masked keys (a row with no allowed key is all 0)."""
+    th = None
     if softcap is not None:
-        scores = softcap * jnp.tanh(scores / softcap)
-    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)  # [B, K, G, T, S]
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)  # [B, T, K, G, Dh]
-    return out.reshape(b, t, h, dh)
+        th = jnp.tanh(raw / softcap)
+        raw = softcap * th
+    full = mask[:, None, None, :, :]  # [B, 1, 1, T, S]
+    scores = jnp.where(full, raw, jnp.finfo(jnp.float32).min)
+    row_max = jnp.max(scores, axis=-1, keepdims=True)
+    exp = jnp.exp(scores - row_max)
+    row_sum = jnp.sum(exp, axis=-1, keepdims=True)
+    return jnp.where(full, exp / row_sum, 0.0), row_max, row_sum, th
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _attention(q, k, v, mask, scale, softcap):
+    return _attention_fwd(q, k, v, mask, scale, softcap)[0]
+
+
+def _attention_fwd(q, k, v, mask, scale, softcap):
+    b, t, h, dh = q.shape
+    _, raw = _grouped_scores(q, k, scale)
+    probs, row_max, row_sum, _ = _masked_probs(raw, mask, softcap)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs.astype(v.dtype), v).reshape(b, t, h, dh)
+    return out, (q, k, v, mask, out, row_max, row_sum)
+
+
+def _attention_bwd(scale, softcap, residuals, d_out):
+    q, k, v, mask, out, row_max, row_sum = residuals
+    qg, raw = _grouped_scores(q, k, scale)
+    th = jnp.tanh(raw / softcap) if softcap is not None else None
+    scores = softcap * th if softcap is not None else raw
+    full = mask[:, None, None, :, :]
+    f32 = jnp.float32
+    probs = jnp.where(full, jnp.exp(jnp.where(full, scores, jnp.finfo(f32).min) - row_max) / row_sum, 0.0)
+    do = d_out.reshape(qg.shape)  # [B, T, K, G, Dh]
+    dv = jnp.einsum("bkgts,btkgd->bksd", probs, do, preferred_element_type=f32)
+    dp = jnp.einsum("btkgd,bksd->bkgts", do, v, preferred_element_type=f32)
+    row_dot = jnp.einsum("btkgd,btkgd->bkgt", do.astype(f32), out.reshape(qg.shape).astype(f32))
+    ds = probs * (dp - row_dot[..., None])  # softmax backward; 0 at masked keys
+    if th is not None:
+        ds = ds * (1.0 - th * th)
+    ds = ds * scale
+    dq = jnp.einsum("bkgts,bksd->btkgd", ds, k, preferred_element_type=f32).reshape(q.shape)
+    dk = jnp.einsum("bkgts,btkgd->bksd", ds, qg, preferred_element_type=f32)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def causal_mask(
