@@ -14,8 +14,9 @@ on CPU is dominated by per-op overhead, not FLOPs (see shared/NOTES.md), and thr
 It uses the model's own building blocks (``rms_norm``, RoPE frequencies, embedding, final norm, LM head) and
 its stacked parameters by name (``Decoder.layers``: ``wq, wk, wv, wo, w_gate, w_up, w_down, attn_norm,
 mlp_norm`` and optional ``bq, bk, bv, bo, q_norm, k_norm``), so it follows the model's variants (Qwen2
-biases, Qwen3 q/k norms, Gemma embedding scale and (1 + w) norms). Tests check it against
-transformers token for token.
+biases, Qwen3 q/k norms, Gemma embedding scale and (1 + w) norms; Gemma 2's post-branch norms, query scale,
+attention and final logit soft-capping and sliding-window layers). Tests check it against transformers token
+for token.
 
 Shapes: B rows, D hidden, H query heads, K kv heads, G = H / K, Dh head dim, F MLP width, L layers,
 S cache slots, V vocab. Cache layout ``[L, B, K, S, Dh]`` (``jrft.models.KVCache``).
@@ -42,26 +43,6 @@ def prefill(model, tokens: jax.Array, mask: jax.Array, cache: KVCache) -> tuple[
     return logits[:, 0], cache
 
 
-# Gemma 2 features the decode step does not implement yet: refuse rather than sample from a different model.
-UNSUPPORTED_FEATURES = (
-    "post_norms",
-    "query_pre_attn_scalar",
-    "attn_softcap",
-    "final_softcap",
-    "sliding_window",
-)
-
-
-def check_decodable(cfg) -> None:
-    """Raises ``NotImplementedError`` for model features the sampler's decode step lacks (Gemma 2's)."""
-    used = [name for name in UNSUPPORTED_FEATURES if getattr(cfg, name, None)]
-    if used:
-        raise NotImplementedError(
-            f"jrft.sampling: the decode step does not implement {used} (family {cfg.family!r}); "
-            "generation for this model is not built yet"
-        )
-
-
 def fuse_decode_weights(model, fuse: bool = True) -> dict[str, jax.Array]:
     """The stacked layer weights in the decode step's layout, cast to the compute dtype.
 
@@ -69,7 +50,6 @@ def fuse_decode_weights(model, fuse: bool = True) -> dict[str, jax.Array]:
     projections are kept separate (``wq [L, D, H*Dh]`` ...), which avoids the transient copy.
     """
     cfg = model.config
-    check_decodable(cfg)
     p = model.layers.arrays(cfg)
     L, D = cfg.num_layers, cfg.hidden_size
     dtype = model.dtype
@@ -107,14 +87,37 @@ def _rope_cos_sin_1(cfg, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Ar
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
 
 
+def _key_biases(cfg, key_valid: jax.Array, slot: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    """Additive score biases ``[B, 1, 1, S]`` (0 or float32 min) for full-attention layers and, when the
+    model has sliding-window layers, for those (keys fewer than ``sliding_window`` slots before ``slot``)."""
+    neg = jnp.finfo(jnp.float32).min
+    full = jnp.where(key_valid, 0.0, neg)[:, None, None, :]
+    if cfg.sliding_window is None:
+        return full, None
+    near = slot - jnp.arange(key_valid.shape[1], dtype=jnp.int32) < cfg.sliding_window  # [S]
+    return full, jnp.where(key_valid & near[None, :], 0.0, neg)[:, None, None, :]
+
+
+def _post_attn(cfg, p, y: jax.Array) -> jax.Array:
+    """Gemma 2's norm of the attention branch before its residual add (identity for other models)."""
+    return rms_norm(y, p["post_attn_norm"], cfg.rms_norm_eps, cfg.norm_plus_one) if cfg.post_norms else y
+
+
+def _post_mlp(cfg, p, y: jax.Array) -> jax.Array:
+    return rms_norm(y, p["post_mlp_norm"], cfg.rms_norm_eps, cfg.norm_plus_one) if cfg.post_norms else y
+
+
 def _attend_1(cfg, p, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
     """One query per row against its cache, then the output projection: ``q [B, H, Dh]``, ``k, v
-    [B, K, S, Dh]``, ``bias [B, 1, 1, S]`` (0 or float32 min) -> ``[B, D]``. Scores and softmax in float32."""
+    [B, K, S, Dh]``, ``bias [B, 1, 1, S]`` (0 or float32 min) -> ``[B, D]``. Scores and softmax in float32;
+    the model's query scale and (Gemma 2) score soft-capping before the bias."""
     b, h_, dh = q.shape
     k_ = k.shape[1]
     qg = q.reshape(b, k_, h_ // k_, dh)  # [B, K, G, Dh]
-    scores = jnp.einsum("bkgd,bksd->bkgs", qg, k, preferred_element_type=jnp.float32) * dh**-0.5 + bias
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, K, G, S]
+    scores = jnp.einsum("bkgd,bksd->bkgs", qg, k, preferred_element_type=jnp.float32) * cfg.attn_scale
+    if cfg.attn_softcap is not None:
+        scores = cfg.attn_softcap * jnp.tanh(scores / cfg.attn_softcap)
+    probs = jax.nn.softmax(scores + bias, axis=-1).astype(v.dtype)  # [B, K, G, S]
     attn = jnp.einsum("bkgs,bksd->bkgd", probs, v).reshape(b, h_ * dh)
     y = attn @ p["wo"]  # [B, D]
     return y + p["bo"] if cfg.o_bias else y
@@ -174,13 +177,15 @@ def decode_step(
     h_, k_, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     eps, plus_one = cfg.rms_norm_eps, cfg.norm_plus_one
     cos, sin = _rope_cos_sin_1(cfg, positions, dt)
-    bias = jnp.where(key_valid, 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]  # [B, 1, 1, s_att]
+    bias_full, bias_sliding = _key_biases(cfg, key_valid, slot)  # [B, 1, 1, s_att]
+    sliding_flags = jnp.asarray(cfg.sliding_layers or (False,) * cfg.num_layers)
     zero = jnp.zeros((), jnp.int32)
     x = model._embed(tokens[:, None])[:, 0]  # [B, D]
 
     def layer(carry, xs):
         x, ck, cv = carry
-        p, i = xs
+        p, i, sliding = xs
+        bias = bias_full if bias_sliding is None else jnp.where(sliding, bias_sliding, bias_full)
         h = rms_norm(x, p["attn_norm"], eps, plus_one)
         q, k, v = _project_qkv(cfg, p, h)
         q, k, v = q.reshape(b, h_, dh), k.reshape(b, k_, dh), v.reshape(b, k_, dh)
@@ -192,14 +197,14 @@ def decode_step(
         cv = jax.lax.dynamic_update_slice(cv, v[None, :, :, None, :].astype(cv.dtype), start)
         k_att = jax.lax.dynamic_slice(ck, (i, zero, zero, zero, zero), (1, b, k_, s_att, dh))[0].astype(dt)
         v_att = jax.lax.dynamic_slice(cv, (i, zero, zero, zero, zero), (1, b, k_, s_att, dh))[0].astype(dt)
-        x = x + _attend_1(cfg, p, q, k_att, v_att, bias)
+        x = x + _post_attn(cfg, p, _attend_1(cfg, p, q, k_att, v_att, bias))
         h = rms_norm(x, p["mlp_norm"], eps, plus_one)
-        x = x + _gated_mlp(cfg, p, h) @ p["w_down"]
+        x = x + _post_mlp(cfg, p, _gated_mlp(cfg, p, h) @ p["w_down"])
         return (x, ck, cv), None
 
     ck = with_logical_constraint(cache.k, CACHE_AXES)
     cv = with_logical_constraint(cache.v, CACHE_AXES)
-    xs = (weights, jnp.arange(cfg.num_layers, dtype=jnp.int32))
+    xs = (weights, jnp.arange(cfg.num_layers, dtype=jnp.int32), sliding_flags)
     (x, ck, cv), _ = jax.lax.scan(layer, (x, ck, cv), xs)
     logits = model.logits_from_hidden(model._final(x)[:, None])[:, 0]  # [B, V]
     return logits, KVCache(ck, cv)
@@ -236,11 +241,13 @@ def decode_step_unrolled(
     h_, k_, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     eps, plus_one = cfg.rms_norm_eps, cfg.norm_plus_one
     cos, sin = _rope_cos_sin_1(cfg, positions, dt)
-    bias = jnp.where(key_valid, 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]  # [B, 1, 1, S]
+    bias_full, bias_sliding = _key_biases(cfg, key_valid, slot)  # [B, 1, 1, S]
+    sliding_flags = cfg.sliding_layers or (False,) * cfg.num_layers
     zero = jnp.zeros((), jnp.int32)
     x = model._embed(tokens[:, None])[:, 0]  # [B, D]
     new_ks, new_vs = [], []
-    for p, ck, cv in zip(layers, ks, vs, strict=True):
+    for p, ck, cv, sliding in zip(layers, ks, vs, sliding_flags, strict=True):
+        bias = bias_sliding if sliding and bias_sliding is not None else bias_full
         h = rms_norm(x, p["attn_norm"], eps, plus_one)
         q, k, v = _project_qkv(cfg, p, h)
         q, k, v = q.reshape(b, h_, dh), k.reshape(b, k_, dh), v.reshape(b, k_, dh)
@@ -253,8 +260,8 @@ def decode_step_unrolled(
         cv = jax.lax.dynamic_update_slice(cv, v[:, :, None, :].astype(cv.dtype), start)
         new_ks.append(ck)
         new_vs.append(cv)
-        x = x + _attend_1(cfg, p, q, ck.astype(dt), cv.astype(dt), bias)
+        x = x + _post_attn(cfg, p, _attend_1(cfg, p, q, ck.astype(dt), cv.astype(dt), bias))
         h = rms_norm(x, p["mlp_norm"], eps, plus_one)
-        x = x + _gated_mlp(cfg, p, h) @ p["w_down"]
+        x = x + _post_mlp(cfg, p, _gated_mlp(cfg, p, h) @ p["w_down"])
     logits = model.logits_from_hidden(model._final(x)[:, None])[:, 0]  # [B, V]
     return logits, tuple(new_ks), tuple(new_vs)
