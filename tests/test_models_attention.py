@@ -99,3 +99,25 @@ def test_silu_matches_jax_nn_silu_in_value_and_first_two_derivatives():
     np.testing.assert_allclose(first, jax.vmap(jax.grad(jax.nn.silu))(x), rtol=1e-5, atol=1e-6)
     second = jax.vmap(jax.grad(jax.grad(silu)))(x)
     np.testing.assert_allclose(second, jax.vmap(jax.grad(jax.grad(jax.nn.silu)))(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("plus_one", [False, True])
+def test_rms_norm_gradients_match_autodiff_of_the_formula(plus_one):
+    from jrft.models.layers import rms_norm
+
+    def plain(x, w):
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + 1e-6)
+        return normed * (1.0 + w) if plus_one else w * normed
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 5, 16)) * 3.0
+    w = jax.random.normal(jax.random.PRNGKey(1), (16,))
+    up = jax.random.normal(jax.random.PRNGKey(2), (3, 5, 16))
+    np.testing.assert_allclose(rms_norm(x, w, 1e-6, plus_one), plain(x, w), rtol=1e-6, atol=1e-6)
+    got = jax.grad(lambda x, w: (rms_norm(x, w, 1e-6, plus_one) * up).sum(), (0, 1))(x, w)
+    want = jax.grad(lambda x, w: (plain(x, w) * up).sum(), (0, 1))(x, w)
+    for g, r in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+    xb = x.astype(jnp.bfloat16)
+    gx, gw = jax.grad(lambda x, w: rms_norm(x, w, 1e-6, plus_one).astype(jnp.float32).sum(), (0, 1))(xb, w)
+    assert gx.dtype == jnp.bfloat16 and gw.dtype == jnp.float32

@@ -22,13 +22,44 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float, plus_one: bool = False
     """RMSNorm (Zhang & Sennrich 2019), statistics in float32, result in ``x.dtype``.
 
     ``plus_one`` is Gemma's variant, scaling by ``(1 + w)`` in float32; otherwise Llama's ``w * norm(x)``
-    with the weight applied after casting back (as transformers does).
+    with the weight applied after casting back (as transformers does). ``x [..., D]``, ``weight [D]``.
+    The backward pass is written by hand in float32 (same gradients as autodiff's; measured ~3% off the
+    25M reference model's grad on XLA:CPU, which otherwise re-derives the statistics in several fusions).
     """
+    return _rms_norm(x, weight, eps, plus_one)
+
+
+def _rms_norm_value(x, weight, eps, plus_one):
     x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    inv_rms = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)  # [..., 1]
+    normed = x32 * inv_rms
     if plus_one:
-        return (normed * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
-    return weight.astype(x.dtype) * normed.astype(x.dtype)
+        return (normed * (1.0 + weight.astype(jnp.float32))).astype(x.dtype), inv_rms
+    return weight.astype(x.dtype) * normed.astype(x.dtype), inv_rms
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _rms_norm(x, weight, eps, plus_one):
+    return _rms_norm_value(x, weight, eps, plus_one)[0]
+
+
+def _rms_norm_fwd(x, weight, eps, plus_one):
+    y, inv_rms = _rms_norm_value(x, weight, eps, plus_one)
+    return y, (x, weight, inv_rms)
+
+
+def _rms_norm_bwd(eps, plus_one, residuals, dy):
+    x, weight, inv_rms = residuals
+    normed = x.astype(jnp.float32) * inv_rms
+    dy32 = dy.astype(jnp.float32)
+    w32 = weight.astype(jnp.float32)
+    d_normed = dy32 * (1.0 + w32 if plus_one else w32)
+    dx = inv_rms * (d_normed - normed * jnp.mean(d_normed * normed, axis=-1, keepdims=True))
+    dw = jnp.sum((dy32 * normed).reshape(-1, normed.shape[-1]), axis=0).reshape(weight.shape)
+    return dx.astype(x.dtype), dw.astype(weight.dtype)
+
+
+_rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
 
 
 # --- RoPE (Su et al. 2021, "RoFormer"), with the frequency schedules transformers names rope_type
