@@ -27,6 +27,35 @@ CASES = {
             "attention_bias": True,
         },
     ),
+    # YaRN (Qwen2.5 long-context style): default attention factor; and DeepSeek's mscale ratio, untruncated
+    "qwen2_yarn_rope": (
+        "qwen2",
+        {
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        },
+    ),
+    "llama_yarn_mscale_rope": (
+        "llama",
+        {
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 5000.0,
+                "factor": 8.0,
+                "original_max_position_embeddings": 32,
+                "beta_fast": 16,
+                "beta_slow": 2,
+                "mscale": 1.0,
+                "mscale_all_dim": 0.5,
+                "truncate": False,
+            },
+            "max_position_embeddings": 256,
+        },
+    ),
     "qwen3_bias_tied": ("qwen3", {"attention_bias": True, "tie_word_embeddings": True}),
     "gemma_mha": ("gemma", {"num_key_value_heads": 4, "head_dim": 32}),
     "gemma2_default_layer_types": ("gemma2", {"layer_types": None, "num_hidden_layers": 3}),
@@ -106,3 +135,19 @@ def test_gemma2_window_and_soft_caps_are_used():
     for change in ({"sliding_window": None, "sliding_layers": ()}, {"attn_softcap": 1e-4}):
         other = np.asarray(forward(Decoder(cfg.replace(**change), rngs=nnx.Rngs(0)), tokens, mask))
         assert np.abs(other - base)[mask == 1].max() > 1e-4, change
+
+
+def test_yarn_really_rescales_frequencies_and_cos_sin(tmp_path):
+    """The yarn parity cases are not vacuous: frequencies and the cos/sin factor differ from default rope."""
+    import dataclasses
+
+    from jrft.models.layers import rope_attention_factor, rope_inv_freq
+
+    family, overrides = CASES["qwen2_yarn_rope"]
+    save_tiny_hf_model(family, tmp_path, seed=3, **overrides)
+    cfg = from_pretrained(tmp_path).config
+    plain = dataclasses.replace(cfg, rope_type="default", rope_scaling=())
+    assert rope_attention_factor(cfg) == pytest.approx(0.1 * np.log(4.0) + 1.0)
+    assert rope_attention_factor(plain) == 1.0
+    yarn, default = rope_inv_freq(cfg), rope_inv_freq(plain)
+    assert yarn[0] == default[0] and yarn[-1] == pytest.approx(default[-1] / 4.0)  # kept ... interpolated

@@ -229,3 +229,14 @@ def test_gemma2_sampled_logprobs_equal_teacher_forcing_in_both_layouts():
     assert m.sum() > 100
     for res in (unrolled, scanned):
         np.testing.assert_allclose(np.asarray(res.logprobs)[m], ref[m], atol=1e-4)
+
+
+def test_yarn_rope_greedy_equals_transformers(tmp_path):
+    """The decode step's RoPE carries YaRN's cos/sin factor (a Qwen2.5 long-context style config)."""
+    rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16}
+    path = mt.save_tiny_hf_model("qwen2", tmp_path, seed=3, rope_parameters=rope)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path).float().eval()
+    model = from_pretrained(path)
+    tokens, mask = _prompts(model.config.vocab_size)
+    res = generate(model, tokens, mask, max_new_tokens=24, temperature=0.0)
+    np.testing.assert_array_equal(res.tokens, _hf_greedy(hf, tokens, mask, 24, eos=None))

@@ -3,7 +3,7 @@
 
 Families are registered in ``FAMILIES`` (model_type -> small reader/writer pair), not in if-chains:
 
-* ``llama``  — Llama 1/2/3.x; rope types ``default``, ``linear`` and ``llama3`` (Llama 3.1 scaling).
+* ``llama``  — Llama 1/2/3.x; rope types ``default``, ``linear``, ``llama3`` (Llama 3.1 scaling) and ``yarn``.
 * ``qwen2``  — Qwen2 / Qwen2.5: bias on the q/k/v projections.
 * ``qwen3``  — Qwen3 (dense): RMSNorm over each head of q and k before RoPE (no projection bias by default).
 * ``gemma``  — Gemma 1: GeGLU (tanh-approximate GELU), embeddings scaled by sqrt(hidden), RMSNorm with
@@ -49,7 +49,7 @@ _MODELLED_KEYS = {
     "dtype",
 }
 
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 
 
@@ -214,6 +214,10 @@ def _rope_from_hf(cfg: dict[str, Any]) -> dict[str, Any]:
     params.pop("partial_rotary_factor", None)
     if rope_type == "default":
         params = {}
+    if rope_type == "yarn" and "original_max_position_embeddings" not in params:
+        raise ValueError("rope_type 'yarn' needs rope_parameters.original_max_position_embeddings")
+    if rope_type == "yarn" and params.get("factor") is None:  # transformers' default for a missing factor
+        params["factor"] = cfg["max_position_embeddings"] / params["original_max_position_embeddings"]
     return dict(rope_theta=float(theta), rope_type=rope_type, rope_scaling=tuple(sorted(params.items())))
 
 

@@ -34,6 +34,7 @@ from jrft.models.layers import (
     causal_mask,
     remat,
     rms_norm,
+    rope_attention_factor,
     rope_cos_sin,
     rope_inv_freq,
     window_mask,
@@ -300,7 +301,7 @@ class Decoder(nnx.Module):
         slots = jnp.arange(t, dtype=jnp.int32)
         mask = causal_mask(attention_mask, slots, slots, segment_ids)  # [B, T, T]
         windowed = window_mask(mask, slots, slots, cfg.sliding_window)
-        cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg), self.dtype)
+        cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg), self.dtype, rope_attention_factor(cfg))
 
         def layer(x, xs):
             p, sliding = xs
@@ -383,7 +384,7 @@ class Decoder(nnx.Module):
         q_slots, k_slots = cache_index + jnp.arange(t, dtype=jnp.int32), jnp.arange(s_att, dtype=jnp.int32)
         mask = causal_mask(attention_mask, q_slots, k_slots)
         windowed = window_mask(mask, q_slots, k_slots, cfg.sliding_window)
-        cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg), self.dtype)
+        cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg), self.dtype, rope_attention_factor(cfg))
         zero = jnp.zeros((), jnp.int32)
         k_shape = (1, b, cfg.num_kv_heads, s_att, cfg.head_dim)
 

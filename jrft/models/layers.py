@@ -86,27 +86,72 @@ def _rope_llama3(inv_freq: np.ndarray, params: dict) -> np.ndarray:
     return np.where(medium, smoothed, scaled)
 
 
+def _rope_yarn(inv_freq: np.ndarray, params: dict) -> np.ndarray:
+    """YaRN (Peng et al. 2023, arXiv 2309.00071): dimensions that turn fewer than ``beta_slow`` times over
+    the original context are interpolated (divided by ``factor``), those that turn more than ``beta_fast``
+    times are kept, with a linear ramp between; the matching cos/sin scale is ``rope_attention_factor``."""
+    dim = 2 * len(inv_freq)
+    base, factor = params["rope_theta"], params["factor"]
+    old_len = params["original_max_position_embeddings"]
+
+    def dim_of(rotations: float) -> float:  # the dimension whose wavelength fits `rotations` times in old_len
+        return dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dim_of(params.get("beta_fast") or 32), dim_of(params.get("beta_slow") or 1)
+    if params.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)  # 1: interpolate
+    return inv_freq / factor * ramp + inv_freq * (1 - ramp)
+
+
 ROPE_SCHEDULES: dict[str, Callable[[np.ndarray, dict], np.ndarray]] = {
     "default": _rope_default,
     "linear": _rope_linear,
     "llama3": _rope_llama3,
+    "yarn": _rope_yarn,
 }
+
+
+def rope_attention_factor(config: ModelConfig) -> float:
+    """The factor on cos and sin: YaRN's ``attention_factor`` (given, or ``0.1 ln(factor) + 1``, or with
+    DeepSeek's ``mscale``/``mscale_all_dim`` the ratio of two such terms); 1 for the other rope types."""
+    if config.rope_type != "yarn":
+        return 1.0
+    params = config.rope_params
+    if params.get("attention_factor") is not None:
+        return float(params["attention_factor"])
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    factor = params["factor"]
+    if params.get("mscale") and params.get("mscale_all_dim"):
+        return mscale(factor, params["mscale"]) / mscale(factor, params["mscale_all_dim"])
+    return mscale(factor)
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     """Inverse frequencies ``[Dh / 2]`` (float32), computed once at trace time."""
     dim = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
-    return ROPE_SCHEDULES[config.rope_type](inv_freq.astype(np.float32), config.rope_params).astype(
-        np.float32
-    )
+    params = {**config.rope_params, "rope_theta": config.rope_theta}
+    return ROPE_SCHEDULES[config.rope_type](inv_freq.astype(np.float32), params).astype(np.float32)
 
 
-def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray, dtype) -> tuple[jax.Array, jax.Array]:
-    """cos, sin ``[B, T, Dh]`` for integer ``positions [B, T]`` (angles in float32, then cast)."""
+def rope_cos_sin(
+    positions: jax.Array, inv_freq: np.ndarray, dtype, scale: float = 1.0
+) -> tuple[jax.Array, jax.Array]:
+    """cos, sin ``[B, T, Dh]`` for integer ``positions [B, T]`` (angles in float32, times ``scale`` (see
+    ``rope_attention_factor``), then cast)."""
     freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, Dh/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, Dh]
-    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    return cos.astype(dtype), sin.astype(dtype)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:

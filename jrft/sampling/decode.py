@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from jrft.models.decoder import CACHE_AXES, KVCache
-from jrft.models.layers import ACTIVATIONS, rms_norm, rope_inv_freq
+from jrft.models.layers import ACTIVATIONS, rms_norm, rope_attention_factor, rope_inv_freq
 from jrft.parallel.sharding import with_logical_constraint
 
 
@@ -84,7 +84,11 @@ def _rope_cos_sin_1(cfg, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Ar
     """cos, sin ``[B, 1, Dh]`` for one position per row (angles in float32, as the model computes them)."""
     freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(rope_inv_freq(cfg))  # [B, Dh/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, None, :]  # [B, 1, Dh]
-    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    scale = rope_attention_factor(cfg)
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    return cos.astype(dtype), sin.astype(dtype)
 
 
 def _key_biases(cfg, key_valid: jax.Array, slot: jax.Array) -> tuple[jax.Array, jax.Array | None]:
