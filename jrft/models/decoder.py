@@ -179,6 +179,12 @@ def _qkv(cfg: ModelConfig, p, x, cos, sin):
     return q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
 
+def post_norm(cfg: ModelConfig, p, name: str, y: jax.Array) -> jax.Array:
+    """Gemma 2 normalises each branch's output (``name``: post_attn_norm | post_mlp_norm) before the
+    residual add; identity for models without ``post_norms``. Shared with the sampler's decode step."""
+    return rms_norm(y, p[name], cfg.rms_norm_eps, cfg.norm_plus_one) if cfg.post_norms else y
+
+
 def _attn_out_and_mlp(cfg: ModelConfig, p, x, attn):
     """Residual adds of the attention output projection and the gated MLP. ``attn [B, T, H, Dh]``."""
     b, t, d = x.shape
@@ -186,15 +192,12 @@ def _attn_out_and_mlp(cfg: ModelConfig, p, x, attn):
     y = attn @ p["wo"].reshape(-1, d)  # [B*T, D]
     if cfg.o_bias:
         y = y + p["bo"]
-    if cfg.post_norms:  # Gemma 2 normalises each branch's output before the residual add
-        y = rms_norm(y, p["post_attn_norm"], cfg.rms_norm_eps, cfg.norm_plus_one)
+    y = post_norm(cfg, p, "post_attn_norm", y)
     x = with_logical_constraint(x + y.reshape(b, t, d), ACT_BTD)
     h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps, cfg.norm_plus_one).reshape(b * t, d)
     g = ACTIVATIONS[cfg.hidden_act](h @ p["w_gate"]) * (h @ p["w_up"])  # [B*T, F]
     g = checkpoint_name(g, "mlp_hidden")
-    y = g @ p["w_down"]  # [B*T, D]
-    if cfg.post_norms:
-        y = rms_norm(y, p["post_mlp_norm"], cfg.rms_norm_eps, cfg.norm_plus_one)
+    y = post_norm(cfg, p, "post_mlp_norm", g @ p["w_down"])  # [B*T, D]
     return with_logical_constraint(x + y.reshape(b, t, d), ACT_BTD)
 
 

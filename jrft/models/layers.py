@@ -222,21 +222,28 @@ def _grouped_scores(q: jax.Array, k: jax.Array, scale: float) -> tuple[jax.Array
     return qg, jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
 
 
-def _masked_probs(
+def _capped_masked_scores(
     raw: jax.Array, mask: jax.Array, softcap: float | None
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
-    """Softmax of the (soft-capped) scores over allowed keys: ``(probs, row_max, row_sum, tanh or None)``;
-    probs are 0 at masked keys (a row with no allowed key is all 0)."""
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """``(scores, allowed [B, 1, 1, T, S], tanh or None)``: soft-capped scores, float32 min at masked keys."""
     th = None
     if softcap is not None:
         th = jnp.tanh(raw / softcap)
         raw = softcap * th
-    full = mask[:, None, None, :, :]  # [B, 1, 1, T, S]
-    scores = jnp.where(full, raw, jnp.finfo(jnp.float32).min)
+    allowed = mask[:, None, None, :, :]
+    return jnp.where(allowed, raw, jnp.finfo(jnp.float32).min), allowed, th
+
+
+def _masked_probs(
+    raw: jax.Array, mask: jax.Array, softcap: float | None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Softmax of the (soft-capped) scores over allowed keys: ``(probs, row_max, row_sum)``; probs are 0 at
+    masked keys (a row with no allowed key is all 0)."""
+    scores, allowed, _ = _capped_masked_scores(raw, mask, softcap)
     row_max = jnp.max(scores, axis=-1, keepdims=True)
     exp = jnp.exp(scores - row_max)
     row_sum = jnp.sum(exp, axis=-1, keepdims=True)
-    return jnp.where(full, exp / row_sum, 0.0), row_max, row_sum, th
+    return jnp.where(allowed, exp / row_sum, 0.0), row_max, row_sum
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -247,7 +254,7 @@ def _attention(q, k, v, mask, scale, softcap):
 def _attention_fwd(q, k, v, mask, scale, softcap):
     b, t, h, dh = q.shape
     _, raw = _grouped_scores(q, k, scale)
-    probs, row_max, row_sum, _ = _masked_probs(raw, mask, softcap)
+    probs, row_max, row_sum = _masked_probs(raw, mask, softcap)
     out = jnp.einsum("bkgts,bksd->btkgd", probs.astype(v.dtype), v).reshape(b, t, h, dh)
     return out, (q, k, v, mask, out, row_max, row_sum)
 
@@ -255,11 +262,9 @@ def _attention_fwd(q, k, v, mask, scale, softcap):
 def _attention_bwd(scale, softcap, residuals, d_out):
     q, k, v, mask, out, row_max, row_sum = residuals
     qg, raw = _grouped_scores(q, k, scale)
-    th = jnp.tanh(raw / softcap) if softcap is not None else None
-    scores = softcap * th if softcap is not None else raw
-    full = mask[:, None, None, :, :]
+    scores, allowed, th = _capped_masked_scores(raw, mask, softcap)
     f32 = jnp.float32
-    probs = jnp.where(full, jnp.exp(jnp.where(full, scores, jnp.finfo(f32).min) - row_max) / row_sum, 0.0)
+    probs = jnp.where(allowed, jnp.exp(scores - row_max) / row_sum, 0.0)  # the forward's softmax, recomputed
     do = d_out.reshape(qg.shape)  # [B, T, K, G, Dh]
     dv = jnp.einsum("bkgts,btkgd->bksd", probs, do, preferred_element_type=f32)
     dp = jnp.einsum("btkgd,bksd->bkgts", do, v, preferred_element_type=f32)

@@ -27,8 +27,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jrft.models.decoder import CACHE_AXES, KVCache
-from jrft.models.layers import ACTIVATIONS, rms_norm, rope_attention_factor, rope_inv_freq
+from jrft.models.decoder import CACHE_AXES, KVCache, post_norm
+from jrft.models.layers import (
+    ACTIVATIONS,
+    rms_norm,
+    rope_attention_factor,
+    rope_cos_sin,
+    rope_inv_freq,
+    window_mask,
+)
 from jrft.parallel.sharding import with_logical_constraint
 
 
@@ -82,13 +89,7 @@ def _rope_1(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 def _rope_cos_sin_1(cfg, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
     """cos, sin ``[B, 1, Dh]`` for one position per row (angles in float32, as the model computes them)."""
-    freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(rope_inv_freq(cfg))  # [B, Dh/2]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, None, :]  # [B, 1, Dh]
-    cos, sin = jnp.cos(emb), jnp.sin(emb)
-    scale = rope_attention_factor(cfg)
-    if scale != 1.0:
-        cos, sin = cos * scale, sin * scale
-    return cos.astype(dtype), sin.astype(dtype)
+    return rope_cos_sin(positions[:, None], rope_inv_freq(cfg), dtype, rope_attention_factor(cfg))
 
 
 def _key_biases(cfg, key_valid: jax.Array, slot: jax.Array) -> tuple[jax.Array, jax.Array | None]:
@@ -98,17 +99,11 @@ def _key_biases(cfg, key_valid: jax.Array, slot: jax.Array) -> tuple[jax.Array, 
     full = jnp.where(key_valid, 0.0, neg)[:, None, None, :]
     if cfg.sliding_window is None:
         return full, None
-    near = slot - jnp.arange(key_valid.shape[1], dtype=jnp.int32) < cfg.sliding_window  # [S]
-    return full, jnp.where(key_valid & near[None, :], 0.0, neg)[:, None, None, :]
-
-
-def _post_attn(cfg, p, y: jax.Array) -> jax.Array:
-    """Gemma 2's norm of the attention branch before its residual add (identity for other models)."""
-    return rms_norm(y, p["post_attn_norm"], cfg.rms_norm_eps, cfg.norm_plus_one) if cfg.post_norms else y
-
-
-def _post_mlp(cfg, p, y: jax.Array) -> jax.Array:
-    return rms_norm(y, p["post_mlp_norm"], cfg.rms_norm_eps, cfg.norm_plus_one) if cfg.post_norms else y
+    key_slots = jnp.arange(key_valid.shape[1], dtype=jnp.int32)
+    near = window_mask(
+        key_valid.astype(bool)[:, None, :], slot[None], key_slots, cfg.sliding_window
+    )  # [B, 1, S]
+    return full, jnp.where(near, 0.0, neg)[:, None, :, :]
 
 
 def _attend_1(cfg, p, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
@@ -201,9 +196,9 @@ def decode_step(
         cv = jax.lax.dynamic_update_slice(cv, v[None, :, :, None, :].astype(cv.dtype), start)
         k_att = jax.lax.dynamic_slice(ck, (i, zero, zero, zero, zero), (1, b, k_, s_att, dh))[0].astype(dt)
         v_att = jax.lax.dynamic_slice(cv, (i, zero, zero, zero, zero), (1, b, k_, s_att, dh))[0].astype(dt)
-        x = x + _post_attn(cfg, p, _attend_1(cfg, p, q, k_att, v_att, bias))
+        x = x + post_norm(cfg, p, "post_attn_norm", _attend_1(cfg, p, q, k_att, v_att, bias))
         h = rms_norm(x, p["mlp_norm"], eps, plus_one)
-        x = x + _post_mlp(cfg, p, _gated_mlp(cfg, p, h) @ p["w_down"])
+        x = x + post_norm(cfg, p, "post_mlp_norm", _gated_mlp(cfg, p, h) @ p["w_down"])
         return (x, ck, cv), None
 
     ck = with_logical_constraint(cache.k, CACHE_AXES)
@@ -264,8 +259,8 @@ def decode_step_unrolled(
         cv = jax.lax.dynamic_update_slice(cv, v[:, :, None, :].astype(cv.dtype), start)
         new_ks.append(ck)
         new_vs.append(cv)
-        x = x + _post_attn(cfg, p, _attend_1(cfg, p, q, ck.astype(dt), cv.astype(dt), bias))
+        x = x + post_norm(cfg, p, "post_attn_norm", _attend_1(cfg, p, q, ck.astype(dt), cv.astype(dt), bias))
         h = rms_norm(x, p["mlp_norm"], eps, plus_one)
-        x = x + _post_mlp(cfg, p, _gated_mlp(cfg, p, h) @ p["w_down"])
+        x = x + post_norm(cfg, p, "post_mlp_norm", _gated_mlp(cfg, p, h) @ p["w_down"])
     logits = model.logits_from_hidden(model._final(x)[:, None])[:, 0]  # [B, V]
     return logits, tuple(new_ks), tuple(new_vs)
