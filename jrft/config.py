@@ -27,9 +27,11 @@ import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -41,10 +43,27 @@ class ConfigError(ValueError):
         self.message = message
 
 
-def _check(cond: bool, key: str, message: str) -> None:
-    """Raise a :class:`ConfigError` for field ``key`` of the section being validated."""
+def check_field(cond: bool, key: str, message: str) -> None:
+    """Raise a :class:`ConfigError` for field ``key`` of the section being validated.
+
+    Called from a section's ``__post_init__``; the loader prefixes ``key`` with the section's dotted path.
+    """
     if not cond:
         raise ConfigError(message, key)
+
+
+def check_positive(section: Any, *names: str) -> None:
+    """``check_field(value > 0, ...)`` for each named field of ``section``."""
+    for name in names:
+        value = getattr(section, name)
+        check_field(value > 0, name, f"must be positive, got {value!r}")
+
+
+def check_nonnegative(section: Any, *names: str) -> None:
+    """``check_field(value >= 0, ...)`` for each named field of ``section``."""
+    for name in names:
+        value = getattr(section, name)
+        check_field(value >= 0, name, f"must be >= 0, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -58,7 +77,7 @@ REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_no_batch", "save_attn_o
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelSource:
     """Which model to fine-tune and in what precision."""
 
     # A local directory with config.json + safetensors, or a hub id (downloaded through transformers' cache).
@@ -73,11 +92,13 @@ class ModelConfig:
     tokenizer: str | None = None
 
     def __post_init__(self):
-        _check(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
-        _check(
+        check_field(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
+        check_field(
             self.param_dtype in DTYPES, "param_dtype", f"must be one of {DTYPES}, got {self.param_dtype!r}"
         )
-        _check(self.remat in REMAT_POLICIES, "remat", f"must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        check_field(
+            self.remat in REMAT_POLICIES, "remat", f"must be one of {REMAT_POLICIES}, got {self.remat!r}"
+        )
 
     @property
     def tokenizer_path(self) -> str:
@@ -107,13 +128,15 @@ class DataSource:
     rename: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        _check(
+        check_field(
             all(isinstance(k, str) and isinstance(v, str) for k, v in self.rename.items()),
             "rename",
             "must map column names to column names",
         )
-        _check((self.path is None) != (self.rows is None), "path", "give exactly one of 'path' or 'rows'")
-        _check(self.limit is None or self.limit > 0, "limit", f"must be positive, got {self.limit}")
+        check_field(
+            (self.path is None) != (self.rows is None), "path", "give exactly one of 'path' or 'rows'"
+        )
+        check_field(self.limit is None or self.limit > 0, "limit", f"must be positive, got {self.limit}")
 
     @classmethod
     def _from_shorthand(cls, value: Any) -> Any:
@@ -156,16 +179,18 @@ class DataConfig:
     add_eos: bool = True
 
     def __post_init__(self):
-        _check(self.format in DATA_FORMATS, "format", f"must be one of {DATA_FORMATS}, got {self.format!r}")
-        _check(self.max_length > 0, "max_length", f"must be positive, got {self.max_length}")
-        _check(self.max_prompt_length > 0, "max_prompt_length", "must be positive")
-        _check(self.max_completion_length > 0, "max_completion_length", "must be positive")
+        check_field(
+            self.format in DATA_FORMATS, "format", f"must be one of {DATA_FORMATS}, got {self.format!r}"
+        )
+        check_positive(self, "max_length", "max_prompt_length", "max_completion_length")
         if isinstance(self.buckets, int):
-            _check(self.buckets > 0, "buckets", f"must be positive, got {self.buckets}")
+            check_field(self.buckets > 0, "buckets", f"must be positive, got {self.buckets}")
         else:
-            _check(len(self.buckets) > 0, "buckets", "an empty list of buckets")
-            _check(all(b > 0 for b in self.buckets), "buckets", f"must be positive, got {self.buckets}")
-            _check(list(self.buckets) == sorted(set(self.buckets)), "buckets", "must be strictly increasing")
+            check_field(len(self.buckets) > 0, "buckets", "an empty list of buckets")
+            check_field(all(b > 0 for b in self.buckets), "buckets", f"must be positive, got {self.buckets}")
+            check_field(
+                list(self.buckets) == sorted(set(self.buckets)), "buckets", "must be strictly increasing"
+            )
 
 
 @dataclass(frozen=True)
@@ -182,8 +207,8 @@ class MeshConfig:
     def __post_init__(self):
         for name in ("data", "fsdp", "tensor"):
             v = getattr(self, name)
-            _check(v == -1 or v >= 1, name, f"must be -1 or a positive size, got {v}")
-        _check([self.data, self.fsdp, self.tensor].count(-1) <= 1, "data", "at most one axis may be -1")
+            check_field(v == -1 or v >= 1, name, f"must be -1 or a positive size, got {v}")
+        check_field([self.data, self.fsdp, self.tensor].count(-1) <= 1, "data", "at most one axis may be -1")
 
 
 @dataclass(frozen=True)
@@ -204,13 +229,13 @@ class OptimConfig:
     max_grad_norm: float | None = 1.0
 
     def __post_init__(self):
-        _check(self.lr > 0, "lr", f"must be positive, got {self.lr}")
-        _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        _check(all(0 <= b < 1 for b in self.betas), "betas", f"each beta must be in [0, 1), got {self.betas}")
-        _check(self.eps > 0, "eps", "must be positive")
-        _check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
-        _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
-        _check(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "must be positive")
+        check_positive(self, "lr", "eps")
+        check_nonnegative(self, "weight_decay", "warmup_steps")
+        check_field(
+            all(0 <= b < 1 for b in self.betas), "betas", f"each beta must be in [0, 1), got {self.betas}"
+        )
+        check_field(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
+        check_field(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "must be positive")
 
 
 @dataclass(frozen=True)
@@ -220,8 +245,9 @@ class TrainConfig:
     steps: int = 1000
     # Global batch (rows for SFT, pairs for reward/DPO, prompts for GRPO/PPO) per optimizer step.
     batch_size: int = 8
-    # Rows per forward/backward; batch_size / micro_batch_size micro-batches are accumulated (None = no
-    # accumulation). Accumulation divides by global token counts, so it equals the full batch.
+    # Rows per forward/backward (prompts for GRPO/PPO, see grad_accum_for); batch_size / micro_batch_size
+    # micro-batches are accumulated (None = no accumulation). Accumulation divides by global token counts,
+    # so it equals the full batch.
     micro_batch_size: int | None = None
     eval_every: int = 0  # 0 = never
     eval_batches: int | None = None  # None = the whole eval set
@@ -243,25 +269,27 @@ class TrainConfig:
     offload_reference: bool = False
 
     def __post_init__(self):
-        _check(self.steps > 0, "steps", f"must be positive, got {self.steps}")
-        _check(self.batch_size > 0, "batch_size", f"must be positive, got {self.batch_size}")
+        check_positive(self, "steps", "batch_size", "log_every")
         if self.micro_batch_size is not None:
-            _check(self.micro_batch_size > 0, "micro_batch_size", "must be positive")
-            _check(
+            check_positive(self, "micro_batch_size")
+            check_field(
                 self.batch_size % self.micro_batch_size == 0,
                 "micro_batch_size",
                 f"must divide batch_size={self.batch_size}, got {self.micro_batch_size}",
             )
-        for name in ("eval_every", "save_every"):
-            _check(getattr(self, name) >= 0, name, "must be >= 0")
-        _check(self.log_every > 0, "log_every", "must be positive")
-        _check(self.keep_last >= 1, "keep_last", "must be >= 1")
-        _check(self.logits_chunk_size >= 0, "logits_chunk_size", "must be >= 0 (0 = off)")
+        check_nonnegative(self, "eval_every", "save_every")
+        check_field(self.keep_last >= 1, "keep_last", "must be >= 1")
+        check_field(self.logits_chunk_size >= 0, "logits_chunk_size", "must be >= 0 (0 = off)")
+
+    def grad_accum_for(self, rows: int) -> int:
+        """Micro-batches for one update over ``rows`` batch rows (rows are prompts for GRPO/PPO:
+        micro_batch_size counts prompts there); 1 without accumulation, and at least 1."""
+        return 1 if self.micro_batch_size is None else max(rows // self.micro_batch_size, 1)
 
     @property
     def grad_accum(self) -> int:
-        """Micro-batches per optimizer step."""
-        return 1 if self.micro_batch_size is None else self.batch_size // self.micro_batch_size
+        """Micro-batches per optimizer step over the whole batch."""
+        return self.grad_accum_for(self.batch_size)
 
 
 @dataclass(frozen=True)
@@ -282,8 +310,8 @@ class RewardConfig:
     center_coefficient: float = 0.0
 
     def __post_init__(self):
-        _check(self.center_coefficient >= 0, "center_coefficient", "must be >= 0")
-        _check(
+        check_nonnegative(self, "center_coefficient")
+        check_field(
             self.margin_column is None or self.loss == "bradley_terry",
             "margin_column",
             "a per-pair margin applies to bradley_terry only, not to listwise rankings",
@@ -328,20 +356,19 @@ class DPOConfig:
     sft_weight: float = 0.0
 
     def __post_init__(self):
-        _check(
+        check_field(
             self.loss_type in DPO_LOSS_TYPES,
             "loss_type",
             f"must be one of {DPO_LOSS_TYPES}, got {self.loss_type!r}",
         )
-        _check(self.beta > 0, "beta", f"must be positive, got {self.beta}")
-        _check(0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
-        _check(
+        check_positive(self, "beta")
+        check_field(0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
+        check_field(
             self.label_smoothing == 0 or self.loss_type in ("sigmoid", "robust"),
             "label_smoothing",
             f"only the sigmoid and robust losses use it, not {self.loss_type!r}",
         )
-        _check(self.sft_weight >= 0, "sft_weight", "must be >= 0")
-        _check(self.orpo_lambda >= 0, "orpo_lambda", "must be >= 0")
+        check_nonnegative(self, "sft_weight", "orpo_lambda")
 
 
 @dataclass(frozen=True)
@@ -360,8 +387,12 @@ class RewardFunctionConfig:
     process: bool = False
 
     def __post_init__(self):
-        _check((self.name is None) != (self.spec is None), "name", "give exactly one of 'name' or 'spec'")
-        _check(self.spec is None or ":" in self.spec, "spec", f"expected module:function, got {self.spec!r}")
+        check_field(
+            (self.name is None) != (self.spec is None), "name", "give exactly one of 'name' or 'spec'"
+        )
+        check_field(
+            self.spec is None or ":" in self.spec, "spec", f"expected module:function, got {self.spec!r}"
+        )
 
     def as_runner_spec(self) -> dict:
         """The entry ``jrft.rewards.RewardRunner.from_config`` takes: ``{"name", "weight", ...kwargs}``
@@ -388,14 +419,35 @@ class SamplingConfig:
     top_p: float | None = None
 
     def _check_sampling(self):
-        _check(self.max_new_tokens > 0, "max_new_tokens", "must be positive")
-        _check(self.temperature > 0, "temperature", "must be positive (greedy rollouts give GRPO no signal)")
-        _check(self.top_k is None or self.top_k > 0, "top_k", "must be positive")
-        _check(self.top_p is None or 0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        check_positive(self, "max_new_tokens")
+        check_field(
+            self.temperature > 0, "temperature", "must be positive (greedy rollouts give GRPO no signal)"
+        )
+        check_field(self.top_k is None or self.top_k > 0, "top_k", "must be positive")
+        check_field(self.top_p is None or 0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
 
 
 @dataclass(frozen=True)
-class GRPOConfig(SamplingConfig):
+class RewardSettings:
+    """Reward functions, how they combine, and completion logging, shared by GRPO and PPO."""
+
+    # Scored on every rollout; GRPO needs at least one, PPO may use a reward model instead or as well.
+    reward_functions: tuple[RewardFunctionConfig, ...] = ()
+    # How several reward functions combine (jrft.rewards.combine): weighted sum of those that applied, or
+    # each normalised within its group first (GDPO) so no reward's scale drowns the others.
+    reward_combine: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize"
+    # Seconds a reward call may take before its results count as failed (None) and are reported.
+    reward_timeout_s: float = 60.0
+    # Write a table of sample completions with their rewards every N steps (0 = never).
+    log_completions_every: int = 10
+
+    def _check_rewards(self):
+        check_positive(self, "reward_timeout_s")
+        check_nonnegative(self, "log_completions_every")
+
+
+@dataclass(frozen=True)
+class GRPOConfig(RewardSettings, SamplingConfig):
     """Group Relative Policy Optimization (Shao et al. 2024, arXiv 2402.03300) and its variants."""
 
     # G completions per prompt; advantages are relative to the group.
@@ -433,35 +485,26 @@ class GRPOConfig(SamplingConfig):
     # DAPO soft overlong punishment: linear penalty over the last `overlong_buffer` tokens (0 = off).
     overlong_buffer: int = 0
     overlong_penalty: float = 1.0
-    reward_functions: tuple[RewardFunctionConfig, ...] = ()
-    # How several reward functions combine (jrft.rewards.combine): weighted sum of those that applied, or
-    # each normalised within its group first (GDPO) so no reward's scale drowns the others.
-    reward_combine: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize"
-    # Seconds a reward call may take before its results count as failed (None) and are reported.
-    reward_timeout_s: float = 60.0
-    # Write a table of sample completions with their rewards every N steps (0 = never).
-    log_completions_every: int = 10
 
     def __post_init__(self):
         self._check_sampling()
-        _check(self.num_generations >= 2, "num_generations", "must be >= 2 (advantages are group-relative)")
-        _check(self.beta >= 0, "beta", "must be >= 0")
-        _check(self.epsilon_low >= 0, "epsilon_low", "must be >= 0")
-        _check(self.epsilon_high >= 0, "epsilon_high", "must be >= 0")
-        _check(self.num_iterations >= 1, "num_iterations", "must be >= 1")
-        _check(self.num_mini_batches >= 1, "num_mini_batches", "must be >= 1")
-        _check(self.max_sampling_rounds >= 1, "max_sampling_rounds", "must be >= 1")
-        _check(
+        self._check_rewards()
+        check_field(
+            self.num_generations >= 2, "num_generations", "must be >= 2 (advantages are group-relative)"
+        )
+        check_nonnegative(self, "beta", "epsilon_low", "epsilon_high")
+        check_field(self.num_iterations >= 1, "num_iterations", "must be >= 1")
+        check_field(self.num_mini_batches >= 1, "num_mini_batches", "must be >= 1")
+        check_field(self.max_sampling_rounds >= 1, "max_sampling_rounds", "must be >= 1")
+        check_field(
             0 <= self.overlong_buffer < self.max_new_tokens,
             "overlong_buffer",
             "must be in [0, max_new_tokens)",
         )
-        _check(self.reward_timeout_s > 0, "reward_timeout_s", "must be positive")
-        _check(self.log_completions_every >= 0, "log_completions_every", "must be >= 0")
 
 
 @dataclass(frozen=True)
-class PPOConfig(SamplingConfig):
+class PPOConfig(RewardSettings, SamplingConfig):
     """PPO for RLHF (Schulman et al. 2017; Ouyang et al. 2022) with a learned value function and GAE."""
 
     # Value model: a separate decoder with a scalar head, or a scalar head on the policy (less memory).
@@ -484,25 +527,19 @@ class PPOConfig(SamplingConfig):
     missing_eos_penalty: float | None = None
     # A reward-model checkpoint trained by `jrft reward` (None = reward functions only).
     reward_model: str | None = None
-    reward_functions: tuple[RewardFunctionConfig, ...] = ()
-    reward_combine: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize"
-    reward_timeout_s: float = 60.0
     # PPO epochs over each rollout batch, split into this many mini-batches.
     num_epochs: int = 4
     num_mini_batches: int = 1
-    log_completions_every: int = 10
 
     def __post_init__(self):
         self._check_sampling()
-        _check(self.vf_coef >= 0, "vf_coef", "must be >= 0")
-        _check(self.cliprange > 0, "cliprange", "must be positive")
-        _check(self.cliprange_value > 0, "cliprange_value", "must be positive")
-        _check(0 <= self.gamma <= 1, "gamma", "must be in [0, 1]")
-        _check(0 <= self.lam <= 1, "lam", "must be in [0, 1]")
-        _check(self.kl_coef >= 0, "kl_coef", "must be >= 0")
-        _check(self.num_epochs >= 1, "num_epochs", "must be >= 1")
-        _check(self.num_mini_batches >= 1, "num_mini_batches", "must be >= 1")
-        _check(self.reward_timeout_s > 0, "reward_timeout_s", "must be positive")
+        self._check_rewards()
+        check_nonnegative(self, "vf_coef", "kl_coef")
+        check_positive(self, "cliprange", "cliprange_value")
+        check_field(0 <= self.gamma <= 1, "gamma", "must be in [0, 1]")
+        check_field(0 <= self.lam <= 1, "lam", "must be in [0, 1]")
+        check_field(self.num_epochs >= 1, "num_epochs", "must be >= 1")
+        check_field(self.num_mini_batches >= 1, "num_mini_batches", "must be >= 1")
 
 
 OBJECTIVES = ("sft", "reward", "dpo", "grpo", "ppo")
@@ -518,7 +555,7 @@ class RunConfig:
     seed: int = 0
     # Checkpoints, metrics and the export live here; a rerun with the same output_dir resumes.
     output_dir: str = "runs/default"
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelSource = field(default_factory=ModelSource)
     data: DataConfig = field(default_factory=DataConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -530,28 +567,30 @@ class RunConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)
 
     def __post_init__(self):
-        _check(self.seed >= 0, "seed", "must be >= 0")
-        _check(bool(self.output_dir), "output_dir", "must not be empty")
+        check_nonnegative(self, "seed")
+        check_field(bool(self.output_dir), "output_dir", "must not be empty")
         d = self.data
         if self.objective in ("dpo", "reward"):
-            _check(
+            check_field(
                 d.max_prompt_length + d.max_completion_length <= d.max_length or d.overlong == "truncate",
                 "data.max_length",
                 "max_prompt_length + max_completion_length exceeds max_length with overlong != truncate",
             )
         if self.objective == "reward" and self.reward.loss == "listwise":
-            _check(d.format in ("auto", "ranked"), "reward.loss", "listwise needs data.format 'ranked'")
+            check_field(d.format in ("auto", "ranked"), "reward.loss", "listwise needs data.format 'ranked'")
         # A reward is checked only for the objective that uses it, so other objectives' configs need not
         # mention GRPO / PPO at all.
         if self.objective == "ppo":
-            _check(
+            check_field(
                 self.ppo.reward_model is not None or len(self.ppo.reward_functions) > 0,
                 "ppo.reward_model",
                 "PPO needs a reward: set ppo.reward_model and/or ppo.reward_functions",
             )
         if self.objective == "grpo":
-            _check(len(self.grpo.reward_functions) > 0, "grpo.reward_functions", "GRPO needs at least one")
-            _check(
+            check_field(
+                len(self.grpo.reward_functions) > 0, "grpo.reward_functions", "GRPO needs at least one"
+            )
+            check_field(
                 self.train.batch_size % self.grpo.num_mini_batches == 0,
                 "grpo.num_mini_batches",
                 f"must divide train.batch_size={self.train.batch_size}",
@@ -568,7 +607,7 @@ class RunConfig:
         """A new config with dotted ``key=value`` overrides applied, as strictly as on the command line
         (e.g. a demo deriving its GRPO stage from its SFT stage)."""
         try:
-            return config_from_dict(apply_overrides(self.to_dict(), overrides))
+            return _overridden(self, overrides)
         except ConfigError as e:
             raise ConfigError(f"overrides: {e.message}", e.key) from None
 
@@ -708,36 +747,54 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
     return data
 
 
+def _overridden(config: T, overrides: Sequence[str]) -> T:
+    # Overrides apply to the fully expanded config, so every section (and shorthand) is a mapping.
+    plain = _to_plain(dataclasses.asdict(config))
+    return config_from_dict(apply_overrides(plain, overrides), type(config))
+
+
+def _read_yaml_mapping(path: str | os.PathLike) -> dict:
+    where = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            loaded = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: invalid YAML: {e}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping, got {type(loaded).__name__}")
+    return loaded
+
+
+def load_yaml_config(path: str | os.PathLike | None, overrides: Sequence[str], cls: type[T]) -> T:
+    """Load config dataclass ``cls`` from a YAML file (or its defaults when ``path`` is None) plus dotted
+    ``key=value`` overrides, strictly (see the module docstring).
+
+    Raises:
+      ConfigError: whose message starts with the file ("defaults" without one, "<file> + command line
+        overrides" for an error an override introduced) and names the full dotted key.
+    """
+    where = "defaults" if path is None else os.fspath(path)
+    data = {} if path is None else _read_yaml_mapping(path)
+    try:
+        config = config_from_dict(data, cls)  # errors in the file are reported against the file ...
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e.message}", e.key) from None
+    if not overrides:
+        return config
+    try:
+        return _overridden(config, overrides)
+    except ConfigError as e:  # ... and errors introduced by overrides against the command line
+        raise ConfigError(f"{where} + command line overrides: {e.message}", e.key) from None
+
+
 def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> RunConfig:
     """Load a :class:`RunConfig` from a YAML file (or defaults when ``path`` is None) plus overrides.
 
     Errors are :class:`ConfigError` whose message starts with the file (or "command line") and names
     the full dotted key.
     """
-    where = "defaults"
-    data: dict = {}
-    if path is not None:
-        where = os.fspath(path)
-        try:
-            with open(path, encoding="utf-8") as f:
-                loaded = yaml.safe_load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"{where}: config file not found") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{where}: invalid YAML: {e}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{where}: the top level must be a mapping, got {type(loaded).__name__}")
-        data = loaded
-    try:
-        config = config_from_dict(data)  # errors in the file are reported against the file ...
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e.message}", e.key) from None
-    if not overrides:
-        return config
-    # Overrides apply to the fully expanded config, so every section (and shorthand) is a mapping.
-    try:
-        return config_from_dict(apply_overrides(config.to_dict(), overrides))
-    except ConfigError as e:  # ... and errors introduced by overrides against the command line
-        raise ConfigError(f"{where} + command line overrides: {e.message}", e.key) from None
+    return load_yaml_config(path, overrides, RunConfig)

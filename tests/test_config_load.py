@@ -226,3 +226,33 @@ def test_rl_objectives_need_a_reward():
     with pytest.raises(ConfigError, match=r"grpo\.reward_functions: GRPO needs at least one"):
         load_config(ROOT / "configs/grpo.yaml", ["grpo.reward_functions=[]"])
     assert load_config(None).ppo.reward_functions == ()  # other objectives need no reward at all
+
+
+def test_grad_accum_for_equals_the_offline_grpo_and_ppo_rules():
+    from jrft.config import TrainConfig
+
+    for batch_size in range(1, 13):
+        divisors = [d for d in range(1, batch_size + 1) if batch_size % d == 0]
+        for micro in [None, *divisors]:
+            train = TrainConfig(batch_size=batch_size, micro_batch_size=micro)
+            offline = 1 if micro is None else batch_size // micro
+            assert train.grad_accum == train.grad_accum_for(batch_size) == offline
+            for num_mini_batches in divisors:
+                rows = batch_size // num_mini_batches
+                ppo = 1 if micro is None else max(rows // micro, 1)
+                assert train.grad_accum_for(rows) == ppo, (batch_size, micro, num_mini_batches)
+                for group in (2, 4, 8):
+                    grpo_rows = batch_size * group // num_mini_batches
+                    grpo = 1 if micro is None else max(grpo_rows // (micro * group), 1)
+                    assert train.grad_accum_for(rows) == grpo, (batch_size, micro, num_mini_batches, group)
+
+
+def test_grpo_and_ppo_share_the_reward_settings():
+    from jrft.config import GRPOConfig, PPOConfig, RewardSettings
+
+    assert issubclass(GRPOConfig, RewardSettings) and issubclass(PPOConfig, RewardSettings)
+    for section in ("grpo", "ppo"):
+        cfg = load_config(None, [f"{section}.reward_timeout_s=5", f"{section}.log_completions_every=0"])
+        assert getattr(cfg, section).reward_timeout_s == 5.0
+        with pytest.raises(ConfigError, match=rf"{section}\.reward_timeout_s: must be positive"):
+            load_config(None, [f"{section}.reward_timeout_s=0"])

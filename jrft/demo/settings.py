@@ -16,9 +16,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import yaml
-
-from jrft.config import ConfigError, _check, apply_overrides, config_from_dict
+from jrft.config import check_field, check_nonnegative, check_positive, load_yaml_config
 
 
 @dataclass(frozen=True)
@@ -35,16 +33,10 @@ class ModelSize:
     tie_embeddings: bool = True
 
     def __post_init__(self):
-        for name in (
-            "hidden_size",
-            "intermediate_size",
-            "num_layers",
-            "num_heads",
-            "num_kv_heads",
-            "head_dim",
-        ):
-            _check(getattr(self, name) > 0, name, "must be positive")
-        _check(self.num_heads % self.num_kv_heads == 0, "num_kv_heads", "must divide num_heads")
+        check_positive(
+            self, "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"
+        )
+        check_field(self.num_heads % self.num_kv_heads == 0, "num_kv_heads", "must divide num_heads")
 
 
 @dataclass(frozen=True)
@@ -64,9 +56,8 @@ class TaskSettings:
     num_preference: int = 2000
 
     def __post_init__(self):
-        _check(1 <= self.num_digits <= 9, "num_digits", "must be in [1, 9]")
-        for name in ("num_sft", "num_rl_prompts", "num_heldout", "num_preference"):
-            _check(getattr(self, name) > 0, name, "must be positive")
+        check_field(1 <= self.num_digits <= 9, "num_digits", "must be in [1, 9]")
+        check_positive(self, "num_sft", "num_rl_prompts", "num_heldout", "num_preference")
 
 
 @dataclass(frozen=True)
@@ -80,8 +71,8 @@ class SFTStage:
     eval_every: int = 50
 
     def __post_init__(self):
-        _check(self.steps > 0 and self.batch_size > 0 and self.lr > 0, "steps", "steps, batch_size, lr > 0")
-        _check(self.eval_every >= 0, "eval_every", "must be >= 0")
+        check_positive(self, "steps", "batch_size", "lr")
+        check_nonnegative(self, "eval_every")
 
 
 @dataclass(frozen=True)
@@ -106,11 +97,10 @@ class GRPOStage:
     eval_last: int = 3
 
     def __post_init__(self):
-        _check(self.steps > 0 and self.prompts_per_step > 0 and self.lr > 0, "steps", "must be positive")
-        _check(self.num_generations >= 2, "num_generations", "must be >= 2 (group-relative advantages)")
-        _check(self.eval_every >= 0, "eval_every", "must be >= 0")
-        _check(self.eval_last >= 1, "eval_last", "must be >= 1")
-        _check(self.beta >= 0, "beta", "must be >= 0")
+        check_positive(self, "steps", "prompts_per_step", "lr")
+        check_field(self.num_generations >= 2, "num_generations", "must be >= 2 (group-relative advantages)")
+        check_nonnegative(self, "eval_every", "beta")
+        check_field(self.eval_last >= 1, "eval_last", "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -122,7 +112,7 @@ class DPOStage:
     warmup_steps: int = 10
 
     def __post_init__(self):
-        _check(self.steps > 0 and self.batch_size > 0 and self.lr > 0 and self.beta > 0, "steps", "> 0")
+        check_positive(self, "steps", "batch_size", "lr", "beta")
 
 
 @dataclass(frozen=True)
@@ -133,7 +123,7 @@ class RewardStage:
     warmup_steps: int = 20
 
     def __post_init__(self):
-        _check(self.steps > 0 and self.batch_size > 0 and self.lr > 0, "steps", "must be positive")
+        check_positive(self, "steps", "batch_size", "lr")
 
 
 @dataclass(frozen=True)
@@ -146,7 +136,7 @@ class PPOStage:
     max_new_tokens: int = 48
 
     def __post_init__(self):
-        _check(self.steps > 0 and self.prompts_per_step > 0 and self.lr > 0, "steps", "must be positive")
+        check_positive(self, "steps", "prompts_per_step", "lr")
 
 
 @dataclass(frozen=True)
@@ -158,7 +148,7 @@ class EvalSettings:
     num_samples: int = 4
 
     def __post_init__(self):
-        _check(self.batch_size > 0 and self.max_new_tokens > 0, "batch_size", "must be positive")
+        check_positive(self, "batch_size", "max_new_tokens")
 
 
 @dataclass(frozen=True)
@@ -180,10 +170,10 @@ class DemoConfig:
     eval: EvalSettings = field(default_factory=EvalSettings)
 
     def __post_init__(self):
-        _check(
+        check_field(
             self.objective in OBJECTIVES, "objective", f"must be one of {OBJECTIVES}, got {self.objective!r}"
         )
-        _check(self.seed >= 0, "seed", "must be >= 0")
+        check_nonnegative(self, "seed")
 
 
 OBJECTIVES = ("grpo", "dpo", "rlhf")
@@ -230,28 +220,4 @@ def load_demo_config(
     Raises:
       ConfigError: naming the file (or "command line") and the dotted key.
     """
-    where, data = "defaults", {}
-    if path is not None:
-        where = os.fspath(path)
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{where}: demo config file not found") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{where}: invalid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{where}: the top level must be a mapping, got {type(data).__name__}")
-    try:
-        config = config_from_dict(data, DemoConfig)
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e.message}", e.key) from None
-    extra = [*(QUICK_OVERRIDES if quick else ()), *overrides]
-    if not extra:
-        return config
-    import dataclasses
-
-    try:
-        return config_from_dict(apply_overrides(dataclasses.asdict(config), extra), DemoConfig)
-    except ConfigError as e:
-        raise ConfigError(f"{where} + command line overrides: {e.message}", e.key) from None
+    return load_yaml_config(path, [*(QUICK_OVERRIDES if quick else ()), *overrides], DemoConfig)
