@@ -102,9 +102,9 @@ def host_leaves(state) -> list[np.ndarray]:
     """Every leaf of a train state as a full host array (gathered across processes where needed)."""
     import jax
 
-    from jrft.parallel.distributed import gather_to_host
+    from jrft.parallel.distributed import host_array
 
-    return [np.asarray(x) for x in jax.tree.leaves(gather_to_host(state))]
+    return [host_array(x) for x in jax.tree.leaves(state)]
 
 
 def restore_state(config, step: int, *, data: int, fsdp: int):

@@ -1,11 +1,16 @@
 """jrft.parallel: meshes over (data, fsdp, tensor) and the logical-axis sharding rules.
 
-(``jrft.parallel.distributed`` — multi-host initialisation — lives beside these.)
+(``jrft.parallel.distributed`` — multi-host initialisation and the host gathers across processes — lives
+beside these.)
 """
 
 from jrft.parallel.distributed import MainProcessFilter as MainProcessFilter
+from jrft.parallel.distributed import gather_rows as gather_rows
+from jrft.parallel.distributed import host_array as host_array
+from jrft.parallel.distributed import host_local_rows as host_local_rows
 from jrft.parallel.distributed import initialize_distributed as initialize_distributed
 from jrft.parallel.distributed import is_main_process as is_main_process
+from jrft.parallel.distributed import local_rows as local_rows
 from jrft.parallel.distributed import log_on_main as log_on_main
 from jrft.parallel.mesh import MESH_AXES as MESH_AXES
 from jrft.parallel.mesh import make_mesh as make_mesh

@@ -35,6 +35,8 @@ import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 
+import numpy as np
+
 ENV_COORDINATOR = "JRFT_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "JRFT_NUM_PROCESSES"
 ENV_PROCESS_ID = "JRFT_PROCESS_ID"
@@ -192,31 +194,21 @@ CLUSTER_DETECTORS: dict[str, Callable[[Mapping[str, str]], bool]] = {
 _MODES = ("auto", "off", *CLUSTER_DETECTORS)
 
 
+# Each explicit setting: its argument name, its environment variable, and the parser applied to both.
+_EXPLICIT_SETTINGS = (
+    ("coordinator_address", ENV_COORDINATOR, _check_address),
+    ("num_processes", ENV_NUM_PROCESSES, _parse_int),
+    ("process_id", ENV_PROCESS_ID, _parse_int),
+    ("local_device_ids", ENV_LOCAL_DEVICE_IDS, _parse_device_ids),
+)
+
+
 def _explicit_values(coordinator_address, num_processes, process_id, local_device_ids, environ):
     """Arguments merged with their JRFT_* variables, parsed and range-checked."""
-    address = _merge(
-        "coordinator_address",
-        ENV_COORDINATOR,
-        _check_address(coordinator_address, "coordinator_address"),
-        _check_address(environ.get(ENV_COORDINATOR), ENV_COORDINATOR),
-    )
-    nproc = _merge(
-        "num_processes",
-        ENV_NUM_PROCESSES,
-        _parse_int(num_processes, "num_processes"),
-        _parse_int(environ.get(ENV_NUM_PROCESSES), ENV_NUM_PROCESSES),
-    )
-    pid = _merge(
-        "process_id",
-        ENV_PROCESS_ID,
-        _parse_int(process_id, "process_id"),
-        _parse_int(environ.get(ENV_PROCESS_ID), ENV_PROCESS_ID),
-    )
-    devices = _merge(
-        "local_device_ids",
-        ENV_LOCAL_DEVICE_IDS,
-        _parse_device_ids(local_device_ids, "local_device_ids"),
-        _parse_device_ids(environ.get(ENV_LOCAL_DEVICE_IDS), ENV_LOCAL_DEVICE_IDS),
+    args = (coordinator_address, num_processes, process_id, local_device_ids)
+    address, nproc, pid, devices = (
+        _merge(name, env_name, parse(arg, name), parse(environ.get(env_name), env_name))
+        for (name, env_name, parse), arg in zip(_EXPLICIT_SETTINGS, args, strict=True)
     )
     if nproc is not None and nproc < 1:
         raise ValueError(f"num_processes must be >= 1, got {nproc}")
@@ -437,20 +429,57 @@ class MainProcessFilter(logging.Filter):
         return is_main_process()
 
 
-def gather_to_host(tree):
-    """Every array leaf of ``tree`` as a whole host (numpy) array on every process: leaves split across
-    processes are gathered with ``process_allgather`` (a collective: every process must call it, e.g. all of
-    them before process 0 writes an export); other leaves are copied to the host."""
+# ------------------------------------------------------------------------------------ host gathers
+
+
+def host_array(x) -> np.ndarray:
+    """A (possibly multi-process) ``jax.Array``, or a host array, as one global numpy array on every process.
+
+    An array split across processes is gathered with ``process_allgather``: a collective, so every process
+    must call it (e.g. all of them before process 0 writes an export); anything else is copied to the host.
+    """
     import jax
-    import numpy as np
+
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def gather_rows(x: np.ndarray) -> np.ndarray:
+    """``[n, ...]`` rows of this process -> ``[P * n, ...]`` rows of all processes in process order (every
+    process gets the same array). The identity in a single-process run."""
+    import jax
+
+    if jax.process_count() == 1:
+        return x
     from jax.experimental import multihost_utils
 
-    def gather(x):
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-        return np.asarray(x) if isinstance(x, jax.Array) else x
+    # sent as raw bytes: JAX would turn float64 rewards (and int64, bool) into 32-bit values on the way
+    x = np.ascontiguousarray(x)
+    raw = x.view(np.uint8).reshape(x.shape[0], x.itemsize * int(np.prod(x.shape[1:], dtype=np.int64)))
+    gathered = np.asarray(multihost_utils.process_allgather(raw, tiled=True))
+    return np.ascontiguousarray(gathered).view(x.dtype).reshape(-1, *x.shape[1:])
 
-    return jax.tree.map(gather, tree)
+
+def local_rows(x: np.ndarray) -> np.ndarray:
+    """This process's contiguous slice of a ``[P * n, ...]`` global host array (the inverse of
+    :func:`gather_rows`)."""
+    import jax
+
+    n = x.shape[0] // jax.process_count()
+    return x[jax.process_index() * n : (jax.process_index() + 1) * n]
+
+
+def host_local_rows(x) -> np.ndarray:
+    """This process's rows of a global device array (e.g. per-row scores computed on the global batch) as a
+    host array; in a single-process run, simply the whole array on the host."""
+    import jax
+
+    if jax.process_count() == 1:
+        return np.asarray(jax.device_get(x))
+    return local_rows(host_array(x))
 
 
 def _reset_for_tests() -> None:

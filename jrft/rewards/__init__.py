@@ -32,5 +32,6 @@ from jrft.rewards.registry import make_builtin as make_builtin
 from jrft.rewards.runner import RewardFunctionError as RewardFunctionError
 from jrft.rewards.runner import RewardResult as RewardResult
 from jrft.rewards.runner import RewardRunner as RewardRunner
+from jrft.rewards.runner import reward_stats as reward_stats
 from jrft.rewards.sandbox import SandboxLimits as SandboxLimits
 from jrft.rewards.sandbox import run_python as run_python

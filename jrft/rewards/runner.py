@@ -391,12 +391,12 @@ class RewardRunner:
                 errors[name] = message
                 self._report(name, message, failed, n, completions)
             per_function[name], failures[name] = values, failed
-            metrics.update(_stats(f"rewards/{name}", values))
+            metrics.update(reward_stats(f"rewards/{name}", values))
             metrics[f"rewards/{name}/failures"] = float(failed)
             metrics[f"rewards/{name}/seconds"] = seconds
         stacked = np.stack([per_function[name] for name in self.names])  # [F, N]
         rewards = COMBINERS[self.combine](stacked, self.weights, self.group_size or n, self.eps)
-        metrics.update(_stats("rewards", rewards, none_key="frac_nan"))
+        metrics.update(reward_stats("rewards", rewards, none_key="frac_nan"))
         if self.group_size is not None and n:
             grouped = rewards.reshape(-1, self.group_size)  # [P, G]
             with warnings.catch_warnings():
@@ -419,7 +419,9 @@ class RewardRunner:
         )
 
 
-def _stats(prefix: str, values: np.ndarray, none_key: str = "frac_none") -> dict[str, float]:
+def reward_stats(prefix: str, values: np.ndarray, none_key: str = "frac_none") -> dict[str, float]:
+    """Metrics of ``[N]`` float rewards with NaN for "no reward": ``{prefix}/mean`` and ``{prefix}/std`` over
+    the non-NaN values (NaN when there are none) and ``{prefix}/{none_key}``, the fraction that is NaN."""
     valid = values[~np.isnan(values)]
     return {
         f"{prefix}/mean": float(valid.mean()) if valid.size else math.nan,

@@ -10,7 +10,7 @@ from safetensors.numpy import load_file, save_file
 
 from jrft.data.local_tokenizer import train_tokenizer
 from jrft.models import CheckpointError, from_pretrained, save_pretrained
-from jrft.models.checkpoint import INDEX_FILE, SINGLE_FILE, parse_size
+from jrft.models.pretrained import INDEX_FILE, SINGLE_FILE, parse_size
 from jrft.models.testing import hf_logits, mixed_padding_batch, save_tiny_hf_model
 
 

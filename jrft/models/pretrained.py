@@ -31,6 +31,7 @@ from safetensors.numpy import save_file
 
 from jrft.models.config import FAMILIES, ModelConfig
 from jrft.models.decoder import Decoder
+from jrft.parallel.distributed import host_array
 from jrft.parallel.sharding import AxisRule, logical_axes_of, logical_to_spec
 
 SINGLE_FILE = "model.safetensors"
@@ -353,12 +354,7 @@ def _hf_tensors(model: Decoder, dtype) -> list[tuple[str, np.ndarray]]:
     for path_key, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         name = _path_str(path_key)
         template, n_in = table[name]
-        value = var.get_value()
-        if isinstance(value, jax.Array) and not value.is_fully_addressable:  # multi-host: gather the slices
-            from jax.experimental import multihost_utils
-
-            value = multihost_utils.process_allgather(value, tiled=True)
-        host = np.asarray(jax.device_get(value))
+        host = host_array(var.get_value())  # multi-host: every process gathers the slices
         if dtype is not None:
             host = host.astype(np.dtype(jnp.dtype(dtype)))
         if "{i}" in template:
