@@ -69,7 +69,7 @@ def build_assets(root: str, cfg: dict, num_prompts: int, seed: int = 0):
 def run_jrft(model_dir, rows, out, *, prompts_per_step, new_tokens, steps) -> dict:
     from jrft.config import load_config
     from jrft.rewards import RewardRunner
-    from jrft.train.online import run_grpo
+    from jrft.train.runs.grpo import run_grpo
 
     cfg = load_config(
         None,

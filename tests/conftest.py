@@ -73,3 +73,11 @@ def tiny_task(tmp_path_factory):
         "pref_eval": w(synthetic.preference_rows(heldout, seed=1), root / "pref_eval.jsonl"),
         "prompts": w(synthetic.prompt_rows(train), root / "prompts.jsonl"),
     }
+
+
+def param_arrays(state) -> list:
+    """Every parameter of a train state as host numpy arrays (for comparisons between runs)."""
+    import jax
+    import numpy as np
+
+    return [np.asarray(x) for x in jax.tree.leaves(state.params)]

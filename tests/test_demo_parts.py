@@ -9,8 +9,8 @@ from flax import nnx
 from jrft.config import ConfigError
 from jrft.data import synthetic
 from jrft.demo import evaluate, report
-from jrft.demo.pipeline import DemoResult
 from jrft.demo.settings import QUICK_OVERRIDES, DemoConfig, load_demo_config
+from jrft.demo.stages import DemoResult
 
 
 def test_settings_overrides_quick_and_errors(tmp_path):

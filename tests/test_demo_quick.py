@@ -54,15 +54,11 @@ def test_quick_dpo_demo_reports_preference_accuracy(tmp_path, capsys):
 def test_quick_rlhf_demo_trains_the_reward_model(tmp_path, capsys):
     out = tmp_path / "rlhf"
     rc = main(["--quick", "--no-progress", "--objective", "rlhf", "--out", str(out)])
-    captured = capsys.readouterr()
     result = json.loads((out / "result.json").read_text())
     assert 0.0 <= result["after"]["rm_preference_accuracy"] <= 1.0
     assert "rm_score" in result["before"]
     assert (out / "reward" / "export" / "config.json").is_file()
-    if importlib.util.find_spec("jrft.train.ppo_trainer") is None:
-        assert rc == 3 and "PPO (jrft/train/ppo_trainer.py) is not built yet" in captured.err
-    else:
-        assert rc == 0 and "rm_score" in result["after"]
+    assert rc == 0 and "rm_score" in result["after"]
 
 
 def test_bad_override_is_reported_with_its_key(capsys):

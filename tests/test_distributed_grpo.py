@@ -57,18 +57,18 @@ WORKER = textwrap.dedent(
     import json, os, sys
     sys.path.insert(0, os.path.join({repo!r}, "tests"))
     import numpy as np
-    import jrft.train.online as online
+    import jrft.train.runs as runs
     from jrft.cli import main
 
     config_path, out, p1_out, p1_saved, result_path = sys.argv[1:6]
     captured = {{}}
-    run_online = online.run_online
+    run_grpo = runs.RUNNERS["grpo"]
 
     def capture(*args, **kwargs):  # the CLI's run, with its final state kept for the checks below
-        captured["result"] = run_online(*args, **kwargs)
+        captured["result"] = run_grpo(*args, **kwargs)
         return captured["result"]
 
-    online.run_online = capture
+    runs.RUNNERS["grpo"] = capture
     rc = main(["grpo", config_path, f"output_dir={{out}}", "--no-progress"])
     assert rc == 0, rc
 
@@ -110,15 +110,12 @@ def host_leaves(state) -> list[np.ndarray]:
 def restore_state(config, step: int, *, data: int, fsdp: int):
     """The GRPO train state of ``config`` restored from its checkpoint ``step`` onto a ``(data, fsdp, 1)``
     mesh; returns ``(state, target shardings)``."""
+    from jrft.config import MeshConfig
     from jrft.train.checkpoint import Checkpointer
-    from jrft.train.offline import build_model, optimizer_from_config
-    from jrft.train.sharding import mesh_from_config, place_state
-    from jrft.train.state import create_train_state
+    from jrft.train.runs.setup import mesh_from_config, setup_run
 
-    mesh = mesh_from_config(data, fsdp, 1)
-    tx, _ = optimizer_from_config(config, total_steps=config.train.steps)
-    _, state = create_train_state(build_model(config, mesh), tx, seed=config.seed)
-    state, shardings = place_state(state, mesh)
+    run = setup_run(config, data=False, mesh=mesh_from_config(MeshConfig(data, fsdp, 1)))
+    state, shardings = run.state, run.shardings
     checkpointer = Checkpointer(os.path.join(config.output_dir, "checkpoints"))
     try:
         restored, meta = checkpointer.restore(step, state)
@@ -236,7 +233,7 @@ def test_two_process_dynamic_sampling_agrees_on_rounds_and_groups(tiny_task, tmp
 @pytest.mark.slow
 def test_two_process_grpo_equals_one_process_and_checkpoints_move(tiny_task, tmp_path):
     from jrft.config import load_config
-    from jrft.train.online import run_online
+    from jrft.train.runs import run_config
 
     config_path = _write_config(tmp_path, tiny_task, REWARDS, "ones", steps=STEPS, save_every=2)
 
@@ -245,7 +242,7 @@ def test_two_process_grpo_equals_one_process_and_checkpoints_move(tiny_task, tmp
 
     # 1. one process, 8 devices
     p1_out = tmp_path / "one_process"
-    result = run_online(config(p1_out), progress=False)
+    result = run_config(config(p1_out), progress=False)
     p1_saved = tmp_path / "one_process_state.npz"
     np.savez(p1_saved, *host_leaves(result.state))
 
@@ -290,7 +287,7 @@ def test_two_process_grpo_equals_one_process_and_checkpoints_move(tiny_task, tmp
     # resume: the two-process step-2 checkpoint continues in one process on another mesh, same step-3 loss
     resumed_out = tmp_path / "resumed"
     shutil.copytree(p2_out / "checkpoints" / "2", resumed_out / "checkpoints" / "2")
-    resumed = run_online(config(resumed_out, "mesh.data=1", "mesh.fsdp=8"), progress=False)
+    resumed = run_config(config(resumed_out, "mesh.data=1", "mesh.fsdp=8"), progress=False)
     assert resumed.resumed_from == 2
     (row,) = [r for r in _rows(resumed_out) if "loss" in r]
     assert row["step"] == STEPS
@@ -321,7 +318,7 @@ def test_two_process_ppo_equals_one_process(tiny_task, tmp_path):
     function (scored per process), a separate value model, a reference (KL) and 2 shuffled mini-batches:
     two processes give the one-process curves."""
     from jrft.config import load_config
-    from jrft.train.online import run_online
+    from jrft.train.runs import run_config
 
     (tmp_path / "rewards.py").write_text(REWARDS)
     config_path = tmp_path / "ppo.yaml"
@@ -331,7 +328,7 @@ def test_two_process_ppo_equals_one_process(tiny_task, tmp_path):
         )
     )
     one_out, two_out = tmp_path / "one_process", tmp_path / "two_processes"
-    run_online(load_config(config_path, [f"output_dir={one_out}"]), progress=False)
+    run_config(load_config(config_path, [f"output_dir={one_out}"]), progress=False)
     cli = [
         sys.executable,
         "-m",

@@ -8,11 +8,13 @@ import optax
 import pytest
 from flax import nnx
 
+from jrft.config import MeshConfig
 from jrft.models import Decoder, ModelConfig
 from jrft.models.testing import tiny_hf_config
 from jrft.train.objectives import dpo, grpo, pairs, sft
 from jrft.train.optim import make_optimizer
-from jrft.train.sharding import device_batch, mesh_from_config, place_state
+from jrft.train.placement import device_batch, place_state
+from jrft.train.runs.setup import mesh_from_config
 from jrft.train.state import create_train_state
 from jrft.train.step import jit_step, make_train_step
 
@@ -61,7 +63,7 @@ def _objectives(rng, graphdef, state):
 
 
 def _run(mesh_shape, objective, optimizer="adamw"):
-    mesh = mesh_from_config(*mesh_shape)
+    mesh = mesh_from_config(MeshConfig(*mesh_shape))
     with jax.set_mesh(mesh):
         model = Decoder(ModelConfig.from_hf(CFG), rngs=nnx.Rngs(0))
     if optimizer == "sgd":  # the update is the gradient: equal steps <=> equal gradients

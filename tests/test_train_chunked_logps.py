@@ -10,8 +10,13 @@ from flax import nnx
 from jrft.config import ConfigError, load_config
 from jrft.models import Decoder, ModelConfig
 from jrft.models.testing import tiny_hf_config
-from jrft.train.logprobs import chunked_token_logps, pair_sequence_logps, shifted_token_logps
-from jrft.train.objectives import grpo, sft
+from jrft.train.logprobs import (
+    chunked_token_logps,
+    completion_logps,
+    pair_sequence_logps,
+    shifted_token_logps,
+)
+from jrft.train.objectives import sft
 
 T = 23  # T - 1 = 22 targets
 
@@ -81,7 +86,7 @@ def test_grpo_completion_logps_and_grads_equal_unchunked(family):
     def run(chunk_size):
         def f(p):
             model = nnx.merge(graphdef, p, rest)
-            logps = grpo.completion_logps(model, batch, temperature=0.7, chunk_size=chunk_size)
+            logps = completion_logps(model, batch, temperature=0.7, chunk_size=chunk_size)
             return jnp.sum(logps * weights), logps
 
         return jax.jit(jax.value_and_grad(f, has_aux=True))(params)
@@ -93,7 +98,7 @@ def test_grpo_completion_logps_and_grads_equal_unchunked(family):
     _assert_trees_close(g1, g0)
     # temperature and soft-capping really act: a different temperature gives different values
     model = nnx.merge(graphdef, params, rest)
-    other = grpo.completion_logps(model, batch, temperature=1.0, chunk_size=5)
+    other = completion_logps(model, batch, temperature=1.0, chunk_size=5)
     assert float(jnp.max(jnp.abs(other - logps1))) > 1e-3
 
 
@@ -149,15 +154,16 @@ def test_config_key():
         load_config(None, ["train.logits_chunk_size=-1"])
 
 
-def test_ppo_completion_logps_from_hidden_equal_unchunked():
-    from jrft.train.objectives import ppo
+def test_completion_logps_from_given_hidden_states_equal_unchunked():
+    from jrft.train.logprobs import completion_logps
 
     graphdef, params, rest = _model()
     model = nnx.merge(graphdef, params, rest)
     batch = _sft_batch(b=3)
     hidden = model.hidden(batch["tokens"], batch["attention_mask"])
-    full = ppo.completion_logps_from_hidden(model, hidden, batch["tokens"], 13, 0.8)
-    chunked = ppo.completion_logps_from_hidden(model, hidden, batch["tokens"], 13, 0.8, chunk_size=4)
+    rows = {"tokens": batch["tokens"], "completion_mask": jnp.ones((3, 13), jnp.int32)}
+    full = completion_logps(model, rows, temperature=0.8, hidden=hidden)
+    chunked = completion_logps(model, rows, temperature=0.8, chunk_size=4, hidden=hidden)
     assert full.shape == (3, 13)
     np.testing.assert_allclose(np.asarray(chunked), np.asarray(full), atol=1e-5, rtol=1e-6)
 
@@ -165,11 +171,13 @@ def test_ppo_completion_logps_from_hidden_equal_unchunked():
 def _sharded_sft_step(mesh_shape, chunk_size):
     import optax
 
-    from jrft.train.sharding import device_batch, mesh_from_config, place_state
+    from jrft.config import MeshConfig
+    from jrft.train.placement import device_batch, place_state
+    from jrft.train.runs.setup import mesh_from_config
     from jrft.train.state import create_train_state
     from jrft.train.step import jit_step, make_train_step
 
-    mesh = mesh_from_config(*mesh_shape)
+    mesh = mesh_from_config(MeshConfig(*mesh_shape))
     cfg = ModelConfig.from_hf(tiny_hf_config("llama", vocab_size=96, hidden_size=32, num_key_value_heads=2))
     with jax.set_mesh(mesh):
         model = Decoder(cfg, rngs=nnx.Rngs(0))
@@ -177,7 +185,9 @@ def _sharded_sft_step(mesh_shape, chunk_size):
     graphdef, state = create_train_state(model, tx, seed=0)
     state, shardings = place_state(state, mesh)
     loss_fn = sft.make_loss_fn(logits_chunk_size=chunk_size)
-    step = jit_step(make_train_step(graphdef, loss_fn, sft.normalizers, tx), state_sharding=shardings)
+    step = jit_step(
+        make_train_step(graphdef, loss_fn, sft.normalizers, tx), mesh=mesh, state_sharding=shardings
+    )
     host = {k: np.asarray(v) for k, v in _sft_batch(b=8).items()}
     return step(state, device_batch(host, mesh))
 

@@ -8,9 +8,10 @@ import os
 import jax
 import numpy as np
 import pytest
+from conftest import param_arrays
 
 from jrft.config import load_config
-from jrft.train.offline import OBJECTIVES, param_arrays, run_offline
+from jrft.train.runs.offline import OBJECTIVES, run_offline
 
 
 def _config(tiny_task, out, *extra):
@@ -84,8 +85,9 @@ def test_precomputed_reference_equals_live_reference(tiny_task, tmp_path):
 
 
 def test_precompute_mode_keeps_no_reference_parameters(tiny_task, tmp_path):
-    from jrft.train.offline import build_model, mesh_from_config, optimizer_from_config
-    from jrft.train.sharding import place_state
+    from jrft.config import MeshConfig
+    from jrft.train.placement import place_state
+    from jrft.train.runs.setup import build_model, mesh_from_config, optimizer_from_config
     from jrft.train.state import create_train_state
 
     cases = (
@@ -96,7 +98,7 @@ def test_precompute_mode_keeps_no_reference_parameters(tiny_task, tmp_path):
     for loss, flag, holds_reference, attaches in cases:
         overrides = (f"dpo.loss_type={loss}", f"dpo.precompute_ref_logps={flag}")
         cfg = _config(tiny_task, tmp_path / flag, "train.steps=1", *overrides)
-        mesh = mesh_from_config(1, 1, 1)
+        mesh = mesh_from_config(MeshConfig(1, 1, 1))
         tx, _ = optimizer_from_config(cfg, total_steps=1)
         graphdef, state = create_train_state(build_model(cfg, mesh), tx, seed=0)
         state, _ = place_state(state, mesh)

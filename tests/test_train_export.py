@@ -5,7 +5,7 @@ from safetensors.numpy import load_file
 
 from jrft.commands.export import main as export_main
 from jrft.config import load_config
-from jrft.train.offline import run_offline
+from jrft.train.runs.offline import run_offline
 
 
 def test_export_of_the_final_checkpoint_equals_the_runs_own_export(tiny_task, tmp_path, capsys):

@@ -6,10 +6,10 @@ import os
 import jax
 import numpy as np
 import pytest
+from conftest import param_arrays
 
 from jrft.config import load_config
-from jrft.train.offline import param_arrays
-from jrft.train.online import run_online
+from jrft.train.runs import run_config
 
 REWARDS = '''
 CALLS = {"n": 0}
@@ -64,7 +64,7 @@ def _rows(out):
 
 def test_grpo_raises_the_reward(tiny_task, reward_file, tmp_path):
     out = tmp_path / "grpo"
-    run_online(_config(tiny_task, reward_file, out, "train.steps=30"), progress=False)
+    run_config(_config(tiny_task, reward_file, out, "train.steps=30"), progress=False)
     rewards = [r["rewards/mean"] for r in _rows(out)]
     first, last = np.mean(rewards[:5]), np.mean(rewards[-5:])
     assert last > first + 0.15, (first, last)
@@ -74,12 +74,12 @@ def test_grpo_raises_the_reward(tiny_task, reward_file, tmp_path):
 
 def test_on_policy_ratio_is_exactly_one_and_beta_zero_skips_the_reference(tiny_task, reward_file, tmp_path):
     out = tmp_path / "on_policy"
-    run_online(_config(tiny_task, reward_file, out, "train.steps=2", "grpo.beta=0.0"), progress=False)
+    run_config(_config(tiny_task, reward_file, out, "train.steps=2", "grpo.beta=0.0"), progress=False)
     for row in _rows(out):
         assert row["ratio_mean"] == 1.0 and row["clip_frac"] == 0.0
         assert row["ref_logps_computed"] == 0.0
     out = tmp_path / "with_kl"
-    run_online(_config(tiny_task, reward_file, out, "train.steps=2", "grpo.beta=0.05"), progress=False)
+    run_config(_config(tiny_task, reward_file, out, "train.steps=2", "grpo.beta=0.05"), progress=False)
     assert all(row["ref_logps_computed"] == 1.0 for row in _rows(out))
 
 
@@ -96,7 +96,7 @@ def test_dynamic_sampling_keeps_only_groups_with_signal(tiny_task, reward_file, 
             f"grpo.dynamic_sampling={dyn}",
             "grpo.max_sampling_rounds=3",
         )
-        run_online(cfg, progress=False)
+        run_config(cfg, progress=False)
         rows[name] = _rows(out)
     assert any(r["batch/zero_std_groups"] > 0 for r in rows["plain"])  # the check can fail
     assert all(r["batch/zero_std_groups"] == 0 for r in rows["dynamic"])
@@ -112,7 +112,7 @@ def test_a_failing_reward_function_is_counted_and_the_run_finishes(tiny_task, re
         "train.steps=3",
         f"grpo.reward_functions=[{{spec: '{reward_file}:ones'}}, {{spec: '{reward_file}:flaky'}}]",
     )
-    result = run_online(cfg, progress=False)
+    result = run_config(cfg, progress=False)
     assert result.step == 3
     failures = [r["rewards/flaky/failures"] for r in _rows(out)]
     assert failures == [0.0, 32.0, 0.0]
@@ -123,7 +123,7 @@ def test_sharded_grpo_round_equals_single_device(tiny_task, reward_file, tmp_pat
     finals = []
     for name, mesh in (("one", ["mesh.data=1"]), ("sharded", ["mesh.data=2", "mesh.fsdp=4"])):
         cfg = _config(tiny_task, reward_file, tmp_path / name, "train.steps=1", *mesh)
-        finals.append(param_arrays(run_online(cfg, progress=False).state))
+        finals.append(param_arrays(run_config(cfg, progress=False).state))
     # atol 1e-5: Adam's first step is ~lr * g / |g|, so a gradient entry near zero turns a 1e-9 layout
     # difference into a few 1e-6 (measured 2.1e-6 on 2 of 8192 entries at lr 3e-3)
     for a, b in zip(*finals, strict=True):
@@ -152,7 +152,7 @@ def test_grpo_on_gemma2_raises_the_reward(tiny_task, reward_file, tmp_path):
     )
     out = tmp_path / "grpo"
     task = {**tiny_task, "model": model_dir}
-    run_online(_config(task, reward_file, out, "train.steps=30", "grpo.beta=0.02"), progress=False)
+    run_config(_config(task, reward_file, out, "train.steps=30", "grpo.beta=0.02"), progress=False)
     rows = _rows(out)
     rewards = [r["rewards/mean"] for r in rows]
     assert np.mean(rewards[-5:]) > np.mean(rewards[:5]) + 0.15, rewards

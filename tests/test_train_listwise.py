@@ -7,7 +7,7 @@ import pytest
 
 from jrft.config import load_config
 from jrft.data import synthetic
-from jrft.train.offline import run_offline
+from jrft.train.runs.offline import run_offline
 
 
 def quality_rows(problems, *, seed: int) -> list[dict]:
@@ -142,11 +142,14 @@ def test_listwise_eval_over_batches_equals_one_big_batch(tiny_task, ranked, tmp_
     two batches hold 18 and 21 pairs), the loss by rankings."""
     import optax
 
-    from jrft.train.offline import OBJECTIVES, build_model, make_eval_fn, mesh_from_config
+    from jrft.config import MeshConfig
+    from jrft.train.evaluation import make_eval_fn
+    from jrft.train.runs.offline import OBJECTIVES
+    from jrft.train.runs.setup import build_model, mesh_from_config
     from jrft.train.state import create_train_state
 
     cfg = _config(tiny_task, ranked, tmp_path / "eval")
-    mesh = mesh_from_config(1, 1, 1)
+    mesh = mesh_from_config(MeshConfig(1, 1, 1))
     graphdef, state = create_train_state(build_model(cfg, mesh, scalar_head=True), optax.identity(), seed=0)
     objective = OBJECTIVES["reward"](cfg, graphdef, state)
     data = _mixed_rankings(tiny_task, ranked)

@@ -7,11 +7,12 @@ import os
 import jax
 import numpy as np
 import pytest
+from conftest import param_arrays
 from flax import nnx
 
 from jrft.config import load_config
 from jrft.models import from_pretrained
-from jrft.train.offline import param_arrays, run_offline
+from jrft.train.runs.offline import run_offline
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,9 @@ from jrft.models import Decoder, ModelConfig
 from jrft.models.testing import tiny_hf_config
 from jrft.parallel import make_mesh
 from jrft.train import reference as reference_mod
-from jrft.train.objectives import grpo
-from jrft.train.reference import FrozenParams, host_memory_supported, memory_kinds
-from jrft.train.sharding import place_state
+from jrft.train.logprobs import make_completion_forward
+from jrft.train.placement import place_state
+from jrft.train.reference import FrozenModel, host_memory_supported, memory_kinds
 from jrft.train.state import split_model
 
 pytestmark = pytest.mark.skipif(not host_memory_supported(), reason="no pinned_host memory on this backend")
@@ -44,8 +44,8 @@ def _rollout_batch(b=8, tp=6, tc=10):
 
 
 def test_offloaded_copy_is_in_host_memory_with_the_same_sharding():
-    _, params, _ = _placed()
-    frozen = FrozenParams(params, offload=True)
+    _, params, rest = _placed()
+    frozen = FrozenModel(params, rest, offload=True)
     assert memory_kinds(params) == {"device"}
     assert memory_kinds(frozen.params) == {"pinned_host"}
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(frozen.params), strict=True):
@@ -55,14 +55,14 @@ def test_offloaded_copy_is_in_host_memory_with_the_same_sharding():
     # the largest parameter (the embedding) really is split over fsdp: each device's host holds 1/8 of it
     largest = max(jax.tree.leaves(frozen.params), key=lambda x: x.size)
     assert largest.addressable_shards[0].data.size * 8 == largest.size
-    assert memory_kinds(FrozenParams(params, offload=False).params) == {"device"}
+    assert memory_kinds(FrozenModel(params, rest, offload=False).params) == {"device"}
 
 
 @pytest.mark.parametrize("offload", [False, True])
 def test_frozen_copy_survives_donation_of_the_train_params(offload):
-    _, params, _ = _placed()
+    _, params, rest = _placed()
     expected = [np.array(x, copy=True) for x in jax.tree.leaves(params)]  # no view of the buffers
-    frozen = FrozenParams(params, offload=offload)
+    frozen = FrozenModel(params, rest, offload=offload)
     jax.jit(lambda p: jax.tree.map(lambda x: x + 1, p), donate_argnums=0)(params)
     assert all(x.is_deleted() for x in jax.tree.leaves(params))  # really donated
     for x, e in zip(jax.tree.leaves(frozen.params), expected, strict=True):
@@ -72,13 +72,13 @@ def test_frozen_copy_survives_donation_of_the_train_params(offload):
 def test_offloaded_reference_gives_the_same_logps_and_moves_params_in_the_program():
     graphdef, params, rest = _placed()
     batch = _rollout_batch()
-    logps_fn = grpo.make_logps_fn(graphdef, temperature=0.9)
-    on_device = FrozenParams(params).call(logps_fn, rest, batch)
-    frozen = FrozenParams(params, offload=True)
-    offloaded = frozen.call(logps_fn, rest, batch)
+    logps_fn = make_completion_forward(graphdef, temperature=0.9)
+    on_device = FrozenModel(params, rest).call(logps_fn, batch)["logps"]
+    frozen = FrozenModel(params, rest, offload=True)
+    offloaded = frozen.call(logps_fn, batch)["logps"]
     np.testing.assert_allclose(np.asarray(offloaded), np.asarray(on_device), atol=1e-6)
     assert offloaded.sharding.memory_kind == "device"
-    frozen.call(logps_fn, rest, batch)
+    frozen.call(logps_fn, batch)
     assert len(frozen._calls) == 1  # one wrapped program per reference function
     # the jitted program takes its parameter arguments from host memory and returns device arrays
     hlo = frozen._calls[logps_fn].lower(frozen.params, rest, batch).as_text()
@@ -86,10 +86,10 @@ def test_offloaded_reference_gives_the_same_logps_and_moves_params_in_the_progra
 
 
 def test_unsupported_backend_is_a_clear_error(monkeypatch):
-    _, params, _ = _placed((8, 1, 1))
+    _, params, rest = _placed((8, 1, 1))
     monkeypatch.setattr(reference_mod, "host_memory_supported", lambda device=None: False)
     with pytest.raises(ValueError, match="train.offload_reference"):
-        FrozenParams(params, offload=True)
+        FrozenModel(params, rest, offload=True)
 
 
 def test_config_key():
@@ -106,7 +106,7 @@ def ones(completions, **kwargs):
 def _online_rows(tiny_task, out, objective, *extra):
     import json
 
-    from jrft.train.online import run_online
+    from jrft.train.runs import run_config
 
     rewards = out / "ones_reward.py"
     out.mkdir(parents=True, exist_ok=True)
@@ -130,7 +130,7 @@ def _online_rows(tiny_task, out, objective, *extra):
         f"{section}.reward_functions=[{{spec: '{rewards}:ones'}}]",
         *extra,
     ]
-    run_online(load_config(None, overrides), progress=False)
+    run_config(load_config(None, overrides), progress=False)
     return [json.loads(line) for line in open(out / "metrics.jsonl") if '"kl_mean"' in line]
 
 
@@ -160,9 +160,11 @@ def test_run_with_offloaded_reference_and_chunked_logps_equals_the_default(
 
 
 def test_dpo_objective_offloads_its_reference_and_scores_the_same(tiny_task, tmp_path):
+    from jrft.config import MeshConfig
     from jrft.data import datasets_from_config
-    from jrft.train.offline import OBJECTIVES, build_model, mesh_from_config, optimizer_from_config
-    from jrft.train.sharding import device_batch
+    from jrft.train.placement import device_batch
+    from jrft.train.runs.offline import OBJECTIVES
+    from jrft.train.runs.setup import build_model, mesh_from_config, optimizer_from_config
     from jrft.train.state import create_train_state
 
     def objective(*extra):
@@ -177,7 +179,7 @@ def test_dpo_objective_offloads_its_reference_and_scores_the_same(tiny_task, tmp
                 *extra,
             ],
         )
-        mesh = mesh_from_config(1, 8, 1)
+        mesh = mesh_from_config(MeshConfig(1, 8, 1))
         tx, _ = optimizer_from_config(cfg, total_steps=1)
         graphdef, state = create_train_state(build_model(cfg, mesh), tx, seed=0)
         state, _ = place_state(state, mesh)

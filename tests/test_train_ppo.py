@@ -12,9 +12,10 @@ from safetensors.numpy import load_file
 
 from jrft.config import load_config
 from jrft.models import from_pretrained
+from jrft.train.logprobs import make_completion_forward
 from jrft.train.objectives import ppo
-from jrft.train.offline import run_offline
-from jrft.train.online import run_online
+from jrft.train.runs import run_config
+from jrft.train.runs.offline import run_offline
 from jrft.train.state import split_model
 
 REWARDS = '''
@@ -69,7 +70,7 @@ def separate_run(tiny_task, reward_file, tmp_path_factory):
     """A separate value model (started from the policy), the `ones` reward function, STEPS rounds."""
     out = tmp_path_factory.mktemp("ppo_separate")
     funcs = f"ppo.reward_functions=[{{spec: '{reward_file}:ones'}}]"
-    result = run_online(_config(tiny_task, out, funcs, f"train.steps={STEPS}"), progress=False)
+    result = run_config(_config(tiny_task, out, funcs, f"train.steps={STEPS}"), progress=False)
     return out, funcs, result
 
 
@@ -103,9 +104,9 @@ def test_kill_and_resume_equals_the_uninterrupted_run(tiny_task, separate_run, t
     with the same policy and value parameters as the uninterrupted run (the loop restores state + data)."""
     reference_out, funcs, reference = separate_run
     out = tmp_path / "resumed"
-    first = run_online(_config(tiny_task, out, funcs, f"train.steps={STEPS // 2}"), progress=False)
+    first = run_config(_config(tiny_task, out, funcs, f"train.steps={STEPS // 2}"), progress=False)
     assert first.resumed_from is None
-    second = run_online(_config(tiny_task, out, funcs, f"train.steps={STEPS}"), progress=False)
+    second = run_config(_config(tiny_task, out, funcs, f"train.steps={STEPS}"), progress=False)
     assert second.resumed_from == STEPS // 2
     for a, b in zip(jax.tree.leaves(reference.state), jax.tree.leaves(second.state), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
@@ -146,7 +147,7 @@ def test_reward_model_export_is_the_reward_with_a_value_head(tiny_task, tmp_path
         "ppo.missing_eos_penalty=1.0",
         "ppo.kl_coef=0.0",
     )
-    result = run_online(cfg, progress=False)
+    result = run_config(cfg, progress=False)
     rows = _rows(out)
     assert len(rows) == 3 and result.state.value is None
     for r in rows:
@@ -174,7 +175,7 @@ def test_score_and_values_sit_at_the_right_positions(tiny_task):
     plain = model.score(jnp.asarray([prompt + completion], jnp.int32))[0]  # [5] unpadded
     score = ppo.make_score_fn(graphdef)(params, rest, batch)
     np.testing.assert_allclose(score[0], plain[-1], rtol=1e-5)
-    values = ppo.make_forward_fn(graphdef, temperature=1.0, logps=False, values=True)(params, rest, batch)
+    values = make_completion_forward(graphdef, temperature=1.0, logps=False, values=True)(params, rest, batch)
     np.testing.assert_allclose(values["values"][0, :2], plain[2:4], rtol=1e-5, atol=1e-6)
 
 
@@ -204,7 +205,7 @@ def test_sharded_ppo_round_equals_single_device(tiny_task, reward_file, tmp_path
     finals = []
     for name, mesh in (("one", ["mesh.data=1"]), ("sharded", ["mesh.data=2", "mesh.fsdp=4"])):
         cfg = _config(tiny_task, tmp_path / name, funcs, "train.steps=2", "optim.lr=1e-3", *mesh)
-        finals.append(jax.tree.leaves(run_online(cfg, progress=False).state))
+        finals.append(jax.tree.leaves(run_config(cfg, progress=False).state))
     # Sharded reductions sum in another order; Adam turns those last-bit differences of near-zero gradients
     # into differences of up to ~lr / 20 after 8 updates: compare at that scale.
     for a, b in zip(*finals, strict=True):

@@ -7,7 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
-from jrft.train.state import create_train_state, merge_model
+from jrft.train.state import create_train_state
 from jrft.train.step import jit_step, make_train_step, split_micro_batches
 
 
@@ -58,7 +58,7 @@ def test_grad_accumulation_equals_full_batch(grad_accum):
 
 def test_state_merges_back_into_a_model():
     graphdef, state = create_train_state(Toy(nnx.Rngs(1)), optax.adam(1e-3), seed=3)
-    model = merge_model(graphdef, state.params, state.rest)
+    model = nnx.merge(graphdef, state.params, state.rest)
     assert model(jnp.ones((1, 3))).shape == (1, 2)
     assert state.key(0).dtype == jax.random.key(0).dtype
 

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from jrft.config import ConfigError
 
     args = _parser().parse_args(argv)
-    from jrft.demo import DemoNotBuiltError, load_demo_config, run_demo
+    from jrft.demo import load_demo_config, run_demo
     from jrft.demo.report import write_report
 
     path = args.config or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)
@@ -69,11 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     quick = ", quick" if args.quick else ""
     print(f"jrft demo --objective {cfg.objective} (seed {cfg.seed}{quick}) -> {cfg.output_dir}")
-    try:
-        result = run_demo(cfg, progress=not args.no_progress, log=lambda m: print(m, flush=True))
-    except DemoNotBuiltError as e:
-        print(f"\n{e}", file=sys.stderr)
-        return 3
+    result = run_demo(cfg, progress=not args.no_progress, log=lambda m: print(m, flush=True))
     text, _ = write_report(result)
     print()
     print(text)

@@ -36,14 +36,9 @@ def run(objective: str, argv: list[str]) -> int:
     except ConfigError as e:
         print(f"jrft {objective}: {e}", file=sys.stderr)
         return 2
-    if objective in ("sft", "reward", "dpo"):
-        from jrft.train.offline import run_offline
+    from jrft.train.runs import run_config
 
-        result = run_offline(config, progress=not args.no_progress)
-    else:
-        from jrft.train.online import run_online
-
-        result = run_online(config, progress=not args.no_progress)
+    result = run_config(config, progress=not args.no_progress)
     summary = ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.last_metrics.items()) if k in ("loss",))
     print(f"jrft {objective}: finished at step {result.step}; {summary}")
     return 0

@@ -1,13 +1,12 @@
 """``jrft demo``: a tiny reasoning model trained from scratch on CPU, SFT then GRPO (or DPO, or a reward model
 then PPO), with a report that shows it learned.
 
-Modules: :mod:`~jrft.demo.settings` (the schema of ``configs/demo.yaml``), :mod:`~jrft.demo.pipeline` (the
+Modules: :mod:`~jrft.demo.settings` (the schema of ``configs/demo.yaml``), :mod:`~jrft.demo.stages` (the
 stages), :mod:`~jrft.demo.evaluate` (held-out exact match, format rate, preference accuracy, reward scores),
 :mod:`~jrft.demo.report` (plot, table, samples).
 """
 
-from jrft.demo.pipeline import DemoNotBuiltError as DemoNotBuiltError
-from jrft.demo.pipeline import DemoResult as DemoResult
-from jrft.demo.pipeline import run_demo as run_demo
 from jrft.demo.settings import DemoConfig as DemoConfig
 from jrft.demo.settings import load_demo_config as load_demo_config
+from jrft.demo.stages import DemoResult as DemoResult
+from jrft.demo.stages import run_demo as run_demo

@@ -11,7 +11,7 @@ import json
 import os
 from collections.abc import Sequence
 
-from jrft.demo.pipeline import DemoResult
+from jrft.demo.stages import DemoResult
 
 # (title, stage, metric keys tried in order): one panel each, drawn when the metric exists.
 PANELS: tuple[tuple[str, str, tuple[str, ...]], ...] = (

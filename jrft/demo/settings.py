@@ -1,7 +1,7 @@
 """The demo's own settings: a small frozen schema for ``configs/demo.yaml`` (not a ``RunConfig``).
 
 The demo runs several stages (build, SFT, GRPO / DPO / reward model + PPO, evaluation); each stage's
-``RunConfig`` is derived from these settings in :mod:`jrft.demo.pipeline`. Loading reuses the strict loader of
+``RunConfig`` is derived from these settings in :mod:`jrft.demo.stages`. Loading reuses the strict loader of
 :mod:`jrft.config`: unknown keys and ill-typed values are errors naming the file and the dotted key, and
 ``key=value`` overrides work as for the training commands (``jrft demo grpo.steps=100``).
 

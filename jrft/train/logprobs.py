@@ -1,8 +1,7 @@
 """Log-probabilities of given tokens under a causal LM: the quantity SFT, DPO, PPO and GRPO all start from.
 
 Position ``t`` of the model's logits predicts token ``t + 1``, so results are aligned with the *targets*
-``tokens[:, 1:]``: ``[B, T - 1]``. Always float32 (DESIGN.md: log-probs in float32 whatever the compute
-dtype).
+``tokens[:, 1:]``: ``[B, T - 1]``. Always float32, whatever the compute dtype.
 
 Memory lever (``train.logits_chunk_size``): for a large vocabulary the float32 logits ``[B, T, V]`` are the
 biggest activation of a step (Llama 3: V = 128256, ~31x the hidden size). With ``chunk_size > 0`` the LM head,
@@ -18,6 +17,7 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from jrft.losses import token_logprobs
 
@@ -164,3 +164,63 @@ def pair_sequence_logps(
         "chosen_lengths": lengths[:n],
         "rejected_lengths": lengths[n:],
     }
+
+
+# -- rollout rows: [prompt (left-padded, Tp) | completion (right-padded, Tc)] -------------------------------
+
+
+def completion_slice(x: jax.Array, tc: int) -> jax.Array:
+    """``[N, T, ...] -> [N, Tc, ...]``: the positions that predict (and evaluate) the ``Tc`` completion
+    tokens of rollout rows: completion token ``j`` is predicted at position ``Tp - 1 + j``."""
+    return x[:, -tc - 1 : -1]
+
+
+def completion_logps(
+    model, batch: Mapping[str, jax.Array], *, temperature: float, chunk_size: int = 0, hidden=None
+) -> jax.Array:
+    """``[N, Tc]`` float32 log-probs of the completion tokens of rollout rows (GRPO, PPO).
+
+    ``batch`` holds ``tokens``, ``attention_mask`` (``[N, Tp + Tc]``) and ``completion_mask`` (``[N, Tc]``).
+    Logits are divided by ``temperature`` (the sampling temperature); the LM head runs on the completion
+    positions only (over chunks of ``chunk_size`` positions when > 0). ``hidden`` (``[N, T, D]``) reuses final
+    hidden states already computed (PPO's value head shares them).
+    """
+    tokens, tc = batch["tokens"], batch["completion_mask"].shape[1]
+    if hidden is None:
+        hidden = model.hidden(tokens, batch["attention_mask"])  # [N, T, D]
+    return hidden_token_logps(
+        model, completion_slice(hidden, tc), tokens[:, -tc:], temperature=temperature, chunk_size=chunk_size
+    )
+
+
+def completion_values(model, hidden: jax.Array, tc: int) -> jax.Array:
+    """``[N, Tc]`` float32 values ``V(s_j)`` from the model's scalar head at the completion positions."""
+    return model.scalar_head(completion_slice(hidden, tc)).astype(jnp.float32)
+
+
+def make_completion_forward(
+    graphdef: nnx.GraphDef,
+    *,
+    temperature: float,
+    logps: bool = True,
+    values: bool = False,
+    logits_chunk_size: int = 0,
+):
+    """Jitted ``(params, rest, batch) -> {"logps"?, "values"?}`` (``[N, Tc]`` each), no gradients: old and
+    reference log-probs of GRPO and PPO, and PPO's old values (one forward gives both for a policy with a
+    value head)."""
+
+    @jax.jit
+    def forward(params, rest, batch):
+        model = nnx.merge(graphdef, params, rest)
+        hidden = model.hidden(batch["tokens"], batch["attention_mask"])  # [N, T, D]
+        out = {}
+        if logps:
+            out["logps"] = completion_logps(
+                model, batch, temperature=temperature, chunk_size=logits_chunk_size, hidden=hidden
+            )
+        if values:
+            out["values"] = completion_values(model, hidden, batch["completion_mask"].shape[1])
+        return jax.lax.stop_gradient(out)
+
+    return forward

@@ -95,7 +95,6 @@ def train_loop(
     logger: MetricsLogger | None = None,
     eval_fn: Callable[[Any], Mapping[str, Any]] | None = None,
     meta: Mapping[str, Any] | None = None,
-    on_log: Callable[[int, dict[str, float]], None] | None = None,
 ) -> LoopResult:
     """Runs ``step_fn`` until ``options.total_steps``; see the module docstring for the resume contract.
 
@@ -108,7 +107,6 @@ def train_loop(
       logger: where metrics go; ``None`` logs nowhere.
       eval_fn: ``state -> metrics``, logged with an ``eval/`` prefix.
       meta: extra JSON (e.g. the config) stored in every checkpoint.
-      on_log: called with ``(step, averaged_metrics)`` after each log.
 
     Raises:
       NonFiniteError: when a metric becomes NaN/inf; nothing after the last good checkpoint is saved.
@@ -155,8 +153,6 @@ def train_loop(
             check(last, step)
             if logger is not None:
                 logger.log(step, last)
-            if on_log is not None:
-                on_log(step, last)
         if eval_fn is not None and (_due(step, options.eval_every) or step == options.total_steps):
             eval_metrics = {k: to_python(v) for k, v in eval_fn(state).items()}
             if logger is not None:

@@ -1,5 +1,6 @@
-"""The frozen reference model's parameters (DPO, GRPO with ``beta > 0``, PPO with ``kl_coef > 0``), kept on
-the device or offloaded to host memory (``train.offload_reference``).
+"""Frozen models: only evaluated, never trained: the reference policy (DPO, GRPO with ``beta > 0``, PPO with
+``kl_coef > 0``), kept on the device or offloaded to host memory (``train.offload_reference``), and PPO's
+reward model.
 
 A reference is a full second copy of the policy's parameters that is only read, once per batch or rollout.
 Offloaded, it lives in ``pinned_host`` memory with the same sharding as the policy (each device's host holds
@@ -7,10 +8,11 @@ that device's shards) and is copied to the device inside the jitted reference fo
 (``jax.device_put(x, sharding.with_memory_kind("device"))``): device memory is freed for the whole step
 except during the reference forward itself, at the price of one host-to-device transfer per call.
 
-Usage (``fn`` is any jitted ``(params, *args) -> out`` reference forward, e.g. ``grpo.make_logps_fn``)::
+Usage (``fn`` is any jitted ``(params, rest, *args) -> out`` forward, e.g.
+``jrft.train.logprobs.make_completion_forward``)::
 
-    reference = FrozenParams(state.params, offload=config.train.offload_reference)
-    ref_logps = reference.call(logps_fn, state.rest, batch)
+    reference = FrozenModel(state.params, state.rest, offload=config.train.offload_reference)
+    ref = reference.call(forward, batch)
 """
 
 from __future__ import annotations
@@ -34,19 +36,23 @@ def memory_kinds(tree) -> set[str | None]:
     return {x.sharding.memory_kind for x in jax.tree.leaves(tree)}
 
 
-class FrozenParams:
-    """A frozen copy of ``params`` (never aliased with them, so donating the train state leaves it intact).
+class FrozenModel:
+    """A frozen model's variables: ``params`` (a copy, never aliased with the originals, so donating the
+    train state leaves it intact) and ``rest`` (its other nnx variables).
 
     Args:
-      params: the parameter pytree to freeze, placed on the mesh (``jrft.train.sharding.place_state``).
+      params: the parameter pytree to freeze, placed on the mesh (``jrft.train.placement.place_state``).
+      rest: the model's other variables (not copied: small and never donated separately).
       offload: keep the copy in ``pinned_host`` memory (same sharding) instead of device memory.
+      copy: copy ``params`` on the device (needed when they belong to a train state whose buffers are
+        donated); ``False`` for a model nobody else holds (PPO's reward model).
     """
 
-    def __init__(self, params, *, offload: bool = False):
-        self.offload = offload
+    def __init__(self, params, rest, *, offload: bool = False, copy: bool = True):
+        self.offload, self.rest = offload, rest
         self.device_shardings = jax.tree.map(lambda x: x.sharding.with_memory_kind("device"), params)
         if not offload:
-            self.params = jax.tree.map(jnp.copy, params)
+            self.params = jax.tree.map(jnp.copy, params) if copy else params
         else:
             if not host_memory_supported():
                 kinds = sorted(m.kind for m in jax.local_devices()[0].addressable_memories())
@@ -60,16 +66,16 @@ class FrozenParams:
         self._calls: dict[Callable, Callable] = {}
 
     def call(self, fn: Callable, *args):
-        """``fn(params, *args)`` with the frozen parameters on the device (copied there inside one jitted
-        program when offloaded; the device copy is a temporary of that program)."""
+        """``fn(params, rest, *args)`` with the frozen parameters on the device (copied there inside one
+        jitted program when offloaded; the device copy is a temporary of that program)."""
         if not self.offload:
-            return fn(self.params, *args)
+            return fn(self.params, self.rest, *args)
         if fn not in self._calls:
             shardings = self.device_shardings
 
             @jax.jit
-            def on_device(host_params, *rest):
-                return fn(jax.device_put(host_params, shardings), *rest)
+            def on_device(host_params, rest, *more):
+                return fn(jax.device_put(host_params, shardings), rest, *more)
 
             self._calls[fn] = on_device
-        return self._calls[fn](self.params, *args)
+        return self._calls[fn](self.params, self.rest, *args)

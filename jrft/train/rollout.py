@@ -24,45 +24,9 @@ from typing import Any
 import jax
 import numpy as np
 
+from jrft.parallel.distributed import gather_rows, host_array, local_rows
+from jrft.rewards.runner import reward_stats
 from jrft.sampling import FINISH_LENGTH, bucket_length, generate
-
-
-def gather_rows(x: np.ndarray) -> np.ndarray:
-    """``[n, ...]`` rows of this process -> ``[P * n, ...]`` rows of all processes in process order (every
-    process gets the same array). The identity in a single-process run."""
-    if jax.process_count() == 1:
-        return x
-    from jax.experimental import multihost_utils
-
-    # sent as raw bytes: JAX would turn float64 rewards (and int64, bool) into 32-bit values on the way
-    x = np.ascontiguousarray(x)
-    raw = x.view(np.uint8).reshape(x.shape[0], x.itemsize * int(np.prod(x.shape[1:], dtype=np.int64)))
-    gathered = np.asarray(multihost_utils.process_allgather(raw, tiled=True))
-    return np.ascontiguousarray(gathered).view(x.dtype).reshape(-1, *x.shape[1:])
-
-
-def local_rows(x: np.ndarray) -> np.ndarray:
-    """This process's contiguous slice of a ``[P * n, ...]`` global host array (the inverse of
-    :func:`gather_rows`)."""
-    n = x.shape[0] // jax.process_count()
-    return x[jax.process_index() * n : (jax.process_index() + 1) * n]
-
-
-def host_local_rows(x) -> np.ndarray:
-    """This process's rows of a global device array (e.g. per-row scores computed on the global batch) as a
-    host array; in a single-process run, simply the whole array on the host."""
-    if jax.process_count() == 1:
-        return np.asarray(jax.device_get(x))
-    return local_rows(_host(x))
-
-
-def _host(x) -> np.ndarray:
-    """A (possibly multi-process) array as one global host array on every process."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
 
 
 @dataclasses.dataclass
@@ -207,7 +171,7 @@ def sample_rollout(
         pad_token_id=pad_token_id,
     )
     tokens, mask, logps, lengths, reason = (
-        _host(x) for x in (out.tokens, out.mask, out.logprobs, out.lengths, out.finish_reason)
+        host_array(x) for x in (out.tokens, out.mask, out.logprobs, out.lengths, out.finish_reason)
     )
     # the width from the global longest completion: the same on every process (one global batch shape)
     width = min(bucket_length(max(int(lengths.max()), 1), 32), max_new_tokens)
@@ -262,17 +226,15 @@ def global_reward_metrics(rollout: Rollout, group_size: int) -> dict[str, float]
     local = rollout.reward_metrics
     if jax.process_count() == 1:
         return local
-    from jrft.rewards.runner import _stats
-
     out = {}
     for name in sorted(rollout.per_function):  # sorted: the same collective order on every process
-        out.update(_stats(f"rewards/{name}", gather_rows(rollout.per_function[name])))
+        out.update(reward_stats(f"rewards/{name}", gather_rows(rollout.per_function[name])))
         counts = gather_rows(np.asarray([[local.get(f"rewards/{name}/failures", 0.0)]]))
         seconds = gather_rows(np.asarray([[local.get(f"rewards/{name}/seconds", 0.0)]]))
         out[f"rewards/{name}/failures"] = float(counts.sum())
         out[f"rewards/{name}/seconds"] = float(np.max(seconds))
     rewards = gather_rows(rollout.rewards)
-    out.update(_stats("rewards", rewards, none_key="frac_nan"))
+    out.update(reward_stats("rewards", rewards, none_key="frac_nan"))
     if "rewards/frac_zero_std_groups" in local and rewards.size:
         out["rewards/frac_zero_std_groups"] = float(np.mean(~group_has_signal(rewards, group_size)))
     return out

@@ -42,10 +42,6 @@ def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, Any, Any]:
     return nnx.split(model, nnx.Param, ...)
 
 
-def merge_model(graphdef: nnx.GraphDef, params: Any, rest: Any) -> nnx.Module:
-    return nnx.merge(graphdef, params, rest)
-
-
 def create_train_state(
     model: nnx.Module, optimizer: optax.GradientTransformation, *, seed: int
 ) -> tuple[nnx.GraphDef, TrainState]:
@@ -60,5 +56,5 @@ def create_train_state(
     state = TrainState(step=step, params=params, rest=rest, opt_state=opt_state, rng=rng)
     # Commit every leaf where it is: an uncommitted input (fresh scalars, optimizer zeros) makes the first
     # jitted step compile twice (once for it, once for the committed state the step returns). Runners on a
-    # mesh then move the state onto its explicit shardings (jrft.train.sharding.place_state).
+    # mesh then move the state onto its explicit shardings (jrft.train.placement.place_state).
     return graphdef, jax.tree.map(lambda x: jax.device_put(x, x.sharding), state)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jrft.train.placement import on_mesh
 from jrft.train.state import TrainState
 
 Batch = Mapping[str, jax.Array]
@@ -101,17 +102,21 @@ def make_train_step(
 def jit_step(
     step: Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]],
     *,
+    mesh: Any = None,
     state_sharding: Any = None,
     batch_sharding: Any = None,
     donate: bool = True,
-):
-    """``jax.jit`` with explicit input/output shardings; the old state's buffers are donated.
+) -> on_mesh:
+    """``jax.jit`` with explicit input/output shardings, called and lowered inside ``mesh`` (so the model's
+    logical sharding constraints bind: ``jrft.train.placement.on_mesh``); the old state's buffers are
+    donated.
 
     ``state_sharding`` / ``batch_sharding`` are pytrees of ``NamedSharding`` (or ``None`` to let XLA
-    choose, e.g. on one device). Metrics come back replicated.
+    choose, e.g. on one device). ``mesh`` is the run's mesh (``None``: no mesh, e.g. one device). Metrics
+    come back replicated.
     """
     kwargs: dict[str, Any] = {}
     if state_sharding is not None or batch_sharding is not None:
         kwargs["in_shardings"] = (state_sharding, batch_sharding)
         kwargs["out_shardings"] = (state_sharding, None)
-    return jax.jit(step, donate_argnums=(0,) if donate else (), **kwargs)
+    return on_mesh(jax.jit(step, donate_argnums=(0,) if donate else (), **kwargs), mesh)

@@ -8,26 +8,10 @@ gradient remains.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from jrft.losses import grpo_loss
-from jrft.train.logprobs import chunked_token_logps, shifted_token_logps
-
-
-def completion_logps(model, batch, *, temperature: float, chunk_size: int = 0) -> jax.Array:
-    """``[N, Tc]`` float32 log-probs of the completion tokens (logits divided by ``temperature``;
-    ``chunk_size``: see ``jrft.train.logprobs``)."""
-    tc = batch["completion_mask"].shape[1]
-    tokens = batch["tokens"]
-    if chunk_size > 0:  # the LM head on completion positions only, chunked
-        hidden = model.hidden(tokens, batch["attention_mask"])  # [N, T, D]
-        return chunked_token_logps(
-            model, hidden[:, -tc - 1 : -1], tokens[:, -tc:], chunk_size=chunk_size, temperature=temperature
-        )
-    logps = shifted_token_logps(model, tokens, batch["attention_mask"], temperature=temperature)
-    return logps[:, -tc:]  # target j of the completion sits at shifted position Tp - 1 + j
+from jrft.train.logprobs import completion_logps
 
 
 def normalizers(batch):
@@ -73,15 +57,3 @@ def make_loss_fn(
         return loss, {k: v * share for k, v in metrics.items()}
 
     return loss_fn
-
-
-def make_logps_fn(graphdef: nnx.GraphDef, *, temperature: float, logits_chunk_size: int = 0):
-    """Jitted ``(params, rest, batch) -> [N, Tc]`` completion log-probs, no gradients (old / reference)."""
-
-    @jax.jit
-    def logps_fn(params, rest, batch):
-        model = nnx.merge(graphdef, params, rest)
-        logps = completion_logps(model, batch, temperature=temperature, chunk_size=logits_chunk_size)
-        return jax.lax.stop_gradient(logps)
-
-    return logps_fn

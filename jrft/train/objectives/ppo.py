@@ -6,7 +6,7 @@ seen the prompt and the completion tokens before ``j``): positions ``[-Tc - 1, -
 
 Batch keys: ``tokens``, ``attention_mask`` (``[N, Tp + Tc]``), ``completion_mask`` (``[N, Tc]``) and, for the
 update, ``old_logps``, ``old_values``, ``advantages``, ``returns`` (``[N, Tc]``, constants computed once per
-rollout by :func:`make_forward_fn` and :func:`make_advantage_fn`).
+rollout by ``jrft.train.logprobs.make_completion_forward`` and :func:`make_advantage_fn`).
 
 The loss is built from named terms (:data:`TERMS`): ``policy`` (clipped ratio loss) and ``value`` (``vf_coef``
 x clipped value loss). A separate value model trains ``("value",)`` while the policy trains ``("policy",)``;
@@ -30,27 +30,7 @@ from jrft.losses import (
     masked_mean,
     whiten,
 )
-from jrft.train.logprobs import hidden_token_logps
-
-
-def completion_slice(x: jax.Array, tc: int) -> jax.Array:
-    """``[N, T, ...] -> [N, Tc, ...]``: the positions that predict / evaluate completion tokens."""
-    return x[:, -tc - 1 : -1]
-
-
-def completion_logps_from_hidden(
-    model, hidden: jax.Array, tokens: jax.Array, tc: int, temperature: float, chunk_size: int = 0
-):
-    """``[N, Tc]`` float32 log-probs of the completion tokens; LM head on completion positions only
-    (over chunks of ``chunk_size`` positions when > 0: ``jrft.train.logprobs.chunked_token_logps``)."""
-    return hidden_token_logps(
-        model, completion_slice(hidden, tc), tokens[:, -tc:], temperature=temperature, chunk_size=chunk_size
-    )
-
-
-def completion_values_from_hidden(model, hidden: jax.Array, tc: int) -> jax.Array:
-    """``[N, Tc]`` float32 values ``V(s_j)`` from the scalar head."""
-    return model.scalar_head(completion_slice(hidden, tc)).astype(jnp.float32)
+from jrft.train.logprobs import completion_logps, completion_values
 
 
 def normalizers(batch):
@@ -63,8 +43,8 @@ def normalizers(batch):
 
 def _policy_term(model, hidden, batch, norms, hp):
     mask = batch["completion_mask"]
-    logps = completion_logps_from_hidden(
-        model, hidden, batch["tokens"], mask.shape[1], hp["temperature"], hp["logits_chunk_size"]
+    logps = completion_logps(
+        model, batch, temperature=hp["temperature"], chunk_size=hp["logits_chunk_size"], hidden=hidden
     )
     losses, m = clipped_policy_loss(
         logps, batch["old_logps"], batch["advantages"], mask, clip_eps_low=hp["cliprange"]
@@ -77,7 +57,7 @@ def _policy_term(model, hidden, batch, norms, hp):
 
 def _value_term(model, hidden, batch, norms, hp):
     mask = batch["completion_mask"]
-    values = completion_values_from_hidden(model, hidden, mask.shape[1])
+    values = completion_values(model, hidden, mask.shape[1])
     losses, m = clipped_value_loss(
         values, batch["old_values"], batch["returns"], mask, clip_eps=hp["cliprange_value"]
     )
@@ -128,31 +108,6 @@ def make_loss_fn(
         return loss, metrics
 
     return loss_fn
-
-
-def make_forward_fn(
-    graphdef: nnx.GraphDef, *, temperature: float, logps: bool, values: bool, logits_chunk_size: int = 0
-):
-    """Jitted ``(params, rest, batch) -> {"logps"?, "values"?}`` (``[N, Tc]`` each), no gradients.
-
-    One forward pass gives both when the model is a policy with a value head.
-    """
-
-    @jax.jit
-    def forward(params, rest, batch):
-        model = nnx.merge(graphdef, params, rest)
-        tokens, tc = batch["tokens"], batch["completion_mask"].shape[1]
-        hidden = model.hidden(tokens, batch["attention_mask"])
-        out = {}
-        if logps:
-            out["logps"] = completion_logps_from_hidden(
-                model, hidden, tokens, tc, temperature, logits_chunk_size
-            )
-        if values:
-            out["values"] = completion_values_from_hidden(model, hidden, tc)
-        return jax.lax.stop_gradient(out)
-
-    return forward
 
 
 def make_score_fn(graphdef: nnx.GraphDef):

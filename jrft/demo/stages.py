@@ -1,7 +1,7 @@
 """The demo's stages: build -> SFT -> evaluate -> GRPO (or DPO, or reward model + PPO) -> evaluate -> export.
 
 Each training stage is an ordinary jrft run: a :class:`jrft.config.RunConfig` derived from the demo settings
-with ``load_config(None, overrides)`` and trained by ``run_offline`` / ``run_grpo`` / ``run_online``, writing
+with ``load_config(None, overrides)`` and trained by ``run_offline`` / ``run_grpo`` / ``run_ppo``, writing
 its ``metrics.jsonl``, checkpoints and transformers-format export under ``<output_dir>/<stage>/``. The
 stage directories are removed first, so a rerun starts over instead of resuming a finished run.
 
@@ -25,10 +25,6 @@ import numpy as np
 from jrft.config import RunConfig, load_config
 from jrft.demo.evaluate import TaskEval, evaluate_task, preference_accuracy, reward_scores
 from jrft.demo.settings import DemoConfig
-
-
-class DemoNotBuiltError(RuntimeError):
-    """A part of the demo whose jrft machinery is not built yet."""
 
 
 @dataclasses.dataclass
@@ -321,7 +317,8 @@ def _evals_from(metrics_file: str) -> list[tuple[int, float, float]]:
 
 def _sft(cfg, out, paths, result, log, progress) -> str:
     """SFT from the scratch model; with ``sft.eval_every``, held-out exact match is logged during it."""
-    from jrft.train.offline import export_dir, run_offline
+    from jrft.train.runs.offline import run_offline
+    from jrft.train.runs.setup import export_dir
 
     heldout = read_jsonl(paths["prompts_heldout"])
 
@@ -371,8 +368,8 @@ def check_export(path: str, tokenizer, prompts: list[str]) -> dict[str, str]:
 
 
 def run_grpo_demo(cfg: DemoConfig, result: DemoResult, paths, tokenizer, log, progress) -> None:
-    from jrft.train.offline import export_dir
-    from jrft.train.online import run_grpo
+    from jrft.train.runs.grpo import run_grpo
+    from jrft.train.runs.setup import export_dir
 
     heldout = read_jsonl(paths["prompts_heldout"])
     sft_model = _sft(cfg, result.output_dir, paths, result, log, progress)
@@ -412,7 +409,8 @@ def run_grpo_demo(cfg: DemoConfig, result: DemoResult, paths, tokenizer, log, pr
 
 def run_dpo_demo(cfg: DemoConfig, result: DemoResult, paths, tokenizer, log, progress) -> None:
     from jrft.demo.evaluate import pair_logps
-    from jrft.train.offline import export_dir, run_offline
+    from jrft.train.runs.offline import run_offline
+    from jrft.train.runs.setup import export_dir
 
     heldout = read_jsonl(paths["prompts_heldout"])
     pairs = read_jsonl(paths["pref_heldout"])
@@ -451,10 +449,10 @@ def _rm_accuracy(reward_model, tokenizer, pairs) -> float:
 
 
 def run_rlhf_demo(cfg: DemoConfig, result: DemoResult, paths, tokenizer, log, progress) -> None:
-    import importlib.util
 
     from jrft.models import from_pretrained
-    from jrft.train.offline import export_dir, run_offline
+    from jrft.train.runs.offline import run_offline
+    from jrft.train.runs.setup import export_dir
 
     heldout = read_jsonl(paths["prompts_heldout"])
     pairs = read_jsonl(paths["pref_heldout"])
@@ -483,16 +481,11 @@ def run_rlhf_demo(cfg: DemoConfig, result: DemoResult, paths, tokenizer, log, pr
         result.after["rm_preference_accuracy"] = rm_acc
         result.samples_before = ev.samples
     log(f"   reward model: held-out preference accuracy {rm_acc:.1%}; SFT policy's mean score {rm_score:.3f}")
-    if importlib.util.find_spec("jrft.train.ppo_trainer") is None:
-        raise DemoNotBuiltError(
-            "jrft demo --objective rlhf: the reward model is trained and evaluated above (export: "
-            f"{rm_path}), but PPO (jrft/train/ppo_trainer.py) is not built yet, so the PPO half cannot run."
-        )
-    from jrft.train.online import run_online
+    from jrft.train.runs.ppo import run_ppo
 
     with _Timer(result, "ppo", log):
         config = ppo_config(cfg, result.output_dir, paths, sft_model, rm_path)
-        run_online(config, progress=progress)
+        run_ppo(config, progress=progress)
         result.metrics_files["ppo"] = os.path.join(config.output_dir, "metrics.jsonl")
     result.export_dir = export_dir(config)
     with _Timer(result, "eval after", log):

@@ -15,30 +15,31 @@ take the same number of sampling rounds and keep the same number of groups.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jrft.config import GRPOConfig
 from jrft.losses import group_advantages
+from jrft.parallel.distributed import gather_rows, local_rows
+from jrft.train import rounds
+from jrft.train.logprobs import make_completion_forward
 from jrft.train.objectives import grpo
-from jrft.train.reference import FrozenParams
+from jrft.train.placement import device_batch
+from jrft.train.reference import FrozenModel
 from jrft.train.rollout import (
     Rollout,
-    append_completions,
     concat_rollouts,
-    gather_rows,
     global_reward_metrics,
     group_has_signal,
-    local_rows,
-    sample_rollout,
     score_rollout,
     widen_rollout,
 )
-from jrft.train.sharding import device_batch
 from jrft.train.step import jit_step, make_train_step
+
+if TYPE_CHECKING:  # the engine takes the section's values; it never reads a config file
+    from jrft.config import GRPOConfig
 
 # One compiled program instead of a dozen eager ops per round.
 _group_advantages = jax.jit(group_advantages, static_argnames=("group_size", "scale", "baseline"))
@@ -54,7 +55,8 @@ class GRPORound:
       tokenizer: decodes completions for the reward functions; its EOS stops sampling.
       runner: a ``jrft.rewards.RewardRunner`` (group_size = G).
       prompts: the prompt iterator (dynamic sampling pulls extra batches from it).
-      mesh, state_sharding: where the state lives (explicit shardings of the jitted update).
+      mesh, state_sharding: where the state lives (explicit shardings of the jitted update, which runs
+        inside the mesh).
       grad_accum: micro-batches per mini-batch.
       completions_path: JSONL file for the sample-completions table (None: not written).
       logits_chunk_size: ``train.logits_chunk_size`` (log-probs over LM-head chunks; 0 = off).
@@ -79,15 +81,20 @@ class GRPORound:
         logits_chunk_size: int = 0,
         offload_reference: bool = False,
     ):
-        self.c, self.graphdef, self.tokenizer, self.runner, self.prompts = (
-            config,
+        c = self.c = config
+        self.graphdef, self.tokenizer, self.runner, self.prompts, self.mesh = (
             graphdef,
             tokenizer,
             runner,
             prompts,
+            mesh,
         )
-        self.mesh, self.pad_token_id, self.completions_path = mesh, pad_token_id, completions_path
-        c = config
+        self.sampling = rounds.SamplingSettings(
+            c.num_generations, c.max_new_tokens, c.temperature, c.top_k, c.top_p, pad_token_id
+        )
+        self.completion_log = rounds.CompletionLog(
+            completions_path, c.log_completions_every, max_rows=2 * c.num_generations
+        )
         loss_fn = grpo.make_loss_fn(
             temperature=c.temperature,
             clip_eps_low=c.epsilon_low,
@@ -100,12 +107,14 @@ class GRPORound:
             logits_chunk_size=logits_chunk_size,
         )
         step = make_train_step(graphdef, loss_fn, grpo.normalizers, optimizer, grad_accum=grad_accum)
-        self.update = jit_step(step, state_sharding=state_sharding)
-        self.logps_fn = grpo.make_logps_fn(
+        self.update = jit_step(step, mesh=mesh, state_sharding=state_sharding)
+        self.logps_fn = make_completion_forward(
             graphdef, temperature=c.temperature, logits_chunk_size=logits_chunk_size
         )
         # The reference is the starting policy, frozen (a copy: the train state's buffers are donated).
-        self.reference = FrozenParams(state.params, offload=offload_reference) if c.beta > 0 else None
+        self.reference = None
+        if c.beta > 0:
+            self.reference = FrozenModel(state.params, state.rest, offload=offload_reference)
         self.ref_logp_calls = 0  # beta == 0 must never compute reference log-probs (tested)
         self.on_policy = c.num_iterations == 1 and c.num_mini_batches == 1
         self.rounds = 0
@@ -118,22 +127,12 @@ class GRPORound:
         return nnx.merge(self.graphdef, state.params, state.rest)
 
     def _rollout(self, state, prompt_batch, salt: int) -> Rollout:
-        c = self.c
-        rollout = sample_rollout(
-            self._policy(state),
-            prompt_batch,
-            self.tokenizer,
-            num_generations=c.num_generations,
-            max_new_tokens=c.max_new_tokens,
-            temperature=c.temperature,
-            top_k=c.top_k,
-            top_p=c.top_p,
-            rng=state.key(salt),
-            mesh=self.mesh,
-            pad_token_id=self.pad_token_id,
+        policy = self._policy(state)
+        rollout = rounds.sample(
+            policy, prompt_batch, self.tokenizer, self.sampling, rng=state.key(salt), mesh=self.mesh
         )
         rollout = score_rollout(rollout, self.runner)
-        rollout.reward_metrics = global_reward_metrics(rollout, c.num_generations)
+        rollout.reward_metrics = global_reward_metrics(rollout, self.c.num_generations)
         return rollout
 
     def collect(self, state, prompt_batch) -> tuple[Rollout, dict[str, float]]:
@@ -211,11 +210,11 @@ class GRPORound:
             host["old_logps"] = rollout.sampler_logps
         batch = device_batch(host, self.mesh)
         if not self.on_policy and c.old_logprobs == "recompute":
-            batch["old_logps"] = self.logps_fn(state.params, state.rest, batch)
+            batch["old_logps"] = self.logps_fn(state.params, state.rest, batch)["logps"]
         if c.beta > 0:
             self.ref_logp_calls += 1
             self.ref_logps_this_round = 1.0
-            batch["ref_logps"] = self.reference.call(self.logps_fn, state.rest, batch)
+            batch["ref_logps"] = self.reference.call(self.logps_fn, batch)["logps"]
         return batch
 
     def __call__(self, state, prompt_batch) -> tuple[Any, dict[str, Any]]:
@@ -230,27 +229,20 @@ class GRPORound:
         jax.block_until_ready(batch)
         t2 = time.perf_counter()
         n = int(batch["tokens"].shape[0])  # global rows (all processes)
-        bounds = np.linspace(0, n, c.num_mini_batches + 1).astype(int)
         update_metrics = []
-        for _ in range(c.num_iterations):
-            for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-                mini = {k: v[lo:hi] for k, v in batch.items()}
-                state, m = self.update(state, mini)
+        for iteration in range(c.num_iterations):
+            for rows in rounds.mini_batches(state, n, c.num_mini_batches, iteration):
+                state, m = self.update(state, rounds.take_rows(batch, rows))
                 update_metrics.append(m)
         update_metrics = jax.device_get(update_metrics)
         t3 = time.perf_counter()
-        lengths = gather_rows(rollout.completion_mask.sum(axis=1))  # metrics of the global batch
-        truncated = gather_rows(rollout.truncated)
-        metrics.update({k: float(np.mean([m[k] for m in update_metrics])) for k in update_metrics[0]})
         metrics.update(rollout.reward_metrics)
+        metrics.update(rounds.round_metrics(rollout, update_metrics, metrics.get("time/sample", 0.0)))
         metrics.update(
             {
-                "completion_length": float(lengths.mean()),
-                "truncated_fraction": float(truncated.mean()),
                 "time/logps": t2 - t1,
                 "time/update": t3 - t2,
                 "time/round": t3 - t0,
-                "rollout_tokens_per_s": float(lengths.sum()) / max(metrics.get("time/sample", 1e-9), 1e-9),
                 "ref_logps_computed": self.ref_logps_this_round,
                 "batch/zero_std_groups": float(
                     np.mean(~group_has_signal(gather_rows(rollout.rewards), c.num_generations))
@@ -258,13 +250,5 @@ class GRPORound:
             }
         )
         self.rounds += 1
-        self._log_completions(rollout)
+        self.completion_log.write(rollout, self.rounds)
         return state, metrics
-
-    def _log_completions(self, rollout: Rollout) -> None:
-        every = self.c.log_completions_every
-        if not self.completions_path or not every or self.rounds % every or jax.process_index() != 0:
-            return
-        append_completions(
-            self.completions_path, rollout, round_index=self.rounds, max_rows=2 * self.c.num_generations
-        )

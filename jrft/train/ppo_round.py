@@ -2,9 +2,9 @@
 
 ``PPORound`` is the ``step_fn`` the shared loop calls with a prompt batch; one loop step is one rollout, which
 takes ``num_epochs x num_mini_batches`` optimizer steps of the policy (and of the value model). It reuses
-GRPO's machinery: :func:`jrft.train.rollout.sample_rollout` / ``score_rollout`` (one completion per prompt),
-the generic :func:`jrft.train.step.make_train_step` with the loss terms of
-:mod:`jrft.train.objectives.ppo`, and the loop, checkpoints and export of :mod:`jrft.train.offline`.
+GRPO's machinery: :mod:`jrft.train.rounds` (sampling, mini-batches, round metrics, completions table) with
+one completion per prompt, the generic :func:`jrft.train.step.make_train_step` with the loss terms of
+:mod:`jrft.train.objectives.ppo`, and the shared loop, checkpoints and export.
 
 The value function is either a separate decoder with a scalar head (its own train state and optimizer;
 the checkpointed state is a :class:`PPOState` holding both) or a scalar head on the policy (one train state,
@@ -13,30 +13,25 @@ loss = policy loss + vf_coef x value loss). TRL's ``PPOTrainer`` and OpenRLHF ha
 
 from __future__ import annotations
 
-import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
 from flax import nnx, struct
 
-from jrft.config import PPOConfig, RunConfig
-from jrft.train.loop import LoopResult
+from jrft.parallel.distributed import gather_rows, host_local_rows
+from jrft.train import rounds
+from jrft.train.logprobs import make_completion_forward
 from jrft.train.objectives import ppo
-from jrft.train.reference import FrozenParams
-from jrft.train.rollout import (
-    Rollout,
-    append_completions,
-    gather_rows,
-    global_reward_metrics,
-    host_local_rows,
-    sample_rollout,
-    score_rollout,
-)
-from jrft.train.sharding import device_batch
+from jrft.train.placement import device_batch
+from jrft.train.reference import FrozenModel
+from jrft.train.rollout import Rollout, global_reward_metrics, score_rollout
 from jrft.train.state import TrainState
 from jrft.train.step import jit_step, make_train_step
+
+if TYPE_CHECKING:  # the engine takes the section's values; it never reads a config file
+    from jrft.config import PPOConfig
 
 
 @struct.dataclass
@@ -46,14 +41,6 @@ class PPOState:
 
     policy: TrainState
     value: TrainState | None = None
-
-
-@struct.dataclass
-class FrozenModel:
-    """A model that is only evaluated (reward model, reference): its parameters and other variables."""
-
-    params: Any
-    rest: Any
 
 
 class PPORound:
@@ -68,6 +55,7 @@ class PPORound:
       tokenizer: decodes completions; its EOS stops sampling.
       runner: a ``jrft.rewards.RewardRunner`` or ``None`` (reward model only).
       reward_model: ``(graphdef, FrozenModel)`` of the frozen reward model, or ``None`` (functions only).
+        Its scores come from the global batch; each process keeps its rows.
       mesh, state_sharding: where the state lives (a :class:`PPOState` of shardings).
       grad_accum: micro-batches per mini-batch.
       completions_path: JSONL table of sample completions (None: not written).
@@ -95,8 +83,16 @@ class PPORound:
         offload_reference: bool = False,
     ):
         c = self.c = config
-        self.policy_graphdef, self.tokenizer, self.runner = policy_graphdef, tokenizer, runner
-        self.mesh, self.pad_token_id, self.completions_path = mesh, pad_token_id, completions_path
+        self.policy_graphdef, self.tokenizer, self.runner, self.mesh = (
+            policy_graphdef,
+            tokenizer,
+            runner,
+            mesh,
+        )
+        self.sampling = rounds.SamplingSettings(
+            1, c.max_new_tokens, c.temperature, c.top_k, c.top_p, pad_token_id
+        )
+        self.completion_log = rounds.CompletionLog(completions_path, c.log_completions_every, max_rows=8)
         self.head = value_graphdef is None
         policy_tx, value_tx = optimizers
         hyper = dict(
@@ -114,8 +110,8 @@ class PPORound:
             policy_tx,
             grad_accum=grad_accum,
         )
-        self.update_policy = jit_step(policy_step, state_sharding=state_sharding.policy)
-        self.policy_forward = ppo.make_forward_fn(
+        self.update_policy = jit_step(policy_step, mesh=mesh, state_sharding=state_sharding.policy)
+        self.policy_forward = make_completion_forward(
             policy_graphdef,
             temperature=c.temperature,
             logps=True,
@@ -127,8 +123,8 @@ class PPORound:
             value_step = make_train_step(
                 value_graphdef, value_loss, ppo.normalizers, value_tx, grad_accum=grad_accum
             )
-            self.update_value = jit_step(value_step, state_sharding=state_sharding.value)
-            self.value_forward = ppo.make_forward_fn(
+            self.update_value = jit_step(value_step, mesh=mesh, state_sharding=state_sharding.value)
+            self.value_forward = make_completion_forward(
                 value_graphdef, temperature=1.0, logps=False, values=True
             )
         self.advantage_fn = ppo.make_advantage_fn(
@@ -143,8 +139,7 @@ class PPORound:
         # kl_coef = 0 never needs it.
         self.reference = None
         if c.kl_coef > 0:
-            self.reference = FrozenParams(state.policy.params, offload=offload_reference)
-            self.reference_rest = state.policy.rest
+            self.reference = FrozenModel(state.policy.params, state.policy.rest, offload=offload_reference)
         self.reward_model = None
         if reward_model is not None:
             rm_graphdef, self.reward_model = reward_model
@@ -155,21 +150,9 @@ class PPORound:
     # -- rollout and rewards ----------------------------------------------------------------------------
 
     def _rollout(self, state: PPOState, prompt_batch) -> Rollout:
-        c = self.c
         policy = nnx.merge(self.policy_graphdef, state.policy.params, state.policy.rest)
-        return sample_rollout(
-            policy,
-            prompt_batch,
-            self.tokenizer,
-            num_generations=1,
-            max_new_tokens=c.max_new_tokens,
-            temperature=c.temperature,
-            top_k=c.top_k,
-            top_p=c.top_p,
-            rng=state.policy.key(1),
-            mesh=self.mesh,
-            pad_token_id=self.pad_token_id,
-        )
+        rng = state.policy.key(1)
+        return rounds.sample(policy, prompt_batch, self.tokenizer, self.sampling, rng=rng, mesh=self.mesh)
 
     def _scores(self, rollout: Rollout, batch) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, float]]:
         """``[N]`` scalar reward per completion: reward functions (NaN = none applied -> 0) + reward-model
@@ -186,7 +169,7 @@ class PPORound:
             # the whole global batch is the one "group" (as in a single-process run)
             metrics.update(global_reward_metrics(rollout, rollout.num_rows * jax.process_count()))
         if self.reward_model is not None:
-            rm = host_local_rows(self.score_fn(self.reward_model.params, self.reward_model.rest, batch))
+            rm = host_local_rows(self.reward_model.call(self.score_fn, batch))
             scores += rm
             parts["rm_score"] = rm
             metrics["rm_score/mean"] = float(gather_rows(rm).mean())
@@ -211,7 +194,7 @@ class PPORound:
         if self.reference is not None:
             # The policy's own jitted forward (same graph): no second compilation for the reference
             # (offloaded: one wrapper program that first copies the reference parameters to the device).
-            ref = self.reference.call(self.policy_forward, self.reference_rest, batch)
+            ref = self.reference.call(self.policy_forward, batch)
             batch["ref_logps"] = ref["logps"]
             self.ref_logp_calls += 1
         targets, metrics = self.advantage_fn(batch)
@@ -223,22 +206,12 @@ class PPORound:
 
     # -- update -----------------------------------------------------------------------------------------
 
-    def _mini_batches(self, state: PPOState, n: int, epoch: int) -> list[np.ndarray]:
-        """Row indices of each mini-batch of one epoch: a fresh permutation per epoch (deterministic in the
-        state's rng and step, so a resumed run shuffles the same way); one mini-batch: all rows in order."""
-        m = self.c.num_mini_batches
-        if m == 1:
-            return [np.arange(n)]
-        seed = [*np.asarray(jax.device_get(state.policy.rng)).tolist(), int(state.policy.step), epoch]
-        order = np.random.default_rng(seed).permutation(n)
-        return np.array_split(order, m)
-
     def _update(self, state: PPOState, batch) -> tuple[PPOState, list[dict[str, Any]]]:
         n = batch["tokens"].shape[0]
         metrics = []
         for epoch in range(self.c.num_epochs):
-            for rows in self._mini_batches(state, n, epoch):
-                mini = {k: v[rows] if len(rows) < n else v for k, v in batch.items()}
+            for rows in rounds.mini_batches(state.policy, n, self.c.num_mini_batches, epoch):
+                mini = rounds.take_rows(batch, rows)
                 policy, m = self.update_policy(state.policy, mini)
                 if not self.head:
                     value, vm = self.update_value(state.value, mini)
@@ -273,30 +246,20 @@ class PPORound:
         state, update_metrics = self._update(state, batch)
         update_metrics, adv_metrics = jax.device_get((update_metrics, adv_metrics))
         t3 = time.perf_counter()
-        metrics.update({k: float(np.mean([m[k] for m in update_metrics])) for k in update_metrics[0]})
-        metrics.update({k: float(v) for k, v in adv_metrics.items()})
-        lengths = gather_rows(rollout.completion_mask.sum(axis=1))  # all processes' rows
         sample_s = rollout.seconds["sample"]
+        metrics.update(rounds.round_metrics(rollout, update_metrics, sample_s))
+        metrics.update({k: float(v) for k, v in adv_metrics.items()})
         metrics.update(
             {
-                "completion_length": float(lengths.mean()),
-                "truncated_fraction": float(gather_rows(rollout.truncated).mean()),
                 "time/sample": sample_s,
                 "time/logps_values": t2 - t1,
                 "time/update": t3 - t2,
                 "time/round": t3 - t0,
-                "rollout_tokens_per_s": float(lengths.sum()) / max(sample_s, 1e-9),
             }
         )
         self.rounds += 1
-        self._log_completions(rollout, {"score": scores, **parts})
+        self.completion_log.write(rollout, self.rounds, extra={"score": scores, **parts})
         return state, metrics
-
-    def _log_completions(self, rollout: Rollout, extra) -> None:
-        every = self.c.log_completions_every
-        if not self.completions_path or not every or self.rounds % every or jax.process_index() != 0:
-            return
-        append_completions(self.completions_path, rollout, round_index=self.rounds, max_rows=8, extra=extra)
 
 
 def policy_export_model(policy_graphdef):
@@ -308,92 +271,3 @@ def policy_export_model(policy_graphdef):
         return model
 
     return export
-
-
-def run_ppo(config: RunConfig, *, progress: bool = True, runner=None) -> LoopResult:
-    """PPO; ``runner`` overrides the reward runner built from ``ppo.reward_functions`` (tests)."""
-    from transformers import AutoTokenizer
-
-    from jrft.data import datasets_from_config, pad_token_id, train_iterator_from_config
-    from jrft.train.offline import build_model, loop_and_export, optimizer_from_config
-    from jrft.train.online import reward_runner_from_config
-    from jrft.train.sharding import mesh_from_config, place_state
-    from jrft.train.state import create_train_state, split_model
-
-    c = config.ppo
-    if config.train.batch_size % c.num_mini_batches:
-        raise ValueError(
-            f"ppo.num_mini_batches={c.num_mini_batches} must divide "
-            f"train.batch_size={config.train.batch_size}"
-        )
-    mesh = mesh_from_config(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer_path)
-    train_ds, _ = datasets_from_config(config, tokenizer)
-    head = c.value_model == "head"
-    updates = config.train.steps * c.num_epochs * c.num_mini_batches
-    policy_tx, schedule = optimizer_from_config(config, total_steps=updates)
-    policy_graphdef, policy_state = create_train_state(
-        build_model(config, mesh, scalar_head=head), policy_tx, seed=config.seed
-    )
-    value_graphdef = value_state = value_tx = None
-    if not head:
-        # The value model starts from value_model_path, else the reward model (its head is a good start),
-        # else the policy (fresh head).
-        value_path = c.value_model_path or c.reward_model or config.model.path
-        value_tx, _ = optimizer_from_config(config, total_steps=updates)
-        value_graphdef, value_state = create_train_state(
-            build_model(config, mesh, scalar_head=True, path=value_path), value_tx, seed=config.seed + 1
-        )
-    state, shardings = place_state(PPOState(policy_state, value_state), mesh)
-    reward_model = None
-    if c.reward_model is not None:
-        rm_graphdef, rm_params, rm_rest = split_model(
-            build_model(config, mesh, scalar_head=True, path=c.reward_model)
-        )
-        reward_model = (rm_graphdef, FrozenModel(rm_params, rm_rest))
-    if runner is None and c.reward_functions:
-        # One completion per prompt: the rollout is one "group" for normalize_then_sum (multi-host: this
-        # process's rows, the ones its runner scores).
-        runner = reward_runner_from_config(
-            c, group_size=config.train.batch_size // jax.process_count(), max_new_tokens=c.max_new_tokens
-        )
-    prompts = train_iterator_from_config(
-        config, train_ds, process_index=jax.process_index(), process_count=jax.process_count()
-    )
-    micro = config.train.micro_batch_size
-    rows = config.train.batch_size // c.num_mini_batches
-    grad_accum = 1 if micro is None else max(rows // micro, 1)
-    round_fn = PPORound(
-        c,
-        policy_graphdef,
-        value_graphdef,
-        state,
-        (policy_tx, value_tx),
-        tokenizer,
-        runner,
-        reward_model,
-        mesh=mesh,
-        state_sharding=shardings,
-        pad_token_id=pad_token_id(tokenizer),
-        grad_accum=grad_accum,
-        completions_path=os.path.join(config.output_dir, "completions.jsonl"),
-        logits_chunk_size=config.train.logits_chunk_size,
-        offload_reference=config.train.offload_reference,
-    )
-
-    def step_fn(state, batch):
-        state, metrics = round_fn(state, batch)
-        return state, {**metrics, "lr": schedule(max(int(state.policy.step) - 1, 0))}
-
-    return loop_and_export(
-        config,
-        step_fn,
-        state,
-        prompts,
-        policy_graphdef,
-        tokenizer,
-        bar_keys=("score/mean", "kl_mean", "clip_frac", "value_loss"),
-        progress=progress,
-        summary=train_ds.summary(),
-        export_model=policy_export_model(policy_graphdef),
-    )

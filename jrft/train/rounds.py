@@ -1,0 +1,100 @@
+"""What a GRPO round and a PPO round share, as functions: sampling settings, the rollout's split into
+mini-batches, the metrics of a round, and the table of sample completions.
+
+Mini-batches (:func:`mini_batches`): each epoch (PPO) or iteration (GRPO) passes over a fresh permutation of
+the rollout's rows, split into ``num_mini_batches`` parts; one mini-batch is all rows in order. Shuffled
+rather than contiguous so that each optimizer step sees an unbiased sample of the rollout: contiguous slices
+hold whole prompt groups, so every step would see only a fraction of the prompts, and every epoch the same
+split (TRL shuffles its GRPO generation batch for the same reason). The permutation is a function of the
+state's rng, its step and the epoch, so a resumed run shuffles the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from jrft.parallel.distributed import gather_rows
+from jrft.train.rollout import Rollout, append_completions, sample_rollout
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+    """How a round samples: ``num_generations`` completions per prompt of at most ``max_new_tokens``,
+    at ``temperature`` with optional ``top_k`` / ``top_p``; ``pad_token_id`` fills the rows."""
+
+    num_generations: int
+    max_new_tokens: int
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    pad_token_id: int
+
+
+def sample(policy, prompt_batch, tokenizer, settings: SamplingSettings, *, rng, mesh) -> Rollout:
+    """One rollout of ``policy`` (an nnx model) over a host prompt batch (``jrft.train.rollout``)."""
+    return sample_rollout(
+        policy,
+        prompt_batch,
+        tokenizer,
+        num_generations=settings.num_generations,
+        max_new_tokens=settings.max_new_tokens,
+        temperature=settings.temperature,
+        top_k=settings.top_k,
+        top_p=settings.top_p,
+        rng=rng,
+        mesh=mesh,
+        pad_token_id=settings.pad_token_id,
+    )
+
+
+def mini_batches(state, n: int, num_mini_batches: int, epoch: int) -> list[np.ndarray]:
+    """Row indices of each mini-batch of one pass over ``n`` rows (see the module docstring); ``state`` is
+    the train state whose ``rng`` and ``step`` seed the permutation."""
+    if num_mini_batches == 1:
+        return [np.arange(n)]
+    seed = [*np.asarray(jax.device_get(state.rng)).tolist(), int(state.step), epoch]
+    order = np.random.default_rng(seed).permutation(n)
+    return np.array_split(order, num_mini_batches)
+
+
+def take_rows(batch: Mapping[str, jax.Array], rows: np.ndarray) -> dict[str, jax.Array]:
+    """The mini-batch of ``rows`` (all rows in order: the batch itself, no copy)."""
+    n = next(iter(batch.values())).shape[0]
+    if len(rows) == n and np.array_equal(rows, np.arange(n)):
+        return dict(batch)
+    return {k: v[rows] for k, v in batch.items()}
+
+
+def round_metrics(rollout: Rollout, update_metrics: Sequence[Mapping[str, Any]], sample_s: float) -> dict:
+    """The metrics every round reports: the mean of its optimizer steps' metrics (host values), and the
+    completion lengths, truncated fraction and sampling speed over all processes' rows (collective)."""
+    metrics = {k: float(np.mean([m[k] for m in update_metrics])) for k in update_metrics[0]}
+    lengths = gather_rows(rollout.completion_mask.sum(axis=1))
+    metrics.update(
+        {
+            "completion_length": float(lengths.mean()),
+            "truncated_fraction": float(gather_rows(rollout.truncated).mean()),
+            "rollout_tokens_per_s": float(lengths.sum()) / max(sample_s, 1e-9),
+        }
+    )
+    return metrics
+
+
+@dataclasses.dataclass
+class CompletionLog:
+    """The JSONL table of sample completions: the first ``max_rows`` rows of every ``every``-th round
+    (``every`` 0 or no ``path``: never), written by process 0."""
+
+    path: str | None
+    every: int
+    max_rows: int
+
+    def write(self, rollout: Rollout, round_index: int, extra: Mapping[str, np.ndarray] | None = None):
+        if not self.path or not self.every or round_index % self.every or jax.process_index() != 0:
+            return
+        append_completions(self.path, rollout, round_index=round_index, max_rows=self.max_rows, extra=extra)

@@ -1,0 +1,32 @@
+"""Run builders: the layer of ``jrft.train`` that reads a :class:`jrft.config.RunConfig`.
+
+Everything else in ``jrft.train`` is the engine (state, steps, loop, checkpoints, metrics, log-probs,
+reference, rollouts and rounds, objectives): it takes explicit values and never reads a config.
+:func:`~jrft.train.runs.setup.setup_run` builds every run; :data:`RUNNERS` maps each objective to its runner.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from jrft.config import RunConfig
+from jrft.train.loop import LoopResult
+from jrft.train.runs.grpo import run_grpo
+from jrft.train.runs.offline import run_offline
+from jrft.train.runs.ppo import run_ppo
+
+RUNNERS: dict[str, Callable[..., LoopResult]] = {
+    "sft": run_offline,
+    "reward": run_offline,
+    "dpo": run_offline,
+    "grpo": run_grpo,
+    "ppo": run_ppo,
+}
+
+
+def run_config(config: RunConfig, *, progress: bool = True) -> LoopResult:
+    """Trains ``config.objective`` with its runner from :data:`RUNNERS` and exports the result."""
+    return RUNNERS[config.objective](config, progress=progress)
+
+
+__all__ = ["RUNNERS", "run_config", "run_grpo", "run_offline", "run_ppo"]

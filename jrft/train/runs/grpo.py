@@ -1,0 +1,80 @@
+"""``jrft grpo``: from a :class:`jrft.config.RunConfig` to a policy trained on its own samples.
+
+config -> :func:`~jrft.train.runs.setup.setup_run` -> prompt iterator -> reward runner -> one
+:class:`~jrft.train.grpo_round.GRPORound` per loop step (sample, score on the host, update) -> shared loop
+(checkpoints, resume, metrics) -> export.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+from flax import nnx
+
+from jrft.config import RunConfig
+from jrft.train.grpo_round import GRPORound
+from jrft.train.loop import LoopResult
+from jrft.train.runs.export import loop_and_export
+from jrft.train.runs.setup import memory_summary, reward_runner_from_config, setup_run
+
+
+def run_grpo(config: RunConfig, *, progress: bool = True, runner=None, model_eval_fn=None) -> LoopResult:
+    """GRPO; ``runner`` overrides the reward runner built from ``grpo.reward_functions`` (tests).
+
+    ``model_eval_fn(model) -> metrics`` (optional) is called with the current policy every
+    ``train.eval_every`` steps and at the end; its metrics are logged with an ``eval/`` prefix (e.g. held-out
+    accuracy).
+    """
+    from jrft.data import pad_token_id, train_iterator_from_config
+
+    c = config.grpo
+    run = setup_run(config)
+    if runner is None:
+        runner = reward_runner_from_config(c, group_size=c.num_generations, max_new_tokens=c.max_new_tokens)
+    prompts = train_iterator_from_config(
+        config, run.train_ds, process_index=jax.process_index(), process_count=jax.process_count()
+    )
+    round_fn = GRPORound(
+        c,
+        run.graphdef,
+        run.state,
+        run.tx,
+        run.tokenizer,
+        runner,
+        prompts,
+        mesh=run.mesh,
+        state_sharding=run.shardings,
+        pad_token_id=pad_token_id(run.tokenizer),
+        grad_accum=config.train.grad_accum_for(config.train.batch_size // c.num_mini_batches),
+        completions_path=os.path.join(config.output_dir, "completions.jsonl"),
+        logits_chunk_size=config.train.logits_chunk_size,
+        offload_reference=config.train.offload_reference,
+    )
+
+    def step_fn(state, batch):
+        state, metrics = round_fn(state, batch)
+        return state, {**metrics, "lr": run.schedule(max(int(state.step) - 1, 0))}
+
+    def eval_state(state):
+        return model_eval_fn(nnx.merge(run.graphdef, state.params, state.rest))
+
+    rows = config.train.batch_size * c.num_generations
+    memory = memory_summary(
+        config,
+        run.mesh,
+        run.state,
+        rows=rows,
+        cache_rows=rows,
+        cache_len=config.data.max_prompt_length + c.max_new_tokens,
+    )
+    return loop_and_export(
+        run,
+        step_fn,
+        run.state,
+        prompts,
+        eval_fn=None if model_eval_fn is None else eval_state,
+        bar_keys=("rewards/mean", "kl_mean", "clip_frac", "completion_length"),
+        progress=progress,
+        summary=run.train_ds.summary() + "\n" + memory,
+    )

@@ -1,0 +1,187 @@
+"""``jrft sft | reward | dpo``: from a :class:`jrft.config.RunConfig` to a trained, exported model.
+
+config -> :func:`~jrft.train.runs.setup.setup_run` (mesh, tokenizer, data, model, optimizer, placed state)
+-> the objective's :class:`~jrft.train.evaluation.Objective` -> jitted step -> shared loop (checkpoints,
+resume, metrics, eval) -> ``save_pretrained`` export.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jrft.config import RunConfig
+from jrft.parallel.distributed import host_array
+from jrft.train.evaluation import Objective, make_eval_fn
+from jrft.train.loop import LoopResult
+from jrft.train.objectives import dpo, pairs, reward, sft
+from jrft.train.placement import DeviceBatches, device_batch, on_mesh
+from jrft.train.reference import FrozenModel
+from jrft.train.runs.export import loop_and_export
+from jrft.train.runs.setup import memory_summary, setup_run
+from jrft.train.step import jit_step, make_train_step
+
+
+def _sft(config: RunConfig, graphdef, state) -> Objective:
+    loss_fn = sft.make_loss_fn(logits_chunk_size=config.train.logits_chunk_size)
+    return Objective(sft.normalizers, loss_fn, bar_keys=("loss", "accuracy"))
+
+
+def _reward(config: RunConfig, graphdef, state) -> Objective:
+    c = config.reward
+    if c.loss == "listwise":  # whole rankings [B, K, T], Plackett-Luce
+        loss_fn = reward.make_listwise_loss_fn(center_coef=c.center_coefficient)
+        keys = ("loss", "accuracy", "top1_accuracy")
+        return Objective(
+            reward.ranking_normalizers,
+            loss_fn,
+            bar_keys=keys,
+            data_kind="ranking",
+            eval_weights={"accuracy": "pairs"},
+        )
+    loss_fn = reward.make_loss_fn(center_coef=c.center_coefficient)
+    return Objective(pairs.normalizers, loss_fn, bar_keys=("loss", "accuracy"))
+
+
+def _dpo(config: RunConfig, graphdef, state) -> Objective:
+    c = config.dpo
+    loss_fn = dpo.make_loss_fn(
+        beta=c.beta,
+        loss_type=c.loss_type,
+        label_smoothing=c.label_smoothing,
+        simpo_gamma=c.simpo_gamma,
+        orpo_lambda=c.orpo_lambda,
+        sft_weight=c.sft_weight,
+        logits_chunk_size=config.train.logits_chunk_size,
+    )
+    if c.reference_free or not dpo.needs_reference(c.loss_type):
+        # No reference model in memory: DPO's reference-free case uses a uniform reference (log-probs 0).
+
+        def prepare(batch):
+            zeros = jnp.zeros(batch["chosen_tokens"].shape[:1], jnp.float32)
+            return {**batch, "ref_chosen_logps": zeros, "ref_rejected_logps": zeros}
+
+    elif c.precompute_ref_logps:
+        # One pass of the reference (the starting parameters, before any step) over each dataset; the values
+        # travel with the examples into every batch, so no reference parameters are kept after it.
+        def attach(dataset, mesh):
+            attach_reference_logps(dataset, graphdef, state.params, state.rest, mesh, config=config)
+
+        keys = ("loss", "rewards/accuracies")
+        return Objective(pairs.normalizers, loss_fn, bar_keys=keys, attach=attach)
+
+    else:
+        # The reference is the starting policy, frozen: a copy, since the train state's buffers are donated
+        # (in host memory with train.offload_reference).
+        frozen = FrozenModel(state.params, state.rest, offload=config.train.offload_reference)
+        reference = dpo.make_reference_fn(graphdef, logits_chunk_size=config.train.logits_chunk_size)
+
+        def prepare(batch):
+            return {**batch, **frozen.call(reference, batch)}
+
+        return Objective(
+            pairs.normalizers, loss_fn, prepare, bar_keys=("loss", "rewards/accuracies"), frozen=frozen.params
+        )
+    return Objective(pairs.normalizers, loss_fn, prepare, bar_keys=("loss", "rewards/accuracies"))
+
+
+def attach_reference_logps(dataset, graphdef, params, rest, mesh, *, config: RunConfig) -> None:
+    """Adds ``ref_chosen_logps`` / ``ref_rejected_logps`` (host float32) to every example of a preference
+    ``dataset``: one ordered pass of the reference ``(graphdef, params, rest)`` in batches of
+    ``train.batch_size`` (the same reference function as the live path).
+
+    Because the values are attached to the examples themselves, every batch the iterator makes (any shuffle,
+    any resume position, eval batches too) carries its rows' own values. The pass is deterministic, so a
+    resumed run recomputes exactly the same values from the same starting parameters.
+    """
+    reference = on_mesh(dpo.make_reference_fn(graphdef, logits_chunk_size=config.train.logits_chunk_size), mesh)
+    batches = dataset.eval_batches(
+        batch_size=config.train.batch_size,
+        buckets=config.data.buckets,
+        max_length=config.data.max_length,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    out: dict[str, list[np.ndarray]] = {"ref_chosen_logps": [], "ref_rejected_logps": []}
+    for host_batch in batches:  # global rows in example order; filler rows only at the very end
+        logps = reference(params, rest, device_batch(host_batch, mesh))
+        for key in out:
+            out[key].append(host_array(logps[key]))
+    for key, parts in out.items():
+        values = np.concatenate(parts)[: len(dataset.examples)].astype(np.float32)
+        for example, value in zip(dataset.examples, values, strict=True):
+            example[key] = value
+
+
+OBJECTIVES: dict[str, Callable[[RunConfig, Any, Any], Objective]] = {
+    "sft": _sft,
+    "reward": _reward,
+    "dpo": _dpo,
+}
+
+
+def run_offline(config: RunConfig, *, progress: bool = True, model_eval_fn=None) -> LoopResult:
+    """Trains ``config.objective`` (sft, reward or dpo) and exports the result; returns the loop's result.
+
+    ``model_eval_fn(model) -> metrics`` (optional) is called with the current model every ``train.eval_every``
+    steps and at the end, next to the eval set's loss; its metrics are logged with an ``eval/`` prefix (e.g.
+    held-out exact match of greedy generations).
+    """
+    from jrft.data import eval_batches_from_config, train_iterator_from_config
+
+    if config.objective not in OBJECTIVES:
+        raise ValueError(
+            f"run_offline: objective {config.objective!r} is not offline; use {sorted(OBJECTIVES)}"
+        )
+    run = setup_run(config, scalar_head=config.objective == "reward")
+    mesh, graphdef, train_ds, eval_ds = run.mesh, run.graphdef, run.train_ds, run.eval_ds
+    objective = OBJECTIVES[config.objective](config, graphdef, run.state)
+    if objective.data_kind is not None and train_ds.kind != objective.data_kind:
+        raise ValueError(
+            f"{config.objective}: these settings train on {objective.data_kind!r} batches, but "
+            f"{train_ds.name} holds {train_ds.format!r} rows (reward.loss=listwise needs ranked rows: "
+            "prompt, completions, ranking; use reward.loss=bradley_terry for pairs)"
+        )
+    if objective.attach is not None:
+        for dataset in (train_ds, eval_ds):
+            if dataset is not None:
+                objective.attach(dataset, mesh)
+    step = make_train_step(
+        graphdef, objective.loss_fn, objective.normalizers, run.tx, grad_accum=config.train.grad_accum
+    )
+    jitted = jit_step(step, mesh=mesh, state_sharding=run.shardings)
+
+    def step_fn(state, batch):
+        state, metrics = jitted(state, batch)
+        return state, {**metrics, "lr": run.schedule(state.step - 1)}
+
+    where = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    batches = DeviceBatches(train_iterator_from_config(config, train_ds, **where), mesh, objective.prepare)
+    eval_fn = None
+    if eval_ds is not None:
+        eval_fn = make_eval_fn(
+            graphdef, objective, lambda: eval_batches_from_config(config, eval_ds, **where), mesh
+        )
+    if model_eval_fn is not None:
+        loss_eval = eval_fn
+
+        def eval_fn(state):
+            metrics = dict(loss_eval(state)) if loss_eval is not None else {}
+            return {**metrics, **model_eval_fn(nnx.merge(graphdef, state.params, state.rest))}
+
+    rows = config.train.batch_size
+    return loop_and_export(
+        run,
+        step_fn,
+        run.state,
+        batches,
+        eval_fn=eval_fn,
+        bar_keys=objective.bar_keys,
+        progress=progress,
+        summary=train_ds.summary() + "\n" + memory_summary(config, mesh, run.state, rows=rows),
+    )

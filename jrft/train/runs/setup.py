@@ -1,0 +1,206 @@
+"""The one way a run is built from a :class:`jrft.config.RunConfig`: mesh, tokenizer, data, model, optimizer
+and placed train state (:func:`setup_run`), used by every objective's runner and by ``jrft export``; and the
+pieces of a config that the engine needs as plain values (reward runner, checkpointer, memory estimate).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from jrft.config import MeshConfig, RunConfig
+from jrft.train.checkpoint import Checkpointer
+from jrft.train.objectives import dpo
+from jrft.train.optim import make_optimizer
+from jrft.train.placement import place_state
+from jrft.train.state import create_train_state
+
+
+def mesh_from_config(mesh: MeshConfig) -> Mesh:
+    """The run's mesh from the ``mesh`` section. With no ``-1`` axis and fewer devices asked for than exist,
+    the first ``data * fsdp * tensor`` devices are used (e.g. ``mesh.data=1`` for a single-device run)."""
+    from jrft.parallel import make_mesh
+
+    sizes = dict(data=mesh.data, fsdp=mesh.fsdp, tensor=mesh.tensor)
+    if -1 not in sizes.values():
+        wanted = mesh.data * mesh.fsdp * mesh.tensor
+        if wanted < jax.device_count():
+            return make_mesh(**sizes, devices=jax.devices()[:wanted])
+    return make_mesh(**sizes)
+
+
+def build_model(config: RunConfig, mesh: Mesh, *, scalar_head: bool = False, path: str | None = None):
+    """The run's model (``config.model``), or another checkpoint ``path`` with the same dtype/remat settings
+    (PPO's value and reward models)."""
+    from jrft.models import from_pretrained
+
+    m = config.model
+    return from_pretrained(
+        path or m.path,
+        mesh=mesh,
+        dtype=jnp.dtype(m.dtype),
+        param_dtype=jnp.dtype(m.param_dtype),
+        remat=m.remat,
+        scalar_head=scalar_head,
+        seed=config.seed,
+    )
+
+
+def optimizer_from_config(config: RunConfig, *, total_steps: int):
+    """``(optax transformation, schedule)`` of the config's ``optim`` section over ``total_steps`` updates."""
+    o = config.optim
+    return make_optimizer(
+        lr=o.lr,
+        total_steps=total_steps,
+        warmup_steps=o.warmup_steps,
+        schedule=o.schedule,
+        min_lr_ratio=o.min_lr_ratio,
+        weight_decay=o.weight_decay,
+        b1=o.betas[0],
+        b2=o.betas[1],
+        eps=o.eps,
+        max_grad_norm=o.max_grad_norm,
+    )
+
+
+def total_updates(config: RunConfig) -> int:
+    """Optimizer steps of the whole run (the schedule's length): one per loop step offline; GRPO and PPO
+    take ``iterations x mini-batches`` per round."""
+    steps = config.train.steps
+    if config.objective == "grpo":
+        return steps * config.grpo.num_iterations * config.grpo.num_mini_batches
+    if config.objective == "ppo":
+        return steps * config.ppo.num_epochs * config.ppo.num_mini_batches
+    return steps
+
+
+@dataclasses.dataclass
+class Run:
+    """A built run: everything the objective's runner hands to the engine.
+
+    ``state`` is the placed :class:`jrft.train.state.TrainState` of the trained model (the policy for GRPO
+    and PPO) and ``shardings`` its jit shardings; ``schedule(update) -> lr``.
+    """
+
+    config: RunConfig
+    mesh: Mesh
+    tokenizer: Any
+    train_ds: Any
+    eval_ds: Any
+    graphdef: Any
+    state: Any
+    shardings: Any
+    tx: Any
+    schedule: Any
+
+
+def setup_run(
+    config: RunConfig, *, scalar_head: bool = False, data: bool = True, mesh: Mesh | None = None
+) -> Run:
+    """Builds the run of ``config``: its mesh (or ``mesh``), tokenizer, train/eval datasets (``data=False``:
+    none, e.g. for export), the model with a scalar head when ``scalar_head``, the optimizer over
+    :func:`total_updates` and the train state placed on the mesh."""
+    from transformers import AutoTokenizer
+
+    from jrft.data import datasets_from_config
+
+    mesh = mesh if mesh is not None else mesh_from_config(config.mesh)
+    tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer_path)
+    train_ds, eval_ds = datasets_from_config(config, tokenizer) if data else (None, None)
+    tx, schedule = optimizer_from_config(config, total_steps=total_updates(config))
+    graphdef, state = create_train_state(
+        build_model(config, mesh, scalar_head=scalar_head), tx, seed=config.seed
+    )
+    state, shardings = place_state(state, mesh)
+    return Run(config, mesh, tokenizer, train_ds, eval_ds, graphdef, state, shardings, tx, schedule)
+
+
+def reward_runner_from_config(section, *, group_size: int, max_new_tokens: int):
+    """A ``RewardRunner`` for the ``grpo`` / ``ppo`` section's reward settings; DAPO's soft overlong penalty
+    is added as one more reward function when the section has ``overlong_buffer`` > 0."""
+    from jrft.rewards import RewardRunner
+
+    entries = [f.as_runner_spec() for f in section.reward_functions]
+    buffer = getattr(section, "overlong_buffer", 0)
+    if buffer:
+        entries.append(
+            {
+                "name": "soft_overlong",
+                "weight": getattr(section, "overlong_penalty", 1.0),
+                "max_length": max_new_tokens,
+                "cache_length": buffer,
+            }
+        )
+    return RewardRunner.from_config(
+        entries, timeout=section.reward_timeout_s, combine=section.reward_combine, group_size=group_size
+    )
+
+
+def checkpointer_for(config: RunConfig) -> Checkpointer:
+    """The run's checkpointer; refuses to silently restart over old checkpoints when resume is off."""
+    checkpointer = Checkpointer(
+        os.path.join(config.output_dir, "checkpoints"), keep_last=config.train.keep_last
+    )
+    if not config.train.resume and checkpointer.latest_step() is not None:
+        raise FileExistsError(
+            f"{checkpointer.directory} holds checkpoints but train.resume=false: "
+            "choose a new output_dir or set train.resume=true"
+        )
+    return checkpointer
+
+
+def export_dir(config: RunConfig) -> str:
+    """Where the run's final transformers-format model goes."""
+    return config.train.export_dir or os.path.join(config.output_dir, "export")
+
+
+def holds_reference(config: RunConfig) -> bool:
+    """Whether the run keeps a frozen reference copy of the parameters (for the memory estimate)."""
+    if config.objective == "dpo":
+        d = config.dpo
+        return not (d.reference_free or d.precompute_ref_logps or not dpo.needs_reference(d.loss_type))
+    if config.objective == "grpo":
+        return config.grpo.beta > 0
+    if config.objective == "ppo":
+        return config.ppo.kl_coef > 0
+    return False
+
+
+def memory_summary(
+    config: RunConfig, mesh: Mesh, state, *, rows: int, cache_rows: int = 0, cache_len: int = 0
+) -> str:
+    """The per-device memory estimate (``jrft.parallel.memory``) and, beside it, what the parameters really
+    occupy per device and what the device reports in use (where it can)."""
+    from jrft.models import ModelConfig
+    from jrft.parallel.memory import actual_param_bytes_per_device, device_memory_in_use, estimate_memory
+
+    if not os.path.isdir(config.model.path):
+        return "memory estimate: skipped (model config not in a local directory)"
+    model_cfg = ModelConfig.from_hf(config.model.path)
+    nbytes = lambda name: jnp.dtype(name).itemsize  # noqa: E731
+    micro = config.train.micro_batch_size or rows
+    est = estimate_memory(
+        model_cfg,
+        mesh_shape=tuple(mesh.shape[a] for a in ("data", "fsdp", "tensor")),
+        batch=min(micro, rows),
+        seq_len=config.data.max_length,
+        param_bytes=nbytes(config.model.param_dtype),
+        compute_bytes=nbytes(config.model.dtype),
+        opt_bytes=nbytes(config.model.param_dtype),
+        remat=config.model.remat,
+        cache_batch=cache_rows,
+        cache_len=cache_len,
+        cache_bytes=nbytes(config.model.dtype),
+        logits_chunk_size=config.train.logits_chunk_size,
+        reference=holds_reference(config),
+        offload_reference=config.train.offload_reference,
+    )
+    actual = actual_param_bytes_per_device(state.params)
+    reported = device_memory_in_use()
+    tail = f"; device reports {reported / 2**30:.2f} GiB in use" if reported else ""
+    return f"{est.describe()}; parameters actually {actual / 2**30:.3f} GiB/device{tail}"
