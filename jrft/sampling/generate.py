@@ -28,8 +28,10 @@ Parameters: the model is split once per call into (graphdef, state); the state i
 donated: the trainer keeps using it). The default CPU layout (``layout="unrolled"``, fused projections) makes
 one transient copy of the layer weights per call, freed when it returns (a decode step on CPU is
 overhead-bound and this removes per-step slicing); ``layout="scan", fuse_projections=False`` (the default off
-CPU) copies nothing. With a ``mesh``, prompt rows and the cache are sharded over the mesh's batch axes
-(``LOGICAL_RULES['batch']``: data and fsdp); parameters stay where the caller placed them.
+CPU) copies nothing. "CPU" means the platform of the mesh's devices (else of the parameters':
+``program_platform``), never the host's, so compiling for a TPU topology from a CPU host gets the TPU choices.
+With a ``mesh``, prompt rows and the cache are sharded over the mesh's batch axes (``LOGICAL_RULES['batch']``:
+data and fsdp); parameters stay where the caller placed them.
 """
 
 from __future__ import annotations
@@ -270,11 +272,27 @@ def _program(
     return out_tok, out_mask, out_lp, jnp.sum(out_mask, axis=-1, dtype=jnp.int32), reason, t - 1
 
 
-def _compiler_options() -> dict[str, Any] | None:
+def program_platform(mesh: Mesh | None = None, state=None) -> str:
+    """The platform (``"cpu"``, ``"gpu"``, ``"tpu"``) the generate program is compiled for, which picks the
+    CPU-only XLA options and the default layout: that of the ``mesh``'s devices, else of the devices the
+    parameters in ``state`` are placed on (arrays or ``ShapeDtypeStruct``s with a sharding), else of
+    ``jax.devices()[0]``. Never the host's default backend: a mesh of device-less TPU devices
+    (``jrft.aot.topology_devices``) compiles the TPU program on a CPU host."""
+    devices = getattr(mesh, "devices", None)  # an AbstractMesh has none
+    if devices is not None and np.size(devices):
+        return np.asarray(devices).flat[0].platform
+    for leaf in jax.tree.leaves(state):
+        sharding = getattr(leaf, "sharding", None)
+        if sharding is not None:
+            return next(iter(sharding.device_set)).platform
+    return jax.devices()[0].platform
+
+
+def _compiler_options(platform: str) -> dict[str, Any] | None:
     """XLA:CPU's default copy insertion copies every loop-carried cache buffer twice per decode step as soon
     as the step both reads and updates it (measured on the compiled HLO); its region analysis proves the read
     precedes the in-place update and inserts no copy. CPU-only option, so only set on CPU."""
-    if jax.default_backend() == "cpu":
+    if platform == "cpu":
         return {"xla_cpu_copy_insertion_use_region_analysis": True}
     return None
 
@@ -293,8 +311,16 @@ class Sampler:
         self._counter = _Counter()
         self._calls = 0
         self._buckets: list[tuple[int, int, int, int]] = []
-        options = {**(_compiler_options() or {}), **(compiler_options or {})} or None
-        self._jitted = jax.jit(_program, static_argnums=(0, 1, 2), compiler_options=options)
+        self._compiler_options = compiler_options
+        self._jitted: dict[str, Callable] = {}  # platform -> the jitted program (options differ per platform)
+
+    def program(self, platform: str) -> Callable:
+        """The jitted generate program for ``platform`` (``program_platform``), with that platform's XLA
+        options; its static arguments are ``(graphdef, _ProgramKey, counter)``."""
+        if platform not in self._jitted:
+            options = {**(_compiler_options(platform) or {}), **(self._compiler_options or {})} or None
+            self._jitted[platform] = jax.jit(_program, static_argnums=(0, 1, 2), compiler_options=options)
+        return self._jitted[platform]
 
     @property
     def stats(self) -> SamplerStats:
@@ -321,13 +347,14 @@ class Sampler:
         layout: str | None = None,
     ) -> GenerationResult:
         """See ``jrft.sampling.generate``."""
-        on_cpu = jax.default_backend() == "cpu"
+        graphdef, state = model if isinstance(model, tuple) else nnx.split(model)
+        platform = program_platform(mesh, state)
+        on_cpu = platform == "cpu"
         layout = layout or ("unrolled" if on_cpu else "scan")
         fuse_projections = on_cpu if fuse_projections is None else fuse_projections
         if layout not in _STEPS:
             raise ValueError(f"generate: layout must be one of {sorted(_STEPS)}, got {layout!r}")
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
-        graphdef, state = model if isinstance(model, tuple) else nnx.split(model)
         tokens, mask = _check_prompts(prompt_tokens, prompt_mask)
         if max_new_tokens < 1:
             raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -361,7 +388,7 @@ class Sampler:
                 args = tuple(jax.device_put(a, NamedSharding(mesh, spec)) for a in args)
                 rep = NamedSharding(mesh, PartitionSpec())
                 stops, rng = jax.device_put(stops, rep), jax.device_put(rng, rep)
-            outs = self._jitted(
+            outs = self.program(platform)(
                 graphdef,
                 key,
                 self._counter,
@@ -488,7 +515,8 @@ def generate(
       cache_dtype: KV-cache dtype (default: the model's compute dtype); ``jnp.bfloat16`` halves its memory.
       mesh: shard prompt rows and the cache over the mesh's batch axes (data, fsdp).
       fuse_projections: fuse q/k/v and gate/up matmuls in the decode step (a transient copy of those
-        weights). Default: on for CPU, off elsewhere.
+        weights). Default: on for CPU, off elsewhere (the platform of the mesh's devices, else of the
+        parameters', see ``program_platform``; not the host's).
       layout: ``"unrolled"`` (per-layer weights and caches, layers unrolled; fastest on CPU, a transient copy
         of the layer weights) or ``"scan"`` (stacked weights and cache, layers scanned; with unfused
         projections no weight is copied). Default: unrolled on CPU, scan elsewhere (not measured on GPU/TPU).
