@@ -146,6 +146,24 @@ def _gated_mlp(cfg, p, h):
     return act(h @ p["w_gate"]) * (h @ p["w_up"])
 
 
+def _position_qkv(cfg, p, x: jax.Array, cos: jax.Array, sin: jax.Array):
+    """A layer's attention inputs for one position per row: ``x [B, D]`` -> (attention norm, projection,
+    optional q/k norm, RoPE) q ``[B, H, Dh]``, k, v ``[B, K, Dh]``."""
+    b, eps = x.shape[0], cfg.rms_norm_eps
+    h_, k_, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    q, k, v = _project_qkv(cfg, p, rms_norm(x, p["attn_norm"], eps, cfg.norm_plus_one))
+    q, k, v = q.reshape(b, h_, dh), k.reshape(b, k_, dh), v.reshape(b, k_, dh)  # [B, H | K, Dh]
+    if cfg.qk_norm:
+        q, k = rms_norm(q, p["q_norm"], eps), rms_norm(k, p["k_norm"], eps)
+    return _rope_1(q, cos, sin), _rope_1(k, cos, sin), v
+
+
+def _mlp_residual(cfg, p, x: jax.Array) -> jax.Array:
+    """``x [B, D]`` plus the layer's MLP branch (pre-norm, gated MLP, down projection, optional post-norm)."""
+    h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps, cfg.norm_plus_one)
+    return x + post_norm(cfg, p, "post_mlp_norm", _gated_mlp(cfg, p, h) @ p["w_down"])
+
+
 def decode_step(
     model,
     weights: dict[str, jax.Array],
@@ -173,8 +191,7 @@ def decode_step(
     cfg = model.config
     dt = model.dtype
     b, s_att = key_valid.shape
-    h_, k_, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    eps, plus_one = cfg.rms_norm_eps, cfg.norm_plus_one
+    k_, dh = cfg.num_kv_heads, cfg.head_dim
     cos, sin = _rope_cos_sin_1(cfg, positions, dt)
     bias_full, bias_sliding = _key_biases(cfg, key_valid, slot)  # [B, 1, 1, s_att]
     sliding_flags = jnp.asarray(cfg.sliding_layers or (False,) * cfg.num_layers)
@@ -185,20 +202,14 @@ def decode_step(
         x, ck, cv = carry
         p, i, sliding = xs
         bias = bias_full if bias_sliding is None else jnp.where(sliding, bias_sliding, bias_full)
-        h = rms_norm(x, p["attn_norm"], eps, plus_one)
-        q, k, v = _project_qkv(cfg, p, h)
-        q, k, v = q.reshape(b, h_, dh), k.reshape(b, k_, dh), v.reshape(b, k_, dh)
-        if cfg.qk_norm:
-            q, k = rms_norm(q, p["q_norm"], eps), rms_norm(k, p["k_norm"], eps)
-        q, k = _rope_1(q, cos, sin), _rope_1(k, cos, sin)
+        q, k, v = _position_qkv(cfg, p, x, cos, sin)
         start = (i, zero, zero, slot, zero)
         ck = jax.lax.dynamic_update_slice(ck, k[None, :, :, None, :].astype(ck.dtype), start)
         cv = jax.lax.dynamic_update_slice(cv, v[None, :, :, None, :].astype(cv.dtype), start)
         k_att = jax.lax.dynamic_slice(ck, (i, zero, zero, zero, zero), (1, b, k_, s_att, dh))[0].astype(dt)
         v_att = jax.lax.dynamic_slice(cv, (i, zero, zero, zero, zero), (1, b, k_, s_att, dh))[0].astype(dt)
         x = x + post_norm(cfg, p, "post_attn_norm", _attend_1(cfg, p, q, k_att, v_att, bias))
-        h = rms_norm(x, p["mlp_norm"], eps, plus_one)
-        x = x + post_norm(cfg, p, "post_mlp_norm", _gated_mlp(cfg, p, h) @ p["w_down"])
+        x = _mlp_residual(cfg, p, x)
         return (x, ck, cv), None
 
     ck = with_logical_constraint(cache.k, CACHE_AXES)
@@ -236,9 +247,6 @@ def decode_step_unrolled(
     """
     cfg = model.config
     dt = model.dtype
-    b = tokens.shape[0]
-    h_, k_, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    eps, plus_one = cfg.rms_norm_eps, cfg.norm_plus_one
     cos, sin = _rope_cos_sin_1(cfg, positions, dt)
     bias_full, bias_sliding = _key_biases(cfg, key_valid, slot)  # [B, 1, 1, S]
     sliding_flags = cfg.sliding_layers or (False,) * cfg.num_layers
@@ -247,12 +255,7 @@ def decode_step_unrolled(
     new_ks, new_vs = [], []
     for p, ck, cv, sliding in zip(layers, ks, vs, sliding_flags, strict=True):
         bias = bias_sliding if sliding and bias_sliding is not None else bias_full
-        h = rms_norm(x, p["attn_norm"], eps, plus_one)
-        q, k, v = _project_qkv(cfg, p, h)
-        q, k, v = q.reshape(b, h_, dh), k.reshape(b, k_, dh), v.reshape(b, k_, dh)
-        if cfg.qk_norm:
-            q, k = rms_norm(q, p["q_norm"], eps), rms_norm(k, p["k_norm"], eps)
-        q, k = _rope_1(q, cos, sin), _rope_1(k, cos, sin)
+        q, k, v = _position_qkv(cfg, p, x, cos, sin)
         # write first, then read: with region-analysis copy insertion XLA:CPU updates the carry in place
         start = (zero, zero, slot, zero)
         ck = jax.lax.dynamic_update_slice(ck, k[:, :, None, :].astype(ck.dtype), start)
@@ -260,7 +263,6 @@ def decode_step_unrolled(
         new_ks.append(ck)
         new_vs.append(cv)
         x = x + post_norm(cfg, p, "post_attn_norm", _attend_1(cfg, p, q, ck.astype(dt), cv.astype(dt), bias))
-        h = rms_norm(x, p["mlp_norm"], eps, plus_one)
-        x = x + post_norm(cfg, p, "post_mlp_norm", _gated_mlp(cfg, p, h) @ p["w_down"])
+        x = _mlp_residual(cfg, p, x)
     logits = model.logits_from_hidden(model._final(x)[:, None])[:, 0]  # [B, V]
     return logits, tuple(new_ks), tuple(new_vs)
