@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("jrft.commands.export:main", "export a run's checkpoint in transformers format"),
     "grpo": ("jrft.commands.train:grpo", "GRPO: sample groups, score with reward functions, update"),
     "ppo": ("jrft.commands.train:ppo", "PPO (RLHF): reward model and/or functions, value model, GAE, update"),
+    "compile": ("jrft.commands.compile:main", "compile a run's programs for a TPU topology: fits or not"),
     "demo": ("jrft.commands.demo:main", "a tiny reasoning model from scratch on CPU: SFT -> GRPO, report"),
 }
 

@@ -82,7 +82,7 @@ class ModelSource:
 
     # A local directory with config.json + safetensors, or a hub id (downloaded through transformers' cache).
     path: str = ""
-    # Compute dtype of activations; log-probs and losses are always float32 (DESIGN.md contract).
+    # Compute dtype of activations; log-probs and losses are always float32 (the log-prob contract).
     dtype: str = "float32"
     # Storage dtype of trainable parameters; float32 keeps AdamW updates exact, bfloat16 halves memory.
     param_dtype: str = "float32"

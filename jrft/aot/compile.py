@@ -43,7 +43,9 @@ class ProgramReport:
     ``fits`` is ``total_bytes <= hbm_bytes`` for a compiled program, False when the compiler refused it for
     memory; then ``error`` holds its message, ``temp_bytes`` and ``total_bytes`` the size it names (0 when
     it names none) and the other sizes are 0. ``estimate_bytes`` is the caller's own prediction, shown
-    beside the compiler's figure.
+    beside the compiler's figure. ``resident_bytes`` are device arrays the run holds while this program runs
+    that are not its arguments (e.g. the train state during the sampler, a frozen reference during the
+    step); they are counted in ``total_bytes``.
     """
 
     name: str
@@ -59,6 +61,7 @@ class ProgramReport:
     estimate_bytes: int | None = None
     error: str | None = None
     hlo_path: str | None = None
+    resident_bytes: int = 0
 
     def describe(self) -> str:
         """One line: ``name: fits|DOES NOT FIT  total X GiB / HBM Y GiB per chip (args, temp, code;
@@ -69,6 +72,8 @@ class ProgramReport:
             total = _gib(self.total_bytes)
             args, temp, code = (_gib(n) for n in (self.argument_bytes, self.temp_bytes, self.code_bytes))
             parts = f"args {args}, temp {temp}, code {code}"
+            if self.resident_bytes:
+                parts += f", resident {_gib(self.resident_bytes)}"
         else:  # the compiler stopped at its first check: only the size it names is known
             total = f">= {_gib(self.total_bytes)}" if self.total_bytes else "?"
             parts = f"args ?, temp {_gib(self.temp_bytes) if self.temp_bytes else '?'}, code ?"
@@ -103,7 +108,7 @@ def abstract(tree, shardings):
     return jax.tree.map(one, tree, shardings)
 
 
-def _memory_report(name, compiled, hbm_bytes, compile_s, estimate_bytes) -> ProgramReport:
+def _memory_report(name, compiled, hbm_bytes, compile_s, estimate_bytes, resident_bytes) -> ProgramReport:
     stats = compiled.memory_analysis()
     sizes = dict(
         argument_bytes=int(stats.argument_size_in_bytes),
@@ -118,6 +123,7 @@ def _memory_report(name, compiled, hbm_bytes, compile_s, estimate_bytes) -> Prog
         - sizes["alias_bytes"]
         + sizes["temp_bytes"]
         + sizes["code_bytes"]
+        + resident_bytes
     )
     return ProgramReport(
         name=name,
@@ -126,6 +132,7 @@ def _memory_report(name, compiled, hbm_bytes, compile_s, estimate_bytes) -> Prog
         hbm_bytes=int(hbm_bytes),
         compile_s=compile_s,
         estimate_bytes=estimate_bytes,
+        resident_bytes=resident_bytes,
         **sizes,
     )
 
@@ -170,6 +177,7 @@ def compile_program(
     out_shardings=None,
     donate_argnums: int | Sequence[int] = (),
     static_argnums: int | Sequence[int] = (),
+    resident_bytes: int = 0,
 ) -> ProgramReport:
     """AOT-compiles ``fn(*args)`` for ``mesh``'s devices and reports its per-chip memory.
 
@@ -185,6 +193,7 @@ def compile_program(
       dump_dir: write the optimized HLO to ``<dump_dir>/<name>.hlo.txt`` (a program the compiler refused
         has none: ``hlo_path`` stays None).
       in_shardings, out_shardings, donate_argnums, static_argnums: passed to ``jax.jit``.
+      resident_bytes: per-chip bytes of device arrays held alongside the program (counted in the total).
 
     Returns:
       A ``ProgramReport``; ``fits=False`` (not an exception) when the compiler runs out of HBM. Other
@@ -214,7 +223,8 @@ def compile_program(
             if not _OUT_OF_MEMORY.search(str(e)):
                 raise
             return _out_of_memory_report(name, e, hbm_bytes, time.perf_counter() - start, estimate_bytes)
-    report = _memory_report(name, compiled, hbm_bytes, time.perf_counter() - start, estimate_bytes)
+    seconds = time.perf_counter() - start
+    report = _memory_report(name, compiled, hbm_bytes, seconds, estimate_bytes, resident_bytes)
     if dump_dir is not None:
         report.hlo_path = _dump_path(dump_dir, name)
         with open(report.hlo_path, "w") as f:

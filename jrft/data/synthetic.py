@@ -2,9 +2,9 @@
 
 Prompt ``123+456=``, completion ``<think>3+6+0=09,2+5+0=07,1+4+0=05</think><answer>579</answer>``: one
 ``x+y+c=s`` step per column from the units digit, ``c`` the carry in and ``s`` the two-digit column sum
-(its first digit is the next carry). The answer is ``a + b``. (The task and its sizes follow the probe in
-NOTES.md, "Can a tiny model trained from scratch here learn ...": SFT on a few hundred problems plateaus,
-GRPO with a correctness check keeps improving.)
+(its first digit is the next carry). The answer is ``a + b``. (The task and its sizes follow a probe we
+ran in plain PyTorch on a 0.8M-parameter model: SFT on a few hundred problems plateaus, GRPO with a
+correctness check keeps improving.)
 
 * Splits are disjoint by construction: a problem is held out iff ``crc32("a+b") % 1000 <
   1000 * heldout_fraction``, whatever the seed, so no seed can leak a held-out problem into training.

@@ -5,7 +5,7 @@ with ``load_config(None, overrides)`` and trained by ``run_offline`` / ``run_grp
 its ``metrics.jsonl``, checkpoints and transformers-format export under ``<output_dir>/<stage>/``. The
 stage directories are removed first, so a rerun starts over instead of resuming a finished run.
 
-The story (shared/NOTES.md): SFT on a few hundred labelled problems teaches the
+The story (measured first in a plain PyTorch probe): SFT on a few hundred labelled problems teaches the
 ``<think>…</think><answer>…</answer>`` format but plateaus around 30% exact match; GRPO on fresh,
 unlabelled prompts with a programmable correctness + format reward (DeepSeekMath, arXiv 2402.03300) then
 raises accuracy further, because the checker needs no labelled trace.

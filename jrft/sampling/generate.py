@@ -349,33 +349,22 @@ class Sampler:
         """See ``jrft.sampling.generate``."""
         graphdef, state = model if isinstance(model, tuple) else nnx.split(model)
         platform = program_platform(mesh, state)
-        on_cpu = platform == "cpu"
-        layout = layout or ("unrolled" if on_cpu else "scan")
-        fuse_projections = on_cpu if fuse_projections is None else fuse_projections
-        if layout not in _STEPS:
-            raise ValueError(f"generate: layout must be one of {sorted(_STEPS)}, got {layout!r}")
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+        key = _program_key(
+            (graphdef, state),
+            platform,
+            params,
+            max_new_tokens=max_new_tokens,
+            num_samples=num_samples,
+            cache_dtype=cache_dtype,
+            fuse_projections=fuse_projections,
+            layout=layout,
+        )
         tokens, mask = _check_prompts(prompt_tokens, prompt_mask)
-        if max_new_tokens < 1:
-            raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
-        if num_samples < 1:
-            raise ValueError(f"generate: num_samples must be >= 1, got {num_samples}")
         stops = _stop_array(stop_token_ids)
         b = tokens.shape[0]
         tok_p, mask_p = _pad_to_buckets(tokens, mask, _batch_shards(mesh), pad_token_id)
         bp, tpb = tok_p.shape
-        nb = bucket_length(max_new_tokens, 32)
-        if cache_dtype is None:
-            cache_dtype = graphdef_dtype(model)
-        key = _ProgramKey(
-            num_samples,
-            nb,
-            _segments(nb),
-            _structure(params),
-            jnp.dtype(cache_dtype).name,
-            fuse_projections,
-            layout,
-        )
         if rng is None:
             rng = jax.random.key(0)
         elif isinstance(rng, int):
@@ -401,7 +390,7 @@ class Sampler:
                 rng,
             )
         self._calls += 1
-        bucket = (bp, tpb, nb, num_samples)
+        bucket = (bp, tpb, key.new_bucket, num_samples)
         if bucket not in self._buckets:
             self._buckets.append(bucket)
         out_tok, out_mask, out_lp, lengths, reason, steps = outs
@@ -418,6 +407,86 @@ class Sampler:
             num_samples=num_samples,
             stats=self.stats,
         )
+
+    def lower(
+        self,
+        model,
+        batch: int,
+        prompt_length: int,
+        *,
+        max_new_tokens: int,
+        mesh: Mesh,
+        num_samples: int = 1,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        cache_dtype=None,
+        fuse_projections: bool | None = None,
+        layout: str | None = None,
+    ):
+        """The generate program for ``batch`` prompts of ``prompt_length`` tokens, lowered without running it
+        (AOT compilation, ``jrft compile``): the same program, key and argument shardings as :meth:`generate`
+        (prompts padded to their buckets), for ``model = (graphdef, state)`` whose state may be
+        ``ShapeDtypeStruct``s with shardings (e.g. for the devices of a TPU topology). Returns a
+        ``jax.stages.Lowered``."""
+        graphdef, state = model
+        platform = program_platform(mesh, state)
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+        key = _program_key(
+            (graphdef, state),
+            platform,
+            params,
+            max_new_tokens=max_new_tokens,
+            num_samples=num_samples,
+            cache_dtype=cache_dtype,
+            fuse_projections=fuse_projections,
+            layout=layout,
+        )
+        shards = _batch_shards(mesh)
+        bp, tpb = -(-batch // shards) * shards, bucket_length(prompt_length)
+        rows = NamedSharding(mesh, logical_to_spec(("batch", None), (bp, tpb), mesh))
+        rep = NamedSharding(mesh, PartitionSpec())
+
+        def spec(shape, dtype, sharding=rep):
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+        values = jax.tree.map(lambda v: spec(v.shape, v.dtype), jax.eval_shape(params.dynamic_values))
+        prompts = spec((bp, tpb), jnp.int32, rows)
+        with jax.set_mesh(mesh):
+            return self.program(platform).lower(
+                graphdef,
+                key,
+                self._counter,
+                state,
+                prompts,
+                prompts,
+                spec((MAX_STOP_IDS,), jnp.int32),
+                values,
+                spec((), jnp.int32),
+                spec((), jnp.int32),
+                spec((), jax.eval_shape(lambda: jax.random.key(0)).dtype),
+            )
+
+
+def _program_key(
+    model, platform: str, params, *, max_new_tokens, num_samples, cache_dtype, fuse_projections, layout
+) -> _ProgramKey:
+    """The static part of the generate program (checked): layout and projection fusion default by the
+    program's platform (unrolled and fused on CPU, scanned on accelerators)."""
+    on_cpu = platform == "cpu"
+    layout = layout or ("unrolled" if on_cpu else "scan")
+    fuse_projections = on_cpu if fuse_projections is None else fuse_projections
+    if layout not in _STEPS:
+        raise ValueError(f"generate: layout must be one of {sorted(_STEPS)}, got {layout!r}")
+    if max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    if num_samples < 1:
+        raise ValueError(f"generate: num_samples must be >= 1, got {num_samples}")
+    nb = bucket_length(max_new_tokens, 32)
+    cache_dtype = graphdef_dtype(model) if cache_dtype is None else cache_dtype
+    cache = jnp.dtype(cache_dtype).name
+    return _ProgramKey(num_samples, nb, _segments(nb), _structure(params), cache, fuse_projections, layout)
 
 
 def graphdef_dtype(model) -> jnp.dtype:

@@ -30,9 +30,11 @@ from jrft.train.placement import device_batch
 from jrft.train.reference import FrozenModel
 from jrft.train.rollout import (
     Rollout,
+    SamplingSettings,
     concat_rollouts,
     global_reward_metrics,
     group_has_signal,
+    sample_rollout,
     score_rollout,
     widen_rollout,
 )
@@ -45,6 +47,26 @@ if TYPE_CHECKING:  # the engine takes the section's values; it never reads a con
 _group_advantages = jax.jit(group_advantages, static_argnames=("group_size", "scale", "baseline"))
 
 
+def update_step(config: GRPOConfig, graphdef, optimizer, options: rounds.RoundOptions):
+    """The jitted GRPO update ``(state, mini_batch) -> (state, metrics)`` of the ``grpo`` section
+    ``config``, run inside the options' mesh (what :class:`GRPORound` calls, and ``jrft compile``
+    compiles)."""
+    c = config
+    loss_fn = grpo.make_loss_fn(
+        temperature=c.temperature,
+        clip_eps_low=c.epsilon_low,
+        clip_eps_high=c.epsilon_high,
+        beta=c.beta,
+        kl_estimator=c.kl_estimator,
+        aggregation=c.loss_aggregation,
+        importance_level=c.importance_level,
+        max_completion_length=c.max_new_tokens,
+        logits_chunk_size=options.logits_chunk_size,
+    )
+    step = make_train_step(graphdef, loss_fn, grpo.normalizers, optimizer, grad_accum=options.grad_accum)
+    return jit_step(step, mesh=options.mesh, state_sharding=options.state_sharding)
+
+
 class GRPORound:
     """Callable ``(state, prompt_batch) -> (state, metrics)`` for :func:`jrft.train.loop.train_loop`.
 
@@ -55,12 +77,8 @@ class GRPORound:
       tokenizer: decodes completions for the reward functions; its EOS stops sampling.
       runner: a ``jrft.rewards.RewardRunner`` (group_size = G).
       prompts: the prompt iterator (dynamic sampling pulls extra batches from it).
-      mesh, state_sharding: where the state lives (explicit shardings of the jitted update, which runs
-        inside the mesh).
-      grad_accum: micro-batches per mini-batch.
-      completions_path: JSONL file for the sample-completions table (None: not written).
-      logits_chunk_size: ``train.logits_chunk_size`` (log-probs over LM-head chunks; 0 = off).
-      offload_reference: ``train.offload_reference`` (the frozen reference in host memory).
+      options: mesh, shardings, padding, accumulation, completions table, memory levers
+        (:class:`jrft.train.rounds.RoundOptions`).
     """
 
     def __init__(
@@ -72,49 +90,31 @@ class GRPORound:
         tokenizer,
         runner,
         prompts,
-        *,
-        mesh,
-        state_sharding,
-        pad_token_id: int,
-        grad_accum: int = 1,
-        completions_path: str | None = None,
-        logits_chunk_size: int = 0,
-        offload_reference: bool = False,
+        options: rounds.RoundOptions,
     ):
-        c = self.c = config
-        self.graphdef, self.tokenizer, self.runner, self.prompts, self.mesh = (
+        c, o = config, options
+        self.c, self.graphdef, self.tokenizer, self.runner, self.prompts = (
+            c,
             graphdef,
             tokenizer,
             runner,
             prompts,
-            mesh,
         )
-        self.sampling = rounds.SamplingSettings(
-            c.num_generations, c.max_new_tokens, c.temperature, c.top_k, c.top_p, pad_token_id
+        self.mesh = o.mesh
+        self.sampling = SamplingSettings(
+            c.num_generations, c.max_new_tokens, c.temperature, c.top_k, c.top_p, o.pad_token_id
         )
         self.completion_log = rounds.CompletionLog(
-            completions_path, c.log_completions_every, max_rows=2 * c.num_generations
+            o.completions_path, c.log_completions_every, max_rows=2 * c.num_generations
         )
-        loss_fn = grpo.make_loss_fn(
-            temperature=c.temperature,
-            clip_eps_low=c.epsilon_low,
-            clip_eps_high=c.epsilon_high,
-            beta=c.beta,
-            kl_estimator=c.kl_estimator,
-            aggregation=c.loss_aggregation,
-            importance_level=c.importance_level,
-            max_completion_length=c.max_new_tokens,
-            logits_chunk_size=logits_chunk_size,
-        )
-        step = make_train_step(graphdef, loss_fn, grpo.normalizers, optimizer, grad_accum=grad_accum)
-        self.update = jit_step(step, mesh=mesh, state_sharding=state_sharding)
+        self.update = update_step(c, graphdef, optimizer, o)
         self.logps_fn = make_completion_forward(
-            graphdef, temperature=c.temperature, logits_chunk_size=logits_chunk_size
+            graphdef, temperature=c.temperature, logits_chunk_size=o.logits_chunk_size
         )
         # The reference is the starting policy, frozen (a copy: the train state's buffers are donated).
         self.reference = None
         if c.beta > 0:
-            self.reference = FrozenModel(state.params, state.rest, offload=offload_reference)
+            self.reference = FrozenModel(state.params, state.rest, offload=o.offload_reference)
         self.ref_logp_calls = 0  # beta == 0 must never compute reference log-probs (tested)
         self.on_policy = c.num_iterations == 1 and c.num_mini_batches == 1
         self.rounds = 0
@@ -128,7 +128,7 @@ class GRPORound:
 
     def _rollout(self, state, prompt_batch, salt: int) -> Rollout:
         policy = self._policy(state)
-        rollout = rounds.sample(
+        rollout = sample_rollout(
             policy, prompt_batch, self.tokenizer, self.sampling, rng=state.key(salt), mesh=self.mesh
         )
         rollout = score_rollout(rollout, self.runner)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jrft.losses import token_logprobs
+from jrft.train.reference import frozen_forward
 
 
 def _head_logps(model, hidden, targets, temperature: float):
@@ -210,9 +211,7 @@ def make_completion_forward(
     reference log-probs of GRPO and PPO, and PPO's old values (one forward gives both for a policy with a
     value head)."""
 
-    @jax.jit
-    def forward(params, rest, batch):
-        model = nnx.merge(graphdef, params, rest)
+    def forward(model, batch):
         hidden = model.hidden(batch["tokens"], batch["attention_mask"])  # [N, T, D]
         out = {}
         if logps:
@@ -221,6 +220,6 @@ def make_completion_forward(
             )
         if values:
             out["values"] = completion_values(model, hidden, batch["completion_mask"].shape[1])
-        return jax.lax.stop_gradient(out)
+        return out
 
-    return forward
+    return frozen_forward(graphdef, forward)

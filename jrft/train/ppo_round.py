@@ -26,7 +26,7 @@ from jrft.train.logprobs import make_completion_forward
 from jrft.train.objectives import ppo
 from jrft.train.placement import device_batch
 from jrft.train.reference import FrozenModel
-from jrft.train.rollout import Rollout, global_reward_metrics, score_rollout
+from jrft.train.rollout import Rollout, SamplingSettings, global_reward_metrics, sample_rollout, score_rollout
 from jrft.train.state import TrainState
 from jrft.train.step import jit_step, make_train_step
 
@@ -43,6 +43,36 @@ class PPOState:
     value: TrainState | None = None
 
 
+def update_steps(
+    config: PPOConfig, policy_graphdef, value_graphdef, optimizers, options: rounds.RoundOptions
+):
+    """The jitted PPO updates ``(state, mini_batch) -> (state, metrics)`` of the ``ppo`` section ``config``:
+    ``(policy update, value update or None)``; with a value head (``value_graphdef`` None) the policy update
+    trains both terms. Run inside the options' mesh (what :class:`PPORound` calls, ``jrft compile``
+    compiles)."""
+    c, o = config, options
+    policy_tx, value_tx = optimizers
+    hyper = dict(
+        temperature=c.temperature,
+        cliprange=c.cliprange,
+        cliprange_value=c.cliprange_value,
+        vf_coef=c.vf_coef,
+        logits_chunk_size=o.logits_chunk_size,
+    )
+
+    def update(graphdef, terms, tx, sharding):
+        loss = ppo.make_loss_fn(terms=terms, **hyper)
+        step = make_train_step(graphdef, loss, ppo.normalizers, tx, grad_accum=o.grad_accum)
+        return jit_step(step, mesh=o.mesh, state_sharding=sharding)
+
+    if value_graphdef is None:
+        return update(policy_graphdef, ("policy", "value"), policy_tx, o.state_sharding.policy), None
+    return (
+        update(policy_graphdef, ("policy",), policy_tx, o.state_sharding.policy),
+        update(value_graphdef, ("value",), value_tx, o.state_sharding.value),
+    )
+
+
 class PPORound:
     """Callable ``(PPOState, prompt_batch) -> (PPOState, metrics)`` for :func:`jrft.train.loop.train_loop`.
 
@@ -56,11 +86,8 @@ class PPORound:
       runner: a ``jrft.rewards.RewardRunner`` or ``None`` (reward model only).
       reward_model: ``(graphdef, FrozenModel)`` of the frozen reward model, or ``None`` (functions only).
         Its scores come from the global batch; each process keeps its rows.
-      mesh, state_sharding: where the state lives (a :class:`PPOState` of shardings).
-      grad_accum: micro-batches per mini-batch.
-      completions_path: JSONL table of sample completions (None: not written).
-      logits_chunk_size: ``train.logits_chunk_size`` (policy log-probs over LM-head chunks; 0 = off).
-      offload_reference: ``train.offload_reference`` (the frozen reference in host memory).
+      options: mesh, shardings (a :class:`PPOState` of them), padding, accumulation, completions table,
+        memory levers (:class:`jrft.train.rounds.RoundOptions`).
     """
 
     def __init__(
@@ -73,57 +100,30 @@ class PPORound:
         tokenizer,
         runner,
         reward_model,
-        *,
-        mesh,
-        state_sharding: PPOState,
-        pad_token_id: int,
-        grad_accum: int = 1,
-        completions_path: str | None = None,
-        logits_chunk_size: int = 0,
-        offload_reference: bool = False,
+        options: rounds.RoundOptions,
     ):
         c = self.c = config
+        o = options
         self.policy_graphdef, self.tokenizer, self.runner, self.mesh = (
             policy_graphdef,
             tokenizer,
             runner,
-            mesh,
+            o.mesh,
         )
-        self.sampling = rounds.SamplingSettings(
-            1, c.max_new_tokens, c.temperature, c.top_k, c.top_p, pad_token_id
-        )
-        self.completion_log = rounds.CompletionLog(completions_path, c.log_completions_every, max_rows=8)
+        self.sampling = SamplingSettings(1, c.max_new_tokens, c.temperature, c.top_k, c.top_p, o.pad_token_id)
+        self.completion_log = rounds.CompletionLog(o.completions_path, c.log_completions_every, max_rows=8)
         self.head = value_graphdef is None
-        policy_tx, value_tx = optimizers
-        hyper = dict(
-            temperature=c.temperature,
-            cliprange=c.cliprange,
-            cliprange_value=c.cliprange_value,
-            vf_coef=c.vf_coef,
-            logits_chunk_size=logits_chunk_size,
+        self.update_policy, self.update_value = update_steps(
+            c, policy_graphdef, value_graphdef, optimizers, options
         )
-        policy_terms = ("policy", "value") if self.head else ("policy",)
-        policy_step = make_train_step(
-            policy_graphdef,
-            ppo.make_loss_fn(terms=policy_terms, **hyper),
-            ppo.normalizers,
-            policy_tx,
-            grad_accum=grad_accum,
-        )
-        self.update_policy = jit_step(policy_step, mesh=mesh, state_sharding=state_sharding.policy)
         self.policy_forward = make_completion_forward(
             policy_graphdef,
             temperature=c.temperature,
             logps=True,
             values=self.head,
-            logits_chunk_size=logits_chunk_size,
+            logits_chunk_size=o.logits_chunk_size,
         )
         if not self.head:
-            value_loss = ppo.make_loss_fn(terms=("value",), **hyper)
-            value_step = make_train_step(
-                value_graphdef, value_loss, ppo.normalizers, value_tx, grad_accum=grad_accum
-            )
-            self.update_value = jit_step(value_step, mesh=mesh, state_sharding=state_sharding.value)
             self.value_forward = make_completion_forward(
                 value_graphdef, temperature=1.0, logps=False, values=True
             )
@@ -139,7 +139,7 @@ class PPORound:
         # kl_coef = 0 never needs it.
         self.reference = None
         if c.kl_coef > 0:
-            self.reference = FrozenModel(state.policy.params, state.policy.rest, offload=offload_reference)
+            self.reference = FrozenModel(state.policy.params, state.policy.rest, offload=o.offload_reference)
         self.reward_model = None
         if reward_model is not None:
             rm_graphdef, self.reward_model = reward_model
@@ -152,7 +152,7 @@ class PPORound:
     def _rollout(self, state: PPOState, prompt_batch) -> Rollout:
         policy = nnx.merge(self.policy_graphdef, state.policy.params, state.policy.rest)
         rng = state.policy.key(1)
-        return rounds.sample(policy, prompt_batch, self.tokenizer, self.sampling, rng=rng, mesh=self.mesh)
+        return sample_rollout(policy, prompt_batch, self.tokenizer, self.sampling, rng=rng, mesh=self.mesh)
 
     def _scores(self, rollout: Rollout, batch) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, float]]:
         """``[N]`` scalar reward per completion: reward functions (NaN = none applied -> 0) + reward-model

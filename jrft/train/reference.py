@@ -21,8 +21,21 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 HOST = "pinned_host"
+
+
+def frozen_forward(graphdef: nnx.GraphDef, fn: Callable) -> Callable:
+    """Jitted ``(params, rest, batch) -> fn(model, batch)`` with no gradients: the forward of a model that is
+    only evaluated (reference and old log-probs, values, reward scores); what :meth:`FrozenModel.call` takes.
+    """
+
+    @jax.jit
+    def forward(params, rest, batch):
+        return jax.lax.stop_gradient(fn(nnx.merge(graphdef, params, rest), batch))
+
+    return forward
 
 
 def host_memory_supported(device=None) -> bool:
@@ -71,11 +84,16 @@ class FrozenModel:
         if not self.offload:
             return fn(self.params, self.rest, *args)
         if fn not in self._calls:
-            shardings = self.device_shardings
-
-            @jax.jit
-            def on_device(host_params, rest, *more):
-                return fn(jax.device_put(host_params, shardings), rest, *more)
-
-            self._calls[fn] = on_device
+            self._calls[fn] = from_host(fn, self.device_shardings)
         return self._calls[fn](self.params, self.rest, *args)
+
+
+def from_host(fn: Callable, device_shardings) -> Callable:
+    """Jitted ``(host_params, rest, *args) -> fn(params on the device, rest, *args)``: the program an
+    offloaded frozen model runs, whose first step copies the parameters to ``device_shardings``."""
+
+    @jax.jit
+    def on_device(host_params, rest, *more):
+        return fn(jax.device_put(host_params, device_shardings), rest, *more)
+
+    return on_device

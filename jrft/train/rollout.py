@@ -133,19 +133,21 @@ def concat_rollouts(parts: Sequence[Rollout]) -> Rollout:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+    """How a rollout samples: ``num_generations`` completions per prompt of at most ``max_new_tokens``,
+    at ``temperature`` with optional ``top_k`` / ``top_p``; ``pad_token_id`` fills the rows."""
+
+    num_generations: int
+    max_new_tokens: int
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    pad_token_id: int
+
+
 def sample_rollout(
-    model,
-    prompt_batch: Mapping[str, Any],
-    tokenizer,
-    *,
-    num_generations: int,
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    rng,
-    mesh=None,
-    pad_token_id: int,
+    model, prompt_batch: Mapping[str, Any], tokenizer, settings: SamplingSettings, *, rng, mesh=None
 ) -> Rollout:
     """Samples G completions per prompt and lays out the rows (see the module docstring).
 
@@ -154,7 +156,7 @@ def sample_rollout(
     short completions make short training rows.
     """
     t0 = time.perf_counter()
-    g = num_generations
+    g, max_new_tokens, pad_token_id = settings.num_generations, settings.max_new_tokens, settings.pad_token_id
     # Multi-host: every process samples the same global prompt batch in one global program (module doc).
     out = generate(
         model,
@@ -162,9 +164,9 @@ def sample_rollout(
         gather_rows(np.asarray(prompt_batch["prompt_attention_mask"])),
         max_new_tokens=max_new_tokens,
         num_samples=g,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
+        temperature=settings.temperature,
+        top_k=settings.top_k,
+        top_p=settings.top_p,
         stop_token_ids=[tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else (),
         rng=rng,
         mesh=mesh,

@@ -1,4 +1,4 @@
-"""What a GRPO round and a PPO round share, as functions: sampling settings, the rollout's split into
+"""What a GRPO round and a PPO round share, as functions: their options, the rollout's split into
 mini-batches, the metrics of a round, and the table of sample completions.
 
 Mini-batches (:func:`mini_batches`): each epoch (PPO) or iteration (GRPO) passes over a fresh permutation of
@@ -19,37 +19,30 @@ import jax
 import numpy as np
 
 from jrft.parallel.distributed import gather_rows
-from jrft.train.rollout import Rollout, append_completions, sample_rollout
+from jrft.train.rollout import Rollout, append_completions
 
 
 @dataclasses.dataclass(frozen=True)
-class SamplingSettings:
-    """How a round samples: ``num_generations`` completions per prompt of at most ``max_new_tokens``,
-    at ``temperature`` with optional ``top_k`` / ``top_p``; ``pad_token_id`` fills the rows."""
+class RoundOptions:
+    """Where and how a GRPO or PPO round runs (the same for both).
 
-    num_generations: int
-    max_new_tokens: int
-    temperature: float
-    top_k: int | None
-    top_p: float | None
+    Attributes:
+      mesh: the run's mesh; state_sharding: the jit shardings of the round's state (the update runs inside
+        the mesh).
+      pad_token_id: fills rollout rows.
+      grad_accum: micro-batches per mini-batch.
+      completions_path: JSONL table of sample completions (None: not written).
+      logits_chunk_size: log-probs over LM-head chunks of this many positions (0 = off).
+      offload_reference: keep the frozen reference in host memory.
+    """
+
+    mesh: Any
+    state_sharding: Any
     pad_token_id: int
-
-
-def sample(policy, prompt_batch, tokenizer, settings: SamplingSettings, *, rng, mesh) -> Rollout:
-    """One rollout of ``policy`` (an nnx model) over a host prompt batch (``jrft.train.rollout``)."""
-    return sample_rollout(
-        policy,
-        prompt_batch,
-        tokenizer,
-        num_generations=settings.num_generations,
-        max_new_tokens=settings.max_new_tokens,
-        temperature=settings.temperature,
-        top_k=settings.top_k,
-        top_p=settings.top_p,
-        rng=rng,
-        mesh=mesh,
-        pad_token_id=settings.pad_token_id,
-    )
+    grad_accum: int = 1
+    completions_path: str | None = None
+    logits_chunk_size: int = 0
+    offload_reference: bool = False
 
 
 def mini_batches(state, n: int, num_mini_batches: int, epoch: int) -> list[np.ndarray]:

@@ -15,33 +15,29 @@ from flax import nnx
 from jrft.losses import dpo_loss, orpo_odds_ratio_loss, simpo_loss
 from jrft.train.logprobs import pair_sequence_logps
 from jrft.train.objectives.pairs import valid_rows
+from jrft.train.reference import frozen_forward
+
+# Loss variants: (policy log-probs, batch, hyperparameters) -> (losses [B], chosen rewards, rejected rewards).
 
 
-def _dpo_family(out, batch, *, beta, loss_type, label_smoothing, simpo_gamma, orpo_lambda):
-    return dpo_loss(
-        out["chosen_logps"],
-        out["rejected_logps"],
-        batch["ref_chosen_logps"],
-        batch["ref_rejected_logps"],
-        beta=beta,
-        loss_type=loss_type,
-        label_smoothing=label_smoothing,
-    )
+def _dpo_family(out, batch, hp):
+    """A loss of ``jrft.losses.DPO_LOSSES`` against the reference's log-probs."""
+    policy = (out["chosen_logps"], out["rejected_logps"])
+    reference = (batch["ref_chosen_logps"], batch["ref_rejected_logps"])
+    kw = {k: hp[k] for k in ("beta", "loss_type", "label_smoothing")}
+    return dpo_loss(*policy, *reference, **kw)
 
 
-def _simpo(out, batch, *, beta, loss_type, label_smoothing, simpo_gamma, orpo_lambda):
+def _simpo(out, batch, hp):
+    """SimPO: length-normalised, reference-free, with a target margin ``simpo_gamma``."""
+    policy = (out["chosen_logps"], out["rejected_logps"])
+    lengths = (out["chosen_lengths"], out["rejected_lengths"])
     return simpo_loss(
-        out["chosen_logps"],
-        out["rejected_logps"],
-        out["chosen_lengths"],
-        out["rejected_lengths"],
-        beta=beta,
-        gamma=simpo_gamma,
-        label_smoothing=label_smoothing,
+        *policy, *lengths, beta=hp["beta"], gamma=hp["simpo_gamma"], label_smoothing=hp["label_smoothing"]
     )
 
 
-def _orpo(out, batch, *, beta, loss_type, label_smoothing, simpo_gamma, orpo_lambda):
+def _orpo(out, batch, hp):
     """ORPO = NLL of the chosen response (per token) + lambda * odds-ratio term; rewards as TRL logs them
     (beta x mean log-prob)."""
     odds, _ = orpo_odds_ratio_loss(
@@ -49,7 +45,8 @@ def _orpo(out, batch, *, beta, loss_type, label_smoothing, simpo_gamma, orpo_lam
     )
     chosen_mean = out["chosen_logps"] / jnp.maximum(out["chosen_lengths"], 1.0)
     rejected_mean = out["rejected_logps"] / jnp.maximum(out["rejected_lengths"], 1.0)
-    losses = -chosen_mean + orpo_lambda * odds
+    losses = -chosen_mean + hp["orpo_lambda"] * odds
+    beta = hp["beta"]
     return losses, jax.lax.stop_gradient(beta * chosen_mean), jax.lax.stop_gradient(beta * rejected_mean)
 
 
@@ -85,7 +82,7 @@ def make_loss_fn(
     def loss_fn(model, batch, norms, key):
         del key
         out = pair_sequence_logps(model, batch, chunk_size=logits_chunk_size)
-        losses, chosen_rewards, rejected_rewards = pair_loss(out, batch, **hyper)
+        losses, chosen_rewards, rejected_rewards = pair_loss(out, batch, hyper)
         if sft_weight:
             losses = losses - sft_weight * out["chosen_logps"] / jnp.maximum(out["chosen_lengths"], 1.0)
         valid = valid_rows(batch)
@@ -113,13 +110,8 @@ def make_reference_fn(graphdef: nnx.GraphDef, *, logits_chunk_size: int = 0):
     No gradients flow into the reference. ``logits_chunk_size``: see ``jrft.train.logprobs``.
     """
 
-    @jax.jit
-    def reference(params, rest, batch):
-        model = nnx.merge(graphdef, params, rest)
+    def reference(model, batch):
         out = pair_sequence_logps(model, batch, chunk_size=logits_chunk_size)
-        return {
-            "ref_chosen_logps": jax.lax.stop_gradient(out["chosen_logps"]),
-            "ref_rejected_logps": jax.lax.stop_gradient(out["rejected_logps"]),
-        }
+        return {"ref_chosen_logps": out["chosen_logps"], "ref_rejected_logps": out["rejected_logps"]}
 
-    return reference
+    return frozen_forward(graphdef, reference)

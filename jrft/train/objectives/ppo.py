@@ -31,6 +31,7 @@ from jrft.losses import (
     whiten,
 )
 from jrft.train.logprobs import completion_logps, completion_values
+from jrft.train.reference import frozen_forward
 
 
 def normalizers(batch):
@@ -114,12 +115,9 @@ def make_score_fn(graphdef: nnx.GraphDef):
     """Jitted ``(params, rest, batch) -> [N]``: a reward model's score at each row's last real token."""
     from jrft.train.objectives.reward import sequence_rewards
 
-    @jax.jit
-    def score(params, rest, batch):
-        model = nnx.merge(graphdef, params, rest)
-        return jax.lax.stop_gradient(sequence_rewards(model, batch["tokens"], batch["attention_mask"]))
-
-    return score
+    return frozen_forward(
+        graphdef, lambda model, b: sequence_rewards(model, b["tokens"], b["attention_mask"])
+    )
 
 
 def explained_variance(values, returns, mask) -> jax.Array:

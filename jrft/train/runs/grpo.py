@@ -7,8 +7,6 @@ config -> :func:`~jrft.train.runs.setup.setup_run` -> prompt iterator -> reward 
 
 from __future__ import annotations
 
-import os
-
 import jax
 from flax import nnx
 
@@ -16,7 +14,7 @@ from jrft.config import RunConfig
 from jrft.train.grpo_round import GRPORound
 from jrft.train.loop import LoopResult
 from jrft.train.runs.export import loop_and_export
-from jrft.train.runs.setup import memory_summary, reward_runner_from_config, setup_run
+from jrft.train.runs.setup import memory_summary, reward_runner_from_config, round_options, setup_run
 
 
 def run_grpo(config: RunConfig, *, progress: bool = True, runner=None, model_eval_fn=None) -> LoopResult:
@@ -26,7 +24,7 @@ def run_grpo(config: RunConfig, *, progress: bool = True, runner=None, model_eva
     ``train.eval_every`` steps and at the end; its metrics are logged with an ``eval/`` prefix (e.g. held-out
     accuracy).
     """
-    from jrft.data import pad_token_id, train_iterator_from_config
+    from jrft.data import train_iterator_from_config
 
     c = config.grpo
     run = setup_run(config)
@@ -35,22 +33,8 @@ def run_grpo(config: RunConfig, *, progress: bool = True, runner=None, model_eva
     prompts = train_iterator_from_config(
         config, run.train_ds, process_index=jax.process_index(), process_count=jax.process_count()
     )
-    round_fn = GRPORound(
-        c,
-        run.graphdef,
-        run.state,
-        run.tx,
-        run.tokenizer,
-        runner,
-        prompts,
-        mesh=run.mesh,
-        state_sharding=run.shardings,
-        pad_token_id=pad_token_id(run.tokenizer),
-        grad_accum=config.train.grad_accum_for(config.train.batch_size // c.num_mini_batches),
-        completions_path=os.path.join(config.output_dir, "completions.jsonl"),
-        logits_chunk_size=config.train.logits_chunk_size,
-        offload_reference=config.train.offload_reference,
-    )
+    options = round_options(config, run, state_sharding=run.shardings, num_mini_batches=c.num_mini_batches)
+    round_fn = GRPORound(c, run.graphdef, run.state, run.tx, run.tokenizer, runner, prompts, options)
 
     def step_fn(state, batch):
         state, metrics = round_fn(state, batch)

@@ -27,28 +27,17 @@ from jrft.train.runs.setup import memory_summary, setup_run
 from jrft.train.step import jit_step, make_train_step
 
 
-def _sft(config: RunConfig, graphdef, state) -> Objective:
-    loss_fn = sft.make_loss_fn(logits_chunk_size=config.train.logits_chunk_size)
-    return Objective(sft.normalizers, loss_fn, bar_keys=("loss", "accuracy"))
-
-
-def _reward(config: RunConfig, graphdef, state) -> Objective:
-    c = config.reward
-    if c.loss == "listwise":  # whole rankings [B, K, T], Plackett-Luce
-        loss_fn = reward.make_listwise_loss_fn(center_coef=c.center_coefficient)
-        keys = ("loss", "accuracy", "top1_accuracy")
-        return Objective(
-            reward.ranking_normalizers,
-            loss_fn,
-            bar_keys=keys,
-            data_kind="ranking",
-            eval_weights={"accuracy": "pairs"},
-        )
-    loss_fn = reward.make_loss_fn(center_coef=c.center_coefficient)
-    return Objective(pairs.normalizers, loss_fn, bar_keys=("loss", "accuracy"))
-
-
-def _dpo(config: RunConfig, graphdef, state) -> Objective:
+def offline_loss(config: RunConfig) -> tuple[Callable, Callable]:
+    """``(normalizers, loss_fn)`` of the config's offline objective (``jrft.train.step``'s contract), for
+    the runner and for ``jrft compile``."""
+    chunk = config.train.logits_chunk_size
+    if config.objective == "sft":
+        return sft.normalizers, sft.make_loss_fn(logits_chunk_size=chunk)
+    if config.objective == "reward":
+        c = config.reward
+        if c.loss == "listwise":  # whole rankings [B, K, T], Plackett-Luce
+            return reward.ranking_normalizers, reward.make_listwise_loss_fn(center_coef=c.center_coefficient)
+        return pairs.normalizers, reward.make_loss_fn(center_coef=c.center_coefficient)
     c = config.dpo
     loss_fn = dpo.make_loss_fn(
         beta=c.beta,
@@ -57,8 +46,27 @@ def _dpo(config: RunConfig, graphdef, state) -> Objective:
         simpo_gamma=c.simpo_gamma,
         orpo_lambda=c.orpo_lambda,
         sft_weight=c.sft_weight,
-        logits_chunk_size=config.train.logits_chunk_size,
+        logits_chunk_size=chunk,
     )
+    return pairs.normalizers, loss_fn
+
+
+def _sft(config: RunConfig, graphdef, state) -> Objective:
+    return Objective(*offline_loss(config), bar_keys=("loss", "accuracy"))
+
+
+def _reward(config: RunConfig, graphdef, state) -> Objective:
+    if config.reward.loss == "listwise":
+        keys = ("loss", "accuracy", "top1_accuracy")
+        return Objective(
+            *offline_loss(config), bar_keys=keys, data_kind="ranking", eval_weights={"accuracy": "pairs"}
+        )
+    return Objective(*offline_loss(config), bar_keys=("loss", "accuracy"))
+
+
+def _dpo(config: RunConfig, graphdef, state) -> Objective:
+    c = config.dpo
+    normalizers, loss_fn = offline_loss(config)
     if c.reference_free or not dpo.needs_reference(c.loss_type):
         # No reference model in memory: DPO's reference-free case uses a uniform reference (log-probs 0).
 
@@ -73,7 +81,7 @@ def _dpo(config: RunConfig, graphdef, state) -> Objective:
             attach_reference_logps(dataset, graphdef, state.params, state.rest, mesh, config=config)
 
         keys = ("loss", "rewards/accuracies")
-        return Objective(pairs.normalizers, loss_fn, bar_keys=keys, attach=attach)
+        return Objective(normalizers, loss_fn, bar_keys=keys, attach=attach)
 
     else:
         # The reference is the starting policy, frozen: a copy, since the train state's buffers are donated
@@ -85,9 +93,9 @@ def _dpo(config: RunConfig, graphdef, state) -> Objective:
             return {**batch, **frozen.call(reference, batch)}
 
         return Objective(
-            pairs.normalizers, loss_fn, prepare, bar_keys=("loss", "rewards/accuracies"), frozen=frozen.params
+            normalizers, loss_fn, prepare, bar_keys=("loss", "rewards/accuracies"), frozen=frozen.params
         )
-    return Objective(pairs.normalizers, loss_fn, prepare, bar_keys=("loss", "rewards/accuracies"))
+    return Objective(normalizers, loss_fn, prepare, bar_keys=("loss", "rewards/accuracies"))
 
 
 def attach_reference_logps(dataset, graphdef, params, rest, mesh, *, config: RunConfig) -> None:
@@ -99,7 +107,9 @@ def attach_reference_logps(dataset, graphdef, params, rest, mesh, *, config: Run
     any resume position, eval batches too) carries its rows' own values. The pass is deterministic, so a
     resumed run recomputes exactly the same values from the same starting parameters.
     """
-    reference = on_mesh(dpo.make_reference_fn(graphdef, logits_chunk_size=config.train.logits_chunk_size), mesh)
+    reference = on_mesh(
+        dpo.make_reference_fn(graphdef, logits_chunk_size=config.train.logits_chunk_size), mesh
+    )
     batches = dataset.eval_batches(
         batch_size=config.train.batch_size,
         buckets=config.data.buckets,

@@ -7,20 +7,19 @@ config -> :func:`~jrft.train.runs.setup.setup_run` (the policy) + the value mode
 
 from __future__ import annotations
 
-import os
-
 import jax
 
 from jrft.config import RunConfig
 from jrft.train.loop import LoopResult
-from jrft.train.ppo_round import PPORound, PPOState, policy_export_model
 from jrft.train.placement import place_state
+from jrft.train.ppo_round import PPORound, PPOState, policy_export_model
 from jrft.train.reference import FrozenModel
 from jrft.train.runs.export import loop_and_export
 from jrft.train.runs.setup import (
     build_model,
     optimizer_from_config,
     reward_runner_from_config,
+    round_options,
     setup_run,
     total_updates,
 )
@@ -29,7 +28,7 @@ from jrft.train.state import create_train_state, split_model
 
 def run_ppo(config: RunConfig, *, progress: bool = True, runner=None) -> LoopResult:
     """PPO; ``runner`` overrides the reward runner built from ``ppo.reward_functions`` (tests)."""
-    from jrft.data import pad_token_id, train_iterator_from_config
+    from jrft.data import train_iterator_from_config
 
     c = config.ppo
     if config.train.batch_size % c.num_mini_batches:
@@ -65,23 +64,9 @@ def run_ppo(config: RunConfig, *, progress: bool = True, runner=None) -> LoopRes
     prompts = train_iterator_from_config(
         config, run.train_ds, process_index=jax.process_index(), process_count=jax.process_count()
     )
-    round_fn = PPORound(
-        c,
-        run.graphdef,
-        value_graphdef,
-        state,
-        (run.tx, value_tx),
-        run.tokenizer,
-        runner,
-        reward_model,
-        mesh=mesh,
-        state_sharding=shardings,
-        pad_token_id=pad_token_id(run.tokenizer),
-        grad_accum=config.train.grad_accum_for(config.train.batch_size // c.num_mini_batches),
-        completions_path=os.path.join(config.output_dir, "completions.jsonl"),
-        logits_chunk_size=config.train.logits_chunk_size,
-        offload_reference=config.train.offload_reference,
-    )
+    options = round_options(config, run, state_sharding=shardings, num_mini_batches=c.num_mini_batches)
+    graphdefs, optimizers = (run.graphdef, value_graphdef), (run.tx, value_tx)
+    round_fn = PPORound(c, *graphdefs, state, optimizers, run.tokenizer, runner, reward_model, options)
 
     def step_fn(state, batch):
         state, metrics = round_fn(state, batch)

@@ -18,6 +18,7 @@ from jrft.train.checkpoint import Checkpointer
 from jrft.train.objectives import dpo
 from jrft.train.optim import make_optimizer
 from jrft.train.placement import place_state
+from jrft.train.rounds import RoundOptions
 from jrft.train.state import create_train_state
 
 
@@ -141,6 +142,24 @@ def reward_runner_from_config(section, *, group_size: int, max_new_tokens: int):
     )
 
 
+def round_options(config: RunConfig, run: Run, *, state_sharding, num_mini_batches: int) -> RoundOptions:
+    """The options of a GRPO / PPO round (``jrft.train.rounds.RoundOptions``) from the config: micro-batches
+    by ``train.micro_batch_size`` over the prompts of one mini-batch, the completions table in the run's
+    directory, the memory levers of the ``train`` section."""
+    from jrft.data import pad_token_id
+
+    t = config.train
+    return RoundOptions(
+        mesh=run.mesh,
+        state_sharding=state_sharding,
+        pad_token_id=pad_token_id(run.tokenizer),
+        grad_accum=t.grad_accum_for(t.batch_size // num_mini_batches),
+        completions_path=os.path.join(config.output_dir, "completions.jsonl"),
+        logits_chunk_size=t.logits_chunk_size,
+        offload_reference=t.offload_reference,
+    )
+
+
 def checkpointer_for(config: RunConfig) -> Checkpointer:
     """The run's checkpointer; refuses to silently restart over old checkpoints when resume is off."""
     checkpointer = Checkpointer(
@@ -171,22 +190,19 @@ def holds_reference(config: RunConfig) -> bool:
     return False
 
 
-def memory_summary(
-    config: RunConfig, mesh: Mesh, state, *, rows: int, cache_rows: int = 0, cache_len: int = 0
-) -> str:
-    """The per-device memory estimate (``jrft.parallel.memory``) and, beside it, what the parameters really
-    occupy per device and what the device reports in use (where it can)."""
-    from jrft.models import ModelConfig
-    from jrft.parallel.memory import actual_param_bytes_per_device, device_memory_in_use, estimate_memory
+def estimate_for(
+    config: RunConfig, model_cfg, mesh_shape, *, rows: int, cache_rows: int = 0, cache_len: int = 0
+):
+    """The per-device memory estimate (``jrft.parallel.memory.estimate_memory``) of a run of ``config`` with
+    model architecture ``model_cfg`` on a mesh of ``mesh_shape`` (data, fsdp, tensor): ``rows`` sequences
+    per update (``train.micro_batch_size`` caps them), ``cache_rows`` x ``cache_len`` KV cache."""
+    from jrft.parallel.memory import estimate_memory
 
-    if not os.path.isdir(config.model.path):
-        return "memory estimate: skipped (model config not in a local directory)"
-    model_cfg = ModelConfig.from_hf(config.model.path)
     nbytes = lambda name: jnp.dtype(name).itemsize  # noqa: E731
     micro = config.train.micro_batch_size or rows
-    est = estimate_memory(
+    return estimate_memory(
         model_cfg,
-        mesh_shape=tuple(mesh.shape[a] for a in ("data", "fsdp", "tensor")),
+        mesh_shape=tuple(mesh_shape),
         batch=min(micro, rows),
         seq_len=config.data.max_length,
         param_bytes=nbytes(config.model.param_dtype),
@@ -199,6 +215,27 @@ def memory_summary(
         logits_chunk_size=config.train.logits_chunk_size,
         reference=holds_reference(config),
         offload_reference=config.train.offload_reference,
+    )
+
+
+def memory_summary(
+    config: RunConfig, mesh: Mesh, state, *, rows: int, cache_rows: int = 0, cache_len: int = 0
+) -> str:
+    """The per-device memory estimate (:func:`estimate_for`) and, beside it, what the parameters really
+    occupy per device and what the device reports in use (where it can)."""
+    from jrft.models import ModelConfig
+    from jrft.parallel.memory import actual_param_bytes_per_device, device_memory_in_use
+
+    if not os.path.isdir(config.model.path):
+        return "memory estimate: skipped (model config not in a local directory)"
+    mesh_shape = [mesh.shape[a] for a in ("data", "fsdp", "tensor")]
+    est = estimate_for(
+        config,
+        ModelConfig.from_hf(config.model.path),
+        mesh_shape,
+        rows=rows,
+        cache_rows=cache_rows,
+        cache_len=cache_len,
     )
     actual = actual_param_bytes_per_device(state.params)
     reported = device_memory_in_use()

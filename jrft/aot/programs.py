@@ -1,0 +1,292 @@
+"""A run's jitted programs, built abstractly for AOT compilation (``jrft compile``): the same builders the
+runners use (``make_train_step`` + ``jit_step``, ``grpo_round.update_step``, ``ppo_round.update_steps``,
+``make_completion_forward``, the sampler's ``Sampler.lower``, ``FrozenModel``'s host-to-device program), fed
+``ShapeDtypeStruct``s with the run's shardings instead of arrays. Only the model's ``config.json`` is needed
+(or a preset name, :mod:`jrft.aot.presets`): no weights, data or tokenizer.
+
+Shapes are the largest a run of the config can feed: ``train.batch_size`` rows of ``data.max_length`` tokens
+offline; for GRPO / PPO, the sampler's ``batch_size`` prompts of ``data.max_prompt_length`` tokens with
+``num_generations`` samples, and update mini-batches of rollout rows ``[max_prompt_length | max_new_tokens]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from jrft.aot.compile import abstract
+from jrft.config import RunConfig
+from jrft.parallel import state_shardings
+from jrft.sampling import bucket_length
+from jrft.train.placement import batch_sharding
+from jrft.train.state import TrainState, split_model
+
+
+@dataclasses.dataclass
+class Program:
+    """One program of a run: ``fn.lower(*args)`` lowers it (under the mesh); ``resident_bytes`` are the
+    per-chip bytes of device arrays the run holds while it runs that are not among its arguments;
+    ``estimate_bytes`` is jrft's own estimate for it."""
+
+    name: str
+    fn: Any
+    args: tuple
+    resident_bytes: int = 0
+    estimate_bytes: int | None = None
+
+
+class _Lowered:
+    """Adapts a function that returns a ``Lowered`` to the ``fn.lower(*args)`` form."""
+
+    def __init__(self, lower):
+        self._lower = lower
+
+    def lower(self, *args):
+        return self._lower()
+
+
+def device_bytes(tree) -> int:
+    """Per-chip bytes of the device-memory leaves of an abstract pytree (host-memory leaves count 0)."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        sharding = getattr(x, "sharding", None)
+        if sharding is not None and getattr(sharding, "memory_kind", None) == "pinned_host":
+            continue
+        shape = sharding.shard_shape(x.shape) if sharding is not None else x.shape
+        total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
+    return total
+
+
+def abstract_train_state(config: RunConfig, model_cfg, tx, mesh: Mesh, *, scalar_head: bool = False):
+    """``(graphdef, abstract TrainState, shardings)``: the run's model and optimizer state as
+    ``ShapeDtypeStruct``s placed as ``place_state`` would place them."""
+    from jrft.models import Decoder
+
+    m = config.model
+    model = nnx.eval_shape(
+        lambda: Decoder(
+            model_cfg,
+            rngs=nnx.Rngs(config.seed),
+            dtype=jnp.dtype(m.dtype),
+            param_dtype=jnp.dtype(m.param_dtype),
+            remat=m.remat,
+            scalar_head=scalar_head,
+        )
+    )
+    graphdef, params, rest = split_model(model)
+    state = TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32),
+        params=params,
+        rest=rest,
+        opt_state=jax.eval_shape(tx.init, params),
+        rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
+    )
+    shardings = state_shardings(state, mesh)
+    return graphdef, abstract(state, shardings), shardings
+
+
+def abstract_batch(
+    mesh: Mesh, spec: dict[str, tuple[tuple[int, ...], Any]]
+) -> dict[str, jax.ShapeDtypeStruct]:
+    """``{name: (shape, dtype)}`` -> ``ShapeDtypeStruct``s sharded over the batch axis as ``device_batch``
+    shards real batches."""
+    return {
+        k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, shape))
+        for k, (shape, dtype) in spec.items()
+    }
+
+
+def _on_host(tree):
+    """The same abstract arrays in ``pinned_host`` memory (``train.offload_reference``)."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding.with_memory_kind("pinned_host")),
+        tree,
+    )
+
+
+def _pairs_spec(b: int, t: int, *, reference: bool) -> dict:
+    spec = {"group": ((b,), jnp.int32)}
+    for side in ("chosen", "rejected"):
+        for key in ("tokens", "attention_mask", "loss_mask", "positions"):
+            spec[f"{side}_{key}"] = ((b, t), jnp.int32)
+    if reference:
+        spec.update(ref_chosen_logps=((b,), jnp.float32), ref_rejected_logps=((b,), jnp.float32))
+    return spec
+
+
+def _rollout_spec(n: int, tp: int, tc: int, **extra) -> dict:
+    spec = {
+        "tokens": ((n, tp + tc), jnp.int32),
+        "attention_mask": ((n, tp + tc), jnp.int32),
+        "completion_mask": ((n, tc), jnp.int32),
+    }
+    spec.update({k: ((n, tc) if per_token else (n,), jnp.float32) for k, per_token in extra.items()})
+    return spec
+
+
+def _reference_program(name, forward, graphdef_state, batch, *, offload: bool, resident: int) -> Program:
+    """The frozen reference's forward over ``batch``: on the device, or (offloaded) the host-to-device
+    program ``FrozenModel`` runs."""
+    from jrft.train.reference import from_host
+
+    params, rest = graphdef_state
+    if not offload:
+        return Program(name, forward, (params, rest, batch), resident_bytes=resident)
+    shardings = jax.tree.map(lambda x: x.sharding, params)
+    return Program(
+        name, from_host(forward, shardings), (_on_host(params), rest, batch), resident_bytes=resident
+    )
+
+
+def offline_programs(config: RunConfig, model_cfg, mesh: Mesh) -> list[Program]:
+    """SFT / reward model / DPO: the train step (and DPO's live reference forward)."""
+    from jrft.train.objectives import dpo
+    from jrft.train.runs.offline import offline_loss
+    from jrft.train.runs.setup import holds_reference, optimizer_from_config, total_updates
+    from jrft.train.step import jit_step, make_train_step
+
+    if config.objective == "reward" and config.reward.loss == "listwise":
+        raise NotImplementedError("jrft compile: the listwise reward model is not built for compile yet")
+    b, t = config.train.batch_size, config.data.max_length
+    tx, _ = optimizer_from_config(config, total_steps=total_updates(config))
+    graphdef, state, shardings = abstract_train_state(
+        config, model_cfg, tx, mesh, scalar_head=config.objective == "reward"
+    )
+    normalizers, loss_fn = offline_loss(config)
+    step = jit_step(
+        make_train_step(graphdef, loss_fn, normalizers, tx, grad_accum=config.train.grad_accum),
+        mesh=mesh,
+        state_sharding=shardings,
+    )
+    if config.objective == "sft":
+        keys = ("tokens", "attention_mask", "loss_mask", "positions", "segment_ids")
+        batch = abstract_batch(mesh, {k: ((b, t), jnp.int32) for k in keys})
+    else:
+        batch = abstract_batch(mesh, _pairs_spec(b, t, reference=config.objective == "dpo"))
+    reference = config.objective == "dpo" and holds_reference(config)
+    ref_bytes = device_bytes(state.params) if reference and not config.train.offload_reference else 0
+    programs = [Program(f"{config.objective}/train_step", step, (state, batch), resident_bytes=ref_bytes)]
+    if reference:
+        forward = dpo.make_reference_fn(graphdef, logits_chunk_size=config.train.logits_chunk_size)
+        pairs = {k: v for k, v in batch.items() if not k.startswith("ref_")}
+        programs.append(
+            _reference_program(
+                "dpo/reference",
+                forward,
+                (state.params, state.rest),
+                pairs,
+                offload=config.train.offload_reference,
+                resident=device_bytes(state),  # the train state stays on the device meanwhile
+            )
+        )
+    return programs
+
+
+def _generate_program(name, graphdef, state, *, prompts, prompt_length, samples, section, mesh, resident):
+    from jrft.sampling.generate import Sampler
+
+    model = nnx.split(nnx.merge(graphdef, state.params, state.rest))
+
+    def lower():
+        return Sampler().lower(
+            model,
+            prompts,
+            prompt_length,
+            max_new_tokens=section.max_new_tokens,
+            num_samples=samples,
+            temperature=section.temperature,
+            top_k=section.top_k,
+            top_p=section.top_p,
+            mesh=mesh,
+        )
+
+    return Program(name, _Lowered(lower), (), resident_bytes=resident)
+
+
+def grpo_programs(config: RunConfig, model_cfg, mesh: Mesh) -> list[Program]:
+    """GRPO: the sampler (prefill + decode over the KV cache, G samples per prompt), the update, and the
+    old / reference log-prob forwards where the config computes them."""
+    from jrft.train.grpo_round import update_step
+    from jrft.train.logprobs import make_completion_forward
+    from jrft.train.rounds import RoundOptions
+    from jrft.train.runs.setup import optimizer_from_config, total_updates
+
+    c, t = config.grpo, config.train
+    tx, _ = optimizer_from_config(config, total_steps=total_updates(config))
+    graphdef, state, shardings = abstract_train_state(config, model_cfg, tx, mesh)
+    tp, tc = bucket_length(config.data.max_prompt_length), c.max_new_tokens
+    n = t.batch_size * c.num_generations // c.num_mini_batches
+    on_policy = c.num_iterations == 1 and c.num_mini_batches == 1
+    ref_bytes = device_bytes(state.params) if c.beta > 0 and not t.offload_reference else 0
+    options = RoundOptions(
+        mesh=mesh,
+        state_sharding=shardings,
+        pad_token_id=0,
+        grad_accum=t.grad_accum_for(t.batch_size // c.num_mini_batches),
+        logits_chunk_size=t.logits_chunk_size,
+        offload_reference=t.offload_reference,
+    )
+    extra = dict(advantages=False)
+    if not on_policy:
+        extra["old_logps"] = True
+    if c.beta > 0:
+        extra["ref_logps"] = True
+    batch = abstract_batch(mesh, _rollout_spec(n, tp, tc, **extra))
+    rows = abstract_batch(mesh, _rollout_spec(t.batch_size * c.num_generations, tp, tc))
+    not_params = device_bytes(state) - device_bytes(state.params)
+    programs = [
+        _generate_program(
+            "grpo/generate",
+            graphdef,
+            state,
+            prompts=t.batch_size,
+            prompt_length=config.data.max_prompt_length,
+            samples=c.num_generations,
+            section=c,
+            mesh=mesh,
+            resident=not_params + ref_bytes,
+        ),
+        Program(
+            "grpo/update", update_step(c, graphdef, tx, options), (state, batch), resident_bytes=ref_bytes
+        ),
+    ]
+    forward = make_completion_forward(
+        graphdef, temperature=c.temperature, logits_chunk_size=t.logits_chunk_size
+    )
+    if not on_policy and c.old_logprobs == "recompute":
+        args = (state.params, state.rest, rows)
+        programs.append(Program("grpo/old_logps", forward, args, resident_bytes=not_params + ref_bytes))
+    if c.beta > 0:
+        programs.append(
+            _reference_program(
+                "grpo/reference_logps",
+                forward,
+                (state.params, state.rest),
+                rows,
+                offload=t.offload_reference,
+                resident=device_bytes(state),  # the train state stays on the device meanwhile
+            )
+        )
+    return programs
+
+
+PROGRAM_BUILDERS = {
+    "sft": offline_programs,
+    "reward": offline_programs,
+    "dpo": offline_programs,
+    "grpo": grpo_programs,
+}
+
+
+def run_programs(config: RunConfig, model_cfg, mesh: Mesh) -> list[Program]:
+    """Every program a run of ``config`` compiles, abstract, for ``mesh``."""
+    if config.objective not in PROGRAM_BUILDERS:
+        built = ", ".join(sorted(PROGRAM_BUILDERS))
+        raise NotImplementedError(f"jrft compile: {config.objective} is not built yet (built: {built})")
+    return PROGRAM_BUILDERS[config.objective](config, model_cfg, mesh)
