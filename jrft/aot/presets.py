@@ -9,82 +9,37 @@ import os
 from typing import Any
 
 _LLAMA3 = dict(model_type="llama", vocab_size=128256, rms_norm_eps=1e-5, max_position_embeddings=131072)
-_LLAMA3_ROPE = dict(
-    rope_type="llama3",
-    rope_theta=500000.0,
-    factor=32.0,
-    low_freq_factor=1.0,
-    high_freq_factor=4.0,
-    original_max_position_embeddings=8192,
-)
 _QWEN25 = dict(model_type="qwen2", vocab_size=151936, rms_norm_eps=1e-6, max_position_embeddings=32768)
-_QWEN_ROPE = dict(rope_type="default", rope_theta=1000000.0)
 
+
+def _llama3_rope(factor: float) -> dict:
+    return dict(
+        rope_type="llama3",
+        rope_theta=500000.0,
+        factor=factor,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=8192,
+    )
+
+
+_QWEN_ROPE = dict(rope_type="default", rope_theta=1000000.0)
+_FIELDS = tuple(
+    "hidden_size intermediate_size num_hidden_layers num_attention_heads num_key_value_heads head_dim "
+    "tie_word_embeddings".split()
+)
+# name: (family fields, rope, one value per _FIELDS entry, other overrides)
+_TABLE = {
+    "llama3-1b": (_LLAMA3, _llama3_rope(32.0), (2048, 8192, 16, 32, 8, 64, True), {}),
+    "llama3-3b": (_LLAMA3, _llama3_rope(32.0), (3072, 8192, 28, 24, 8, 128, True), {}),
+    "llama3-8b": (_LLAMA3, _llama3_rope(8.0), (4096, 14336, 32, 32, 8, 128, False), {}),
+    "qwen2.5-0.5b": (_QWEN25, _QWEN_ROPE, (896, 4864, 24, 14, 2, 64, True), {}),
+    "qwen2.5-1.5b": (_QWEN25, _QWEN_ROPE, (1536, 8960, 28, 12, 2, 128, True), {}),
+    "qwen2.5-7b": (_QWEN25, _QWEN_ROPE, (3584, 18944, 28, 28, 4, 128, False), {"vocab_size": 152064}),
+}
 PRESETS: dict[str, dict[str, Any]] = {
-    "llama3-1b": dict(
-        _LLAMA3,
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=64,
-        tie_word_embeddings=True,
-        rope_parameters=dict(_LLAMA3_ROPE),
-    ),
-    "llama3-3b": dict(
-        _LLAMA3,
-        hidden_size=3072,
-        intermediate_size=8192,
-        num_hidden_layers=28,
-        num_attention_heads=24,
-        num_key_value_heads=8,
-        head_dim=128,
-        tie_word_embeddings=True,
-        rope_parameters=dict(_LLAMA3_ROPE),
-    ),
-    "llama3-8b": dict(
-        _LLAMA3,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        tie_word_embeddings=False,
-        rope_parameters=dict(_LLAMA3_ROPE, factor=8.0),
-    ),
-    "qwen2.5-0.5b": dict(
-        _QWEN25,
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        rope_parameters=dict(_QWEN_ROPE),
-    ),
-    "qwen2.5-1.5b": dict(
-        _QWEN25,
-        hidden_size=1536,
-        intermediate_size=8960,
-        num_hidden_layers=28,
-        num_attention_heads=12,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        rope_parameters=dict(_QWEN_ROPE),
-    ),
-    "qwen2.5-7b": dict(
-        _QWEN25,
-        vocab_size=152064,
-        hidden_size=3584,
-        intermediate_size=18944,
-        num_hidden_layers=28,
-        num_attention_heads=28,
-        num_key_value_heads=4,
-        tie_word_embeddings=False,
-        rope_parameters=dict(_QWEN_ROPE),
-    ),
+    name: {**family, **dict(zip(_FIELDS, values, strict=True)), "rope_parameters": dict(rope), **extra}
+    for name, (family, rope, values, extra) in _TABLE.items()
 }
 
 
