@@ -13,18 +13,33 @@ from jrft.models.testing import tiny_hf_config
 from jrft.parallel import make_mesh
 
 
-def _sft_step(mesh):
-    cfg = load_config(None, ["objective=sft", "train.batch_size=8", "data.max_length=64", "model.path=x"])
-    (program,) = offline_programs(cfg, ModelConfig.from_hf(tiny_hf_config("llama")), mesh)
+def _sft_step(mesh, model_cfg, *overrides):
+    cfg = load_config(None, ["objective=sft", "train.batch_size=8", "data.max_length=64", *overrides])
+    (program,) = offline_programs(cfg, model_cfg, mesh)
     return program
 
 
-def test_the_train_step_binds_its_sharding_constraints_on_a_fake_8_device_mesh():
+@pytest.mark.parametrize(
+    "model, overrides",
+    [
+        ("tiny", ()),
+        # the shape of the case that did not compile for v5e-8 (37.9 GiB of temporaries without the mesh)
+        (
+            "llama3-1b",
+            ("model.remat=full", "model.dtype=bfloat16", "train.batch_size=32", "data.max_length=2048"),
+        ),
+    ],
+)
+def test_the_train_step_binds_its_sharding_constraints_on_a_fake_8_device_mesh(model, overrides):
     """The SFT step as the trainer builds it (``jit_step(..., mesh=...)``) lowers with the model's logical
     constraints; the same jitted function lowered outside the mesh has none (what went wrong before: the
-    trainer called its step with no mesh set, and every activation was replicated)."""
-    mesh = make_mesh(data=2, fsdp=4, tensor=1)
-    program = _sft_step(mesh)
+    trainer called its step with no mesh set, and every activation was replicated). Lowering only: no
+    compile, so the 1B shape takes seconds."""
+    from jrft.aot.presets import model_config
+
+    model_cfg = ModelConfig.from_hf(tiny_hf_config("llama")) if model == "tiny" else model_config(model)
+    mesh = make_mesh(data=1, fsdp=8, tensor=1)
+    program = _sft_step(mesh, model_cfg, *overrides)
     bound = count_sharding_constraints(program.fn.lower(*program.args))
     dropped = count_sharding_constraints(program.fn.fn.lower(*program.args))  # the bare jit, no mesh
     assert dropped == 0
@@ -38,24 +53,31 @@ def _tiny_model_dir(tmp_path):
     return str(path)
 
 
+TOPOLOGIES = [("v5e:2x4", "mesh.fsdp=8"), ("v5p:2x2x1", "mesh.fsdp=4")]
+OBJECTIVES = [
+    ("sft", ["train.logits_chunk_size=16"]),
+    ("dpo", ["train.offload_reference=true"]),
+    ("grpo", ["grpo.beta=0.04", "grpo.num_generations=4"]),
+]
+PPO = [("ppo", ["ppo.reward_model=REWARD", "ppo.kl_coef=0.05"], *TOPOLOGIES[0])]  # one topology: ~15 s
+
+
 @pytest.mark.parametrize(
-    "objective, topology, extra",
-    [
-        ("sft", "v5e:2x4", ["mesh.fsdp=8", "train.logits_chunk_size=16"]),
-        ("dpo", "v5p:2x2x1", ["mesh.fsdp=4", "train.offload_reference=true"]),
-        ("grpo", "v5e-8", ["mesh.fsdp=8", "grpo.beta=0.04", "grpo.num_generations=4"]),
-    ],
+    "objective, extra, topology, mesh", [(*o, *t) for o in OBJECTIVES for t in TOPOLOGIES] + PPO
 )
-def test_jrft_compile_tiny_programs_for_tpu(tmp_path, capsys, objective, topology, extra):
+def test_jrft_compile_tiny_programs_for_tpu(tmp_path, capsys, objective, extra, topology, mesh):
     pytest.importorskip("libtpu")
     from jrft.cli import main
 
+    model = _tiny_model_dir(tmp_path)
+    extra = [e.replace("REWARD", model) for e in extra]
     args = [
         "compile",
         objective,
         f"configs/{objective}.yaml",
-        f"model.path={_tiny_model_dir(tmp_path)}",
+        f"model.path={model}",
         "mesh.data=1",
+        mesh,
         "train.batch_size=8",
         "data.max_length=64",
         "data.max_prompt_length=32",
@@ -72,6 +94,8 @@ def test_jrft_compile_tiny_programs_for_tpu(tmp_path, capsys, objective, topolog
     names = {line.split(":")[0] for line in lines}
     expected = {"sft": {"sft/train_step"}, "dpo": {"dpo/train_step", "dpo/reference"}}
     expected["grpo"] = {"grpo/generate", "grpo/update", "grpo/reference_logps"}
+    expected["ppo"] = {f"ppo/{p}" for p in ("generate", "policy_update", "policy_forward", "reference")}
+    expected["ppo"] |= {"ppo/value_update", "ppo/value_forward", "ppo/reward_score"}
     assert names == expected[objective]
     dumps = sorted(p.name for p in (tmp_path / "hlo").iterdir())
     assert len(dumps) == len(names) and all(p.endswith(".hlo.txt") for p in dumps)

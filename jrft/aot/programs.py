@@ -276,11 +276,110 @@ def grpo_programs(config: RunConfig, model_cfg, mesh: Mesh) -> list[Program]:
     return programs
 
 
+def ppo_programs(config: RunConfig, model_cfg, mesh: Mesh) -> list[Program]:
+    """PPO: the sampler (one completion per prompt), the policy update (and the separate value model's),
+    the old log-probs / values forwards, the frozen reference (``kl_coef > 0``) and the reward model's
+    scores. The value and reward models have the policy's architecture unless their ``config.json`` is
+    found (``ppo.value_model_path``, ``ppo.reward_model``)."""
+    from jrft.aot.presets import model_config
+    from jrft.train.logprobs import make_completion_forward
+    from jrft.train.objectives import ppo
+    from jrft.train.ppo_round import PPOState, update_steps
+    from jrft.train.rounds import RoundOptions
+    from jrft.train.runs.setup import optimizer_from_config, total_updates
+
+    def architecture(path):
+        try:
+            return model_config(path) if path else model_cfg
+        except ValueError:
+            return model_cfg
+
+    c, t = config.ppo, config.train
+    head = c.value_model == "head"
+    tx, _ = optimizer_from_config(config, total_steps=total_updates(config))
+    graphdef, policy, policy_sharding = abstract_train_state(config, model_cfg, tx, mesh, scalar_head=head)
+    value_graphdef = value = value_sharding = None
+    if not head:
+        value_cfg = architecture(c.value_model_path or c.reward_model)
+        value_graphdef, value, value_sharding = abstract_train_state(
+            config, value_cfg, tx, mesh, scalar_head=True
+        )
+    state = PPOState(policy, value)
+    options = RoundOptions(
+        mesh=mesh,
+        state_sharding=PPOState(policy_sharding, value_sharding),
+        pad_token_id=0,
+        grad_accum=t.grad_accum_for(t.batch_size // c.num_mini_batches),
+        logits_chunk_size=t.logits_chunk_size,
+        offload_reference=t.offload_reference,
+    )
+    update_policy, update_value = update_steps(c, graphdef, value_graphdef, (tx, tx), options)
+    tp, tc = bucket_length(config.data.max_prompt_length), c.max_new_tokens
+    per_token = dict.fromkeys(("old_logps", "old_values", "advantages", "returns"), True)
+    mini = abstract_batch(mesh, _rollout_spec(t.batch_size // c.num_mini_batches, tp, tc, **per_token))
+    rows = abstract_batch(mesh, _rollout_spec(t.batch_size, tp, tc))
+    reference = c.kl_coef > 0
+    ref_bytes = device_bytes(policy.params) if reference and not t.offload_reference else 0
+    reward_model = None
+    if c.reward_model is not None:
+        rm_graphdef, rm, _ = abstract_train_state(
+            config, architecture(c.reward_model), tx, mesh, scalar_head=True
+        )
+        reward_model = (rm_graphdef, rm.params, rm.rest)
+    held = device_bytes(state) + ref_bytes + (device_bytes(reward_model[1:]) if reward_model else 0)
+
+    def program(name, fn, args, long_lived):
+        return Program(name, fn, args, resident_bytes=held - device_bytes(long_lived))
+
+    forward = make_completion_forward(
+        graphdef, temperature=c.temperature, values=head, logits_chunk_size=t.logits_chunk_size
+    )
+    sampler = _generate_program(
+        "ppo/generate",
+        graphdef,
+        policy,
+        prompts=t.batch_size,
+        prompt_length=config.data.max_prompt_length,
+        samples=1,
+        section=c,
+        mesh=mesh,
+        resident=held - device_bytes((policy.params, policy.rest)),
+    )
+    programs = [
+        sampler,
+        program("ppo/policy_update", update_policy, (policy, mini), policy),
+        program(
+            "ppo/policy_forward", forward, (policy.params, policy.rest, rows), (policy.params, policy.rest)
+        ),
+    ]
+    if not head:
+        value_forward = make_completion_forward(value_graphdef, temperature=1.0, logps=False, values=True)
+        value_args = (value.params, value.rest)
+        programs.append(program("ppo/value_update", update_value, (value, mini), value))
+        programs.append(program("ppo/value_forward", value_forward, (*value_args, rows), value_args))
+    if reference:
+        programs.append(
+            _reference_program(
+                "ppo/reference",
+                forward,
+                (policy.params, policy.rest),
+                rows,
+                offload=t.offload_reference,
+                resident=held - ref_bytes,
+            )
+        )
+    if reward_model is not None:
+        score = ppo.make_score_fn(reward_model[0])
+        programs.append(program("ppo/reward_score", score, (*reward_model[1:], rows), reward_model[1:]))
+    return programs
+
+
 PROGRAM_BUILDERS = {
     "sft": offline_programs,
     "reward": offline_programs,
     "dpo": offline_programs,
     "grpo": grpo_programs,
+    "ppo": ppo_programs,
 }
 
 
