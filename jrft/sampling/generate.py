@@ -350,6 +350,7 @@ class Sampler:
         graphdef, state = model if isinstance(model, tuple) else nnx.split(model)
         platform = program_platform(mesh, state)
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+        tokens, mask = _check_prompts(prompt_tokens, prompt_mask)
         key = _program_key(
             (graphdef, state),
             platform,
@@ -360,7 +361,6 @@ class Sampler:
             fuse_projections=fuse_projections,
             layout=layout,
         )
-        tokens, mask = _check_prompts(prompt_tokens, prompt_mask)
         stops = _stop_array(stop_token_ids)
         b = tokens.shape[0]
         tok_p, mask_p = _pad_to_buckets(tokens, mask, _batch_shards(mesh), pad_token_id)
