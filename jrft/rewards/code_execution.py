@@ -28,6 +28,7 @@ import secrets
 from collections.abc import Sequence
 from typing import Any
 
+from jrft.rewards import sandbox
 from jrft.rewards.extract import strip_think
 from jrft.rewards.protocol import column, completion_text
 from jrft.rewards.sandbox import SandboxLimits, run_python
@@ -139,7 +140,9 @@ class CodeExecutionReward:
       tests_column: dataset column with each row's tests.
       cpu_seconds, wall_seconds, memory_mb: sandbox limits for one completion's whole test run.
       per_test_seconds: alarm per test (default: ``wall_seconds``).
-      isolation: sandbox isolation mode (``"auto"``, ``"namespace"``, ``"python"``).
+      isolation: sandbox isolation mode (``"auto"``, ``"namespace"``, ``"python"``). ``"auto"`` refuses to
+        start where user namespaces do not work: the Python-only sandbox is weaker (writes are confined by
+        an audit hook, not the kernel), so running untrusted programs in it must be asked for by name.
       max_parallel: completions run at once. A batch takes about ``ceil(N / max_parallel) * wall_seconds``
         at worst: give the runner a timeout to match.
     """
@@ -163,6 +166,14 @@ class CodeExecutionReward:
 
     def __post_init__(self) -> None:
         self.limits()  # validates the limits now, not on the first batch
+        if self.isolation == "auto" and not sandbox.namespace_available():
+            raise ValueError(
+                f"{self.name}: user namespaces do not work on this machine (unshare --user --mount --net "
+                "--pid fails), so only the weaker Python-level sandbox is available: an audit hook, not the "
+                "kernel, keeps the untrusted programs from writing outside their directory. Set "
+                "'isolation: python' to accept that, or allow unprivileged user namespaces (e.g. sysctl "
+                "kernel.apparmor_restrict_unprivileged_userns=0) for the kernel-enforced sandbox"
+            )
         if self.max_parallel < 1:
             raise ValueError(f"code_execution.max_parallel must be >= 1, got {self.max_parallel}")
 

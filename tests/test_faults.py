@@ -1,0 +1,169 @@
+"""Fault injection: what a hostile or clumsy user can do to a run, and what must hold (issue 19).
+
+Sandbox escapes are tried in every isolation mode available here, with the audit hook on and off (the kernel
+layers alone must hold); each attempt is bounded in time and touches only 127.0.0.1 and tmp dirs.
+"""
+
+import os
+import socket
+import time
+
+import pytest
+
+from jrft.rewards import CodeExecutionReward, SandboxLimits, run_python
+from jrft.rewards import sandbox as sandbox_module
+from jrft.rewards.sandbox import namespace_available, seccomp_available
+
+MODES = ["python"] + (["namespace"] if namespace_available() else [])
+needs_namespace = pytest.mark.skipif(not namespace_available(), reason="user namespaces unavailable here")
+needs_seccomp = pytest.mark.skipif(not seccomp_available(), reason="seccomp filter unavailable here")
+
+# Calls subprocess with the audit event silenced: the spawn goes through _posixsubprocess.fork_exec unaudited.
+_UNAUDITED = (
+    "import subprocess, sys\n"
+    "class _Sys:\n"
+    "    audit = staticmethod(lambda *args: None)\n"
+    "    def __getattr__(self, name):\n"
+    "        return getattr(sys, name)\n"
+    "subprocess.sys = _Sys()\n"
+)
+
+
+def _escapes(command: str) -> dict[str, str]:
+    """Programs that each try to run the shell ``command`` some way."""
+    return {
+        "fork_exec": _UNAUDITED + f"subprocess.run(['bash', '-c', {command!r}], timeout=3)",
+        "posix_spawn": (
+            f"import os\nos.waitpid(os.posix_spawn('/bin/bash', ['bash', '-c', {command!r}], {{}}), 0)"
+        ),
+        "execv": f"import os\nos.execv('/bin/bash', ['bash', '-c', {command!r}])",
+        "ctypes": f"import ctypes\nraise SystemExit(ctypes.CDLL(None).system({command!r}.encode()) != 0)",
+        "multiprocessing": (
+            "import multiprocessing, os\n"
+            f"p = multiprocessing.Process(target=os.system, args=({command!r},))\np.start()\np.join(3)"
+        ),
+        "double_fork_setsid": (
+            "import os, time\n"
+            "if os.fork() == 0:\n"
+            "    os.setsid()\n"
+            "    if os.fork() == 0:\n"
+            f"        os.execv('/bin/bash', ['bash', '-c', {command!r}])\n"
+            "    os._exit(0)\n"
+            "time.sleep(1)\n"
+        ),
+        "fork_bomb": "import os\nfor _ in range(10000):\n    os.fork()\n",
+    }
+
+
+@pytest.fixture
+def listener():
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    server.settimeout(0.3)
+    yield server
+    server.close()
+
+
+def _connected(server: socket.socket) -> bool:
+    try:
+        server.accept()[0].close()
+    except TimeoutError:
+        return False
+    return True
+
+
+@needs_seccomp
+@pytest.mark.parametrize("audit_hook", [True, False])
+@pytest.mark.parametrize("isolation", MODES)
+def test_sandbox_spawn_escapes_fail(isolation, audit_hook, listener, tmp_path):
+    """No way of starting a process works, so nothing reaches 127.0.0.1 or writes outside the sandbox."""
+    outside = tmp_path / "escaped.txt"
+    port = listener.getsockname()[1]
+    command = f"echo x > {outside}; exec 3<>/dev/tcp/127.0.0.1/{port}; echo hi >&3; sleep infinity"
+    limits = SandboxLimits(wall_seconds=4, isolation=isolation, audit_hook=audit_hook)
+    for name, program in _escapes(command).items():
+        start = time.monotonic()
+        result = run_python(program, limits=limits)
+        assert time.monotonic() - start < 4, name
+        assert result.returncode != 0, (name, result.stderr[-300:])
+        assert not outside.exists() and not _connected(listener), name
+
+
+@pytest.mark.parametrize("isolation", MODES)
+def test_sandbox_tcp_to_localhost_fails_without_the_audit_hook(isolation, listener):
+    port = listener.getsockname()[1]
+    program = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1)"
+    result = run_python(program, limits=SandboxLimits(isolation=isolation, audit_hook=False))
+    assert result.returncode != 0 and not _connected(listener)
+
+
+def _marker_processes(marker: str) -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+@needs_namespace
+@pytest.mark.parametrize("main_waits", [False, True])
+def test_namespace_kills_every_descendant_and_never_waits_on_their_pipes(main_waits):
+    """Without the seccomp filter (so the spawn succeeds): a double-forked, setsid grandchild that holds
+    stdout open dies with the program, and the wall limit holds whatever the children do."""
+    marker = f"1000.{os.getpid()}{int(main_waits)}"
+    program = (
+        "import os, time\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"
+        "    if os.fork() == 0:\n"
+        f"        os.execv('/bin/sleep', ['sleep', '{marker}'])\n"
+        "    os._exit(0)\n"
+        "time.sleep(0.5)\n" + ("time.sleep(100)\n" if main_waits else "")
+    )
+    limits = SandboxLimits(wall_seconds=2, isolation="namespace", audit_hook=False)
+    start = time.monotonic()
+    result = sandbox_module._run(program, "", limits, "namespace", None)
+    assert time.monotonic() - start < 5
+    assert result.timed_out == main_waits
+    time.sleep(0.2)
+    assert _marker_processes(marker) == []
+
+
+@pytest.mark.parametrize("isolation", MODES)
+def test_sandbox_writes_through_proc_and_dir_fds_fail(isolation, tmp_path):
+    outside = tmp_path / "escaped.txt"
+    attempts = {
+        "proc_root": f"open('/proc/self/root{outside}', 'w').write('x')",
+        "proc_cwd": f"open('/proc/self/cwd/../../../../../..{outside}', 'w').write('x')",
+        "dir_fd": (
+            f"import os\nfd = os.open({str(tmp_path)!r}, os.O_RDONLY)\n"
+            "os.write(os.open('escaped.txt', os.O_WRONLY | os.O_CREAT, dir_fd=fd), b'x')"
+        ),
+        "proc_fd": (
+            f"import os\nfd = os.open({str(tmp_path)!r}, os.O_RDONLY)\n"
+            "open(f'/proc/self/fd/{fd}/escaped.txt', 'w').write('x')"
+        ),
+    }
+    for name, program in attempts.items():
+        result = run_python(program, limits=SandboxLimits(isolation=isolation))
+        assert result.returncode != 0, (name, result.stderr[-300:])
+    assert not outside.exists()
+
+
+@pytest.mark.parametrize("isolation", MODES)
+def test_sandbox_file_size_limit(isolation):
+    program = "open('big', 'wb').write(b'x' * (3 * 1024 * 1024))\nprint('wrote')"
+    result = run_python(program, limits=SandboxLimits(file_mb=1, isolation=isolation))
+    assert result.returncode != 0 and "wrote" not in result.stdout
+
+
+def test_code_execution_refuses_the_weak_sandbox_unless_asked(monkeypatch):
+    monkeypatch.setattr(sandbox_module, "namespace_available", lambda: False)
+    with pytest.raises(ValueError, match="isolation: python"):
+        CodeExecutionReward()
+    assert CodeExecutionReward(isolation="python").isolation == "python"
