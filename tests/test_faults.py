@@ -167,3 +167,68 @@ def test_code_execution_refuses_the_weak_sandbox_unless_asked(monkeypatch):
     with pytest.raises(ValueError, match="isolation: python"):
         CodeExecutionReward()
     assert CodeExecutionReward(isolation="python").isolation == "python"
+
+
+# ------------------------------------------------------------------ reward functions from files
+
+
+_HOSTILE_REWARDS = """
+import ctypes, os
+
+def fine(completions, **kwargs):
+    return [1.0] * len(completions)
+
+def exits(completions, **kwargs):
+    os._exit(0)
+
+def segfault(completions, **kwargs):
+    ctypes.string_at(0)
+
+def eats_memory(completions, **kwargs):
+    hog = []
+    while True:
+        hog.append(bytearray(64 * 1024 * 1024))
+"""
+
+
+def test_reward_functions_from_files_cannot_take_the_trainer_down(tmp_path):
+    from jrft.rewards import RewardRunner
+
+    path = tmp_path / "hostile_rewards.py"
+    path.write_text(_HOSTILE_REWARDS)
+    entries = [f"{path}:{name}" for name in ("fine", "exits", "segfault", "eats_memory")]
+    with RewardRunner.from_config(entries, timeout=20, worker_memory_mb=512) as runner:
+        result = runner(prompts=["p", "p"], completions=["a", "b"])
+        again = runner(prompts=["p"], completions=["c"])  # replaced workers serve the next batch
+    assert result.failures == {"fine": 0, "exits": 2, "segfault": 2, "eats_memory": 2}
+    assert "exit code 0" in result.errors["exits"]
+    assert "SIGSEGV" in result.errors["segfault"]
+    assert "MemoryError" in result.errors["eats_memory"]
+    assert again.failures["fine"] == 0 and again.per_function["fine"][0] == 1.0
+
+
+def test_reward_entries_default_to_processes_for_user_code_only(tmp_path):
+    from jrft.rewards.registry import build_reward
+
+    path = tmp_path / "r.py"
+    path.write_text("def fine(completions, **kwargs):\n    return [1.0] * len(completions)\n")
+    assert build_reward(f"{path}:fine").process is True
+    assert build_reward({"name": f"{path}:fine", "process": False}).process is False
+    assert build_reward("accuracy").process is False
+
+
+def test_hung_thread_hint_names_the_config_key(caplog):
+    import threading
+
+    from jrft.rewards import RewardRunner
+
+    release = threading.Event()
+
+    def hangs(completions, **kwargs):
+        release.wait(10)
+        return [0.0] * len(completions)
+
+    with RewardRunner([hangs], timeout=0.2) as runner:
+        runner(prompts=["p"], completions=["a"])
+    release.set()
+    assert "'process: true'" in caplog.text and "processes=[...]" not in caplog.text

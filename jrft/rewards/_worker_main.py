@@ -9,4 +9,4 @@ import sys
 from jrft.rewards.workers import worker_main
 
 if __name__ == "__main__":
-    worker_main(int(sys.argv[1]), int(sys.argv[2]))
+    worker_main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else None)

@@ -6,8 +6,10 @@ A config entry is one of:
 - a user function spec: ``"my_pkg.rewards:fn"`` or ``"path/to/rewards.py:fn"``;
 - a mapping: ``{"name": "accuracy", "weight": 2.0, "tolerance": 1e-3}``, where ``name`` is a built-in or a
   spec, ``weight`` (default 1.0), ``label`` (metric name; default the built-in's name or the function's
-  ``__name__``) and ``process`` (run in a worker process; default false) are reserved, and every other key is
-  an option of the built-in (user functions take no options: bind them in your own code).
+  ``__name__``) and ``process`` (run in a worker process; default true for user functions, so that one that
+  calls ``os._exit``, crashes the interpreter or eats all memory cannot take the trainer down, and false for
+  built-ins) are reserved, and every other key is an option of the built-in (user functions take no
+  options: bind them in your own code).
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ def build_reward(entry: str | Mapping[str, Any], where: str = "reward") -> Built
     weight = entry.get("weight", 1.0)
     if not isinstance(weight, int | float) or isinstance(weight, bool):
         raise ValueError(f"{where}.weight must be a number, got {weight!r}")
-    return BuiltReward(
-        function, float(weight), str(entry.get("label", reward_name(function))), bool(entry.get("process"))
-    )
+    process = entry.get("process")
+    if process is None:
+        process = ":" in name  # user code runs where it cannot kill the trainer
+    return BuiltReward(function, float(weight), str(entry.get("label", reward_name(function))), bool(process))

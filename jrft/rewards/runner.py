@@ -11,8 +11,11 @@ How each function runs:
   ``asyncio.wait_for``); a coroutine that blocks the loop synchronously is abandoned like a thread.
 - functions named in ``processes`` (or all, with ``processes=True``): each call in a worker process of a
   :class:`~jrft.rewards.workers.WorkerPool`. A worker that passes the timeout is killed (with its children)
-  and replaced, so nothing keeps running. Use it for CPU-heavy functions (no GIL contention) or untrusted
-  ones.
+  and replaced, so nothing keeps running; one that exits (``os._exit``), crashes (a segfault) or passes its
+  memory cap (``worker_memory_mb``) is replaced too, and the failure is counted under the function's name.
+  Use it for CPU-heavy functions (no GIL contention) or untrusted ones; :meth:`RewardRunner.from_config`
+  puts every user function (``module:function`` / ``file.py:function``) there unless its entry says
+  ``process: false``.
 
 Faults — raising, passing the timeout, returning NaN/inf or a non-number, returning the wrong number of
 values, a crashed worker — give ``None`` for the affected completions, are counted in ``failures`` (in
@@ -156,6 +159,9 @@ class RewardRunner:
       names: metric names (default: ``fn.name`` / ``__name__``; duplicates get ``_2``, ``_3``).
       eps: added to the group std in ``normalize_then_sum``.
       startup_timeout: seconds the constructor waits for worker processes to start.
+      worker_memory_mb: data-segment limit (``RLIMIT_DATA``: heap and private writable mappings) of each
+        worker process; past it allocations fail with ``MemoryError`` inside the worker, instead of the
+        machine's OOM killer picking the trainer. ``None`` for no limit.
     """
 
     def __init__(
@@ -171,6 +177,7 @@ class RewardRunner:
         names: Sequence[str] | None = None,
         eps: float = 1e-6,
         startup_timeout: float = 60.0,
+        worker_memory_mb: int | None = 16384,
     ) -> None:
         if not functions:
             raise ValueError("RewardRunner: give at least one reward function")
@@ -202,7 +209,7 @@ class RewardRunner:
             for f, n in zip(self.functions, self.names, strict=True)
             if n in self._in_process
         }
-        self._pool = WorkerPool(len(self._payloads)) if self._payloads else None
+        self._pool = WorkerPool(len(self._payloads), memory_mb=worker_memory_mb) if self._payloads else None
         if self._pool is not None:
             self._finalizer = weakref.finalize(self, self._pool.close)
             # Workers start in parallel (~1 s, Python + imports); wait here so the first batch's timeout is
@@ -370,7 +377,8 @@ class RewardRunner:
             self.abandoned_threads += stuck
             logger.warning(
                 "%d reward thread(s) still running after the %g s timeout were abandoned (threads cannot be "
-                "killed; %d abandoned so far); use processes=[...] for functions that can hang",
+                "killed; %d abandoned so far); for functions that can hang set 'process: true' on their "
+                "reward entry (RewardRunner(processes=[name]) in code) to run them in a killable worker",
                 stuck,
                 self.timeout,
                 self.abandoned_threads,

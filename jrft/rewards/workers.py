@@ -19,6 +19,7 @@ import inspect
 import os
 import pickle
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -77,8 +78,13 @@ async def _await(awaitable: Any) -> Any:
     return await awaitable
 
 
-def worker_main(read_fd: int, write_fd: int) -> None:
-    """Serve calls until the parent closes the pipe or sends ``None``."""
+def worker_main(read_fd: int, write_fd: int, memory_mb: int | None = None) -> None:
+    """Serve calls until the parent closes the pipe or sends ``None``; ``memory_mb`` caps ``RLIMIT_DATA``."""
+    if memory_mb is not None:
+        import resource
+
+        limit = memory_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
     inbox, outbox = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
     sys.path[:] = inbox.recv()
     outbox.send("ready")
@@ -92,12 +98,25 @@ def worker_main(read_fd: int, write_fd: int) -> None:
         outbox.send(_run_one(*message))
 
 
+def exit_description(code: int | None) -> str:
+    """``exit code 3`` / ``killed by SIGSEGV`` for a ``Popen.returncode``."""
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
 class _Worker:
-    def __init__(self) -> None:
+    def __init__(self, memory_mb: int | None = None) -> None:
         child_read, parent_write = os.pipe()
         parent_read, child_write = os.pipe()
+        memory = [] if memory_mb is None else [str(int(memory_mb))]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "jrft.rewards._worker_main", str(child_read), str(child_write)],
+            [sys.executable, "-m", "jrft.rewards._worker_main", str(child_read), str(child_write), *memory],
             pass_fds=(child_read, child_write),
             env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
             start_new_session=True,  # killed as a group, immune to the parent's terminal signals
@@ -127,7 +146,11 @@ class _Worker:
                 )
             return self.inbox.recv()
         except (EOFError, OSError) as err:
-            raise WorkerCrashed(f"worker process died (exit code {self.process.poll()}): {err!r}") from err
+            try:
+                code = self.process.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                code = None
+            raise WorkerCrashed(f"worker process died ({exit_description(code)}); it was replaced") from err
 
     def kill(self) -> None:
         try:
@@ -153,15 +176,18 @@ class WorkerPool:
     ``call`` is thread-safe: each caller checks out one idle worker (blocking while all are busy).
     """
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, memory_mb: int | None = None) -> None:
         if size < 1:
             raise ValueError(f"worker pool size must be >= 1, got {size}")
+        if memory_mb is not None and memory_mb < 1:
+            raise ValueError(f"worker memory_mb must be >= 1 or None, got {memory_mb}")
+        self._memory_mb = memory_mb
         self._idle: queue.Queue[_Worker] = queue.Queue()
         self._lock = threading.Lock()
         self._closed = False
         self.replaced = 0
         for _ in range(size):
-            self._idle.put(_Worker())
+            self._idle.put(_Worker(memory_mb))
 
     def call(self, payload: bytes, kwargs: Mapping[str, Any], timeout: float) -> tuple[str, Any]:
         """Run ``payload``'s function on ``kwargs`` in a worker: ``("ok", values)`` or ``("error", (m, tb))``.
@@ -181,7 +207,7 @@ class WorkerPool:
             with self._lock:
                 self.replaced += 1
                 if not self._closed:
-                    self._idle.put(_Worker())
+                    self._idle.put(_Worker(self._memory_mb))
             raise
         self._idle.put(worker)
         return result
@@ -205,7 +231,7 @@ class WorkerPool:
                 worker.wait_ready(deadline)
             except (WorkerTimeout, EOFError, OSError) as err:
                 worker.kill()
-                workers[i] = _Worker()
+                workers[i] = _Worker(self._memory_mb)
                 failure = failure or err
         for worker in workers:
             self._idle.put(worker)
