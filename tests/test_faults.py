@@ -232,3 +232,88 @@ def test_hung_thread_hint_names_the_config_key(caplog):
         runner(prompts=["p"], completions=["a"])
     release.set()
     assert "'process: true'" in caplog.text and "processes=[...]" not in caplog.text
+
+
+# ------------------------------------------------------------------ checkpoints of poisoned weights
+
+
+class _Counter:
+    def __init__(self):
+        self.pos = 0
+
+    def __next__(self):
+        self.pos += 1
+        return self.pos
+
+    def state_dict(self):
+        return {"pos": self.pos}
+
+    def load_state_dict(self, s):
+        self.pos = s["pos"]
+
+
+def _blows_up_at(bad_step):
+    """Finite loss and grad norm every step, but from ``bad_step`` on the update makes the params inf."""
+    import jax.numpy as jnp
+
+    def step(state, batch):
+        x = state["params"] * (1e30 if batch >= bad_step else 1.0) * (1e30 if batch >= bad_step else 1.0) + 1
+        return {"params": x, "opt": state["opt"] + 1, "count": state["count"] + 1}, {
+            "loss": jnp.float32(1.0),
+            "grad_norm": jnp.float32(2.0),
+        }
+
+    return step
+
+
+def _poison_state():
+    import jax.numpy as jnp
+
+    return {"params": jnp.ones((4,)), "opt": jnp.zeros((4,)), "count": jnp.zeros((), jnp.int32)}
+
+
+def test_poisoned_parameters_are_never_checkpointed(tmp_path):
+    from jrft.train import Checkpointer, LoopOptions, NonFiniteError, train_loop
+
+    ckpt = Checkpointer(tmp_path / "ck", keep_last=5)
+    with pytest.raises(
+        NonFiniteError, match="parameters or optimizer state.*Last good checkpoint: step 2 in"
+    ):
+        train_loop(
+            _blows_up_at(3),
+            _poison_state(),
+            _Counter(),
+            options=LoopOptions(total_steps=8, log_every=1, save_every=2),
+            checkpointer=ckpt,
+        )
+    assert ckpt.all_steps() == [2]
+    ckpt.close()
+
+
+def test_poisoned_first_step_says_there_is_no_good_checkpoint(tmp_path):
+    from jrft.train import Checkpointer, LoopOptions, NonFiniteError, train_loop
+
+    ckpt = Checkpointer(tmp_path / "ck")
+    with pytest.raises(NonFiniteError, match="No good checkpoint: none was saved") as err:
+        train_loop(
+            _blows_up_at(1),
+            _poison_state(),
+            _Counter(),
+            options=LoopOptions(total_steps=2, log_every=1, save_every=1),
+            checkpointer=ckpt,
+        )
+    assert "step None" not in str(err.value)
+    assert ckpt.all_steps() == []
+    ckpt.close()
+
+
+def test_tree_all_finite_checks_float_leaves_only():
+    import jax
+    import jax.numpy as jnp
+
+    from jrft.train.checkpoint import tree_all_finite
+
+    tree = {"w": jnp.ones((3,), jnp.bfloat16), "n": jnp.int32(7), "key": jax.random.key(0), "py": 3}
+    assert tree_all_finite(tree) and tree_all_finite({})
+    assert not tree_all_finite({**tree, "m": jnp.array([0.0, jnp.nan])})
+    assert not tree_all_finite({**tree, "w": jnp.full((3,), jnp.inf, jnp.bfloat16)})

@@ -16,11 +16,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("out", help="where to write the transformers-format model")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     args = parser.parse_args(argv)
+    from jrft.train.loop import NonFiniteError
     from jrft.train.runs.export import export_checkpoint
 
     try:
         path = export_checkpoint(args.run_dir, args.out, step=args.step)
-    except (FileNotFoundError, NotImplementedError) as e:
+    except (FileNotFoundError, NotImplementedError, NonFiniteError) as e:
         print(f"jrft export: {e}", file=sys.stderr)
         return 2
     print(f"jrft export: wrote {path}")

@@ -16,6 +16,7 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 
@@ -28,6 +29,23 @@ def abstract_like(tree: Any) -> Any:
         return x
 
     return jax.tree.map(to_abstract, tree)
+
+
+@jax.jit
+def _all_finite(leaves: list[jax.Array]) -> jax.Array:
+    checks = [jnp.isfinite(x).all() for x in leaves]
+    return jnp.stack(checks).all() if checks else jnp.bool_(True)
+
+
+def tree_all_finite(tree: Any) -> bool:
+    """Whether every floating-point array in ``tree`` is finite: one reduction per leaf on device (where the
+    arrays live, sharded as they are) and one boolean back to the host. Integer and key leaves are skipped."""
+    leaves = [
+        x
+        for x in jax.tree.leaves(tree)
+        if hasattr(x, "dtype") and hasattr(x, "shape") and jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
+    return bool(_all_finite(leaves))
 
 
 class Checkpointer:

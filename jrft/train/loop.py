@@ -15,7 +15,7 @@ import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
-from jrft.train.checkpoint import Checkpointer
+from jrft.train.checkpoint import Checkpointer, tree_all_finite
 from jrft.train.metrics import MetricsLogger, all_finite, mean_metrics, to_python
 
 
@@ -30,7 +30,17 @@ class ResumableIterator(Protocol):
 
 
 class NonFiniteError(RuntimeError):
-    """A metric (usually the loss) became NaN or infinite; the last good checkpoint is kept."""
+    """A metric (usually the loss), or the parameters / optimizer state about to be checkpointed, became NaN
+    or infinite; the last good (finite) checkpoint is kept."""
+
+
+def last_good_message(step: int | None, checkpointer: Checkpointer | None) -> str:
+    """``Last good checkpoint: step N in DIR`` or why there is none; every saved checkpoint is finite."""
+    if checkpointer is None:
+        return "No checkpoint: checkpointing is off"
+    if step is None:
+        return f"No good checkpoint: none was saved in {checkpointer.directory}"
+    return f"Last good checkpoint: step {step} in {checkpointer.directory}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +119,9 @@ def train_loop(
       meta: extra JSON (e.g. the config) stored in every checkpoint.
 
     Raises:
-      NonFiniteError: when a metric becomes NaN/inf; nothing after the last good checkpoint is saved.
+      NonFiniteError: when a metric becomes NaN/inf, or the state is not finite when it is due to be saved
+        (finite loss and grad norm do not rule out an update that blows the parameters up); nothing after
+        the last good checkpoint is saved.
     """
     state, step, resumed_from = restore_if_any(checkpointer, state, batches)
     if logger is not None and resumed_from is not None:
@@ -124,10 +136,9 @@ def train_loop(
         guarded = {k: to_python(v) for k, v in metrics.items() if k in options.guard_metrics}
         ok, bad = all_finite(guarded)
         if not ok:
-            where = checkpointer.directory if checkpointer is not None else "(no checkpointing)"
             raise NonFiniteError(
                 f"metric {bad!r} became non-finite at step {at_step}; stopping. "
-                f"Last good checkpoint: step {last_saved} in {where}"
+                f"{last_good_message(last_saved, checkpointer)}"
             )
 
     def save(at_step: int) -> None:
@@ -136,6 +147,13 @@ def train_loop(
             return
         for entry in history:
             check(entry, at_step)
+        if not tree_all_finite(state):
+            raise NonFiniteError(
+                f"the parameters or optimizer state are NaN/inf at step {at_step} although the guarded "
+                f"metrics {list(options.guard_metrics)} were finite (an update blew them up: a learning rate "
+                f"far too large?); not checkpointing them, stopping. "
+                f"{last_good_message(last_saved, checkpointer)}"
+            )
         data_state = batches.state_dict() if hasattr(batches, "state_dict") else None
         checkpointer.save(at_step, state, {"step": at_step, "data": data_state, **dict(meta or {})})
         last_saved = at_step

@@ -11,7 +11,8 @@ import jax
 from flax import nnx
 
 from jrft.config import RunConfig
-from jrft.train.loop import LoopOptions, LoopResult, train_loop
+from jrft.train.checkpoint import tree_all_finite
+from jrft.train.loop import LoopOptions, LoopResult, NonFiniteError, train_loop
 from jrft.train.metrics import MetricsLogger
 from jrft.train.runs.setup import Run, checkpointer_for, export_dir, setup_run
 
@@ -98,5 +99,8 @@ def export_checkpoint(run_dir: str, out: str, *, step: int | None = None) -> str
         state, _ = checkpointer.restore(step, run.state)
     finally:
         checkpointer.close()
-    jax.block_until_ready(state.params)
+    if not tree_all_finite(state.params):
+        raise NonFiniteError(
+            f"checkpoint step {step} in {checkpointer.directory} holds NaN/inf parameters; not exporting it"
+        )
     return save_pretrained(nnx.merge(run.graphdef, state.params, state.rest), out, run.tokenizer)
