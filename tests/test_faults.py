@@ -317,3 +317,59 @@ def test_tree_all_finite_checks_float_leaves_only():
     assert tree_all_finite(tree) and tree_all_finite({})
     assert not tree_all_finite({**tree, "m": jnp.array([0.0, jnp.nan])})
     assert not tree_all_finite({**tree, "w": jnp.full((3,), jnp.inf, jnp.bfloat16)})
+
+
+# ------------------------------------------------------------------ one run per output_dir
+
+
+def test_second_run_on_a_locked_directory_is_refused_naming_the_holder(tmp_path):
+    import json
+    import socket as socket_module
+
+    from jrft.train.lock import LOCK_NAME, RunLock, RunLockedError
+
+    first = RunLock(tmp_path / "run")
+    first.acquire()
+    with pytest.raises(RunLockedError, match=rf"pid {os.getpid()} on host {socket_module.gethostname()}"):
+        RunLock(tmp_path / "run").acquire()
+    info = json.loads((tmp_path / "run" / LOCK_NAME).read_text())
+    assert info["pid"] == os.getpid()
+    first.release()
+    assert not (tmp_path / "run" / LOCK_NAME).exists()
+    with RunLock(tmp_path / "run"):  # free again
+        pass
+
+
+def test_stale_locks_are_taken_over_and_other_hosts_are_not(tmp_path, caplog):
+    import json
+    import socket as socket_module
+    import subprocess
+    import sys
+
+    from jrft.train.lock import LOCK_NAME, RunLock, RunLockedError
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock_file = tmp_path / LOCK_NAME
+    host = socket_module.gethostname()
+    # A dead pid, and a live pid that does not hold the flock (a reused pid): both stale.
+    for pid in (dead.pid, os.getpid()):
+        lock_file.write_text(json.dumps({"pid": pid, "host": host, "started": 0.0}))
+        with RunLock(tmp_path):
+            assert json.loads(lock_file.read_text())["pid"] == os.getpid()
+        assert "stale lock" in caplog.text
+    lock_file.write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": 0.0}))
+    with pytest.raises(RunLockedError, match=f"pid 1 on host elsewhere.*delete {lock_file}"):
+        RunLock(tmp_path).acquire()
+
+
+def test_jrft_train_exits_2_when_the_output_dir_is_locked(tmp_path, capsys):
+    from jrft.commands.train import run
+    from jrft.train.lock import RunLock
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'run'}\n")
+    with RunLock(tmp_path / "run"):
+        assert run("sft", [str(config), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "is in use by another run" in err and f"pid {os.getpid()}" in err

@@ -36,9 +36,14 @@ def run(objective: str, argv: list[str]) -> int:
     except ConfigError as e:
         print(f"jrft {objective}: {e}", file=sys.stderr)
         return 2
+    from jrft.train.lock import RunLockedError
     from jrft.train.runs import run_config
 
-    result = run_config(config, progress=not args.no_progress)
+    try:
+        result = run_config(config, progress=not args.no_progress)
+    except RunLockedError as e:
+        print(f"jrft {objective}: {e}", file=sys.stderr)
+        return 2
     summary = ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.last_metrics.items()) if k in ("loss",))
     print(f"jrft {objective}: finished at step {result.step}; {summary}")
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from jrft.config import RunConfig
+from jrft.train.lock import locked
 from jrft.train.loop import LoopResult
 from jrft.train.runs.grpo import run_grpo
 from jrft.train.runs.offline import run_offline
@@ -25,8 +26,14 @@ RUNNERS: dict[str, Callable[..., LoopResult]] = {
 
 
 def run_config(config: RunConfig, *, progress: bool = True) -> LoopResult:
-    """Trains ``config.objective`` with its runner from :data:`RUNNERS` and exports the result."""
-    return RUNNERS[config.objective](config, progress=progress)
+    """Trains ``config.objective`` with its runner from :data:`RUNNERS` and exports the result, holding the
+    lock of ``config.output_dir`` throughout (process 0 only; not for ``gs://`` directories, which cannot be
+    locked). Raises :class:`~jrft.train.lock.RunLockedError` naming the holder when another run has it."""
+    import jax
+
+    lockable = "://" not in config.output_dir and jax.process_index() == 0
+    with locked(config.output_dir, enabled=lockable):
+        return RUNNERS[config.objective](config, progress=progress)
 
 
 __all__ = ["RUNNERS", "run_config", "run_grpo", "run_offline", "run_ppo"]
