@@ -373,3 +373,55 @@ def test_jrft_train_exits_2_when_the_output_dir_is_locked(tmp_path, capsys):
         assert run("sft", [str(config), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "is in use by another run" in err and f"pid {os.getpid()}" in err
+
+
+# ------------------------------------------------------------------ config drift on resume
+
+
+def _fake_run_with_checkpoint(out, overrides=()):
+    import jax.numpy as jnp
+
+    from jrft.config import load_config
+    from jrft.train import Checkpointer
+
+    config = load_config(None, ["objective=sft", f"output_dir={out}", "model.path=/models/a", *overrides])
+    ckpt = Checkpointer(out / "checkpoints")
+    ckpt.save(3, {"x": jnp.zeros(())}, {"step": 3, "config": config.to_dict()})
+    ckpt.close()
+    return config
+
+
+def test_resume_refuses_a_changed_model_and_logs_changed_hyperparameters(tmp_path, capsys):
+    import dataclasses
+    import json
+
+    from jrft.config import load_config
+    from jrft.train.runs.resume import ConfigDriftError, check_resume
+
+    out = tmp_path / "run"
+    _fake_run_with_checkpoint(out, ["optim.lr=1e-4"])
+    same = load_config(None, ["objective=sft", f"output_dir={out}", "model.path=/models/a", "optim.lr=1e-4"])
+    assert check_resume(same) == {}
+    lr = load_config(None, ["objective=sft", f"output_dir={out}", "model.path=/models/a", "optim.lr=2e-4"])
+    assert check_resume(lr) == {"optim.lr": (1e-4, 2e-4)}
+    assert "optim.lr: 0.0001 -> 0.0002" in capsys.readouterr().out
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record == {"step": 3, "config_changes": {"optim.lr": {"old": 1e-4, "new": 2e-4}}}
+    other = dataclasses.replace(lr, model=dataclasses.replace(lr.model, path="/models/b"))
+    with pytest.raises(ConfigDriftError, match=r"model\.path: '/models/a' -> '/models/b'.*--allow-config"):
+        check_resume(other)
+    assert set(check_resume(other, allow_changes=True)) == {"model.path", "optim.lr"}
+    fresh = dataclasses.replace(other, output_dir=str(tmp_path / "fresh"))
+    assert check_resume(fresh) == {}
+
+
+def test_jrft_train_exits_2_on_config_drift(tmp_path, capsys):
+    from jrft.commands.train import run
+
+    out = tmp_path / "run"
+    _fake_run_with_checkpoint(out)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"output_dir: {out}\nmodel: {{path: /models/a}}\n")
+    assert run("sft", [str(config), "data.train=other.jsonl"]) == 2
+    err = capsys.readouterr().err
+    assert "data.train.path: None -> 'other.jsonl'" in err and not (out / ".jrft.lock").exists()

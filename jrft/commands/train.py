@@ -8,7 +8,8 @@ import sys
 HELP_EPILOG = """\
 Overrides are dotted keys parsed as YAML values, applied after the file:
   jrft {objective} configs/{objective}.yaml optim.lr=1e-4 train.steps=200 data.train=my.jsonl
-A rerun with the same output_dir resumes from its latest checkpoint (train.resume=true).
+A rerun with the same output_dir resumes from its latest checkpoint (train.resume=true); changing the
+model, tokenizer, data or objective on resume is refused unless --allow-config-change is given.
 """
 
 
@@ -22,6 +23,11 @@ def _parser(objective: str) -> argparse.ArgumentParser:
     parser.add_argument("config", help="YAML run config (see configs/)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    parser.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume even if the model, tokenizer, data or objective differ from the checkpoint's",
+    )
     return parser
 
 
@@ -38,10 +44,13 @@ def run(objective: str, argv: list[str]) -> int:
         return 2
     from jrft.train.lock import RunLockedError
     from jrft.train.runs import run_config
+    from jrft.train.runs.resume import ConfigDriftError
 
     try:
-        result = run_config(config, progress=not args.no_progress)
-    except RunLockedError as e:
+        result = run_config(
+            config, progress=not args.no_progress, allow_config_change=args.allow_config_change
+        )
+    except (RunLockedError, ConfigDriftError) as e:
         print(f"jrft {objective}: {e}", file=sys.stderr)
         return 2
     summary = ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.last_metrics.items()) if k in ("loss",))

@@ -15,6 +15,7 @@ from jrft.train.loop import LoopResult
 from jrft.train.runs.grpo import run_grpo
 from jrft.train.runs.offline import run_offline
 from jrft.train.runs.ppo import run_ppo
+from jrft.train.runs.resume import check_resume
 
 RUNNERS: dict[str, Callable[..., LoopResult]] = {
     "sft": run_offline,
@@ -25,14 +26,21 @@ RUNNERS: dict[str, Callable[..., LoopResult]] = {
 }
 
 
-def run_config(config: RunConfig, *, progress: bool = True) -> LoopResult:
+def run_config(config: RunConfig, *, progress: bool = True, allow_config_change: bool = False) -> LoopResult:
     """Trains ``config.objective`` with its runner from :data:`RUNNERS` and exports the result, holding the
     lock of ``config.output_dir`` throughout (process 0 only; not for ``gs://`` directories, which cannot be
-    locked). Raises :class:`~jrft.train.lock.RunLockedError` naming the holder when another run has it."""
+    locked). A resume first compares the config with the checkpoint's (:mod:`jrft.train.runs.resume`).
+
+    Raises:
+      RunLockedError: another run holds ``output_dir``; the message names it.
+      ConfigDriftError: resuming would change the model, tokenizer, data or objective (and
+        ``allow_config_change`` is false); the message lists the keys.
+    """
     import jax
 
     lockable = "://" not in config.output_dir and jax.process_index() == 0
     with locked(config.output_dir, enabled=lockable):
+        check_resume(config, allow_changes=allow_config_change)
         return RUNNERS[config.objective](config, progress=progress)
 
 
