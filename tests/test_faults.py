@@ -425,3 +425,66 @@ def test_jrft_train_exits_2_on_config_drift(tmp_path, capsys):
     assert run("sft", [str(config), "data.train=other.jsonl"]) == 2
     err = capsys.readouterr().err
     assert "data.train.path: None -> 'other.jsonl'" in err and not (out / ".jrft.lock").exists()
+
+
+# ------------------------------------------------------------------ hostile safetensors
+
+
+def _tiny_model(tmp_path, **kwargs):
+    from jrft.models.testing import save_tiny_hf_model
+
+    save_tiny_hf_model("llama", tmp_path, seed=0, **kwargs)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        os.urandom(4096),  # random bytes: a header length of ~2**63
+        (2**40).to_bytes(8, "little") + b"{}",  # a length beyond the file
+        (2).to_bytes(8, "little") + b"[]",  # a header that is not an object
+        b'\x2a\x00\x00\x00\x00\x00\x00\x00{"w": {"dtype": "F32", "shape": [-1], "x": 1}}',
+        b'\x3e\x00\x00\x00\x00\x00\x00\x00{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,99999999]}}',
+    ],
+)
+def test_malformed_safetensors_names_the_file(tmp_path, payload):
+    from jrft.models import CheckpointError, from_pretrained
+    from jrft.models.pretrained import SINGLE_FILE
+
+    model = _tiny_model(tmp_path)
+    (model / SINGLE_FILE).write_bytes(payload)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a safetensors file"):
+        from_pretrained(model)
+
+
+@pytest.mark.parametrize(
+    "shard", ["../../../../../../../../etc/passwd", "/etc/passwd", "sub/../../outside.safetensors"]
+)
+def test_index_shard_outside_the_model_directory_is_refused(tmp_path, shard):
+    import json
+
+    from jrft.models import CheckpointError, from_pretrained
+    from jrft.models.pretrained import INDEX_FILE
+
+    model = _tiny_model(tmp_path / "m", max_shard_size="20KB")
+    index = json.loads((model / INDEX_FILE).read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = shard
+    (model / INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=rf"{INDEX_FILE}: shard .* lies outside the model directory"):
+        from_pretrained(model)
+
+
+def test_malformed_index_names_the_file(tmp_path):
+    from jrft.models import CheckpointError, from_pretrained
+    from jrft.models.pretrained import INDEX_FILE
+
+    model = _tiny_model(tmp_path, max_shard_size="20KB")
+    for text, message in [
+        ("{not json", "not a valid safetensors index"),
+        ('{"weight_map": [1]}', "'weight_map' must map"),
+        ("[1]", "not a valid"),
+    ]:
+        (model / INDEX_FILE).write_text(text)
+        with pytest.raises(CheckpointError, match=rf"{INDEX_FILE}: {message}"):
+            from_pretrained(model)

@@ -95,6 +95,29 @@ _ST_DTYPES = {
 }
 
 
+_MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
+
+
+def _check_entry(name: str, info: object, data_bytes: int) -> None:
+    """Raises ValueError unless ``info`` is ``{dtype, shape, data_offsets}`` with offsets inside the data."""
+    if not isinstance(info, dict):
+        raise ValueError(f"tensor {name!r}: entry is not an object")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(info.get("dtype"), str):
+        raise ValueError(f"tensor {name!r}: no dtype")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise ValueError(f"tensor {name!r}: shape {shape!r} is not a list of sizes")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1] <= data_bytes
+    ):
+        raise ValueError(
+            f"tensor {name!r}: data_offsets {offsets!r} outside the file's {data_bytes} data bytes"
+        )
+
+
 class SafetensorsReader:
     """Reads tensors from one ``.safetensors`` file with plain reads instead of a memory map, so the pages
     of tensors already placed on devices do not stay resident (halves the peak RSS of a load).
@@ -107,12 +130,19 @@ class SafetensorsReader:
         self.path = path
         self._file = open(path, "rb")  # noqa: SIM115 (closed by close())
         try:
+            size = os.fstat(self._file.fileno()).st_size
             (n,) = struct.unpack("<Q", self._file.read(8))
+            if n > min(size - 8, _MAX_HEADER_BYTES):
+                raise ValueError(f"header length {n} does not fit in the file's {size} bytes")
             header = json.loads(self._file.read(n))
+            if not isinstance(header, dict):
+                raise ValueError(f"header is a JSON {type(header).__name__}, not an object")
+            header.pop("__metadata__", None)
+            for name, info in header.items():
+                _check_entry(name, info, size - 8 - n)
         except (struct.error, ValueError, UnicodeDecodeError) as e:
             self._file.close()
             raise CheckpointError(f"{path}: not a safetensors file ({e})") from None
-        header.pop("__metadata__", None)
         self._header, self._data_start = header, 8 + n
 
     def keys(self) -> list[str]:
@@ -197,13 +227,37 @@ def _resolve_dir(path: str | os.PathLike) -> str:
         ) from e
 
 
+def _read_index(directory: str, index: str) -> dict[str, str]:
+    """The index's weight_map as tensor name -> shard path; every shard must lie inside ``directory``."""
+    try:
+        with open(index, "rb") as f:
+            weight_map = json.loads(f.read()).get("weight_map")
+    except (ValueError, UnicodeDecodeError, AttributeError) as e:
+        raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
+    # Lexically, not through symlinks: the hub cache's snapshot files are symlinks into its blobs directory.
+    root = os.path.abspath(directory)
+    files = {}
+    for name, file in weight_map.items():
+        path = os.path.join(directory, file)
+        if os.path.isabs(file) or os.path.commonpath([root, os.path.abspath(path)]) != root:
+            raise CheckpointError(
+                f"{index}: shard {file!r} of tensor {name!r} lies outside the model directory {root}"
+            )
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{index}: shard {file!r} of tensor {name!r} does not exist")
+        files[name] = path
+    return files
+
+
 def _weight_files(directory: str) -> dict[str, str]:
     """transformers tensor name -> file path, from the index or the single safetensors file."""
     index = os.path.join(directory, INDEX_FILE)
     if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        return {name: os.path.join(directory, file) for name, file in weight_map.items()}
+        return _read_index(directory, index)
     single = os.path.join(directory, SINGLE_FILE)
     if not os.path.isfile(single):
         raise FileNotFoundError(f"from_pretrained: {directory} holds neither {SINGLE_FILE} nor {INDEX_FILE}")
