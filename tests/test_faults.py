@@ -368,7 +368,7 @@ def test_jrft_train_exits_2_when_the_output_dir_is_locked(tmp_path, capsys):
     from jrft.train.lock import RunLock
 
     config = tmp_path / "c.yaml"
-    config.write_text(f"output_dir: {tmp_path / 'run'}\n")
+    config.write_text(f"output_dir: {tmp_path / 'run'}\nmodel: {{path: /models/a}}\n")
     with RunLock(tmp_path / "run"):
         assert run("sft", [str(config), "--no-progress"]) == 2
     err = capsys.readouterr().err
@@ -488,3 +488,40 @@ def test_malformed_index_names_the_file(tmp_path):
         (model / INDEX_FILE).write_text(text)
         with pytest.raises(CheckpointError, match=rf"{INDEX_FILE}: {message}"):
             from_pretrained(model)
+
+
+# ------------------------------------------------------------------ user-facing errors
+
+
+def test_cli_flags_anywhere_one_line_errors_and_debug(tmp_path, capsys):
+    from jrft.commands.train import run
+    from jrft.config import ConfigError
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'run'}\n")  # no model section
+    assert run("sft", [str(config), "train.steps=1", "--no-progress", "optim.lr=1e-4"]) == 2
+    err = capsys.readouterr().err
+    assert "model.path: no model given" in err and "Traceback" not in err and len(err.splitlines()) == 1
+    with pytest.raises(ConfigError, match="model.path"):
+        run("sft", [str(config), "--debug", "train.steps=1"])
+
+
+def test_empty_model_path_is_named():
+    from jrft.models import from_pretrained
+
+    with pytest.raises(FileNotFoundError, match="model.path is empty"):
+        from_pretrained("")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_non_utf8_data_names_file_and_line(tmp_path, suffix):
+    from jrft.data.errors import DataError
+    from jrft.data.sources import _read_json, _read_jsonl
+
+    path = tmp_path / f"bad{suffix}"
+    good = b'{"prompt": "a", "completion": "b"}'
+    bad = b'{"prompt": "\xff", "completion": "b"}'
+    path.write_bytes(good + b"\n" + bad + b"\n" if suffix == ".jsonl" else b"[" + good + b",\n" + bad + b"]")
+    reader = _read_jsonl if suffix == ".jsonl" else _read_json
+    with pytest.raises(DataError, match=rf"bad\{suffix}.*(line 2 is not UTF-8|not UTF-8 .*on line 2)"):
+        reader(str(path))

@@ -28,30 +28,51 @@ def _parser(objective: str) -> argparse.ArgumentParser:
         action="store_true",
         help="resume even if the model, tokenizer, data or objective differ from the checkpoint's",
     )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of user-facing errors")
     return parser
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors about the user's inputs or the run's state: one line and exit 2 (``--debug``: the traceback)."""
+    from jrft.config import ConfigError
+    from jrft.data.errors import DataError
+    from jrft.models.pretrained import CheckpointError
+    from jrft.rewards.loading import RewardLoadError
+    from jrft.rewards.protocol import RewardSignatureError
+    from jrft.train.lock import RunLockedError
+    from jrft.train.loop import NonFiniteError
+    from jrft.train.runs.resume import ConfigDriftError
+
+    return (
+        ConfigError,
+        DataError,
+        CheckpointError,
+        RewardLoadError,
+        RewardSignatureError,
+        RunLockedError,
+        ConfigDriftError,
+        NonFiniteError,
+        FileNotFoundError,
+    )
+
+
 def run(objective: str, argv: list[str]) -> int:
-    from jrft.config import ConfigError, load_config
+    from jrft.config import load_config
     from jrft.parallel.distributed import initialize_distributed
 
-    args = _parser(objective).parse_args(argv)
+    args = _parser(objective).parse_intermixed_args(argv)  # flags before, between or after the overrides
     initialize_distributed()  # multi-host: joins the other processes (TPU VM, SLURM, JRFT_* env); else no-op
     try:
         config = load_config(args.config, [*args.overrides, f"objective={objective}"])
-    except ConfigError as e:
-        print(f"jrft {objective}: {e}", file=sys.stderr)
-        return 2
-    from jrft.train.lock import RunLockedError
-    from jrft.train.runs import run_config
-    from jrft.train.runs.resume import ConfigDriftError
+        from jrft.train.runs import run_config
 
-    try:
         result = run_config(
             config, progress=not args.no_progress, allow_config_change=args.allow_config_change
         )
-    except (RunLockedError, ConfigDriftError) as e:
-        print(f"jrft {objective}: {e}", file=sys.stderr)
+    except _user_errors() as e:
+        if args.debug:
+            raise
+        print(f"jrft {objective}: {e} (--debug for the traceback)", file=sys.stderr)
         return 2
     summary = ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.last_metrics.items()) if k in ("loss",))
     print(f"jrft {objective}: finished at step {result.step}; {summary}")

@@ -36,10 +36,20 @@ class Rows:
         return len(self.rows)
 
 
+def _decode_line(path: str, raw: bytes, lineno: int, row: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            path, f"line {lineno} is not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})", row=row
+        ) from None
+
+
 def _read_jsonl(path: str) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            line = _decode_line(path, raw, lineno, len(rows))
             if not line.strip():
                 continue
             try:
@@ -55,11 +65,17 @@ def _read_jsonl(path: str) -> list[dict]:
 
 
 def _read_json(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError(path, f"not valid JSON ({e.msg} at line {e.lineno})") from None
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(path, f"not UTF-8 (byte {raw[e.start]:#04x} on line {line})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(path, f"not valid JSON ({e.msg} at line {e.lineno})") from None
     if isinstance(data, dict):  # {"data": [...]} / {"rows": [...]} wrappers are common
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:

@@ -211,6 +211,11 @@ def _tensor_names(table, name: str, shape: tuple[int, ...]) -> list[tuple[str, t
 
 def _resolve_dir(path: str | os.PathLike) -> str:
     path = os.fspath(path)
+    if not path.strip():
+        raise FileNotFoundError(
+            "from_pretrained: no model given (model.path is empty): set model.path to a directory holding "
+            "config.json or a hub model id"
+        )
     if os.path.isdir(path):
         return path
     if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from jrft.config import RunConfig
+from jrft.config import ConfigError, RunConfig
 from jrft.train.lock import locked
 from jrft.train.loop import LoopResult
 from jrft.train.runs.grpo import run_grpo
@@ -32,12 +32,18 @@ def run_config(config: RunConfig, *, progress: bool = True, allow_config_change:
     locked). A resume first compares the config with the checkpoint's (:mod:`jrft.train.runs.resume`).
 
     Raises:
+      ConfigError: no ``model.path``.
       RunLockedError: another run holds ``output_dir``; the message names it.
       ConfigDriftError: resuming would change the model, tokenizer, data or objective (and
         ``allow_config_change`` is false); the message lists the keys.
     """
     import jax
 
+    if not str(config.model.path or "").strip():
+        raise ConfigError(
+            "model.path: no model given; set model.path to a directory holding config.json or a hub model id",
+            "model.path",
+        )
     lockable = "://" not in config.output_dir and jax.process_index() == 0
     with locked(config.output_dir, enabled=lockable):
         check_resume(config, allow_changes=allow_config_change)
