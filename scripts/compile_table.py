@@ -138,6 +138,9 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="run the cases whose name contains this")
+    parser.add_argument(
+        "--estimates", action="store_true", help="print jrft's estimates only (no compile: seconds)"
+    )
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every case")
     args = parser.parse_args()
     print("| case | topology | program | compiled GiB/chip | estimate GiB | estimate/compiled | fits |")
@@ -146,6 +149,11 @@ def main() -> None:
         if args.only not in name:
             continue
         config = load_config(None, [*overrides, "output_dir=/tmp/jrft-compile-table", *args.overrides])
+        if args.estimates:
+            for program, est in estimates(config, topology):
+                shown = "-" if est is None else f"{est / 2**30:.2f}"
+                print(f"| {name} | {topology} | {program} | | {shown} | | |")
+            continue
         t0 = time.perf_counter()
         for r in compile_run(config, topology):
             est = "-" if r.estimate_bytes is None else f"{r.estimate_bytes / 2**30:.2f}"
@@ -158,6 +166,27 @@ def main() -> None:
             verdict = "yes" if r.fits else "**no**"
             print(f"| {name} | {topology} | {r.name} | {total} | {est} | {ratio} | {verdict} |", flush=True)
         print(f"<!-- {name}: {time.perf_counter() - t0:.0f} s -->", flush=True)
+
+
+def estimates(config, topology: str):
+    """``(program name, jrft's estimate)`` for every program of the case, without compiling."""
+    from jrft.aot import parse_topology, topology_devices
+    from jrft.aot.presets import model_config
+    from jrft.aot.programs import run_programs
+    from jrft.commands.compile import _estimate
+    from jrft.parallel import make_mesh
+    from jrft.train.runs.setup import estimate_for
+
+    m = config.mesh
+    mesh = make_mesh(
+        data=m.data, fsdp=m.fsdp, tensor=m.tensor, devices=topology_devices(parse_topology(topology))
+    )
+    model_cfg = model_config(config.model.path)
+    shape = [mesh.shape[a] for a in ("data", "fsdp", "tensor")]
+    return [
+        (p.name, _estimate(config, model_cfg, shape, p.name, estimate_for))
+        for p in run_programs(config, model_cfg, mesh)
+    ]
 
 
 if __name__ == "__main__":

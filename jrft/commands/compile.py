@@ -80,22 +80,28 @@ def compile_run(config, topology: str, *, dump_dir: str | None = None, log=lambd
     return reports
 
 
-def _estimate(config, model_cfg, mesh_shape, name: str, estimate_for) -> int:
-    """jrft's own per-chip estimate for the program ``name`` (``jrft.parallel.memory``): the whole run's
-    estimate for train steps; parameters + KV cache (+ reference) for the sampler."""
+def _estimate(config, model_cfg, mesh_shape, name: str, estimate_for) -> int | None:
+    """jrft's own per-chip estimate (``jrft.parallel.memory``) for the program ``name``: the run's estimate
+    without the KV cache for train steps and updates, parameters + KV cache (+ reference) for the sampler;
+    None for forward-only programs, which the estimator does not model."""
+    kind = name.split("/")[-1]
     if config.objective in ("grpo", "ppo"):
         c = getattr(config, config.objective)
-        g = getattr(c, "num_generations", 1)
-        rows = config.train.batch_size * g
+        rows = config.train.batch_size * getattr(c, "num_generations", 1)
+        cache_len = config.data.max_prompt_length + c.max_new_tokens
         est = estimate_for(
             config,
             model_cfg,
             mesh_shape,
             rows=rows // c.num_mini_batches,
             cache_rows=rows,
-            cache_len=config.data.max_prompt_length + c.max_new_tokens,
+            cache_len=cache_len,
+            seq_len=cache_len,  # rollout rows: prompt then completion
+            platform="tpu",
         )
-        if name.endswith("generate"):
+        if kind == "generate":
             return est.params + est.kv_cache + est.reference
-        return est.total - est.kv_cache
-    return estimate_for(config, model_cfg, mesh_shape, rows=config.train.batch_size).total
+        return est.total - est.kv_cache if kind.endswith("update") else None
+    if kind != "train_step":
+        return None
+    return estimate_for(config, model_cfg, mesh_shape, rows=config.train.batch_size, platform="tpu").total

@@ -6,8 +6,11 @@ Counts, per device, for a model of ``ModelConfig`` on a ``(data, fsdp, tensor)``
   optimizer   AdamW's two moments (``optimizer_copies`` = 2) in ``opt_dtype``;
   activations what the backward pass keeps: per layer ``B_local x T x D`` times a factor set by the remat
               policy (``REMAT_ACTIVATION_FACTORS``), plus the float32 logits and their log-softmax,
-              ``2 x B_local x T x V / tensor x 4`` -- or, with ``logits_chunk_size`` C, one chunk's
-              ``2 x B_local x C x V / tensor x 4`` plus the chunks' saved hidden states ``B_local x T x D``;
+              ``2 x B_local x T x V / tensor x 4`` -- or, with ``logits_chunk_size`` C, the chunks in flight
+              (one; two on TPU, whose compiler overlaps consecutive chunks) of ``2 x B_local x C x V / tensor
+              x 4`` plus the chunks' saved hidden states ``B_local x T x D``; plus, when the LM head is
+              sharded (fsdp x tensor > 1), its gathered weight ``V x D / tensor`` in the parameter and the
+              compute dtype (the whole head is gathered for the logits matmul);
   kv_cache    ``2 x L x B_local x KV/tensor x S x Dh x bytes`` for sampling;
   reference   a frozen reference model's parameters (DPO, GRPO/PPO with a KL term), 0 when offloaded to host.
 It is an estimate (XLA's temporaries and fragmentation come on top): :func:`device_memory_in_use` reports
@@ -22,9 +25,11 @@ import jax
 import numpy as np
 
 # Activations kept per layer, in units of B*T*D values (rough, from the tensors each policy saves):
-# none keeps q/k/v, attention output, MLP hidden (3F/D ~ 8) and norms; full keeps only the layer input.
+# none keeps q/k/v, attention output, MLP hidden (3F/D ~ 8), norms and float32 copies; full keeps only the
+# layer input. "none" is calibrated on the TPU compiler (Llama-3-1B, v5e:2x4, scripts/compile_table.py:
+# 41 per layer); the policies between are interpolations, not measured.
 REMAT_ACTIVATION_FACTORS = {
-    "none": 16.0,
+    "none": 40.0,
     "dots_saveable": 12.0,
     "dots_no_batch": 10.0,
     "save_qkv_attn_out": 6.0,
@@ -55,13 +60,22 @@ class MemoryEstimate:
 
 
 def logits_activation_bytes(
-    config, local_batch: int, seq_len: int, *, tensor: int = 1, compute_bytes: int = 4, chunk: int = 0
+    config,
+    local_batch: int,
+    seq_len: int,
+    *,
+    tensor: int = 1,
+    compute_bytes: int = 4,
+    chunk: int = 0,
+    chunks_in_flight: int = 1,
+    copies: float = 2.0,
 ) -> int:
     """Bytes the LM head + log-softmax keep live per device in a training step: the float32 logits and their
-    gradient/softmax (``2 x B x T x V / tensor x 4``); with ``chunk`` > 0 (``train.logits_chunk_size``) one
-    chunk's worth (``T`` -> ``chunk``) plus the hidden states the chunks keep for the backward."""
-    rows = seq_len if chunk <= 0 else min(chunk, seq_len)
-    logits = local_batch * rows * config.vocab_size * 4 * 2 // tensor
+    gradient/softmax (``2 x B x T x V / tensor x 4``); with ``chunk`` > 0 (``train.logits_chunk_size``)
+    ``chunks_in_flight`` chunks' worth (``T`` -> ``chunk``) plus the hidden states the chunks keep for the
+    backward. ``copies``: float32 ``[B, T, V]`` buffers live at the peak (2: logits and their gradient)."""
+    rows = seq_len if chunk <= 0 else min(chunk, seq_len) * chunks_in_flight
+    logits = int(local_batch * rows * config.vocab_size * 4 * copies) // tensor
     if chunk > 0:
         logits += local_batch * seq_len * config.hidden_size * compute_bytes
     return int(logits)
@@ -85,12 +99,14 @@ def estimate_memory(
     logits_chunk_size: int = 0,
     reference: bool = False,
     offload_reference: bool = False,
+    platform: str = "cpu",
 ) -> MemoryEstimate:
     """Per-device bytes for ``config`` (a ``jrft.models.ModelConfig``) on a ``(data, fsdp, tensor)`` mesh.
 
     ``batch`` is the global batch (rows) of one micro-batch; ``cache_batch``/``cache_len`` the sampler's.
     ``logits_chunk_size`` is ``train.logits_chunk_size`` (0: the whole float32 logits at once); ``reference``
     counts a frozen reference copy of the parameters (in ``param_bytes``), none if ``offload_reference``.
+    ``platform`` is the one the program is compiled for (its compiler's habits: see the module docstring).
     """
     data, fsdp, tensor = mesh_shape
     if remat not in REMAT_ACTIVATION_FACTORS:
@@ -107,9 +123,23 @@ def estimate_memory(
             REMAT_ACTIVATION_FACTORS[remat] * local_batch * seq_len * config.hidden_size * compute_bytes
         )
         logits = logits_activation_bytes(
-            config, local_batch, seq_len, tensor=tensor, compute_bytes=compute_bytes, chunk=logits_chunk_size
+            config,
+            local_batch,
+            seq_len,
+            tensor=tensor,
+            compute_bytes=compute_bytes,
+            chunk=logits_chunk_size,
+            chunks_in_flight=2 if platform == "tpu" else 1,
+            # XLA:TPU holds ~1.75 whole-logits copies at the peak of the unchunked head (calibrated on
+            # Llama-3-1B, v5e:2x4: two cases, scripts/compile_table.py); XLA:CPU holds 2
+            copies=1.75 if platform == "tpu" and logits_chunk_size <= 0 else 2.0,
         )
-        activations = int(config.num_layers * per_layer + logits)
+        head = (
+            config.vocab_size * config.hidden_size * (param_bytes + compute_bytes) // tensor
+            if shards > 1
+            else 0
+        )
+        activations = int(config.num_layers * per_layer + logits + head)
     kv = 0
     if cache_batch and cache_len:
         local_cache_batch = max(cache_batch // (data * fsdp), 1)

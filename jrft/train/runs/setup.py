@@ -191,20 +191,31 @@ def holds_reference(config: RunConfig) -> bool:
 
 
 def estimate_for(
-    config: RunConfig, model_cfg, mesh_shape, *, rows: int, cache_rows: int = 0, cache_len: int = 0
+    config: RunConfig,
+    model_cfg,
+    mesh_shape,
+    *,
+    rows: int,
+    cache_rows: int = 0,
+    cache_len: int = 0,
+    seq_len: int | None = None,
+    platform: str = "cpu",
 ):
     """The per-device memory estimate (``jrft.parallel.memory.estimate_memory``) of a run of ``config`` with
-    model architecture ``model_cfg`` on a mesh of ``mesh_shape`` (data, fsdp, tensor): ``rows`` sequences
-    per update (``train.micro_batch_size`` caps them), ``cache_rows`` x ``cache_len`` KV cache."""
+    model architecture ``model_cfg`` on a mesh of ``mesh_shape`` (data, fsdp, tensor) of ``platform``
+    devices: ``rows`` batch rows per update (``train.micro_batch_size`` caps them; a preference pair is
+    two sequences) of ``seq_len`` tokens (default ``data.max_length``), ``cache_rows`` x ``cache_len`` KV
+    cache."""
     from jrft.parallel.memory import estimate_memory
 
     nbytes = lambda name: jnp.dtype(name).itemsize  # noqa: E731
     micro = config.train.micro_batch_size or rows
+    pairs = 2 if config.objective in ("dpo", "reward") else 1  # chosen and rejected in one forward
     return estimate_memory(
         model_cfg,
         mesh_shape=tuple(mesh_shape),
-        batch=min(micro, rows),
-        seq_len=config.data.max_length,
+        batch=min(micro, rows) * pairs,
+        seq_len=seq_len or config.data.max_length,
         param_bytes=nbytes(config.model.param_dtype),
         compute_bytes=nbytes(config.model.dtype),
         opt_bytes=nbytes(config.model.param_dtype),
@@ -215,6 +226,7 @@ def estimate_for(
         logits_chunk_size=config.train.logits_chunk_size,
         reference=holds_reference(config),
         offload_reference=config.train.offload_reference,
+        platform=platform,
     )
 
 
@@ -236,6 +248,7 @@ def memory_summary(
         rows=rows,
         cache_rows=cache_rows,
         cache_len=cache_len,
+        platform=mesh.devices.flat[0].platform,
     )
     actual = actual_param_bytes_per_device(state.params)
     reported = device_memory_in_use()
