@@ -209,6 +209,7 @@ class RewardRunner:
             for f, n in zip(self.functions, self.names, strict=True)
             if n in self._in_process
         }
+        self._slots = {name: slot for slot, name in enumerate(self._payloads)}  # a worker per function
         self._pool = WorkerPool(len(self._payloads), memory_mb=worker_memory_mb) if self._payloads else None
         if self._pool is not None:
             self._finalizer = weakref.finalize(self, self._pool.close)
@@ -288,7 +289,8 @@ class RewardRunner:
     def _run_process(self, i: int, args: dict[str, Any], outcome: _Outcome, deadline: float) -> None:
         start = time.monotonic()
         try:
-            status, value = self._pool.call(self._payloads[self.names[i]], args, deadline - start)
+            name = self.names[i]
+            status, value = self._pool.call(self._payloads[name], args, deadline - start, self._slots[name])
         except Exception as err:
             outcome.finish(error=f"{type(err).__name__}: {err}", seconds=time.monotonic() - start)
             return

@@ -18,7 +18,6 @@ import functools
 import inspect
 import os
 import pickle
-import queue
 import signal
 import subprocess
 import sys
@@ -171,9 +170,12 @@ class _Worker:
 
 
 class WorkerPool:
-    """``size`` persistent worker processes; a worker that hangs or dies is killed and replaced at once.
+    """``size`` persistent worker processes, one per slot; a worker that hangs or dies is killed and its slot
+    gets a fresh one at once.
 
-    ``call`` is thread-safe: each caller checks out one idle worker (blocking while all are busy).
+    Each reward function has its own slot, so consecutive calls of a function run in the same process and
+    its module state persists between batches, as it would in a thread (until a kill replaces the worker).
+    ``call`` is thread-safe: callers of one slot wait for each other.
     """
 
     def __init__(self, size: int, memory_mb: int | None = None) -> None:
@@ -182,67 +184,58 @@ class WorkerPool:
         if memory_mb is not None and memory_mb < 1:
             raise ValueError(f"worker memory_mb must be >= 1 or None, got {memory_mb}")
         self._memory_mb = memory_mb
-        self._idle: queue.Queue[_Worker] = queue.Queue()
+        self._workers = [_Worker(memory_mb) for _ in range(size)]
+        self._slot_locks = [threading.Lock() for _ in range(size)]
         self._lock = threading.Lock()
         self._closed = False
         self.replaced = 0
-        for _ in range(size):
-            self._idle.put(_Worker(memory_mb))
 
-    def call(self, payload: bytes, kwargs: Mapping[str, Any], timeout: float) -> tuple[str, Any]:
-        """Run ``payload``'s function on ``kwargs`` in a worker: ``("ok", values)`` or ``("error", (m, tb))``.
+    def call(
+        self, payload: bytes, kwargs: Mapping[str, Any], timeout: float, slot: int = 0
+    ) -> tuple[str, Any]:
+        """Run ``payload``'s function on ``kwargs`` in the worker of ``slot``: ``("ok", values)`` or
+        ``("error", (m, tb))``.
 
         Raises:
           WorkerTimeout, WorkerCrashed: the worker has been replaced by a fresh one.
         """
         deadline = time.monotonic() + timeout
+        if not self._slot_locks[slot].acquire(timeout=max(0.0, timeout)):
+            raise WorkerTimeout("the function's worker process stayed busy until the timeout")
         try:
-            worker = self._idle.get(timeout=max(0.0, timeout))
-        except queue.Empty as err:
-            raise WorkerTimeout("no idle worker process before the timeout") from err
-        try:
-            result = worker.call(payload, kwargs, deadline)
-        except (WorkerTimeout, WorkerCrashed):
-            worker.kill()
-            with self._lock:
-                self.replaced += 1
-                if not self._closed:
-                    self._idle.put(_Worker(self._memory_mb))
-            raise
-        self._idle.put(worker)
-        return result
+            worker = self._workers[slot]
+            try:
+                return worker.call(payload, kwargs, deadline)
+            except (WorkerTimeout, WorkerCrashed):
+                worker.kill()
+                with self._lock:
+                    self.replaced += 1
+                    if not self._closed:
+                        self._workers[slot] = _Worker(self._memory_mb)
+                raise
+        finally:
+            self._slot_locks[slot].release()
 
     def wait_ready(self, timeout: float) -> None:
-        """Wait (up to ``timeout`` seconds in all) until every idle worker has started.
+        """Wait (up to ``timeout`` seconds in all) until every worker has started.
 
         Raises:
           WorkerTimeout, WorkerCrashed: a worker did not start; it has been replaced by a fresh one.
         """
         deadline = time.monotonic() + timeout
-        workers = []
-        while True:
-            try:
-                workers.append(self._idle.get_nowait())
-            except queue.Empty:
-                break
         failure: Exception | None = None
-        for i, worker in enumerate(workers):
+        for slot, worker in enumerate(self._workers):
             try:
                 worker.wait_ready(deadline)
             except (WorkerTimeout, EOFError, OSError) as err:
                 worker.kill()
-                workers[i] = _Worker(self._memory_mb)
+                self._workers[slot] = _Worker(self._memory_mb)
                 failure = failure or err
-        for worker in workers:
-            self._idle.put(worker)
         if failure is not None:
             raise failure if isinstance(failure, WorkerTimeout) else WorkerCrashed(repr(failure))
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
-        while True:
-            try:
-                self._idle.get_nowait().close()
-            except queue.Empty:
-                return
+        for worker in self._workers:
+            worker.close()
