@@ -214,8 +214,7 @@ def grpo_programs(config: RunConfig, model_cfg, mesh: Mesh) -> list[Program]:
     old / reference log-prob forwards where the config computes them."""
     from jrft.train.grpo_round import update_step
     from jrft.train.logprobs import make_completion_forward
-    from jrft.train.rounds import RoundOptions
-    from jrft.train.runs.setup import optimizer_from_config, total_updates
+    from jrft.train.runs.setup import optimizer_from_config, round_options, total_updates
 
     c, t = config.grpo, config.train
     tx, _ = optimizer_from_config(config, total_steps=total_updates(config))
@@ -224,14 +223,7 @@ def grpo_programs(config: RunConfig, model_cfg, mesh: Mesh) -> list[Program]:
     n = t.batch_size * c.num_generations // c.num_mini_batches
     on_policy = c.num_iterations == 1 and c.num_mini_batches == 1
     ref_bytes = device_bytes(state.params) if c.beta > 0 and not t.offload_reference else 0
-    options = RoundOptions(
-        mesh=mesh,
-        state_sharding=shardings,
-        pad_token_id=0,
-        grad_accum=t.grad_accum_for(t.batch_size // c.num_mini_batches),
-        logits_chunk_size=t.logits_chunk_size,
-        offload_reference=t.offload_reference,
-    )
+    options = round_options(config, mesh, state_sharding=shardings, num_mini_batches=c.num_mini_batches)
     extra = dict(advantages=False)
     if not on_policy:
         extra["old_logps"] = True
@@ -285,8 +277,7 @@ def ppo_programs(config: RunConfig, model_cfg, mesh: Mesh) -> list[Program]:
     from jrft.train.logprobs import make_completion_forward
     from jrft.train.objectives import ppo
     from jrft.train.ppo_round import PPOState, update_steps
-    from jrft.train.rounds import RoundOptions
-    from jrft.train.runs.setup import optimizer_from_config, total_updates
+    from jrft.train.runs.setup import optimizer_from_config, round_options, total_updates
 
     def architecture(path):
         try:
@@ -305,13 +296,11 @@ def ppo_programs(config: RunConfig, model_cfg, mesh: Mesh) -> list[Program]:
             config, value_cfg, tx, mesh, scalar_head=True
         )
     state = PPOState(policy, value)
-    options = RoundOptions(
-        mesh=mesh,
+    options = round_options(
+        config,
+        mesh,
         state_sharding=PPOState(policy_sharding, value_sharding),
-        pad_token_id=0,
-        grad_accum=t.grad_accum_for(t.batch_size // c.num_mini_batches),
-        logits_chunk_size=t.logits_chunk_size,
-        offload_reference=t.offload_reference,
+        num_mini_batches=c.num_mini_batches,
     )
     update_policy, update_value = update_steps(c, graphdef, value_graphdef, (tx, tx), options)
     tp, tc = bucket_length(config.data.max_prompt_length), c.max_new_tokens

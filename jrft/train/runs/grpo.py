@@ -24,7 +24,7 @@ def run_grpo(config: RunConfig, *, progress: bool = True, runner=None, model_eva
     ``train.eval_every`` steps and at the end; its metrics are logged with an ``eval/`` prefix (e.g. held-out
     accuracy).
     """
-    from jrft.data import train_iterator_from_config
+    from jrft.data import pad_token_id, train_iterator_from_config
 
     c = config.grpo
     run = setup_run(config)
@@ -33,7 +33,13 @@ def run_grpo(config: RunConfig, *, progress: bool = True, runner=None, model_eva
     prompts = train_iterator_from_config(
         config, run.train_ds, process_index=jax.process_index(), process_count=jax.process_count()
     )
-    options = round_options(config, run, state_sharding=run.shardings, num_mini_batches=c.num_mini_batches)
+    options = round_options(
+        config,
+        run.mesh,
+        state_sharding=run.shardings,
+        num_mini_batches=c.num_mini_batches,
+        pad_token_id=pad_token_id(run.tokenizer),
+    )
     round_fn = GRPORound(c, run.graphdef, run.state, run.tx, run.tokenizer, runner, prompts, options)
 
     def step_fn(state, batch):

@@ -28,7 +28,7 @@ from jrft.train.state import create_train_state, split_model
 
 def run_ppo(config: RunConfig, *, progress: bool = True, runner=None) -> LoopResult:
     """PPO; ``runner`` overrides the reward runner built from ``ppo.reward_functions`` (tests)."""
-    from jrft.data import train_iterator_from_config
+    from jrft.data import pad_token_id, train_iterator_from_config
 
     c = config.ppo
     if config.train.batch_size % c.num_mini_batches:
@@ -64,7 +64,13 @@ def run_ppo(config: RunConfig, *, progress: bool = True, runner=None) -> LoopRes
     prompts = train_iterator_from_config(
         config, run.train_ds, process_index=jax.process_index(), process_count=jax.process_count()
     )
-    options = round_options(config, run, state_sharding=shardings, num_mini_batches=c.num_mini_batches)
+    options = round_options(
+        config,
+        run.mesh,
+        state_sharding=shardings,
+        num_mini_batches=c.num_mini_batches,
+        pad_token_id=pad_token_id(run.tokenizer),
+    )
     graphdefs, optimizers = (run.graphdef, value_graphdef), (run.tx, value_tx)
     round_fn = PPORound(c, *graphdefs, state, optimizers, run.tokenizer, runner, reward_model, options)
 

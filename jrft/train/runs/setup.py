@@ -142,17 +142,17 @@ def reward_runner_from_config(section, *, group_size: int, max_new_tokens: int):
     )
 
 
-def round_options(config: RunConfig, run: Run, *, state_sharding, num_mini_batches: int) -> RoundOptions:
+def round_options(
+    config: RunConfig, mesh: Mesh, *, state_sharding, num_mini_batches: int, pad_token_id: int = 0
+) -> RoundOptions:
     """The options of a GRPO / PPO round (``jrft.train.rounds.RoundOptions``) from the config: micro-batches
     by ``train.micro_batch_size`` over the prompts of one mini-batch, the completions table in the run's
-    directory, the memory levers of the ``train`` section."""
-    from jrft.data import pad_token_id
-
+    directory, the memory levers of the ``train`` section (for the runners and for ``jrft compile``)."""
     t = config.train
     return RoundOptions(
-        mesh=run.mesh,
+        mesh=mesh,
         state_sharding=state_sharding,
-        pad_token_id=pad_token_id(run.tokenizer),
+        pad_token_id=pad_token_id,
         grad_accum=t.grad_accum_for(t.batch_size // num_mini_batches),
         completions_path=os.path.join(config.output_dir, "completions.jsonl"),
         logits_chunk_size=t.logits_chunk_size,
