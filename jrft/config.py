@@ -383,8 +383,10 @@ class RewardFunctionConfig:
     kwargs: dict = field(default_factory=dict)
     # Metric name (default: the function's name); useful when one built-in appears twice.
     label: str | None = None
-    # Run in a worker process (killable on timeout) instead of a thread.
-    process: bool = False
+    # Run in a worker process (killable on timeout; os._exit or a crash cannot take the trainer down) or in
+    # a thread of the trainer (false: shares its state, e.g. jax.process_index()). Default (null): a worker
+    # process for user functions (spec), a thread for built-ins.
+    process: bool | None = None
 
     def __post_init__(self):
         check_field(
@@ -404,8 +406,8 @@ class RewardFunctionConfig:
         }
         if self.label is not None:
             entry["label"] = self.label
-        if self.process:
-            entry["process"] = True
+        if self.process is not None:
+            entry["process"] = self.process
         return entry
 
 

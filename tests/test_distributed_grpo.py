@@ -49,7 +49,7 @@ grpo:
   max_new_tokens: 8
   beta: 0.04
   scale_rewards: batch
-  reward_functions: [{{spec: '{rewards}:{fn}'}}]
+  reward_functions: [{{spec: '{rewards}:{fn}', process: false}}]  # a thread: sees jax.process_index()
 """
 
 WORKER = textwrap.dedent(
