@@ -175,7 +175,7 @@ def estimates(config, topology: str):
     from jrft.aot.programs import run_programs
     from jrft.commands.compile import _estimate
     from jrft.parallel import make_mesh
-    from jrft.train.runs.setup import estimate_for
+    from jrft.train.runs.setup import run_estimates
 
     m = config.mesh
     mesh = make_mesh(
@@ -183,10 +183,8 @@ def estimates(config, topology: str):
     )
     model_cfg = model_config(config.model.path)
     shape = [mesh.shape[a] for a in ("data", "fsdp", "tensor")]
-    return [
-        (p.name, _estimate(config, model_cfg, shape, p.name, estimate_for))
-        for p in run_programs(config, model_cfg, mesh)
-    ]
+    estimates = run_estimates(config, model_cfg, shape, platform="tpu")
+    return [(p.name, _estimate(estimates, p.name)) for p in run_programs(config, model_cfg, mesh)]
 
 
 if __name__ == "__main__":

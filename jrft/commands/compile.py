@@ -49,7 +49,7 @@ def compile_run(config, topology: str, *, dump_dir: str | None = None, log=lambd
     from jrft.aot.presets import model_config
     from jrft.aot.programs import run_programs
     from jrft.parallel import make_mesh
-    from jrft.train.runs.setup import estimate_for
+    from jrft.train.runs.setup import run_estimates
 
     name = parse_topology(topology)
     devices = topology_devices(name)
@@ -62,9 +62,10 @@ def compile_run(config, topology: str, *, dump_dir: str | None = None, log=lambd
         f"jrft compile: {config.objective} on {name} ({len(devices)} chips, {hbm / 2**30:.2f} GiB HBM each), "
         f"mesh data={shape[0]} fsdp={shape[1]} tensor={shape[2]}, {model_cfg.num_params / 1e9:.2f}B params"
     )
+    estimates = run_estimates(config, model_cfg, shape, platform="tpu")
     reports = []
     for program in run_programs(config, model_cfg, mesh):
-        program.estimate_bytes = _estimate(config, model_cfg, shape, program.name, estimate_for)
+        program.estimate_bytes = _estimate(estimates, program.name)
         report = compile_program(
             program.name,
             program.fn,
@@ -80,34 +81,13 @@ def compile_run(config, topology: str, *, dump_dir: str | None = None, log=lambd
     return reports
 
 
-def _estimate(config, model_cfg, mesh_shape, name: str, estimate_for) -> int | None:
-    """jrft's own per-chip estimate (``jrft.parallel.memory``) for the program ``name``: the run's estimate
-    without the KV cache for train steps and updates; for the sampler the train state it runs beside, the
-    KV cache, the reference and the weights gathered whole for decoding (XLA hoists the fsdp all-gather out
-    of the decode loop: measured on Llama-3-1B, v5e:2x4); None for forward-only programs, which the
-    estimator does not model."""
-    import jax.numpy as jnp
-
+def _estimate(estimates: dict, name: str) -> int | None:
+    """jrft's estimate for the program ``name`` from ``run_estimates``: the step's for train steps and
+    updates, the sampler's for the sampler, None for forward-only programs (the estimator does not model
+    them)."""
     kind = name.split("/")[-1]
-    if config.objective in ("grpo", "ppo"):
-        c = getattr(config, config.objective)
-        rows = config.train.batch_size * getattr(c, "num_generations", 1)
-        cache_len = config.data.max_prompt_length + c.max_new_tokens
-        est = estimate_for(
-            config,
-            model_cfg,
-            mesh_shape,
-            rows=rows // c.num_mini_batches,
-            cache_rows=rows,
-            cache_len=cache_len,
-            seq_len=cache_len,  # rollout rows: prompt then completion
-            platform="tpu",
-        )
-        if kind == "generate":  # the train state stays; decoding gathers every weight once (fsdp > 1)
-            gathered = model_cfg.num_params * jnp.dtype(config.model.dtype).itemsize // mesh_shape[2]
-            gathered = gathered if mesh_shape[1] * mesh_shape[2] > 1 else 0
-            return est.params + est.optimizer + est.reference + est.kv_cache + gathered
-        return est.total - est.kv_cache if kind.endswith("update") else None
-    if kind != "train_step":
-        return None
-    return estimate_for(config, model_cfg, mesh_shape, rows=config.train.batch_size, platform="tpu").total
+    if kind == "generate":
+        return estimates.get("sampler")
+    if kind == "train_step" or kind.endswith("update"):
+        return estimates["step"].total
+    return None

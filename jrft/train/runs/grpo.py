@@ -49,15 +49,7 @@ def run_grpo(config: RunConfig, *, progress: bool = True, runner=None, model_eva
     def eval_state(state):
         return model_eval_fn(nnx.merge(run.graphdef, state.params, state.rest))
 
-    rows = config.train.batch_size * c.num_generations
-    memory = memory_summary(
-        config,
-        run.mesh,
-        run.state,
-        rows=rows,
-        cache_rows=rows,
-        cache_len=config.data.max_prompt_length + c.max_new_tokens,
-    )
+    memory = memory_summary(config, run.mesh, run.state)
     return loop_and_export(
         run,
         step_fn,

@@ -184,7 +184,6 @@ def run_offline(config: RunConfig, *, progress: bool = True, model_eval_fn=None)
             metrics = dict(loss_eval(state)) if loss_eval is not None else {}
             return {**metrics, **model_eval_fn(nnx.merge(graphdef, state.params, state.rest))}
 
-    rows = config.train.batch_size
     return loop_and_export(
         run,
         step_fn,
@@ -193,5 +192,5 @@ def run_offline(config: RunConfig, *, progress: bool = True, model_eval_fn=None)
         eval_fn=eval_fn,
         bar_keys=objective.bar_keys,
         progress=progress,
-        summary=train_ds.summary() + "\n" + memory_summary(config, mesh, run.state, rows=rows),
+        summary=train_ds.summary() + "\n" + memory_summary(config, mesh, run.state),
     )

@@ -17,6 +17,7 @@ from jrft.train.reference import FrozenModel
 from jrft.train.runs.export import loop_and_export
 from jrft.train.runs.setup import (
     build_model,
+    memory_summary,
     optimizer_from_config,
     reward_runner_from_config,
     round_options,
@@ -85,6 +86,6 @@ def run_ppo(config: RunConfig, *, progress: bool = True, runner=None) -> LoopRes
         prompts,
         bar_keys=("score/mean", "kl_mean", "clip_frac", "value_loss"),
         progress=progress,
-        summary=run.train_ds.summary(),
+        summary=run.train_ds.summary() + "\n" + memory_summary(config, mesh, run.state),
         export_model=policy_export_model(run.graphdef),
     )

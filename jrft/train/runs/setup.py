@@ -230,10 +230,41 @@ def estimate_for(
     )
 
 
-def memory_summary(
-    config: RunConfig, mesh: Mesh, state, *, rows: int, cache_rows: int = 0, cache_len: int = 0
-) -> str:
-    """The per-device memory estimate (:func:`estimate_for`) and, beside it, what the parameters really
+def run_estimates(config: RunConfig, model_cfg, mesh_shape, *, platform: str) -> dict:
+    """jrft's per-device estimates of a run's biggest programs: ``{"step": MemoryEstimate}`` (the train step,
+    or the GRPO / PPO update over one mini-batch of rollout rows) and, for GRPO / PPO, ``"sampler"``: bytes
+    of the sampler beside the train state it runs with (KV cache, reference, and the weights gathered whole
+    for decoding when they are sharded, as XLA:TPU does for Llama-3-1B). ``jrft compile`` prints them beside
+    the compiled totals; every run prints them at start."""
+    if config.objective not in ("grpo", "ppo"):
+        return {
+            "step": estimate_for(
+                config, model_cfg, mesh_shape, rows=config.train.batch_size, platform=platform
+            )
+        }
+    c = getattr(config, config.objective)
+    rows = config.train.batch_size * getattr(c, "num_generations", 1)
+    cache_len = config.data.max_prompt_length + c.max_new_tokens
+    est = estimate_for(
+        config,
+        model_cfg,
+        mesh_shape,
+        rows=rows // c.num_mini_batches,
+        cache_rows=rows,
+        cache_len=cache_len,
+        seq_len=cache_len,  # rollout rows: prompt then completion
+        platform=platform,
+    )
+    _, fsdp, tensor = mesh_shape
+    gathered = 0
+    if fsdp * tensor > 1:
+        gathered = model_cfg.num_params * jnp.dtype(config.model.dtype).itemsize // tensor
+    step = dataclasses.replace(est, kv_cache=0)
+    return {"step": step, "sampler": est.params + est.optimizer + est.reference + est.kv_cache + gathered}
+
+
+def memory_summary(config: RunConfig, mesh: Mesh, state) -> str:
+    """The per-device memory estimates (:func:`run_estimates`) and, beside them, what the parameters really
     occupy per device and what the device reports in use (where it can)."""
     from jrft.models import ModelConfig
     from jrft.parallel.memory import actual_param_bytes_per_device, device_memory_in_use
@@ -241,16 +272,13 @@ def memory_summary(
     if not os.path.isdir(config.model.path):
         return "memory estimate: skipped (model config not in a local directory)"
     mesh_shape = [mesh.shape[a] for a in ("data", "fsdp", "tensor")]
-    est = estimate_for(
-        config,
-        ModelConfig.from_hf(config.model.path),
-        mesh_shape,
-        rows=rows,
-        cache_rows=cache_rows,
-        cache_len=cache_len,
-        platform=mesh.devices.flat[0].platform,
-    )
+    platform = mesh.devices.flat[0].platform
+    estimates = run_estimates(config, ModelConfig.from_hf(config.model.path), mesh_shape, platform=platform)
+    text = estimates["step"].describe()
+    if "sampler" in estimates:
+        text += f"; sampler {estimates['sampler'] / 2**30:.2f} GiB"
     actual = actual_param_bytes_per_device(state.params)
     reported = device_memory_in_use()
     tail = f"; device reports {reported / 2**30:.2f} GiB in use" if reported else ""
-    return f"{est.describe()}; parameters actually {actual / 2**30:.3f} GiB/device{tail}"
+    text += f"; parameters actually {actual / 2**30:.3f} GiB/device{tail}"
+    return text + " (jrft compile gives the compiler's own figures)"
