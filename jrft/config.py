@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -104,6 +105,65 @@ class ModelSource:
     def tokenizer_path(self) -> str:
         """The tokenizer location, defaulting to the model path."""
         return self.tokenizer if self.tokenizer else self.path
+
+
+# transformers' / PEFT's names of the decoder's projections, in the order jrft.models.lora applies them.
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters (Hu et al. 2021, arXiv:2106.09685): ``W x + scale * B A x`` on the targeted
+    projections; only A and B are trained, the base weights stay frozen (no gradients, no optimizer state)
+    and serve as the reference model with the adapters off."""
+
+    # Adapter rank r; 0 = off (full fine-tuning, every behaviour as without this section).
+    rank: int = 0
+    # Scale of the adapter path: alpha / r (or alpha / sqrt(r) with use_rslora), PEFT's convention.
+    alpha: float = 16.0
+    # Dropout on the adapter path's input. Only 0 for now: the decoder's call API carries no rng yet.
+    dropout: float = 0.0
+    # Which projections get adapters: a list of names out of LORA_MODULES, or one regex that must match
+    # (re.fullmatch) the PEFT module path ``self_attn.q_proj`` ... ``mlp.down_proj``. Default: all seven
+    # (adapting every linear layer matters more than the rank; QLoRA paper, arXiv:2305.14314).
+    target_modules: tuple[str, ...] | str = LORA_MODULES
+    # Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023, arXiv:2312.03732): keeps updates of high
+    # ranks from vanishing.
+    use_rslora: bool = False
+    # How A starts (B always starts at 0, so the first forward equals the base model): "default" is PEFT's
+    # Kaiming-uniform, "gaussian" is normal with std 1 / r.
+    init: Literal["default", "gaussian"] = "default"
+
+    def __post_init__(self):
+        check_nonnegative(self, "rank")
+        check_positive(self, "alpha")
+        check_field(self.dropout == 0.0, "dropout", f"only 0.0 is supported for now, got {self.dropout!r}")
+        if isinstance(self.target_modules, str):
+            try:
+                re.compile(self.target_modules)
+            except re.error as e:
+                raise ConfigError(f"not a valid regex ({e})", "target_modules") from None
+        else:
+            unknown = [m for m in self.target_modules if m not in LORA_MODULES]
+            check_field(not unknown, "target_modules", f"unknown {unknown}; known: {list(LORA_MODULES)}")
+        if self.rank > 0:
+            check_field(bool(self.modules), "target_modules", "selects no projection")
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        """The targeted names out of ``LORA_MODULES`` (a regex resolved against the PEFT module paths)."""
+        if isinstance(self.target_modules, str):
+            paths = {
+                m: ("mlp." if m.endswith(("gate_proj", "up_proj", "down_proj")) else "self_attn.") + m
+                for m in LORA_MODULES
+            }
+            return tuple(m for m in LORA_MODULES if re.fullmatch(self.target_modules, paths[m]))
+        return tuple(m for m in LORA_MODULES if m in self.target_modules)
+
+    @property
+    def scale(self) -> float:
+        """The adapter path's multiplier: ``alpha / r`` or, with ``use_rslora``, ``alpha / sqrt(r)``."""
+        return self.alpha / (self.rank**0.5 if self.use_rslora else self.rank)
 
 
 @dataclass(frozen=True)
@@ -561,6 +621,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
