@@ -39,6 +39,7 @@ from jrft.models.layers import (
     rope_inv_freq,
     window_mask,
 )
+from jrft.models.lora import LoRASpec, LoRAStack, low_rank
 from jrft.parallel.sharding import with_logical_constraint
 
 ACT_BTD = ("batch", "seq", "act_embed")
@@ -159,11 +160,19 @@ def positions_from_mask(attention_mask: jax.Array, segment_ids: jax.Array | None
 # --- the layer body -----------------------------------------------------------------------------
 
 
-def _qkv(cfg: ModelConfig, p, x, cos, sin):
-    """Pre-norm q ``[B, T, H, Dh]`` and k, v ``[B, K, T, Dh]`` (RoPE applied)."""
+def _proj(h: jax.Array, p, ad, w: str) -> jax.Array:
+    """``h [N, in] @ p[w]`` flattened to ``[in, out]``, plus the LoRA path when ``ad`` adapts ``w``."""
+    y = h @ p[w].reshape(h.shape[-1], -1)
+    return y + low_rank(h, ad[w]) if w in ad else y
+
+
+def _qkv(cfg: ModelConfig, p, x, cos, sin, ad=None):
+    """Pre-norm q ``[B, T, H, Dh]`` and k, v ``[B, K, T, Dh]`` (RoPE applied). ``ad``: this layer's
+    adapters ``{weight: (A, scale * B)}`` (``jrft.models.lora``), empty or None without LoRA."""
     b, t, d = x.shape
+    ad = ad or {}
     h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps, cfg.norm_plus_one).reshape(b * t, d)
-    q, k, v = (h @ p[w].reshape(d, -1) for w in ("wq", "wk", "wv"))  # [B*T, N*Dh]
+    q, k, v = (_proj(h, p, ad, w) for w in ("wq", "wk", "wv"))  # [B*T, N*Dh]
     if cfg.qkv_bias:
         q, k, v = q + p["bq"].reshape(-1), k + p["bk"].reshape(-1), v + p["bv"].reshape(-1)
     q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
@@ -185,19 +194,21 @@ def post_norm(cfg: ModelConfig, p, name: str, y: jax.Array) -> jax.Array:
     return rms_norm(y, p[name], cfg.rms_norm_eps, cfg.norm_plus_one) if cfg.post_norms else y
 
 
-def _attn_out_and_mlp(cfg: ModelConfig, p, x, attn):
-    """Residual adds of the attention output projection and the gated MLP. ``attn [B, T, H, Dh]``."""
+def _attn_out_and_mlp(cfg: ModelConfig, p, x, attn, ad=None):
+    """Residual adds of the attention output projection and the gated MLP. ``attn [B, T, H, Dh]``;
+    ``ad`` as in ``_qkv``."""
     b, t, d = x.shape
+    ad = ad or {}
     attn = checkpoint_name(attn, "attn_out").reshape(b * t, -1)
-    y = attn @ p["wo"].reshape(-1, d)  # [B*T, D]
+    y = _proj(attn, p, ad, "wo")  # [B*T, D]
     if cfg.o_bias:
         y = y + p["bo"]
     y = post_norm(cfg, p, "post_attn_norm", y)
     x = with_logical_constraint(x + y.reshape(b, t, d), ACT_BTD)
     h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps, cfg.norm_plus_one).reshape(b * t, d)
-    g = ACTIVATIONS[cfg.hidden_act](h @ p["w_gate"]) * (h @ p["w_up"])  # [B*T, F]
+    g = ACTIVATIONS[cfg.hidden_act](_proj(h, p, ad, "w_gate")) * _proj(h, p, ad, "w_up")  # [B*T, F]
     g = checkpoint_name(g, "mlp_hidden")
-    y = post_norm(cfg, p, "post_mlp_norm", g @ p["w_down"])  # [B*T, D]
+    y = post_norm(cfg, p, "post_mlp_norm", _proj(g, p, ad, "w_down"))  # [B*T, D]
     return with_logical_constraint(x + y.reshape(b, t, d), ACT_BTD)
 
 
@@ -226,6 +237,8 @@ class Decoder(nnx.Module):
       remat: a policy name from ``jrft.models.layers.REMAT_POLICIES`` applied to the scanned layer body.
       scalar_head: add a ``ScalarHead`` (reward / value models; see ``score``).
       scan_unroll: ``unroll`` of the layer scan (1 keeps compile time lowest).
+      lora: low-rank adapters on the projections (``jrft.models.lora.LoRASpec``), held in ``self.lora``;
+        ``None``: none (the model is exactly the base model).
     """
 
     def __init__(
@@ -238,6 +251,7 @@ class Decoder(nnx.Module):
         remat: str = "none",
         scalar_head: bool = False,
         scan_unroll: int = 1,
+        lora: LoRASpec | None = None,
     ):
         self.config = config
         self.dtype = jnp.dtype(dtype)
@@ -255,6 +269,7 @@ class Decoder(nnx.Module):
             else _param(ParamSpec((d, v), ("embed", "vocab")), rngs.params(), param_dtype)
         )
         self.scalar_head = ScalarHead(d, rngs=rngs, param_dtype=param_dtype) if scalar_head else None
+        self.lora = None if lora is None else LoRAStack(config, lora, rngs=rngs, param_dtype=param_dtype)
 
     # -- pieces -----------------------------------------------------------------------------------
 
@@ -263,6 +278,10 @@ class Decoder(nnx.Module):
         if self.config.scale_embeddings:  # Gemma: sqrt(D), rounded to the weights' dtype as in transformers
             x = x * jnp.asarray(math.sqrt(self.config.hidden_size), self.param_dtype).astype(self.dtype)
         return with_logical_constraint(x, ACT_BTD)
+
+    def _adapters(self) -> dict[str, tuple[jax.Array, jax.Array]]:
+        """The stacked adapters in the compute dtype, scanned beside the layer weights (empty: none)."""
+        return {} if self.lora is None else self.lora.arrays(self.dtype)
 
     def _final(self, x: jax.Array) -> jax.Array:
         return rms_norm(x, self.final_norm[...], self.config.rms_norm_eps, self.config.norm_plus_one)
@@ -307,9 +326,9 @@ class Decoder(nnx.Module):
         cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg), self.dtype, rope_attention_factor(cfg))
 
         def layer(x, xs):
-            p, sliding = xs
+            p, ad, sliding = xs
             p = _cast(p, self.dtype)
-            q, k, v = _qkv(cfg, p, x, cos, sin)
+            q, k, v = _qkv(cfg, p, x, cos, sin, ad)
             attn = attention(
                 q,
                 k,
@@ -319,9 +338,9 @@ class Decoder(nnx.Module):
                 cfg.attn_softcap,
                 causal_block=causal_block_size(t),  # the mask is causal in slots
             )
-            return _attn_out_and_mlp(cfg, p, x, attn), None
+            return _attn_out_and_mlp(cfg, p, x, attn, ad), None
 
-        xs = (self.layers.arrays(cfg), _sliding_flags(cfg))
+        xs = (self.layers.arrays(cfg), self._adapters(), _sliding_flags(cfg))
         x, _ = jax.lax.scan(remat(layer, self.remat), self._embed(tokens), xs, unroll=self.scan_unroll)
         return self._final(x)
 
@@ -393,9 +412,9 @@ class Decoder(nnx.Module):
 
         def layer(carry, xs):
             x, ck, cv = carry  # ck, cv: the whole [L, B, K, S, Dh] cache, updated in place
-            p, i, sliding = xs
+            p, ad, i, sliding = xs
             p = _cast(p, self.dtype)
-            q, k, v = _qkv(cfg, p, x, cos, sin)  # k, v [B, K, T, Dh]
+            q, k, v = _qkv(cfg, p, x, cos, sin, ad)  # k, v [B, K, T, Dh]
             start = (i, zero, zero, cache_index, zero)
             ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), start)
             cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), start)
@@ -403,12 +422,13 @@ class Decoder(nnx.Module):
             v_att = jax.lax.dynamic_slice(cv, (i, zero, zero, zero, zero), k_shape)[0].astype(self.dtype)
             layer_mask = _layer_mask(mask, windowed, sliding)
             attn = attention(q, k_att, v_att, layer_mask, cfg.attn_scale, cfg.attn_softcap)
-            x = _attn_out_and_mlp(cfg, p, x, attn)
+            x = _attn_out_and_mlp(cfg, p, x, attn, ad)
             return (x, ck, cv), None
 
         ck = with_logical_constraint(cache.k, CACHE_AXES)
         cv = with_logical_constraint(cache.v, CACHE_AXES)
-        xs = (self.layers.arrays(cfg), jnp.arange(cfg.num_layers, dtype=jnp.int32), _sliding_flags(cfg))
+        layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        xs = (self.layers.arrays(cfg), self._adapters(), layer_ids, _sliding_flags(cfg))
         (x, ck, cv), _ = jax.lax.scan(layer, (self._embed(tokens), ck, cv), xs, unroll=self.scan_unroll)
         if last_only:
             x = x[:, -1:]

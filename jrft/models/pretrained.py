@@ -31,6 +31,8 @@ from safetensors.numpy import save_file
 
 from jrft.models.config import FAMILIES, ModelConfig
 from jrft.models.decoder import Decoder
+from jrft.models.lora import LoRAParam, LoRASpec, merged_layer_arrays
+from jrft.models.lora import host_init as lora_host_init
 from jrft.parallel.distributed import host_array
 from jrft.parallel.sharding import AxisRule, logical_axes_of, logical_to_spec
 
@@ -316,6 +318,7 @@ def from_pretrained(
     scalar_head: bool = False,
     rules: Mapping[str, AxisRule] | None = None,
     seed: int = 0,
+    lora: LoRASpec | None = None,
 ) -> Decoder:
     """Loads a transformers checkpoint into a ``Decoder``.
 
@@ -329,6 +332,8 @@ def from_pretrained(
       scalar_head: add a scalar head, read from ``score.weight`` if present, else freshly initialised
         (``seed``); a sequence-classification checkpoint without ``lm_head.weight`` then gets a fresh LM head.
       rules: overrides of the logical-axis rules table.
+      lora: add fresh LoRA adapters (``jrft.models.lora.LoRASpec``; B = 0, so the model equals the
+        checkpoint's; A from ``seed``).
 
     Raises:
       FileNotFoundError: no config.json / no safetensors. ValueError: unsupported model_type.
@@ -345,6 +350,7 @@ def from_pretrained(
             param_dtype=param_dtype,
             remat=remat,
             scalar_head=scalar_head,
+            lora=lora,
         )
     )
     graphdef, state = nnx.split(abstract)
@@ -356,6 +362,8 @@ def from_pretrained(
         fresh.add("scalar_head/kernel")
     if scalar_head and not config.tie_embeddings and "lm_head.weight" not in files:
         fresh.add("lm_head")
+    adapters = {name for name, _ in flat if name.startswith("lora/")}
+    fresh |= adapters
     table = hf_tensor_table(config)
     expected = {
         hf_name: hf_shape
@@ -374,7 +382,9 @@ def from_pretrained(
         values = {}
         for name, var in flat:
             shape = var.get_value().shape
-            if name in fresh:
+            if name in adapters:
+                host = lora_host_init(name, shape, lora, seed, np_dtype)
+            elif name in fresh:
                 key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(name.encode()))
                 host = np.asarray(jax.random.normal(key, shape) / math.sqrt(shape[0])).astype(np_dtype)
             else:
@@ -408,12 +418,17 @@ def parse_size(size: int | str) -> int:
 
 
 def _hf_tensors(model: Decoder, dtype) -> list[tuple[str, np.ndarray]]:
-    """All of ``model``'s parameters as transformers tensors, in a stable order."""
+    """All of ``model``'s parameters as transformers tensors, in a stable order; LoRA adapters are merged
+    into the weights they adapt (``W + scale * A B``), so the result is a plain transformers model."""
     out, table = [], hf_tensor_table(model.config)
-    for path_key, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    merged = merged_layer_arrays(model) if model.lora is not None else {}
+    base = nnx.All(nnx.Param, nnx.Not(LoRAParam))
+    for path_key, var in nnx.to_flat_state(nnx.state(model, base)):
         name = _path_str(path_key)
         template, n_in = table[name]
-        host = host_array(var.get_value())  # multi-host: every process gathers the slices
+        layer_name = name.removeprefix("layers/")
+        value = merged[layer_name] if name.startswith("layers/") and layer_name in merged else var.get_value()
+        host = host_array(value)  # multi-host: every process gathers the slices
         if dtype is not None:
             host = host.astype(np.dtype(jnp.dtype(dtype)))
         if "{i}" in template:

@@ -30,6 +30,7 @@ LOGICAL_RULES: Mapping[str, AxisRule] = {
     "layers": None,
     "norm": None,
     "scalar": None,
+    "lora_rank": None,  # LoRA adapters' rank axis: small, kept whole
     # activations
     "batch": ("data", "fsdp"),
     "seq": None,

@@ -36,6 +36,7 @@ from jrft.models.layers import (
     rope_inv_freq,
     window_mask,
 )
+from jrft.models.lora import merged_layer_arrays
 from jrft.parallel.sharding import with_logical_constraint
 
 
@@ -54,10 +55,12 @@ def fuse_decode_weights(model, fuse: bool = True) -> dict[str, jax.Array]:
     """The stacked layer weights in the decode step's layout, cast to the compute dtype.
 
     With ``fuse``: ``wqkv [L, D, (H + 2K) * Dh]`` (and ``bqkv``), ``w_gate_up [L, D, 2F]``; otherwise the
-    projections are kept separate (``wq [L, D, H*Dh]`` ...), which avoids the transient copy.
+    projections are kept separate (``wq [L, D, H*Dh]`` ...), which avoids the transient copy. A model with
+    LoRA adapters decodes with them merged into these weights (the current adapters, one transient copy of
+    the adapted weights per generation, freed when it ends).
     """
     cfg = model.config
-    p = model.layers.arrays(cfg)
+    p = merged_layer_arrays(model)  # with LoRA: W + scale * A B, a transient copy of the adapted weights
     L, D = cfg.num_layers, cfg.hidden_size
     dtype = model.dtype
     out = {k: v for k, v in p.items() if k.endswith("norm")}  # norms stay in param dtype, like the model

@@ -1,8 +1,9 @@
 """The train state: one pytree holding everything a step changes, so it can be jitted, sharded and saved.
 
 A flax.nnx model is split once into a static ``graphdef`` (kept outside the state, it never changes) and
-its variables: trainable parameters (``nnx.Param``) and any other variables (``rest``: e.g. a frozen
-buffer). Steps rebuild the model with ``nnx.merge(graphdef, params, rest)`` inside ``jit``.
+its variables: trainable parameters (``nnx.Param``; with LoRA only the adapters) and any other variables
+(``rest``: e.g. a frozen buffer, or the frozen base weights under LoRA). Steps rebuild the model with
+``nnx.merge(graphdef, params, rest)`` inside ``jit``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx, struct
+
+from jrft.models.lora import LoRAParam, has_adapters
 
 
 @struct.dataclass
@@ -37,9 +40,19 @@ class TrainState:
         return jax.random.fold_in(jax.random.fold_in(base, self.step), salt)
 
 
+def trainable_filter(model: nnx.Module):
+    """What a step differentiates: every ``nnx.Param``, or, when the model holds LoRA adapters
+    (``jrft.models.lora.LoRAParam``), only those and a scalar head (a reward / value model's fresh head must
+    learn; PEFT's ``modules_to_save``). Everything else (the frozen base) goes to ``rest``."""
+    if not has_adapters(model):
+        return nnx.Param
+    return nnx.Any(LoRAParam, nnx.All(nnx.Param, nnx.PathContains("scalar_head")))
+
+
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, Any, Any]:
-    """``(graphdef, params, rest)`` of an nnx model; ``params`` are its ``nnx.Param`` variables."""
-    return nnx.split(model, nnx.Param, ...)
+    """``(graphdef, params, rest)`` of an nnx model; ``params`` are its trainable variables
+    (:func:`trainable_filter`: all ``nnx.Param`` without LoRA, the adapters with it)."""
+    return nnx.split(model, trainable_filter(model), ...)
 
 
 def create_train_state(
