@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jrft.models import kernels
 from jrft.models.config import ModelConfig
 
 
@@ -194,6 +196,11 @@ def attention(
     The backward pass recomputes the softmax from the saved row maxima and sums instead of keeping the
     ``[B, K, G, T, S]`` probabilities (the FlashAttention recipe, Dao et al. 2022, without tiling).
     """
+    platform, mesh = kernels.current_platform(q)
+    if platform != "cpu":  # the CPU path below is the same whatever happens here
+        out = _accelerator_attention(q, k, v, mask, scale, softcap, causal_block is not None, platform, mesh)
+        if out is not None:
+            return out
     t, s = q.shape[1], k.shape[2]
     if causal_block is None or t != s or t <= causal_block:
         return _attention(q, k, v, mask, scale, softcap)
@@ -206,6 +213,26 @@ def attention(
             )
         )
     return jnp.concatenate(outs, axis=1)
+
+
+def _accelerator_attention(q, k, v, mask, scale, softcap, full_causal, platform, mesh):
+    """Splash (TPU) or cuDNN (GPU) when ``kernels.attention_impl`` picks it, else None (the XLA path)."""
+    facts = mask_facts(mask)
+    q_shards, kv_shards, q_spec, kv_spec = kernels.head_shards(mesh, q.shape, k.shape)
+    choice = kernels.attention_impl(
+        platform, q.dtype, q_heads=q.shape[2], kv_heads=k.shape[1], head_dim=q.shape[3], q_len=q.shape[1],
+        kv_len=k.shape[2], full_causal=full_causal, segments_known=facts is not None, softcap=softcap,
+        head_shards=q_shards, kv_head_shards=kv_shards,
+    )  # fmt: skip
+    kernels.log_choice(choice, q, k)
+    if choice.impl == kernels.SPLASH:
+        key_valid, segment_ids = facts
+        return kernels.splash_attention(
+            q, k, v, key_valid, segment_ids, scale, softcap, mesh=mesh, q_spec=q_spec, kv_spec=kv_spec
+        )
+    if choice.impl == kernels.CUDNN:
+        return kernels.cudnn_attention(q, k, v, mask, scale)
+    return None
 
 
 def causal_block_size(t: int, max_blocks: int = 16, min_block: int = 64) -> int:
@@ -297,7 +324,32 @@ def causal_mask(
     mask = mask & key_valid.astype(bool)[:, None, :]
     if segment_ids is not None:
         mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    if query_slots is key_slots and query_slots.ndim == 1:  # self-attention over one sequence
+        _remember_mask_facts(mask, key_valid, segment_ids)
     return mask
+
+
+# A kernel takes key validity and segment ids, not a dense mask. ``causal_mask`` remembers them for the mask
+# object it returns (a trace-time fact keyed by identity, dropped with the mask); a mask derived from it
+# (a sliding-window one, a slice) is another object, so it has none and gets the XLA path.
+_MASK_FACTS: dict[int, tuple] = {}
+
+
+def _remember_mask_facts(mask, key_valid, segment_ids) -> None:
+    try:
+        ref = weakref.ref(mask, lambda _, key=id(mask): _MASK_FACTS.pop(key, None))
+    except TypeError:  # not weak-referenceable: no facts, the XLA path
+        return
+    _MASK_FACTS[id(mask)] = (ref, key_valid, segment_ids)
+
+
+def mask_facts(mask) -> tuple[jax.Array, jax.Array | None] | None:
+    """``(key_valid [B, S], segment_ids [B, T] or None)`` if ``mask`` is exactly what ``causal_mask`` returned
+    for self-attention (one slot array, increasing, for queries and keys: ``Decoder.hidden``), else None."""
+    entry = _MASK_FACTS.get(id(mask))
+    if entry is None or entry[0]() is not mask:
+        return None
+    return entry[1], entry[2]
 
 
 def window_mask(
