@@ -188,8 +188,15 @@ def offline_programs(config: RunConfig, model_cfg, mesh: Mesh) -> list[Program]:
     return programs
 
 
-def _generate_program(name, graphdef, state, *, prompts, prompt_length, samples, section, mesh, resident):
+def _generate_program(config: RunConfig, graphdef, state, mesh: Mesh, resident: int) -> Program:
+    """The sampler over ``train.batch_size`` prompts of ``data.max_prompt_length`` tokens, with the
+    objective section's sampling settings (G samples per prompt for GRPO, one for PPO)."""
     from jrft.sampling.generate import Sampler
+
+    section = getattr(config, config.objective)
+    prompts, prompt_length = config.train.batch_size, config.data.max_prompt_length
+    samples = getattr(section, "num_generations", 1)
+    name = f"{config.objective}/generate"
 
     model = nnx.split(nnx.merge(graphdef, state.params, state.rest))
 
@@ -233,17 +240,7 @@ def grpo_programs(config: RunConfig, model_cfg, mesh: Mesh) -> list[Program]:
     rows = abstract_batch(mesh, _rollout_spec(t.batch_size * c.num_generations, tp, tc))
     not_params = device_bytes(state) - device_bytes(state.params)
     programs = [
-        _generate_program(
-            "grpo/generate",
-            graphdef,
-            state,
-            prompts=t.batch_size,
-            prompt_length=config.data.max_prompt_length,
-            samples=c.num_generations,
-            section=c,
-            mesh=mesh,
-            resident=not_params + ref_bytes,
-        ),
+        _generate_program(config, graphdef, state, mesh, resident=not_params + ref_bytes),
         Program(
             "grpo/update", update_step(c, graphdef, tx, options), (state, batch), resident_bytes=ref_bytes
         ),
@@ -323,17 +320,8 @@ def ppo_programs(config: RunConfig, model_cfg, mesh: Mesh) -> list[Program]:
     forward = make_completion_forward(
         graphdef, temperature=c.temperature, values=head, logits_chunk_size=t.logits_chunk_size
     )
-    sampler = _generate_program(
-        "ppo/generate",
-        graphdef,
-        policy,
-        prompts=t.batch_size,
-        prompt_length=config.data.max_prompt_length,
-        samples=1,
-        section=c,
-        mesh=mesh,
-        resident=held - device_bytes((policy.params, policy.rest)),
-    )
+    sampler_resident = held - device_bytes((policy.params, policy.rest))
+    sampler = _generate_program(config, graphdef, policy, mesh, resident=sampler_resident)
     programs = [
         sampler,
         program("ppo/policy_update", update_policy, (policy, mini), policy),

@@ -73,6 +73,8 @@ def _value_term(model, hidden, batch, norms, hp):
 
 
 TERMS: dict[str, Callable] = {"policy": _policy_term, "value": _value_term}
+# The ``hp`` keys the terms read, in make_loss_fn's keyword order.
+HYPERPARAMETERS = ("temperature", "cliprange", "cliprange_value", "vf_coef", "logits_chunk_size")
 
 
 def make_loss_fn(
@@ -91,11 +93,11 @@ def make_loss_fn(
             f"ppo.make_loss_fn: terms must be a non-empty subset of {sorted(TERMS)}, got {terms}"
         )
     hp = dict(
-        temperature=temperature,
-        cliprange=cliprange,
-        cliprange_value=cliprange_value,
-        vf_coef=vf_coef,
-        logits_chunk_size=logits_chunk_size,
+        zip(
+            HYPERPARAMETERS,
+            (temperature, cliprange, cliprange_value, vf_coef, logits_chunk_size),
+            strict=True,
+        )
     )
 
     def loss_fn(model, batch, norms, key):
