@@ -145,3 +145,17 @@ def test_platform_comes_from_the_mesh_not_the_host():
     with jax.set_mesh(jax.make_mesh((1,), ("data",))):
         jax.jit(f).trace(x)
     assert seen == ["cpu"]
+
+
+def test_forced_xla_and_the_recorded_names(monkeypatch):
+    splash = kernels.AttentionChoice("splash", "TPU")
+    assert kernels.forced(splash) == splash
+    monkeypatch.setenv("JRFT_ATTENTION", "xla")
+    assert kernels.forced(splash).impl == "xla" and "would be splash" in kernels.forced(splash).reason
+    q, k = jnp.zeros((1, 128, 4, 8)), jnp.zeros((1, 2, 128, 8))
+    with kernels.recording() as seen:
+        kernels.log_choice(splash, q, k)
+        kernels.log_choice(splash, q, k)
+        kernels.log_choice(kernels.AttentionChoice("xla", "decode step"), q, k)
+    assert kernels.describe(seen) == "splash (pallas-tpu); xla-blocked (decode step)"
+    assert kernels.describe([]) is None

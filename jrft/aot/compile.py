@@ -26,6 +26,7 @@ import jax
 from jax.sharding import Mesh, Sharding
 
 from jrft.aot.topology import GIB, available_hbm_in, parse_size
+from jrft.models import kernels
 
 EXIT_ALL_FIT = 0
 EXIT_DOES_NOT_FIT = 3
@@ -62,6 +63,7 @@ class ProgramReport:
     error: str | None = None
     hlo_path: str | None = None
     resident_bytes: int = 0
+    attention: str | None = None  # the attention implementation(s) traced into it (jrft.models.kernels)
 
     def describe(self) -> str:
         """One line: ``name: fits|DOES NOT FIT  total X GiB / HBM Y GiB per chip (args, temp, code;
@@ -83,6 +85,8 @@ class ProgramReport:
         )
         if self.error is not None:
             line += f"  [{_first_line(self.error)}]"
+        if self.attention is not None:
+            line += f"  attention: {self.attention}"
         return line
 
 
@@ -215,16 +219,19 @@ def compile_program(
             options["out_shardings"] = out_shardings
         jitted = jax.jit(fn, **options)
     start = time.perf_counter()
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), kernels.recording() as attention:
         lowered = jitted.lower(*args)
         try:
             compiled = lowered.compile()
         except jax.errors.JaxRuntimeError as e:
             if not _OUT_OF_MEMORY.search(str(e)):
                 raise
-            return _out_of_memory_report(name, e, hbm_bytes, time.perf_counter() - start, estimate_bytes)
+            report = _out_of_memory_report(name, e, hbm_bytes, time.perf_counter() - start, estimate_bytes)
+            report.attention = kernels.describe(attention)
+            return report
     seconds = time.perf_counter() - start
     report = _memory_report(name, compiled, hbm_bytes, seconds, estimate_bytes, resident_bytes)
+    report.attention = kernels.describe(attention)
     if dump_dir is not None:
         report.hlo_path = _dump_path(dump_dir, name)
         with open(report.hlo_path, "w") as f:

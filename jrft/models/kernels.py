@@ -12,9 +12,11 @@ dim.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
+import os
 
 import jax
 import jax.numpy as jnp
@@ -103,11 +105,40 @@ def _gpu_choice(dtype, q_heads, kv_heads, head_dim, full_causal, softcap):
     return AttentionChoice(CUDNN, "GPU, bf16/fp16")
 
 
+def forced(choice: AttentionChoice) -> AttentionChoice:
+    """``choice``, unless ``JRFT_ATTENTION=xla`` forces the XLA path (to compare a program with and without
+    the kernel, e.g. two ``jrft compile`` runs)."""
+    if os.environ.get("JRFT_ATTENTION", "").lower() == XLA and choice.impl != XLA:
+        return AttentionChoice(XLA, f"JRFT_ATTENTION=xla (would be {choice.impl}: {choice.reason})")
+    return choice
+
+
 _logged: set[tuple] = set()
+_recorders: list[list[AttentionChoice]] = []
+
+
+@contextlib.contextmanager
+def recording():
+    """Collects the choices made while tracing inside the block (a list, filled as attention is traced):
+    how ``jrft compile`` names each program's attention."""
+    seen: list[AttentionChoice] = []
+    _recorders.append(seen)
+    try:
+        yield seen
+    finally:
+        _recorders.remove(seen)
+
+
+def describe(choices: list[AttentionChoice]) -> str | None:
+    """``"splash (pallas-tpu)"``, ``"xla-blocked (reason)"``, ... for the distinct choices, or None."""
+    names = dict.fromkeys(LABELS[c.impl] if c.impl != XLA else f"{LABELS[XLA]} ({c.reason})" for c in choices)
+    return "; ".join(names) or None
 
 
 def log_choice(choice: AttentionChoice, q: jax.Array, k: jax.Array) -> None:
-    """Logs ``attention: <impl> [shapes] (reason)`` once per distinct choice and shape."""
+    """Logs ``attention: <impl> [shapes] (reason)`` once per distinct choice and shape (and records it)."""
+    for seen in _recorders:
+        seen.append(choice)
     b, t, h, dh = q.shape
     key = (choice, q.shape, k.shape, str(q.dtype))
     if key in _logged:

@@ -224,6 +224,7 @@ def _accelerator_attention(q, k, v, mask, scale, softcap, full_causal, platform,
         kv_len=k.shape[2], full_causal=full_causal, segments_known=facts is not None, softcap=softcap,
         head_shards=q_shards, kv_head_shards=kv_shards,
     )  # fmt: skip
+    choice = kernels.forced(choice)
     kernels.log_choice(choice, q, k)
     if choice.impl == kernels.SPLASH:
         key_valid, segment_ids = facts
