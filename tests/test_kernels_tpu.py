@@ -10,21 +10,23 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jrft.models import kernels
 from jrft.models.layers import attention, causal_mask
 from jrft.models.testing import tiny_hf_config
 
 pytest.importorskip("libtpu")
 
 
-def _v5e_mesh():
+def _v5e_mesh(data=1, fsdp=8, tensor=1):
     from jrft.aot import topology_devices
     from jrft.parallel import make_mesh
 
-    return make_mesh(data=1, fsdp=8, devices=topology_devices("v5e:2x4"))
+    return make_mesh(data=data, fsdp=fsdp, tensor=tensor, devices=topology_devices("v5e:2x4"))
 
 
-def test_attention_gradients_compile_to_splash_for_v5e(caplog):
-    mesh = _v5e_mesh()
+@pytest.mark.parametrize("axes", [(1, 8, 1), (2, 2, 2)])  # (data, fsdp, tensor): heads split over tensor
+def test_attention_gradients_compile_to_splash_for_v5e(axes):
+    mesh = _v5e_mesh(*axes)
     b, t, h, kv, dh = 8, 256, 4, 2, 16
 
     def grads(q, k, v, valid, seg):
@@ -37,11 +39,11 @@ def test_attention_gradients_compile_to_splash_for_v5e(caplog):
     shapes = [(b, t, h, dh), (b, kv, t, dh), (b, kv, t, dh), (b, t), (b, t)]
     dtypes = [jnp.bfloat16] * 3 + [jnp.int32] * 2
     args = [jax.ShapeDtypeStruct(s, d, sharding=batch) for s, d in zip(shapes, dtypes, strict=True)]
-    with caplog.at_level(logging.INFO, logger="jrft.models.kernels"), jax.set_mesh(mesh):
+    with kernels.recording() as seen, jax.set_mesh(mesh):
         hlo = jax.jit(grads).lower(*args).compile().as_text()
     assert hlo.count("tpu_custom_call") >= 3  # forward, dq and dkv kernels
     assert "all-gather" not in hlo  # each chip attends over its own rows
-    assert "attention: splash (pallas-tpu)" in caplog.text
+    assert kernels.describe(seen) == "splash (pallas-tpu)"
 
 
 @pytest.mark.parametrize("family, impl", [("llama", "splash (pallas-tpu)"), ("gemma2", "xla-blocked")])
