@@ -525,3 +525,26 @@ def test_non_utf8_data_names_file_and_line(tmp_path, suffix):
     reader = _read_jsonl if suffix == ".jsonl" else _read_json
     with pytest.raises(DataError, match=rf"bad\{suffix}.*(line 2 is not UTF-8|not UTF-8 .*on line 2)"):
         reader(str(path))
+
+
+def test_metrics_jsonl_is_strict_json_and_a_resume_logs_no_step_twice(tmp_path):
+    """NaN/inf metrics are written as null (json.loads with no NaN extension reads every line), and the
+    records after the resumed checkpoint's step are dropped before the run logs those steps again."""
+    import json
+    import math
+
+    from jrft.train.metrics import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, total_steps=5, tensorboard=False, progress=False)
+    for step in range(1, 6):
+        logger.log(step, {"loss": float(step), "kl": math.nan if step == 2 else 0.5, "r": math.inf})
+    assert logger.drop_after(3) == 2
+    logger.log(4, {"loss": 4.0})
+    logger.close()
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"non-strict JSON {name}"))
+
+    rows = [strict(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[1]["kl"] is None and rows[0]["r"] is None and rows[0]["loss"] == 1.0

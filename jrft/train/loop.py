@@ -125,7 +125,11 @@ def train_loop(
     """
     state, step, resumed_from = restore_if_any(checkpointer, state, batches)
     if logger is not None and resumed_from is not None:
-        logger.write(f"resumed from checkpoint at step {resumed_from}")
+        dropped = logger.drop_after(step)  # those steps run again: no step is logged twice
+        logger.write(
+            f"resumed from checkpoint at step {resumed_from}"
+            + (f" ({dropped} later records dropped)" if dropped else "")
+        )
         logger.advance(step)
     history: list[Mapping[str, Any]] = []
     last: dict[str, float] = {}

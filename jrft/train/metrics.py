@@ -99,7 +99,7 @@ class MetricsLogger:
             return
         record = {f"{prefix}{k}": to_python(v) for k, v in metrics.items()}
         record_line = {"step": int(step), "time": round(time.time() - self._start, 3), **record}
-        self._jsonl.write(json.dumps(record_line) + "\n")
+        self._jsonl.write(json.dumps(_json_safe(record_line), allow_nan=False) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
             for key, value in record.items():
@@ -109,6 +109,24 @@ class MetricsLogger:
             shown = {k: record[k] for k in self.bar_keys if isinstance(record.get(k), (int, float))}
             if shown:
                 self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+
+    def drop_after(self, step: int) -> int:
+        """Removes the records of steps after ``step`` (a run resumed from its checkpoint at ``step`` logs
+        those steps again; the old ones belong to the discarded continuation). Returns how many went."""
+        if not self.enabled:
+            return 0
+        path = self._jsonl.name
+        self._jsonl.close()
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+        kept = [line for line in lines if _step_of(line) is None or _step_of(line) <= step]
+        if len(kept) != len(lines):
+            tmp = path + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(kept)
+            os.replace(tmp, path)
+        self._jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115
+        return len(lines) - len(kept)
 
     def advance(self, n: int = 1) -> None:
         if self._bar is not None:
@@ -130,3 +148,22 @@ class MetricsLogger:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and infinities as null (metrics.jsonl is strict JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        step = json.loads(line).get("step")
+    except (ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
