@@ -216,3 +216,15 @@ def test_chat_mask_fallback_when_prefixes_do_not_match():
     tokens, mask = encode_chat(tok, CHAT)
     assert tok.decode(tokens).endswith("assistant:4;<end>")
     assert tok.decode(tokens[mask == 1]) == "hello" + "assistant:4;<end>"
+
+
+def test_preference_pairs_with_chosen_equal_rejected_are_counted_and_reported(tok):
+    rows = [
+        {"prompt": "ab", "chosen": "c", "rejected": "d"},
+        {"prompt": "ab", "chosen": "cd", "rejected": "cd"},
+        {"prompt": "ba", "chosen": "e", "rejected": "e"},
+    ]
+    ds = build_dataset(rows, tok)
+    assert len(ds) == 3  # kept: they are the user's rows
+    assert ds.stats.identical_pairs == 2 and ds.stats.identical_rows == [1, 2]
+    assert "2 pairs with chosen == rejected" in ds.summary()

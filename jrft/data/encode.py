@@ -70,6 +70,10 @@ class EncodeStats:
     truncated: int = 0
     dropped_overlong: int = 0
     dropped_rows: list[int] = field(default_factory=list)  # first few dropped row indices, for the report
+    # Preference pairs whose chosen and rejected completions encode to the same tokens: kept (they are the
+    # user's data) but reported, since such a pair trains at exactly log 2 with zero gradient.
+    identical_pairs: int = 0
+    identical_rows: list[int] = field(default_factory=list)
 
     def drop(self, row: int) -> None:
         self.dropped_overlong += 1
@@ -204,6 +208,10 @@ def _pair(ctx: _Ctx, row: Mapping, prompt, chosen, rejected, fields=("chosen", "
     rt, rm = _pair_side(ctx, prompt, rejected, fields[1])
     ex = {"chosen_tokens": ct, "chosen_loss_mask": cm, "rejected_tokens": rt, "rejected_loss_mask": rm}
     ex["group"] = ctx.row
+    if np.array_equal(ct, rt) and np.array_equal(cm, rm):
+        ctx.stats.identical_pairs += 1
+        if len(ctx.stats.identical_rows) < 10:
+            ctx.stats.identical_rows.append(ctx.row)
     col = ctx.opts.margin_column
     if col is not None:
         value = row.get(col)

@@ -66,6 +66,9 @@ class Dataset:
         if s.dropped_overlong:
             text += f"; {s.dropped_overlong} dropped as over-long (data.overlong={self.overlong}), e.g. rows "
             text += ", ".join(map(str, s.dropped_rows))
+        if s.identical_pairs:
+            text += f"; WARNING: {s.identical_pairs} pairs with chosen == rejected (no gradient), e.g. rows "
+            text += ", ".join(map(str, s.identical_rows))
         return text
 
     def iterator(self, *, batch_size: int, **kwargs: Any) -> BatchIterator:
