@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jrft.losses import group_advantages
+from jrft.models.lora import adapters_only, zero_adapters
 from jrft.parallel.distributed import gather_rows, local_rows
 from jrft.train import rounds
 from jrft.train.logprobs import make_completion_forward
@@ -111,9 +112,13 @@ class GRPORound:
         self.logps_fn = make_completion_forward(
             graphdef, temperature=c.temperature, logits_chunk_size=o.logits_chunk_size
         )
-        # The reference is the starting policy, frozen (a copy: the train state's buffers are donated).
-        self.reference = None
-        if c.beta > 0:
+        # The reference is the starting policy, frozen (a copy: the train state's buffers are donated). With
+        # LoRA it is the same forward with the adapters off: zero adapters (tiny) over the train state's own
+        # base weights, read from the current state at each call, so the base is held once.
+        self.reference, self.ref_adapters = None, None
+        if c.beta > 0 and adapters_only(state.params):
+            self.ref_adapters = zero_adapters(state.params)
+        elif c.beta > 0:
             self.reference = FrozenModel(state.params, state.rest, offload=o.offload_reference)
         self.ref_logp_calls = 0  # beta == 0 must never compute reference log-probs (tested)
         self.on_policy = c.num_iterations == 1 and c.num_mini_batches == 1
@@ -214,7 +219,10 @@ class GRPORound:
         if c.beta > 0:
             self.ref_logp_calls += 1
             self.ref_logps_this_round = 1.0
-            batch["ref_logps"] = self.reference.call(self.logps_fn, batch)["logps"]
+            if self.ref_adapters is not None:
+                batch["ref_logps"] = self.logps_fn(self.ref_adapters, state.rest, batch)["logps"]
+            else:
+                batch["ref_logps"] = self.reference.call(self.logps_fn, batch)["logps"]
         return batch
 
     def __call__(self, state, prompt_batch) -> tuple[Any, dict[str, Any]]:

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 from flax import nnx, struct
 
+from jrft.models.lora import adapters_only, zero_adapters
 from jrft.parallel.distributed import gather_rows, host_local_rows
 from jrft.train import rounds
 from jrft.train.logprobs import make_completion_forward
@@ -137,8 +138,12 @@ class PPORound:
         )
         # The reference is the starting policy, frozen (a copy: the train state's buffers are donated);
         # kl_coef = 0 never needs it.
-        self.reference = None
-        if c.kl_coef > 0:
+        # With LoRA: the same forward with the adapters off (zero adapters over the policy state's own base
+        # weights, read at each call), so the base is held once.
+        self.reference, self.ref_adapters = None, None
+        if c.kl_coef > 0 and adapters_only(state.policy.params):
+            self.ref_adapters = zero_adapters(state.policy.params)
+        elif c.kl_coef > 0:
             self.reference = FrozenModel(state.policy.params, state.policy.rest, offload=o.offload_reference)
         self.reward_model = None
         if reward_model is not None:
@@ -191,7 +196,10 @@ class PPORound:
             batch["old_values"] = out["values"]
         else:
             batch["old_values"] = self.value_forward(state.value.params, state.value.rest, batch)["values"]
-        if self.reference is not None:
+        if self.ref_adapters is not None:
+            batch["ref_logps"] = self.policy_forward(self.ref_adapters, state.policy.rest, batch)["logps"]
+            self.ref_logp_calls += 1
+        elif self.reference is not None:
             # The policy's own jitted forward (same graph): no second compilation for the reference
             # (offloaded: one wrapper program that first copies the reference parameters to the device).
             ref = self.reference.call(self.policy_forward, batch)

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from jrft.config import RunConfig
+from jrft.models.lora import LoRAParam, adapters_only, zero_adapters
 from jrft.parallel.distributed import host_array
 from jrft.train.evaluation import Objective, make_eval_fn
 from jrft.train.loop import LoopResult
@@ -82,6 +83,18 @@ def _dpo(config: RunConfig, graphdef, state) -> Objective:
 
         keys = ("loss", "rewards/accuracies")
         return Objective(normalizers, loss_fn, bar_keys=keys, attach=attach)
+
+    elif adapters_only(state.params):
+        # LoRA: the reference is the same forward with the adapters off, inside the step over the state's own
+        # base weights (a reference run before the step could not hold them: the state's buffers are
+        # donated), so the base is held once and no reference parameters exist besides it.
+        reference = dpo.make_reference_fn(graphdef, logits_chunk_size=config.train.logits_chunk_size)
+
+        def loss_with_reference(model, batch, norms, key):
+            _, adapters, rest = nnx.split(model, LoRAParam, ...)
+            return loss_fn(model, {**batch, **reference(zero_adapters(adapters), rest, batch)}, norms, key)
+
+        return Objective(normalizers, loss_with_reference, bar_keys=("loss", "rewards/accuracies"))
 
     else:
         # The reference is the starting policy, frozen: a copy, since the train state's buffers are donated

@@ -36,9 +36,11 @@ def mesh_from_config(mesh: MeshConfig) -> Mesh:
 
 
 def build_model(config: RunConfig, mesh: Mesh, *, scalar_head: bool = False, path: str | None = None):
-    """The run's model (``config.model``), or another checkpoint ``path`` with the same dtype/remat settings
-    (PPO's value and reward models)."""
+    """The run's model (``config.model``, with fresh LoRA adapters when ``lora.rank > 0``: the train state's
+    params are then only the adapters), or another checkpoint ``path`` with the same dtype/remat settings
+    (PPO's value and reward models, without adapters)."""
     from jrft.models import from_pretrained
+    from jrft.models.lora import LoRASpec
 
     m = config.model
     return from_pretrained(
@@ -49,6 +51,7 @@ def build_model(config: RunConfig, mesh: Mesh, *, scalar_head: bool = False, pat
         remat=m.remat,
         scalar_head=scalar_head,
         seed=config.seed,
+        lora=LoRASpec.from_config(config.lora) if path is None else None,
     )
 
 
@@ -179,7 +182,10 @@ def export_dir(config: RunConfig) -> str:
 
 
 def holds_reference(config: RunConfig) -> bool:
-    """Whether the run keeps a frozen reference copy of the parameters (for the memory estimate)."""
+    """Whether the run keeps a frozen reference copy of the parameters (for the memory estimate). With LoRA
+    it never does: the reference is the base with the adapters off."""
+    if config.lora.rank > 0:
+        return False
     if config.objective == "dpo":
         d = config.dpo
         return not (d.reference_free or d.precompute_ref_logps or not dpo.needs_reference(d.loss_type))
