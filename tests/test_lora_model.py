@@ -112,11 +112,12 @@ def test_grad_is_taken_only_wrt_adapters():
         assert np.any(np.asarray(v.get_value()) != 0) == str(path[-1]).endswith("_b")
 
 
-@pytest.mark.parametrize("layout", ["unrolled", "scan"])
-def test_sampler_uses_current_adapters(layout):
+@pytest.mark.parametrize("layout, fuse", [("unrolled", True), ("unrolled", False), ("scan", False)])
+def test_sampler_uses_current_adapters(layout, fuse):
+    """Fused: adapters merged into the fused copy; unfused: applied beside the untouched weights."""
     model = Decoder(CFG, rngs=nnx.Rngs(0), lora=SPEC)
     _randomise_b(model)
-    kw = dict(max_new_tokens=6, temperature=0.0, layout=layout, fuse_projections=layout == "unrolled")
+    kw = dict(max_new_tokens=6, temperature=0.0, layout=layout, fuse_projections=fuse)
     prompts, mask = np.asarray(TOKENS[:, :5]), np.ones((2, 5), np.int32)
     out = generate(model, prompts, mask, **kw)
     ref = generate(_merged_plain(model), prompts, mask, **kw)
@@ -137,3 +138,26 @@ def test_export_merges_adapters(tmp_path):
     again = from_pretrained(path, lora=SPEC)
     np.testing.assert_array_equal(again(TOKENS), loaded(TOKENS))
     assert np.all(np.asarray(again.lora.wq_b[...]) == 0) and np.any(np.asarray(again.lora.wq_a[...]) != 0)
+
+
+def test_peft_adapter_export_matches_the_merged_weights(tmp_path):
+    """``export/adapter/`` in PEFT's layout: merged W = base W + lora_alpha / r * B A for every tensor."""
+    import json
+
+    from safetensors.numpy import load_file
+
+    model = Decoder(CFG, rngs=nnx.Rngs(0), lora=SPEC)
+    _randomise_b(model)
+    save_pretrained(model, tmp_path / "m")
+    save_pretrained(Decoder(CFG, rngs=nnx.Rngs(0)), tmp_path / "b")
+    merged = load_file(str(tmp_path / "m" / "model.safetensors"))
+    base = load_file(str(tmp_path / "b" / "model.safetensors"))
+    config = json.loads((tmp_path / "m" / "adapter" / "adapter_config.json").read_text())
+    adapter = load_file(str(tmp_path / "m" / "adapter" / "adapter_model.safetensors"))
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and len(config["target_modules"]) == 7
+    assert len(adapter) == 7 * CFG.num_layers * 2
+    scale = config["lora_alpha"] / config["r"]
+    for name in (k for k in adapter if k.endswith("lora_A.weight")):
+        a, b = adapter[name], adapter[name.replace("lora_A", "lora_B")]  # [r, in], [out, r]
+        weight = name.removeprefix("base_model.model.").replace("lora_A.weight", "weight")
+        np.testing.assert_allclose(merged[weight], base[weight] + scale * b @ a, rtol=1e-5, atol=1e-6)

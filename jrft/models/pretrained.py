@@ -469,6 +469,44 @@ def _write_weights(directory: str, tensors: list[tuple[str, np.ndarray]], limit:
         json.dump(index, f, indent=2)
 
 
+ADAPTER_DIR = "adapter"
+
+
+def peft_adapter_tensors(model: Decoder) -> tuple[dict, list[tuple[str, np.ndarray]]]:
+    """``(adapter_config, tensors)`` of ``model``'s LoRA adapters in PEFT's format: per layer and projection
+    ``base_model.model.<module>.lora_A.weight [r, in]`` and ``lora_B.weight [out, r]`` (PEFT computes
+    ``W + lora_alpha / r * B A``; ``lora_alpha`` is written as ``scale * r``, so rsLoRA's scale is kept)."""
+    from jrft.models.lora import MODULE_WEIGHTS
+
+    spec, table = model.lora.spec, hf_tensor_table(model.config)
+    tensors = []
+    for module in spec.modules:
+        w = MODULE_WEIGHTS[module]
+        template = table[f"layers/{w}"][0].removesuffix(".weight")
+        a = host_array(getattr(model.lora, f"{w}_a").get_value()).astype(np.float32)  # [L, in, r]
+        b = host_array(getattr(model.lora, f"{w}_b").get_value()).astype(np.float32)  # [L, r, out]
+        for i in range(a.shape[0]):
+            name = "base_model.model." + template.format(i=i)
+            tensors.append((name + ".lora_A.weight", np.ascontiguousarray(a[i].T)))
+            tensors.append((name + ".lora_B.weight", np.ascontiguousarray(b[i].T)))
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": spec.rank,
+        "lora_alpha": spec.scale * spec.rank,
+        "lora_dropout": 0.0,
+        "target_modules": list(spec.modules),
+        "use_rslora": False,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "base_model_name_or_path": None,
+    }
+    return config, sorted(tensors, key=lambda item: _natural_key(item[0]))
+
+
 def save_pretrained(
     model: Decoder,
     path: str | os.PathLike,
@@ -484,6 +522,8 @@ def save_pretrained(
     ``transformers.AutoModelForCausalLM.from_pretrained(path)`` loads the result; a model with a scalar head
     is tagged ``...ForSequenceClassification`` (``num_labels=1``, head in ``score.weight``), which
     ``AutoModelForSequenceClassification`` loads. ``dtype`` casts the saved tensors (default: as stored).
+    A model with LoRA adapters is saved merged (``W + scale * A B``), and its adapters alone in PEFT's format
+    under ``path/adapter/`` (``adapter_config.json``, ``adapter_model.safetensors``, float32).
     Multi-host: call it on every process (parameters are gathered collectively); process 0 writes.
     Returns the path.
     """
@@ -493,6 +533,7 @@ def save_pretrained(
     cfg = model.config
     family = FAMILIES[cfg.family]
     tensors = _hf_tensors(model, dtype)
+    adapter = peft_adapter_tensors(model) if model.lora is not None else None
     saved_dtype = str(tensors[0][1].dtype) if tensors else "float32"
     hf_config = cfg.to_hf(family.classifier if model.scalar_head is not None else None)
     hf_config["dtype"] = saved_dtype
@@ -515,6 +556,11 @@ def save_pretrained(
                 json.dump(gen, f, indent=2)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if adapter is not None:
+            os.makedirs(os.path.join(tmp, ADAPTER_DIR))
+            with open(os.path.join(tmp, ADAPTER_DIR, "adapter_config.json"), "w") as f:
+                json.dump(adapter[0], f, indent=2)
+            save_file(dict(adapter[1]), os.path.join(tmp, ADAPTER_DIR, "adapter_model.safetensors"))
         old = None
         if os.path.exists(path):
             old = os.path.join(parent, f".{os.path.basename(path)}.old-{uuid.uuid4().hex[:8]}")

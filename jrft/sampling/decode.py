@@ -56,11 +56,13 @@ def fuse_decode_weights(model, fuse: bool = True) -> dict[str, jax.Array]:
 
     With ``fuse``: ``wqkv [L, D, (H + 2K) * Dh]`` (and ``bqkv``), ``w_gate_up [L, D, 2F]``; otherwise the
     projections are kept separate (``wq [L, D, H*Dh]`` ...), which avoids the transient copy. A model with
-    LoRA adapters decodes with them merged into these weights (the current adapters, one transient copy of
-    the adapted weights per generation, freed when it ends).
+    LoRA adapters decodes with its current adapters: fused, they are merged into the fused copy
+    (``W + scale * A B``); unfused, they are applied beside the untouched weights (``lora_<w>_a [L, in, r]``,
+    ``lora_<w>_b [L, r, out]`` scaled), so no weight is copied.
     """
     cfg = model.config
-    p = merged_layer_arrays(model)  # with LoRA: W + scale * A B, a transient copy of the adapted weights
+    # fused: the copy is made anyway, so the adapters are merged into it; unfused: they stay separate
+    p = merged_layer_arrays(model) if fuse else model.layers.arrays(cfg)
     L, D = cfg.num_layers, cfg.hidden_size
     dtype = model.dtype
     out = {k: v for k, v in p.items() if k.endswith("norm")}  # norms stay in param dtype, like the model
@@ -81,7 +83,17 @@ def fuse_decode_weights(model, fuse: bool = True) -> dict[str, jax.Array]:
     out["w_down"] = p["w_down"].astype(dtype)
     if cfg.o_bias:
         out["bo"] = p["bo"].astype(dtype)
+    if not fuse and getattr(model, "lora", None) is not None:
+        for w, (a, b) in model.lora.arrays(dtype).items():
+            out[f"lora_{w}_a"], out[f"lora_{w}_b"] = a, b
     return out
+
+
+def _mm(p, h: jax.Array, w: str) -> jax.Array:
+    """``h [B, in] @ p[w]`` plus the unmerged LoRA path ``(h A)(scale B)`` when ``p`` carries one."""
+    y = h @ p[w]
+    a = p.get(f"lora_{w}_a")
+    return y if a is None else y + (h @ a) @ p[f"lora_{w}_b"]
 
 
 def _rope_1(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -121,7 +133,7 @@ def _attend_1(cfg, p, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array)
         scores = cfg.attn_softcap * jnp.tanh(scores / cfg.attn_softcap)
     probs = jax.nn.softmax(scores + bias, axis=-1).astype(v.dtype)  # [B, K, G, S]
     attn = jnp.einsum("bkgs,bksd->bkgd", probs, v).reshape(b, h_ * dh)
-    y = attn @ p["wo"]  # [B, D]
+    y = _mm(p, attn, "wo")  # [B, D]
     return y + p["bo"] if cfg.o_bias else y
 
 
@@ -133,7 +145,7 @@ def _project_qkv(cfg, p, h):
         if cfg.qkv_bias:
             qkv = qkv + p["bqkv"]
         return qkv[:, :hq], qkv[:, hq : hq + hk], qkv[:, hq + hk :]
-    q, k, v = h @ p["wq"], h @ p["wk"], h @ p["wv"]
+    q, k, v = _mm(p, h, "wq"), _mm(p, h, "wk"), _mm(p, h, "wv")
     if cfg.qkv_bias:
         q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
     return q, k, v
@@ -146,7 +158,7 @@ def _gated_mlp(cfg, p, h):
         gu = h @ p["w_gate_up"]  # [B, 2F]
         f = cfg.intermediate_size
         return act(gu[:, :f]) * gu[:, f:]
-    return act(h @ p["w_gate"]) * (h @ p["w_up"])
+    return act(_mm(p, h, "w_gate")) * _mm(p, h, "w_up")
 
 
 def _position_qkv(cfg, p, x: jax.Array, cos: jax.Array, sin: jax.Array):
@@ -164,7 +176,7 @@ def _position_qkv(cfg, p, x: jax.Array, cos: jax.Array, sin: jax.Array):
 def _mlp_residual(cfg, p, x: jax.Array) -> jax.Array:
     """``x [B, D]`` plus the layer's MLP branch (pre-norm, gated MLP, down projection, optional post-norm)."""
     h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps, cfg.norm_plus_one)
-    return x + post_norm(cfg, p, "post_mlp_norm", _gated_mlp(cfg, p, h) @ p["w_down"])
+    return x + post_norm(cfg, p, "post_mlp_norm", _mm(p, _gated_mlp(cfg, p, h), "w_down"))
 
 
 def decode_step(
