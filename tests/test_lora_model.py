@@ -161,3 +161,22 @@ def test_peft_adapter_export_matches_the_merged_weights(tmp_path):
         a, b = adapter[name], adapter[name.replace("lora_A", "lora_B")]  # [r, in], [out, r]
         weight = name.removeprefix("base_model.model.").replace("lora_A.weight", "weight")
         np.testing.assert_allclose(merged[weight], base[weight] + scale * b @ a, rtol=1e-5, atol=1e-6)
+
+
+def test_peft_loads_the_adapter_with_equal_logits(tmp_path):
+    """``peft.PeftModel.from_pretrained(base, export/adapter)`` gives jrft's logits (float32, 1e-4)."""
+    peft = pytest.importorskip("peft")  # not yet in the test extra
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    spec = LoRASpec(rank=4, scale=8.0, modules=("q_proj", "v_proj", "o_proj", "down_proj"))
+    model = Decoder(CFG, rngs=nnx.Rngs(0), lora=spec)
+    _randomise_b(model)
+    save_pretrained(model, tmp_path / "lora")
+    save_pretrained(Decoder(CFG, rngs=nnx.Rngs(0)), tmp_path / "base")
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(base, tmp_path / "lora" / "adapter")(
+            torch.tensor(np.asarray(TOKENS))
+        )
+    np.testing.assert_allclose(theirs.logits.numpy(), np.asarray(model(TOKENS)), atol=1e-4)
