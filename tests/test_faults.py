@@ -548,3 +548,14 @@ def test_metrics_jsonl_is_strict_json_and_a_resume_logs_no_step_twice(tmp_path):
     rows = [strict(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert rows[1]["kl"] is None and rows[0]["r"] is None and rows[0]["loss"] == 1.0
+
+
+def test_jrft_export_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
+    from jrft.commands.export import main as export_main
+
+    missing = str(tmp_path / "no-such-run")
+    assert export_main([missing, str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("jrft export: ") and len(err.splitlines()) == 1 and "Traceback" not in err
+    with pytest.raises(Exception):  # noqa: B017 (whatever the cause, --debug re-raises it)
+        export_main([missing, str(tmp_path / "out"), "--debug"])

@@ -15,14 +15,19 @@ def main(argv: list[str]) -> int:
     parser.add_argument("run_dir", help="a run's output_dir (holds checkpoints/)")
     parser.add_argument("out", help="where to write the transformers-format model")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     from jrft.train.loop import NonFiniteError
     from jrft.train.runs.export import export_checkpoint
 
     try:
         path = export_checkpoint(args.run_dir, args.out, step=args.step)
-    except (FileNotFoundError, NotImplementedError, NonFiniteError) as e:
-        print(f"jrft export: {e}", file=sys.stderr)
+    except (OSError, ValueError, KeyError, NotImplementedError, NonFiniteError) as e:
+        # a missing run or step, an unreadable checkpoint or config, a model file that fails validation
+        # (ConfigError and DataError are ValueErrors): one line naming the cause, exit 2
+        if args.debug:
+            raise
+        print(f"jrft export: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     print(f"jrft export: wrote {path}")
     return 0
