@@ -219,7 +219,7 @@ def _generate_program(config: RunConfig, graphdef, state, mesh: Mesh, resident: 
 def grpo_programs(config: RunConfig, model_cfg, mesh: Mesh) -> list[Program]:
     """GRPO: the sampler (prefill + decode over the KV cache, G samples per prompt), the update, and the
     old / reference log-prob forwards where the config computes them."""
-    from jrft.train.grpo_round import update_step
+    from jrft.train.grpo_round import on_policy, update_step
     from jrft.train.logprobs import make_completion_forward
     from jrft.train.runs.setup import optimizer_from_config, round_options, total_updates
 
@@ -228,11 +228,11 @@ def grpo_programs(config: RunConfig, model_cfg, mesh: Mesh) -> list[Program]:
     graphdef, state, shardings = abstract_train_state(config, model_cfg, tx, mesh)
     tp, tc = bucket_length(config.data.max_prompt_length), c.max_new_tokens
     n = t.batch_size * c.num_generations // c.num_mini_batches
-    on_policy = c.num_iterations == 1 and c.num_mini_batches == 1
+    fresh = on_policy(c)
     ref_bytes = device_bytes(state.params) if c.beta > 0 and not t.offload_reference else 0
     options = round_options(config, mesh, state_sharding=shardings, num_mini_batches=c.num_mini_batches)
     extra = dict(advantages=False)
-    if not on_policy:
+    if not fresh:
         extra["old_logps"] = True
     if c.beta > 0:
         extra["ref_logps"] = True
@@ -248,7 +248,7 @@ def grpo_programs(config: RunConfig, model_cfg, mesh: Mesh) -> list[Program]:
     forward = make_completion_forward(
         graphdef, temperature=c.temperature, logits_chunk_size=t.logits_chunk_size
     )
-    if not on_policy and c.old_logprobs == "recompute":
+    if not fresh and c.old_logprobs == "recompute":
         args = (state.params, state.rest, rows)
         programs.append(Program("grpo/old_logps", forward, args, resident_bytes=not_params + ref_bytes))
     if c.beta > 0:

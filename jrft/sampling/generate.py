@@ -443,8 +443,7 @@ class Sampler:
             fuse_projections=fuse_projections,
             layout=layout,
         )
-        shards = _batch_shards(mesh)
-        bp, tpb = -(-batch // shards) * shards, bucket_length(prompt_length)
+        bp, tpb = _padded_shape(batch, prompt_length, _batch_shards(mesh))
         rows = NamedSharding(mesh, logical_to_spec(("batch", None), (bp, tpb), mesh))
         rep = NamedSharding(mesh, PartitionSpec())
 
@@ -524,10 +523,15 @@ def _check_prompts(prompt_tokens, prompt_mask) -> tuple[np.ndarray, np.ndarray]:
     return tokens.astype(np.int32), m.astype(np.int32)
 
 
+def _padded_shape(batch: int, prompt_length: int, shards: int) -> tuple[int, int]:
+    """The prompt array the program sees: rows up to a multiple of ``shards``, length up to its bucket."""
+    return -(-batch // shards) * shards, bucket_length(prompt_length)
+
+
 def _pad_to_buckets(tokens: np.ndarray, mask: np.ndarray, shards: int, pad_id: int):
     """Left-pads the prompt length to its bucket and adds all-padding rows up to a multiple of ``shards``."""
     b, tp = tokens.shape
-    bp, tpb = -(-b // shards) * shards, bucket_length(tp)
+    bp, tpb = _padded_shape(b, tp, shards)
     tok_p = np.full((bp, tpb), pad_id, np.int32)
     mask_p = np.zeros((bp, tpb), np.int32)
     tok_p[:b, tpb - tp :], mask_p[:b, tpb - tp :] = tokens, mask

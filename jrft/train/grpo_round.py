@@ -48,6 +48,12 @@ if TYPE_CHECKING:  # the engine takes the section's values; it never reads a con
 _group_advantages = jax.jit(group_advantages, static_argnames=("group_size", "scale", "baseline"))
 
 
+def on_policy(config: GRPOConfig) -> bool:
+    """One update per rollout (``mu = 1``, one mini-batch): the ratio is exactly 1 and no old log-probs are
+    needed (what :class:`GRPORound` does, and ``jrft compile`` builds)."""
+    return config.num_iterations == 1 and config.num_mini_batches == 1
+
+
 def update_step(config: GRPOConfig, graphdef, optimizer, options: rounds.RoundOptions):
     """The jitted GRPO update ``(state, mini_batch) -> (state, metrics)`` of the ``grpo`` section
     ``config``, run inside the options' mesh (what :class:`GRPORound` calls, and ``jrft compile``
@@ -121,7 +127,7 @@ class GRPORound:
         elif c.beta > 0:
             self.reference = FrozenModel(state.params, state.rest, offload=o.offload_reference)
         self.ref_logp_calls = 0  # beta == 0 must never compute reference log-probs (tested)
-        self.on_policy = c.num_iterations == 1 and c.num_mini_batches == 1
+        self.on_policy = on_policy(c)
         self.rounds = 0
 
     # -- rollout ----------------------------------------------------------------------------------------
