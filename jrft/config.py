@@ -298,6 +298,9 @@ class OptimConfig:
         check_field(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "must be positive")
 
 
+SAMPLER_WEIGHTS = ("auto", "gathered", "sharded")  # train.sampler_weights
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Loop length, batch geometry, and evaluation / logging / checkpoint cadence."""
@@ -327,9 +330,20 @@ class TrainConfig:
     # pinned host memory and copy it to the device inside each reference forward. Frees one model's worth
     # of device memory per device for a host-to-device transfer per reference call (TPU/GPU).
     offload_reference: bool = False
+    # GRPO / PPO sampler: "gathered" gathers the fsdp-sharded weights whole (tensor split kept, compute
+    # dtype) once per generate call, so decoding moves no weights; "sharded" leaves them split and the
+    # compiler gathers each layer's inside every decode step (compiled for TPU: the whole model over the
+    # interconnect per token). "auto": gathered when the sampler's estimate with the gathered copy fits in
+    # 90% of a device's memory (or the device does not say: CPU), else sharded.
+    sampler_weights: str = "auto"
 
     def __post_init__(self):
         check_positive(self, "steps", "batch_size", "log_every")
+        check_field(
+            self.sampler_weights in SAMPLER_WEIGHTS,
+            "sampler_weights",
+            f"must be one of {', '.join(SAMPLER_WEIGHTS)}, got {self.sampler_weights!r}",
+        )
         if self.micro_batch_size is not None:
             check_positive(self, "micro_batch_size")
             check_field(

@@ -11,6 +11,7 @@ fits. Cases are Llama-3 shapes (presets), bf16 compute, batch x 2048 tokens unle
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 BASE = ["model.dtype=bfloat16", "data.max_length=2048", "data.buckets=64"]
@@ -141,6 +142,7 @@ def main() -> None:
     parser.add_argument(
         "--estimates", action="store_true", help="print jrft's estimates only (no compile: seconds)"
     )
+    parser.add_argument("--dump", default=None, help="write each program's optimized HLO under DIR/<case>/")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every case")
     args = parser.parse_args()
     print("| case | topology | program | compiled GiB/chip | estimate GiB | estimate/compiled | fits |")
@@ -155,7 +157,8 @@ def main() -> None:
                 print(f"| {name} | {topology} | {program} | | {shown} | | |")
             continue
         t0 = time.perf_counter()
-        for r in compile_run(config, topology):
+        dump = None if args.dump is None else os.path.join(args.dump, name)
+        for r in compile_run(config, topology, dump_dir=dump):
             est = "-" if r.estimate_bytes is None else f"{r.estimate_bytes / 2**30:.2f}"
             ratio = (
                 "-"

@@ -85,3 +85,39 @@ def test_logits_term_matches_compiled_temporaries(chunk):
         pytest.skip("no memory analysis on this backend")
     est = logits_activation_bytes(cfg, b, t, chunk=chunk)
     assert 0.8 * est <= analysis.temp_size_in_bytes <= 1.25 * est, (est, analysis.temp_size_in_bytes)
+
+
+def test_sampler_weights_resolution():
+    """``train.sampler_weights``: explicit choices stand; ``auto`` gathers when the sampler's estimate with
+    the gathered copy fits 90% of the device (or the device does not say), and the estimate follows."""
+    from jrft.aot.presets import model_config
+    from jrft.config import load_config
+    from jrft.train.runs.setup import run_estimates, sampler_gathers_weights
+
+    cfg = model_config("llama3-8b")
+    overrides = [
+        "objective=grpo",
+        "model.path=llama3-8b",
+        "model.dtype=bfloat16",
+        "model.param_dtype=bfloat16",
+    ]
+    overrides += ["train.batch_size=8", "grpo.num_generations=8", "grpo.max_new_tokens=1024"]
+    overrides += ["data.max_prompt_length=256", "grpo.reward_functions=[{name: accuracy}]"]
+
+    def config(choice):
+        return load_config(None, [*overrides, f"train.sampler_weights={choice}", "output_dir=/tmp/x"])
+
+    shape = [1, 4, 1]
+    gib = 2**30
+    auto = config("auto")
+    assert sampler_gathers_weights(auto, cfg, shape, platform="tpu", hbm_bytes=None)  # CPU: unknown memory
+    assert sampler_gathers_weights(auto, cfg, shape, platform="tpu", hbm_bytes=int(95.74 * gib))  # v5p
+    assert not sampler_gathers_weights(auto, cfg, shape, platform="tpu", hbm_bytes=int(15.75 * gib))  # v5e
+    assert sampler_gathers_weights(config("gathered"), cfg, shape, platform="tpu", hbm_bytes=gib)
+    assert not sampler_gathers_weights(config("sharded"), cfg, shape, platform="tpu", hbm_bytes=None)
+    big = run_estimates(auto, cfg, shape, platform="tpu", hbm_bytes=None)["sampler"]
+    small = run_estimates(auto, cfg, shape, platform="tpu", hbm_bytes=int(15.75 * gib))["sampler"]
+    # the gathered copy of an 8B model in bf16 is ~15 GiB; sharded, two layers' worth
+    assert 14 * gib < big - small < 15 * gib
+    with pytest.raises(ValueError, match="sampler_weights"):
+        config("whole")

@@ -34,3 +34,34 @@ def test_sharded_equals_single_device(setup, axes):
     np.testing.assert_array_equal(res.mask, single.mask)
     np.testing.assert_array_equal(res.finish_reason, single.finish_reason)
     np.testing.assert_allclose(res.logprobs, single.logprobs, atol=1e-5)
+
+
+def test_gathered_weights_equal_and_leave_the_decode_loop(setup):
+    """``gather_weights``: the fsdp-sharded weights are gathered once per call, so the decode loop holds no
+    all-gather (read from the compiled program); tokens equal single-device sampling. Scan layout and
+    unfused projections: the choices an accelerator gets."""
+    from jrft.aot.hlo import loop_collective_shapes
+    from jrft.sampling import Sampler
+
+    path, tokens, mask, kw, single = setup
+    mesh = make_mesh(data=1, fsdp=8)
+    model = from_pretrained(path, mesh=mesh)
+    accel = dict(layout="scan", fuse_projections=False)
+    res = generate(model, tokens, mask, mesh=mesh, gather_weights=True, **accel, **kw)
+    np.testing.assert_array_equal(res.tokens, single.tokens)
+    np.testing.assert_allclose(res.logprobs, single.logprobs, atol=1e-5)
+
+    from flax import nnx
+
+    def loop_gathers(gather):
+        lowered = Sampler().lower(
+            nnx.split(model), 8, tokens.shape[1], max_new_tokens=36, num_samples=2, mesh=mesh,
+            top_k=50, gather_weights=gather, **accel,
+        )  # fmt: skip
+        return set(loop_collective_shapes(lowered.compile().as_text(), outer_only=True))
+
+    # every weight matrix of one layer (either orientation) and the embedding
+    weights = {tuple(v.shape[-2:]) for v in jax.tree.leaves(nnx.state(model, nnx.Param)) if v.ndim >= 2}
+    weights |= {s[::-1] for s in weights}
+    assert not loop_gathers(True) & weights  # only activations (rows x vocab) are gathered per step
+    assert loop_gathers(False) & weights  # left sharded, XLA gathers weights inside the decode loop

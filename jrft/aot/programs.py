@@ -188,9 +188,12 @@ def offline_programs(config: RunConfig, model_cfg, mesh: Mesh) -> list[Program]:
     return programs
 
 
-def _generate_program(config: RunConfig, graphdef, state, mesh: Mesh, resident: int) -> Program:
+def _generate_program(
+    config: RunConfig, graphdef, state, mesh: Mesh, resident: int, *, gather_weights: bool
+) -> Program:
     """The sampler over ``train.batch_size`` prompts of ``data.max_prompt_length`` tokens, with the
-    objective section's sampling settings (G samples per prompt for GRPO, one for PPO)."""
+    objective section's sampling settings (G samples per prompt for GRPO, one for PPO) and weights gathered
+    or not as the round would (``RoundOptions.gather_sampler_weights``)."""
     from jrft.sampling.generate import Sampler
 
     section = getattr(config, config.objective)
@@ -211,6 +214,7 @@ def _generate_program(config: RunConfig, graphdef, state, mesh: Mesh, resident: 
             top_k=section.top_k,
             top_p=section.top_p,
             mesh=mesh,
+            gather_weights=gather_weights,
         )
 
     return Program(name, _Lowered(lower), (), resident_bytes=resident)
@@ -230,7 +234,9 @@ def grpo_programs(config: RunConfig, model_cfg, mesh: Mesh) -> list[Program]:
     n = t.batch_size * c.num_generations // c.num_mini_batches
     fresh = on_policy(c)
     ref_bytes = device_bytes(state.params) if c.beta > 0 and not t.offload_reference else 0
-    options = round_options(config, mesh, state_sharding=shardings, num_mini_batches=c.num_mini_batches)
+    options = round_options(
+        config, mesh, state_sharding=shardings, num_mini_batches=c.num_mini_batches, model_cfg=model_cfg
+    )
     extra = dict(advantages=False)
     if not fresh:
         extra["old_logps"] = True
@@ -240,7 +246,14 @@ def grpo_programs(config: RunConfig, model_cfg, mesh: Mesh) -> list[Program]:
     rows = abstract_batch(mesh, _rollout_spec(t.batch_size * c.num_generations, tp, tc))
     not_params = device_bytes(state) - device_bytes(state.params)
     programs = [
-        _generate_program(config, graphdef, state, mesh, resident=not_params + ref_bytes),
+        _generate_program(
+            config,
+            graphdef,
+            state,
+            mesh,
+            resident=not_params + ref_bytes,
+            gather_weights=options.gather_sampler_weights,
+        ),
         Program(
             "grpo/update", update_step(c, graphdef, tx, options), (state, batch), resident_bytes=ref_bytes
         ),
@@ -298,6 +311,7 @@ def ppo_programs(config: RunConfig, model_cfg, mesh: Mesh) -> list[Program]:
         mesh,
         state_sharding=PPOState(policy_sharding, value_sharding),
         num_mini_batches=c.num_mini_batches,
+        model_cfg=model_cfg,
     )
     update_policy, update_value = update_steps(c, graphdef, value_graphdef, (tx, tx), options)
     tp, tc = bucket_length(config.data.max_prompt_length), c.max_new_tokens
@@ -321,7 +335,14 @@ def ppo_programs(config: RunConfig, model_cfg, mesh: Mesh) -> list[Program]:
         graphdef, temperature=c.temperature, values=head, logits_chunk_size=t.logits_chunk_size
     )
     sampler_resident = held - device_bytes((policy.params, policy.rest))
-    sampler = _generate_program(config, graphdef, policy, mesh, resident=sampler_resident)
+    sampler = _generate_program(
+        config,
+        graphdef,
+        policy,
+        mesh,
+        resident=sampler_resident,
+        gather_weights=options.gather_sampler_weights,
+    )
     programs = [
         sampler,
         program("ppo/policy_update", update_policy, (policy, mini), policy),

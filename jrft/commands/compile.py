@@ -62,7 +62,7 @@ def compile_run(config, topology: str, *, dump_dir: str | None = None, log=lambd
         f"jrft compile: {config.objective} on {name} ({len(devices)} chips, {hbm / 2**30:.2f} GiB HBM each), "
         f"mesh data={shape[0]} fsdp={shape[1]} tensor={shape[2]}, {model_cfg.num_params / 1e9:.2f}B params"
     )
-    estimates = run_estimates(config, model_cfg, shape, platform="tpu")
+    estimates = run_estimates(config, model_cfg, shape, platform="tpu", hbm_bytes=hbm)
     reports = []
     for program in run_programs(config, model_cfg, mesh):
         program.estimate_bytes = _estimate(estimates, program.name)

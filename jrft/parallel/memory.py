@@ -9,9 +9,10 @@ Counts, per device, for a model of ``ModelConfig`` on a ``(data, fsdp, tensor)``
               ``2 x B_local x T x V / tensor x 4`` -- or, with ``logits_chunk_size`` C, the chunks in flight
               (one; two on TPU, whose compiler overlaps consecutive chunks) of ``2 x B_local x C x V / tensor
               x 4`` plus the chunks' saved hidden states ``B_local x T x D``; plus, when the LM head is
-              sharded (fsdp x tensor > 1), its gathered weight ``V x D / tensor`` in the parameter and the
-              compute dtype (the whole head is gathered for the logits matmul);
-  kv_cache    ``2 x L x B_local x KV/tensor x S x Dh x bytes`` for sampling;
+              sharded (fsdp x tensor > 1), its gathered weight ``V x D / tensor`` in the parameter dtype and,
+              when that differs, in the compute dtype (the whole head is gathered for the logits matmul);
+  kv_cache    ``2 x L x B_local x KV/tensor x S x Dh x bytes`` for sampling (on TPU ``Dh`` rounded up to
+              128, the lane width its layout pads the minor axis to);
   reference   a frozen reference model's parameters (DPO, GRPO/PPO with a KL term), 0 when offloaded to host.
 It is an estimate (XLA's temporaries and fragmentation come on top): :func:`device_memory_in_use` reports
 what the device itself says, where it can (GPU/TPU ``memory_stats``; CPU has none).
@@ -134,11 +135,9 @@ def estimate_memory(
             # Llama-3-1B, v5e:2x4: two cases, scripts/compile_table.py); XLA:CPU holds 2
             copies=1.75 if platform == "tpu" and logits_chunk_size <= 0 else 2.0,
         )
-        head = (
-            config.vocab_size * config.hidden_size * (param_bytes + compute_bytes) // tensor
-            if shards > 1
-            else 0
-        )
+        # the gathered head in the parameter dtype, and its compute-dtype cast when that differs
+        head_bytes = param_bytes + (compute_bytes if compute_bytes != param_bytes else 0)
+        head = config.vocab_size * config.hidden_size * head_bytes // tensor if shards > 1 else 0
         activations = int(config.num_layers * per_layer + logits + head)
     kv = 0
     if cache_batch and cache_len:
@@ -148,7 +147,9 @@ def estimate_memory(
             if config.num_kv_heads % tensor == 0
             else config.num_kv_heads
         )
-        kv = 2 * config.num_layers * local_cache_batch * kv_heads * cache_len * config.head_dim * cache_bytes
+        # XLA:TPU tiles the cache's minor (head_dim) axis to 128 lanes: head_dim 64 takes 128's memory
+        head_dim = -(-config.head_dim // 128) * 128 if platform == "tpu" else config.head_dim
+        kv = 2 * config.num_layers * local_cache_batch * kv_heads * cache_len * head_dim * cache_bytes
     ref = n * param_bytes // shards if reference and not offload_reference else 0
     return MemoryEstimate(int(params), int(grads), int(optimizer), int(activations), int(kv), int(ref))
 

@@ -50,7 +50,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jrft.models.decoder import CACHE_AXES, KVCache, init_cache
-from jrft.parallel.sharding import logical_to_spec, with_logical_constraint
+from jrft.models.lora import LoRAParam
+from jrft.parallel.sharding import LOGICAL_RULES, logical_axes_of, logical_to_spec, with_logical_constraint
 from jrft.sampling.decode import decode_step, decode_step_unrolled, fuse_decode_weights, prefill, split_layers
 from jrft.sampling.logits import SamplingParams, select_next
 
@@ -122,6 +123,7 @@ class _ProgramKey:
     cache_dtype: str
     fuse: bool
     layout: str
+    gather_weights: bool = False
 
 
 def _structure(params: SamplingParams) -> SamplingParams:
@@ -211,6 +213,8 @@ def _program(
     graphdef, key: _ProgramKey, counter: _Counter, state, tokens, mask, stop_ids, values, max_new, pad_id, rng
 ):
     counter.n += 1  # runs at trace time only: one per compile
+    if key.gather_weights:
+        state = gather_decode_weights(state, graphdef_dtype((graphdef, state)))
     model = nnx.merge(graphdef, state)
     cfg = model.config
     bp, tp = tokens.shape
@@ -270,6 +274,31 @@ def _program(
     stopped = finished & (n_real > 0)
     reason = jnp.where(stopped, FINISH_STOP, FINISH_LENGTH).astype(jnp.int32)
     return out_tok, out_mask, out_lp, jnp.sum(out_mask, axis=-1, dtype=jnp.int32), reason, t - 1
+
+
+# Decode layout of the weights when gathered: the fsdp split of every parameter undone, the tensor split kept.
+DECODE_RULES = {**LOGICAL_RULES, "embed": None}
+
+
+def gather_decode_weights(state, dtype):
+    """The model's base parameters in the compute ``dtype`` (norm weights and LoRA adapters as they are:
+    the decoder applies those in their own dtype) and gathered whole over the mesh's fsdp axis, keeping
+    their tensor-parallel split (``DECODE_RULES``), once per generate call. Without it the parameters stay
+    sharded and XLA decides: it gathered all of Llama-3-1B's once before the decode loop but Llama-3-8B's
+    layer by layer inside every decode step (v5p-8, ``jrft compile``), which moves the whole model over the
+    interconnect for every token. Under no mesh it only casts."""
+
+    def one(path, x):
+        if not isinstance(x, nnx.Param) or isinstance(x, LoRAParam):
+            return x
+        value = x.get_value()
+        name = str(getattr(path[-1], "key", path[-1])) if path else ""
+        if jnp.issubdtype(value.dtype, jnp.floating) and not name.endswith("norm"):
+            value = value.astype(dtype)
+        axes = logical_axes_of(x)
+        return x.replace(with_logical_constraint(value, axes, DECODE_RULES) if axes else value)
+
+    return jax.tree_util.tree_map_with_path(one, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
 
 
 def program_platform(mesh: Mesh | None = None, state=None) -> str:
@@ -345,6 +374,7 @@ class Sampler:
         mesh: Mesh | None = None,
         fuse_projections: bool | None = None,
         layout: str | None = None,
+        gather_weights: bool = False,
     ) -> GenerationResult:
         """See ``jrft.sampling.generate``."""
         graphdef, state = model if isinstance(model, tuple) else nnx.split(model)
@@ -360,6 +390,7 @@ class Sampler:
             cache_dtype=cache_dtype,
             fuse_projections=fuse_projections,
             layout=layout,
+            gather_weights=gather_weights,
         )
         stops = _stop_array(stop_token_ids)
         b = tokens.shape[0]
@@ -424,6 +455,7 @@ class Sampler:
         cache_dtype=None,
         fuse_projections: bool | None = None,
         layout: str | None = None,
+        gather_weights: bool = False,
     ):
         """The generate program for ``batch`` prompts of ``prompt_length`` tokens, lowered without running it
         (AOT compilation, ``jrft compile``): the same program, key and argument shardings as :meth:`generate`
@@ -442,6 +474,7 @@ class Sampler:
             cache_dtype=cache_dtype,
             fuse_projections=fuse_projections,
             layout=layout,
+            gather_weights=gather_weights,
         )
         bp, tpb = _padded_shape(batch, prompt_length, _batch_shards(mesh))
         rows = NamedSharding(mesh, logical_to_spec(("batch", None), (bp, tpb), mesh))
@@ -469,7 +502,16 @@ class Sampler:
 
 
 def _program_key(
-    model, platform: str, params, *, max_new_tokens, num_samples, cache_dtype, fuse_projections, layout
+    model,
+    platform: str,
+    params,
+    *,
+    max_new_tokens,
+    num_samples,
+    cache_dtype,
+    fuse_projections,
+    layout,
+    gather_weights=False,
 ) -> _ProgramKey:
     """The static part of the generate program (checked): layout and projection fusion default by the
     program's platform (unrolled and fused on CPU, scanned on accelerators)."""
@@ -485,7 +527,16 @@ def _program_key(
     nb = bucket_length(max_new_tokens, 32)
     cache_dtype = graphdef_dtype(model) if cache_dtype is None else cache_dtype
     cache = jnp.dtype(cache_dtype).name
-    return _ProgramKey(num_samples, nb, _segments(nb), _structure(params), cache, fuse_projections, layout)
+    return _ProgramKey(
+        num_samples,
+        nb,
+        _segments(nb),
+        _structure(params),
+        cache,
+        fuse_projections,
+        layout,
+        bool(gather_weights),
+    )
 
 
 def graphdef_dtype(model) -> jnp.dtype:
@@ -570,6 +621,7 @@ def generate(
     mesh: Mesh | None = None,
     fuse_projections: bool | None = None,
     layout: str | None = None,
+    gather_weights: bool = False,
     sampler: Sampler | None = None,
 ) -> GenerationResult:
     """Samples ``num_samples`` completions of each left-padded prompt with a KV cache.
@@ -593,6 +645,9 @@ def generate(
       layout: ``"unrolled"`` (per-layer weights and caches, layers unrolled; fastest on CPU, a transient copy
         of the layer weights) or ``"scan"`` (stacked weights and cache, layers scanned; with unfused
         projections no weight is copied). Default: unrolled on CPU, scan elsewhere (not measured on GPU/TPU).
+      gather_weights: gather the fsdp-sharded parameters whole (tensor split kept), in the compute dtype,
+        once at the start of the call (``gather_decode_weights``): fastest decode, at the price of one
+        whole copy per device while it runs. Off: they stay sharded and the compiler gathers as it likes.
       sampler: whose compiled programs and counters to use (default: the process-wide ``DEFAULT_SAMPLER``).
 
     Returns:
@@ -616,4 +671,5 @@ def generate(
         mesh=mesh,
         fuse_projections=fuse_projections,
         layout=layout,
+        gather_weights=gather_weights,
     )

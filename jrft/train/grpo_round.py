@@ -109,7 +109,13 @@ class GRPORound:
         )
         self.mesh = o.mesh
         self.sampling = SamplingSettings(
-            c.num_generations, c.max_new_tokens, c.temperature, c.top_k, c.top_p, o.pad_token_id
+            c.num_generations,
+            c.max_new_tokens,
+            c.temperature,
+            c.top_k,
+            c.top_p,
+            o.pad_token_id,
+            o.gather_sampler_weights,
         )
         self.completion_log = rounds.CompletionLog(
             o.completions_path, c.log_completions_every, max_rows=2 * c.num_generations

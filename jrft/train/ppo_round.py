@@ -111,7 +111,9 @@ class PPORound:
             runner,
             o.mesh,
         )
-        self.sampling = SamplingSettings(1, c.max_new_tokens, c.temperature, c.top_k, c.top_p, o.pad_token_id)
+        self.sampling = SamplingSettings(
+            1, c.max_new_tokens, c.temperature, c.top_k, c.top_p, o.pad_token_id, o.gather_sampler_weights
+        )
         self.completion_log = rounds.CompletionLog(o.completions_path, c.log_completions_every, max_rows=8)
         self.head = value_graphdef is None
         self.update_policy, self.update_value = update_steps(

@@ -136,7 +136,8 @@ def concat_rollouts(parts: Sequence[Rollout]) -> Rollout:
 @dataclasses.dataclass(frozen=True)
 class SamplingSettings:
     """How a rollout samples: ``num_generations`` completions per prompt of at most ``max_new_tokens``,
-    at ``temperature`` with optional ``top_k`` / ``top_p``; ``pad_token_id`` fills the rows."""
+    at ``temperature`` with optional ``top_k`` / ``top_p``; ``pad_token_id`` fills the rows;
+    ``gather_weights``: the sampler gathers sharded weights once per call (``jrft.sampling.generate``)."""
 
     num_generations: int
     max_new_tokens: int
@@ -144,6 +145,7 @@ class SamplingSettings:
     top_k: int | None
     top_p: float | None
     pad_token_id: int
+    gather_weights: bool = False
 
 
 def sample_rollout(
@@ -170,6 +172,7 @@ def sample_rollout(
         stop_token_ids=[tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else (),
         rng=rng,
         mesh=mesh,
+        gather_weights=settings.gather_weights,
         pad_token_id=pad_token_id,
     )
     tokens, mask, logps, lengths, reason = (

@@ -34,6 +34,8 @@ class RoundOptions:
       completions_path: JSONL table of sample completions (None: not written).
       logits_chunk_size: log-probs over LM-head chunks of this many positions (0 = off).
       offload_reference: keep the frozen reference in host memory.
+      gather_sampler_weights: the sampler gathers the fsdp-sharded weights once per call
+        (``jrft.sampling.generate``'s ``gather_weights``).
     """
 
     mesh: Any
@@ -43,6 +45,7 @@ class RoundOptions:
     completions_path: str | None = None
     logits_chunk_size: int = 0
     offload_reference: bool = False
+    gather_sampler_weights: bool = False
 
 
 def mini_batches(state, n: int, num_mini_batches: int, epoch: int) -> list[np.ndarray]:

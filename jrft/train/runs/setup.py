@@ -146,12 +146,28 @@ def reward_runner_from_config(section, *, group_size: int, max_new_tokens: int):
 
 
 def round_options(
-    config: RunConfig, mesh: Mesh, *, state_sharding, num_mini_batches: int, pad_token_id: int = 0
+    config: RunConfig,
+    mesh: Mesh,
+    *,
+    state_sharding,
+    num_mini_batches: int,
+    pad_token_id: int = 0,
+    model_cfg=None,
+    hbm_bytes: int | None = None,
 ) -> RoundOptions:
     """The options of a GRPO / PPO round (``jrft.train.rounds.RoundOptions``) from the config: micro-batches
     by ``train.micro_batch_size`` over the prompts of one mini-batch, the completions table in the run's
-    directory, the memory levers of the ``train`` section (for the runners and for ``jrft compile``)."""
+    directory, the memory levers of the ``train`` section (for the runners and for ``jrft compile``).
+    ``model_cfg`` (default: read from ``model.path``) and ``hbm_bytes`` (default: what the mesh's devices
+    report) decide ``train.sampler_weights: auto`` (:func:`sampler_gathers_weights`)."""
     t = config.train
+    if model_cfg is None and os.path.isdir(config.model.path):
+        from jrft.models import ModelConfig
+
+        model_cfg = ModelConfig.from_hf(config.model.path)
+    mesh_shape = [mesh.shape[a] for a in ("data", "fsdp", "tensor")]
+    platform = mesh.devices.flat[0].platform
+    hbm = device_memory_bytes(mesh) if hbm_bytes is None else hbm_bytes
     return RoundOptions(
         mesh=mesh,
         state_sharding=state_sharding,
@@ -160,7 +176,41 @@ def round_options(
         completions_path=os.path.join(config.output_dir, "completions.jsonl"),
         logits_chunk_size=t.logits_chunk_size,
         offload_reference=t.offload_reference,
+        gather_sampler_weights=sampler_gathers_weights(
+            config, model_cfg, mesh_shape, platform=platform, hbm_bytes=hbm
+        ),
     )
+
+
+def device_memory_bytes(mesh: Mesh) -> int | None:
+    """The memory one device of ``mesh`` has: ``bytes_limit`` of its ``memory_stats``; for the device-less
+    TPU devices of an AOT topology, the compiler's usable HBM (``jrft.aot.chip_hbm_bytes``); None where the
+    device does not say (CPU)."""
+    device = mesh.devices.flat[0]
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 - device-less topology devices cannot be asked
+        stats = None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    if device.platform == "tpu":
+        from jrft.aot.topology import chip_hbm_bytes
+
+        return chip_hbm_bytes(list(mesh.devices.flat))
+    return None
+
+
+def sampler_gathers_weights(config: RunConfig, model_cfg, mesh_shape, *, platform: str, hbm_bytes) -> bool:
+    """``train.sampler_weights`` resolved: ``auto`` gathers when the sampler's estimate with the gathered
+    weights (:func:`run_estimates`) fits in 90% of ``hbm_bytes``, and always where the device memory is
+    unknown (``hbm_bytes`` None: CPU) or the model's shape is (``model_cfg`` None)."""
+    choice = config.train.sampler_weights
+    if choice != "auto":
+        return choice == "gathered"
+    if hbm_bytes is None or model_cfg is None:
+        return True
+    sampler = _sampler_bytes(config, model_cfg, mesh_shape, platform=platform, gathered=True)
+    return sampler <= 0.9 * hbm_bytes
 
 
 def checkpointer_for(config: RunConfig) -> Checkpointer:
@@ -236,22 +286,31 @@ def estimate_for(
     )
 
 
-def run_estimates(config: RunConfig, model_cfg, mesh_shape, *, platform: str) -> dict:
+def run_estimates(config: RunConfig, model_cfg, mesh_shape, *, platform: str, hbm_bytes=None) -> dict:
     """jrft's per-device estimates of a run's biggest programs: ``{"step": MemoryEstimate}`` (the train step,
     or the GRPO / PPO update over one mini-batch of rollout rows) and, for GRPO / PPO, ``"sampler"``: bytes
-    of the sampler beside the train state it runs with (KV cache, reference, and the weights gathered whole
-    for decoding when they are sharded, as XLA:TPU does for Llama-3-1B). ``jrft compile`` prints them beside
-    the compiled totals; every run prints them at start."""
+    of the sampler beside the train state it runs with (:func:`_sampler_bytes`, with the weights gathered
+    or not as :func:`sampler_gathers_weights` decides for a device of ``hbm_bytes``). ``jrft compile`` prints
+    them beside the compiled totals; every run prints them at start."""
     if config.objective not in ("grpo", "ppo"):
         return {
             "step": estimate_for(
                 config, model_cfg, mesh_shape, rows=config.train.batch_size, platform=platform
             )
         }
+    step = dataclasses.replace(
+        _rollout_estimate(config, model_cfg, mesh_shape, platform=platform), kv_cache=0
+    )
+    gathered = sampler_gathers_weights(config, model_cfg, mesh_shape, platform=platform, hbm_bytes=hbm_bytes)
+    sampler = _sampler_bytes(config, model_cfg, mesh_shape, platform=platform, gathered=gathered)
+    return {"step": step, "sampler": sampler}
+
+
+def _rollout_estimate(config: RunConfig, model_cfg, mesh_shape, *, platform: str):
     c = getattr(config, config.objective)
     rows = config.train.batch_size * getattr(c, "num_generations", 1)
     cache_len = config.data.max_prompt_length + c.max_new_tokens
-    est = estimate_for(
+    return estimate_for(
         config,
         model_cfg,
         mesh_shape,
@@ -261,12 +320,24 @@ def run_estimates(config: RunConfig, model_cfg, mesh_shape, *, platform: str) ->
         seq_len=cache_len,  # rollout rows: prompt then completion
         platform=platform,
     )
+
+
+def _sampler_bytes(config: RunConfig, model_cfg, mesh_shape, *, platform: str, gathered: bool) -> int:
+    """Per-device bytes of the GRPO / PPO sampler beside the train state it runs with: parameters,
+    optimizer moments, reference, KV cache, and either the weights gathered whole over fsdp (compute
+    dtype, tensor split kept) or, left sharded, two layers' gathered weights at a time."""
+    est = _rollout_estimate(config, model_cfg, mesh_shape, platform=platform)
     _, fsdp, tensor = mesh_shape
-    gathered = 0
-    if fsdp * tensor > 1:
-        gathered = model_cfg.num_params * jnp.dtype(config.model.dtype).itemsize // tensor
-    step = dataclasses.replace(est, kv_cache=0)
-    return {"step": step, "sampler": est.params + est.optimizer + est.reference + est.kv_cache + gathered}
+    whole = model_cfg.num_params * jnp.dtype(config.model.dtype).itemsize // tensor
+    if fsdp == 1:
+        weights = 0
+    elif gathered:
+        weights = whole
+    else:
+        weights = 2 * whole // max(model_cfg.num_layers, 1)
+    # 3 caches at the peak (measured on the TPU compiler, Llama-3 1B and 8B): the sampler grows its cache
+    # segment by segment, and the last growth holds the old cache, the grown one and the loop's copy
+    return est.params + est.optimizer + est.reference + 3 * est.kv_cache + weights
 
 
 def memory_summary(config: RunConfig, mesh: Mesh, state) -> str:
@@ -279,7 +350,13 @@ def memory_summary(config: RunConfig, mesh: Mesh, state) -> str:
         return "memory estimate: skipped (model config not in a local directory)"
     mesh_shape = [mesh.shape[a] for a in ("data", "fsdp", "tensor")]
     platform = mesh.devices.flat[0].platform
-    estimates = run_estimates(config, ModelConfig.from_hf(config.model.path), mesh_shape, platform=platform)
+    estimates = run_estimates(
+        config,
+        ModelConfig.from_hf(config.model.path),
+        mesh_shape,
+        platform=platform,
+        hbm_bytes=device_memory_bytes(mesh),
+    )
     text = estimates["step"].describe()
     if "sampler" in estimates:
         text += f"; sampler {estimates['sampler'] / 2**30:.2f} GiB"
