@@ -771,8 +771,150 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         raise ConfigError(f"{full}: {e.message}", full) from None
 
 
+# ---------------------------------------------------------------------------------------------------------
+# TRL's names: one table of aliases, resolved before building
+# ---------------------------------------------------------------------------------------------------------
+
+# TRL's name of a setting (dotted, where it sits in a jrft config) -> jrft's dotted key. A TRL user's config
+# or override loads unchanged; the resolved config (``--print-config``, checkpoints, logs) carries jrft's
+# names. TrainingArguments names are also accepted flat at the top level, as in a TRL config. Giving both
+# names of one setting is an error naming both. Values are TRL's too (loss_type: dapo, ...).
+TRL_ALIASES: dict[str, str] = {
+    "learning_rate": "optim.lr",
+    "optim.learning_rate": "optim.lr",
+    "warmup_steps": "optim.warmup_steps",
+    "weight_decay": "optim.weight_decay",
+    "max_grad_norm": "optim.max_grad_norm",
+    "max_steps": "train.steps",
+    "train.max_steps": "train.steps",
+    "save_steps": "train.save_every",
+    "train.save_steps": "train.save_every",
+    "save_total_limit": "train.keep_last",
+    "train.save_total_limit": "train.keep_last",
+    "logging_steps": "train.log_every",
+    "train.logging_steps": "train.log_every",
+    "eval_steps": "train.eval_every",
+    "train.eval_steps": "train.eval_every",
+    "grpo.epsilon": "grpo.epsilon_low",
+    "grpo.loss_type": "grpo.loss_aggregation",
+    "grpo.importance_sampling_level": "grpo.importance_level",
+    "grpo.max_completion_length": "grpo.max_new_tokens",
+    "grpo.multi_objective_aggregation": "grpo.reward_combine",
+    "ppo.max_completion_length": "ppo.max_new_tokens",
+    "ppo.response_length": "ppo.max_new_tokens",
+    "ppo.multi_objective_aggregation": "ppo.reward_combine",
+    "ppo.num_ppo_epochs": "ppo.num_epochs",
+    "dpo.precompute_ref_log_probs": "dpo.precompute_ref_logps",
+}
+# TRL's per-function weights as one list, set on the entries of reward_functions in order.
+REWARD_WEIGHT_LISTS = ("grpo.reward_weights", "ppo.reward_weights")
+
+
+def _find(data: Any, dotted: str) -> tuple[bool, Any]:
+    node = data
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def _pop(data: dict, dotted: str) -> tuple[bool, Any]:
+    *parents, last = dotted.split(".")
+    found, node = _find(data, ".".join(parents)) if parents else (True, data)
+    if not found or not isinstance(node, dict) or last not in node:
+        return False, None
+    return True, node.pop(last)
+
+
+def _put(data: dict, dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    node = data
+    for part in parents:
+        if node.get(part) is None:
+            node[part] = {}
+        if not isinstance(node[part], dict):
+            raise ConfigError(f"{part}: expected a mapping, got {node[part]!r}", part)
+        node = node[part]
+    node[last] = value
+
+
+def _copy_sections(data: Mapping) -> dict:
+    """A copy of ``data`` whose nested mappings are fresh dicts (lists of mappings too): safe to rewrite."""
+    if isinstance(data, Mapping):
+        return {k: _copy_sections(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_copy_sections(v) for v in data]
+    return data
+
+
+def resolve_trl_names(data: Mapping) -> dict:
+    """Plain config data with TRL's names (:data:`TRL_ALIASES`, ``reward_weights``) moved to jrft's keys.
+
+    Raises:
+      ConfigError: when a setting is given under both names (the message names both).
+    """
+    data = _copy_sections(data)
+    given_as: dict[str, str] = {}
+    for alias, key in TRL_ALIASES.items():
+        found, value = _pop(data, alias)
+        if not found:
+            continue
+        if key in given_as or _find(data, key)[0]:
+            other = given_as.get(key, key)
+            raise ConfigError(f"{alias} and {other} are two names for {key}: give one", key)
+        _put(data, key, value)
+        given_as[key] = alias
+        if alias == "grpo.epsilon" and not _find(data, "grpo.epsilon_high")[0]:
+            _put(data, "grpo.epsilon_high", value)  # TRL's rule: epsilon_high defaults to epsilon
+    for alias in REWARD_WEIGHT_LISTS:
+        found, weights = _pop(data, alias)
+        if found:
+            _set_reward_weights(data, alias, weights, strict=True)
+    return data
+
+
+def _set_reward_weights(data: dict, alias: str, weights: Any, strict: bool) -> None:
+    section = alias.split(".")[0]
+    functions = _find(data, f"{section}.reward_functions")[1] or []
+    if not isinstance(weights, list) or len(weights) != len(functions):
+        raise ConfigError(
+            f"{alias}: expected a list of {len(functions)} weights (one per function), got {weights!r}",
+            alias,
+        )
+    for i, (entry, weight) in enumerate(zip(functions, weights, strict=True)):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{section}.reward_functions.{i}: expected a mapping, got {entry!r}", alias)
+        if strict and "weight" in entry:
+            key = f"{section}.reward_functions.{i}.weight"
+            raise ConfigError(f"{alias} and {key} are two names for {key}: give one", key)
+        entry["weight"] = weight
+
+
+def _canonical_overrides(overrides: Sequence[str]) -> list[str]:
+    """Overrides with TRL's keys rewritten to jrft's; two overrides of one setting under its two names
+    are an error naming both."""
+    out, given_as = [], {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        canonical = TRL_ALIASES.get(key, key)
+        if canonical != key or key in TRL_ALIASES.values():
+            other = given_as.setdefault(canonical, key)
+            if other != key:
+                raise ConfigError(f"{key} and {other} are two names for {canonical}: give one", canonical)
+        extra = []
+        if key == "grpo.epsilon" and "grpo.epsilon_high" not in given_as:
+            extra = [f"grpo.epsilon_high={raw}"]  # TRL's rule: epsilon_high defaults to epsilon
+        out += [f"{canonical}{sep}{raw}" if sep else item, *extra]
+    return out
+
+
 def config_from_dict(data: Mapping, cls: type = RunConfig) -> Any:
-    """Build a config dataclass from plain nested data (strict; errors name the dotted key)."""
+    """Build a config dataclass from plain nested data (strict; errors name the dotted key). A
+    :class:`RunConfig` also accepts TRL's names of its settings (:data:`TRL_ALIASES`)."""
+    if cls is RunConfig and isinstance(data, Mapping):
+        data = resolve_trl_names(data)
     return _build(cls, data, "")
 
 
@@ -813,6 +955,13 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
 def _overridden(config: T, overrides: Sequence[str]) -> T:
     # Overrides apply to the fully expanded config, so every section (and shorthand) is a mapping.
     plain = _to_plain(dataclasses.asdict(config))
+    if type(config) is RunConfig:
+        plain = apply_overrides(plain, _canonical_overrides(overrides))
+        for alias in REWARD_WEIGHT_LISTS:  # on the expanded config every entry has a weight: replace them
+            found, weights = _pop(plain, alias)
+            if found:
+                _set_reward_weights(plain, alias, weights, strict=False)
+        return config_from_dict(plain, RunConfig)
     return config_from_dict(apply_overrides(plain, overrides), type(config))
 
 
