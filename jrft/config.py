@@ -280,7 +280,8 @@ class OptimConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    # Linear warm-up from 0: protects fresh Adam moments from large early updates.
+    # Linear warm-up, lr * step / warmup_steps (above 0 at step 1, as optax/TRL): protects fresh Adam moments
+    # from large early updates.
     warmup_steps: int = 0
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     # Decayed schedules end at lr * min_lr_ratio instead of 0.

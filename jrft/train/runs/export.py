@@ -11,6 +11,7 @@ import jax
 from flax import nnx
 
 from jrft.config import RunConfig
+from jrft.parallel.memory import describe_measured_peak
 from jrft.train.checkpoint import tree_all_finite
 from jrft.train.loop import LoopOptions, LoopResult, NonFiniteError, train_loop
 from jrft.train.metrics import MetricsLogger
@@ -69,6 +70,7 @@ def loop_and_export(
                 final = export_model(result.state)
             path = save_pretrained(final, export_dir(config), run.tokenizer)
         logger.write(f"exported {config.objective} model to {path}")
+        logger.write(describe_measured_peak())
     finally:
         logger.close()
         checkpointer.close()
