@@ -390,9 +390,16 @@ DPO_LOSS_TYPES = (
     "nca_pair",
     "apo_zero",
     "apo_down",
+    "exo_pair",
+    "aot",
+    "aot_pair",
+    "aot_unpaired",
+    "discopop",
     "simpo",
     "orpo",
 )
+# Loss types whose formula reads label_smoothing (jrft.losses.dpo.SMOOTHED_LOSSES, kept equal by a test).
+DPO_SMOOTHED = ("sigmoid", "robust", "exo_pair", "aot", "aot_pair", "aot_unpaired")
 
 
 @dataclass(frozen=True)
@@ -400,11 +407,15 @@ class DPOConfig:
     # Inverse temperature of the implicit reward (Rafailov et al. 2023); larger keeps closer to the reference.
     beta: float = 0.1
     # Variant of the preference loss: a key of jrft.losses.DPO_LOSSES (sigmoid = DPO, hinge = SLiC, ipo,
-    # robust, bco_pair, sppo_hard, nca_pair, apo_zero, apo_down), or simpo (reference-free, length-normalised)
-    # or orpo (odds ratio + SFT), which have their own loss functions.
+    # robust, bco_pair, sppo_hard, nca_pair, apo_zero, apo_down, exo_pair, aot, aot_pair (= TRL 1.x's
+    # aot_unpaired), discopop), or simpo (reference-free, length-normalised) or orpo (odds ratio + SFT),
+    # which have their own loss functions.
     loss_type: str = "sigmoid"
-    # Conservative DPO / robust DPO: assumed probability that a preference label is flipped.
+    # Conservative DPO / robust DPO / AOT: assumed probability that a preference label is flipped; EXO's
+    # epsilon (must be > 0 for exo_pair; the paper uses 1e-3).
     label_smoothing: float = 0.0
+    # DiscoPOP's temperature of the logistic/exponential mixing weight (arXiv 2406.08414: 0.05).
+    discopop_tau: float = 0.05
     # Use a uniform reference (no reference model in memory).
     reference_free: bool = False
     # Compute reference log-probs once before training instead of a reference forward each step.
@@ -425,11 +436,18 @@ class DPOConfig:
         check_positive(self, "beta")
         check_field(0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
         check_field(
-            self.label_smoothing == 0 or self.loss_type in ("sigmoid", "robust"),
+            self.label_smoothing == 0 or self.loss_type in DPO_SMOOTHED,
             "label_smoothing",
-            f"only the sigmoid and robust losses use it, not {self.loss_type!r}",
+            f"only the sigmoid and robust (and {', '.join(DPO_SMOOTHED[2:])}) losses use it, "
+            f"not {self.loss_type!r}",
+        )
+        check_field(
+            self.loss_type != "exo_pair" or self.label_smoothing > 0,
+            "label_smoothing",
+            "exo_pair needs label_smoothing > 0 (EXO's epsilon; the paper uses 1e-3)",
         )
         check_nonnegative(self, "sft_weight", "orpo_lambda")
+        check_positive(self, "discopop_tau")
 
 
 @dataclass(frozen=True)
@@ -523,13 +541,23 @@ class GRPOConfig(RewardSettings, SamplingConfig):
     epsilon_low: float = 0.2
     epsilon_high: float = 0.2
     # How token losses are reduced: grpo (per-sequence mean, then mean), bnpo (batch token mean),
-    # dr_grpo (sum / (batch * max_new_tokens), Liu et al. 2025), dapo (token mean over the global batch).
-    loss_aggregation: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
+    # dr_grpo (sum / (rows * max_new_tokens), Liu et al. 2025), dapo (token mean over the global batch);
+    # as TRL's loss_type, two also change the per-token term: cispo (MiniMax-M1: clipped, detached IS weight
+    # times the log-prob; token mean; epsilon_high is then the cap eps_max on the weight, e.g. 5.0) and sapo
+    # (soft sigmoid gate instead of the clip; per-sequence mean).
+    loss_aggregation: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"] = "dapo"
+    # SAPO's gate temperatures for positive / other advantages (arXiv 2511.20347; TRL's defaults).
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
     # token: per-token ratios (PPO/GRPO); sequence: GSPO's length-normalised sequence ratio
     # (Zheng et al. 2025); sequence_token: GSPO-token (sequence ratio value, per-token gradients).
     importance_level: Literal["token", "sequence", "sequence_token"] = "token"
     # Advantage normalisation: by the group's std, the batch's std, or none (Dr. GRPO).
     scale_rewards: Literal["group", "batch", "none"] = "group"
+    # Which std scale_rewards divides by: population (divide by n; the default, so that a group's scaled
+    # advantages have unit RMS whatever G, and runs from before this option keep their numbers) or sample
+    # (n - 1, TRL's nanstd: advantages sqrt(G / (G - 1)) smaller, 1.155x at G = 4; for parity with TRL).
+    reward_std: Literal["population", "sample"] = "population"
     # Baseline subtracted from rewards: the group mean (GRPO), the mean of the other G-1 samples (RLOO,
     # Ahmadian et al. 2024), the batch mean, or none.
     baseline: Literal["group_mean", "rloo", "batch_mean", "none"] = "group_mean"
@@ -556,6 +584,13 @@ class GRPOConfig(RewardSettings, SamplingConfig):
             self.num_generations >= 2, "num_generations", "must be >= 2 (advantages are group-relative)"
         )
         check_nonnegative(self, "beta", "epsilon_low", "epsilon_high")
+        check_positive(self, "sapo_temperature_pos", "sapo_temperature_neg")
+        check_field(
+            self.loss_aggregation != "cispo" or self.epsilon_high >= 1.0,
+            "epsilon_high",
+            "with cispo it is the cap eps_max on the importance weight (TRL's convention; ScaleRL uses 5.0): "
+            f"must be >= 1, got {self.epsilon_high}",
+        )
         check_field(self.num_iterations >= 1, "num_iterations", "must be >= 1")
         check_field(self.num_mini_batches >= 1, "num_mini_batches", "must be >= 1")
         check_field(self.max_sampling_rounds >= 1, "max_sampling_rounds", "must be >= 1")

@@ -48,6 +48,7 @@ def offline_loss(config: RunConfig) -> tuple[Callable, Callable]:
         orpo_lambda=c.orpo_lambda,
         sft_weight=c.sft_weight,
         logits_chunk_size=chunk,
+        discopop_tau=c.discopop_tau,
     )
     return pairs.normalizers, loss_fn
 
