@@ -207,7 +207,17 @@ class DataSource:
         return value
 
 
-DATA_FORMATS = ("auto", "prompt_completion", "messages", "preference", "ranked", "prompt_only")
+DATA_FORMATS = (
+    "auto",
+    "prompt_completion",
+    "messages",
+    "preference",
+    "ranked",
+    "prompt_only",
+    "text",
+    "implicit_preference",
+    "unpaired",
+)
 
 
 @dataclass(frozen=True)
