@@ -461,6 +461,24 @@ class DPOConfig:
 
 
 @dataclass(frozen=True)
+class KTOConfig:
+    """KTO (Ethayarajh et al. 2024, arXiv 2402.01306) on unpaired rows (``prompt``, ``completion``,
+    ``label``), against a frozen reference."""
+
+    # Inverse temperature of the implicit reward, as DPO's.
+    beta: float = 0.1
+    # lambda_D and lambda_U: weights of desirable and undesirable rows; the paper keeps
+    # lambda_D n_D / (lambda_U n_U) in [1, 4/3], so raise the rarer kind's weight on unbalanced data.
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    # Compute reference log-probs once before training instead of a reference forward each step.
+    precompute_ref_logps: bool = False
+
+    def __post_init__(self):
+        check_positive(self, "beta", "desirable_weight", "undesirable_weight")
+
+
+@dataclass(frozen=True)
 class RewardFunctionConfig:
     """One reward function: a built-in by ``name`` or a user function by ``spec`` (module:function or
     path/to/file.py:function), its weight in the combination, and keyword arguments."""
@@ -650,14 +668,14 @@ class PPOConfig(RewardSettings, SamplingConfig):
         check_field(self.num_mini_batches >= 1, "num_mini_batches", "must be >= 1")
 
 
-OBJECTIVES = ("sft", "reward", "dpo", "grpo", "ppo")
+OBJECTIVES = ("sft", "reward", "dpo", "kto", "grpo", "ppo")
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """A whole run. Only the section of the chosen ``objective`` is used by its trainer."""
 
-    objective: Literal["sft", "reward", "dpo", "grpo", "ppo"] = "sft"
+    objective: Literal["sft", "reward", "dpo", "kto", "grpo", "ppo"] = "sft"
     # Everything random (init, data order, sampling) derives from this seed: a run is a function of its
     # config.
     seed: int = 0
@@ -672,6 +690,7 @@ class RunConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    kto: KTOConfig = field(default_factory=KTOConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
 
@@ -679,7 +698,7 @@ class RunConfig:
         check_nonnegative(self, "seed")
         check_field(bool(self.output_dir), "output_dir", "must not be empty")
         d = self.data
-        if self.objective in ("dpo", "reward"):
+        if self.objective in ("dpo", "reward", "kto"):
             check_field(
                 d.max_prompt_length + d.max_completion_length <= d.max_length or d.overlong == "truncate",
                 "data.max_length",
@@ -851,6 +870,7 @@ TRL_ALIASES: dict[str, str] = {
     "ppo.multi_objective_aggregation": "ppo.reward_combine",
     "ppo.num_ppo_epochs": "ppo.num_epochs",
     "dpo.precompute_ref_log_probs": "dpo.precompute_ref_logps",
+    "kto.precompute_ref_log_probs": "kto.precompute_ref_logps",
 }
 # TRL's per-function weights as one list, set on the entries of reward_functions in order.
 REWARD_WEIGHT_LISTS = ("grpo.reward_weights", "ppo.reward_weights")

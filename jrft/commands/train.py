@@ -1,4 +1,4 @@
-"""``jrft sft|reward|dpo|grpo|ppo CONFIG [key=value ...]``: train one objective from a YAML config."""
+"""``jrft sft|reward|dpo|kto|grpo|ppo CONFIG [key=value ...]``: train one objective from a YAML config."""
 
 from __future__ import annotations
 
@@ -108,6 +108,10 @@ def reward(argv: list[str]) -> int:
 
 def dpo(argv: list[str]) -> int:
     return run("dpo", argv)
+
+
+def kto(argv: list[str]) -> int:
+    return run("kto", argv)
 
 
 def grpo(argv: list[str]) -> int:

@@ -189,6 +189,8 @@ def holds_reference(config: RunConfig) -> bool:
     if config.objective == "dpo":
         d = config.dpo
         return not (d.reference_free or d.precompute_ref_logps or not dpo.needs_reference(d.loss_type))
+    if config.objective == "kto":
+        return not config.kto.precompute_ref_logps
     if config.objective == "grpo":
         return config.grpo.beta > 0
     if config.objective == "ppo":
@@ -216,7 +218,8 @@ def estimate_for(
 
     nbytes = lambda name: jnp.dtype(name).itemsize  # noqa: E731
     micro = config.train.micro_batch_size or rows
-    pairs = 2 if config.objective in ("dpo", "reward") else 1  # chosen and rejected in one forward
+    # chosen and rejected (KTO: the completion and its KL pair) in one forward
+    pairs = 2 if config.objective in ("dpo", "reward", "kto") else 1
     return estimate_memory(
         model_cfg,
         mesh_shape=tuple(mesh_shape),
