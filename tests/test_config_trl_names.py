@@ -94,7 +94,7 @@ def test_both_names_in_overrides_is_an_error_naming_both():
         load_config(GRPO, ["grpo.reward_weights=[1]"])
 
 
-@pytest.mark.parametrize("objective", ["sft", "reward", "dpo", "grpo", "ppo"])
+@pytest.mark.parametrize("objective", ["sft", "reward", "dpo", "kto", "grpo", "ppo"])
 def test_print_config_prints_resolved_yaml_and_exits(objective, capsys):
     from jrft.commands.train import run
 

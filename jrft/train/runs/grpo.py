@@ -14,7 +14,13 @@ from jrft.config import RunConfig
 from jrft.train.grpo_round import GRPORound
 from jrft.train.loop import LoopResult
 from jrft.train.runs.export import loop_and_export
-from jrft.train.runs.setup import memory_summary, reward_runner_from_config, round_options, setup_run
+from jrft.train.runs.setup import (
+    memory_summary,
+    reward_runner_from_config,
+    round_options,
+    setup_run,
+    total_updates,
+)
 
 
 def run_grpo(config: RunConfig, *, progress: bool = True, runner=None, model_eval_fn=None) -> LoopResult:
@@ -42,7 +48,13 @@ def run_grpo(config: RunConfig, *, progress: bool = True, runner=None, model_eva
     )
     round_fn = GRPORound(c, run.graphdef, run.state, run.tx, run.tokenizer, runner, prompts, options)
 
+    rows, per_round = max(len(run.train_ds), 1), total_updates(config) // config.train.steps
+
     def step_fn(state, batch):
+        done = int(state.step) // per_round  # TRL's trainer_state for the rewards: steps done, epochs so far
+        getattr(runner, "set_trainer_state", lambda **_: None)(
+            global_step=done, epoch=done * config.train.batch_size / rows, max_steps=config.train.steps
+        )
         state, metrics = round_fn(state, batch)
         return state, {**metrics, "lr": run.schedule(max(int(state.step) - 1, 0))}
 

@@ -75,7 +75,14 @@ def run_ppo(config: RunConfig, *, progress: bool = True, runner=None) -> LoopRes
     graphdefs, optimizers = (run.graphdef, value_graphdef), (run.tx, value_tx)
     round_fn = PPORound(c, *graphdefs, state, optimizers, run.tokenizer, runner, reward_model, options)
 
+    rows, per_round = max(len(run.train_ds), 1), total_updates(config) // config.train.steps
+
     def step_fn(state, batch):
+        if runner is not None:  # TRL's trainer_state for the reward functions: steps done, epochs so far
+            done = int(state.policy.step) // per_round
+            getattr(runner, "set_trainer_state", lambda **_: None)(
+                global_step=done, epoch=done * config.train.batch_size / rows, max_steps=config.train.steps
+            )
         state, metrics = round_fn(state, batch)
         return state, {**metrics, "lr": run.schedule(max(int(state.policy.step) - 1, 0))}
 
