@@ -549,6 +549,9 @@ class RewardSettings:
     reward_timeout_s: float = 60.0
     # Write a table of sample completions with their rewards every N steps (0 = never).
     log_completions_every: int = 10
+    # Held-out evaluation (data.eval, every train.eval_every steps): a sampled completion passes for pass@k
+    # when its reward (each function's, and the weighted sum) is at least this (1.0: e.g. a correct answer).
+    eval_pass_threshold: float = 1.0
 
     def _check_rewards(self):
         check_positive(self, "reward_timeout_s")

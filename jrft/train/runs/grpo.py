@@ -17,6 +17,7 @@ from jrft.train.runs.export import loop_and_export
 from jrft.train.runs.setup import (
     memory_summary,
     reward_runner_from_config,
+    rl_eval_fn,
     round_options,
     setup_run,
     total_updates,
@@ -58,8 +59,15 @@ def run_grpo(config: RunConfig, *, progress: bool = True, runner=None, model_eva
         state, metrics = round_fn(state, batch)
         return state, {**metrics, "lr": run.schedule(max(int(state.step) - 1, 0))}
 
+    held_out = rl_eval_fn(
+        config, run, c, run.graphdef, lambda s: (s.params, s.rest), num_generations=c.num_generations
+    )
+
     def eval_state(state):
-        return model_eval_fn(nnx.merge(run.graphdef, state.params, state.rest))
+        metrics = held_out(state) if held_out is not None else {}
+        if model_eval_fn is not None:
+            metrics.update(model_eval_fn(nnx.merge(run.graphdef, state.params, state.rest)))
+        return metrics
 
     memory = memory_summary(config, run.mesh, run.state)
     return loop_and_export(
@@ -67,7 +75,7 @@ def run_grpo(config: RunConfig, *, progress: bool = True, runner=None, model_eva
         step_fn,
         run.state,
         prompts,
-        eval_fn=None if model_eval_fn is None else eval_state,
+        eval_fn=None if model_eval_fn is None and held_out is None else eval_state,
         bar_keys=("rewards/mean", "kl_mean", "clip_frac", "completion_length"),
         progress=progress,
         summary=run.train_ds.summary() + "\n" + memory,

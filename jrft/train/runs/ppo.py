@@ -20,6 +20,7 @@ from jrft.train.runs.setup import (
     memory_summary,
     optimizer_from_config,
     reward_runner_from_config,
+    rl_eval_fn,
     round_options,
     setup_run,
     total_updates,
@@ -86,11 +87,15 @@ def run_ppo(config: RunConfig, *, progress: bool = True, runner=None) -> LoopRes
         state, metrics = round_fn(state, batch)
         return state, {**metrics, "lr": run.schedule(max(int(state.policy.step) - 1, 0))}
 
+    held_out = rl_eval_fn(
+        config, run, c, run.graphdef, lambda s: (s.policy.params, s.policy.rest), num_generations=1
+    )
     return loop_and_export(
         run,
         step_fn,
         state,
         prompts,
+        eval_fn=held_out,
         bar_keys=("score/mean", "kl_mean", "clip_frac", "value_loss"),
         progress=progress,
         summary=run.train_ds.summary() + "\n" + memory_summary(config, mesh, run.state),

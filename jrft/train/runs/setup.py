@@ -145,6 +145,41 @@ def reward_runner_from_config(section, *, group_size: int, max_new_tokens: int):
     )
 
 
+def rl_eval_fn(config: RunConfig, run, section, graphdef, params_of, *, num_generations: int):
+    """``state -> metrics`` evaluating the policy on ``data.eval`` (``jrft.train.rl_eval``) for GRPO / PPO,
+    or None without eval data. ``params_of(state) -> (params, rest)`` picks the policy out of the state."""
+    import jax
+    from flax import nnx
+
+    from jrft.data import eval_batches_from_config, pad_token_id
+    from jrft.train.rl_eval import evaluate_policy
+    from jrft.train.rollout import SamplingSettings
+
+    c = section
+    if run.eval_ds is None or not c.reward_functions:  # PPO with a reward model only: not built yet
+        return None
+    runner = reward_runner_from_config(c, group_size=1, max_new_tokens=c.max_new_tokens)
+    sampling = SamplingSettings(
+        num_generations, c.max_new_tokens, c.temperature, c.top_k, c.top_p, pad_token_id(run.tokenizer)
+    )
+    where = dict(process_index=jax.process_index(), process_count=jax.process_count())
+
+    def evaluate(state):
+        params, rest = params_of(state)
+        return evaluate_policy(
+            nnx.merge(graphdef, params, rest),
+            eval_batches_from_config(config, run.eval_ds, **where),
+            run.tokenizer,
+            runner,
+            sampling=sampling,
+            rng=jax.random.key(config.seed + 7),
+            mesh=run.mesh,
+            pass_threshold=c.eval_pass_threshold,
+        )
+
+    return evaluate
+
+
 def round_options(
     config: RunConfig, mesh: Mesh, *, state_sharding, num_mini_batches: int, pad_token_id: int = 0
 ) -> RoundOptions:
