@@ -672,6 +672,9 @@ class PPOConfig(RewardSettings, SamplingConfig):
 
 
 OBJECTIVES = ("sft", "reward", "dpo", "kto", "grpo", "ppo")
+# Metric sinks of jrft.train.metrics.REPORT_TO (copied so loading a config does not import JAX; a test keeps
+# them equal); TRL's "all" and "none" are accepted too.
+REPORT_TO = ("jsonl", "tensorboard", "wandb")
 
 
 @dataclass(frozen=True)
@@ -684,6 +687,9 @@ class RunConfig:
     seed: int = 0
     # Checkpoints, metrics and the export live here; a rerun with the same output_dir resumes.
     output_dir: str = "runs/default"
+    # Where metrics go: any of jsonl, tensorboard, wandb (W&B: pip install 'jrft[wandb]'), or TRL's "all" /
+    # "none". Without jsonl, metrics.jsonl is not written (the console still shows every logged step).
+    report_to: tuple[str, ...] | str = ("jsonl", "tensorboard")
     model: ModelSource = field(default_factory=ModelSource)
     data: DataConfig = field(default_factory=DataConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
@@ -700,6 +706,9 @@ class RunConfig:
     def __post_init__(self):
         check_nonnegative(self, "seed")
         check_field(bool(self.output_dir), "output_dir", "must not be empty")
+        names = (self.report_to,) if isinstance(self.report_to, str) else self.report_to
+        bad = [n for n in names if n not in (*REPORT_TO, "all", "none")]
+        check_field(not bad, "report_to", f"unknown {bad}; choose from {[*REPORT_TO, 'all', 'none']}")
         d = self.data
         if self.objective in ("dpo", "reward", "kto"):
             check_field(
@@ -726,6 +735,14 @@ class RunConfig:
                 "grpo.num_mini_batches",
                 f"must divide train.batch_size={self.train.batch_size}",
             )
+
+    @property
+    def report_sinks(self) -> tuple[str, ...]:
+        """``report_to`` as a tuple of sinks ("all": every one, "none": no file, console only)."""
+        names = (self.report_to,) if isinstance(self.report_to, str) else tuple(self.report_to)
+        if "all" in names:
+            return REPORT_TO
+        return tuple(n for n in REPORT_TO if n in names)
 
     def to_dict(self) -> dict:
         """Plain nested dict (lists for tuples) for logs, YAML and checkpoint metadata."""

@@ -43,7 +43,13 @@ def loop_and_export(
     config, t = run.config, run.config.train
     checkpointer = checkpointer_for(config)
     logger = MetricsLogger(
-        config.output_dir, total_steps=t.steps, progress=progress, bar_keys=bar_keys, desc=config.objective
+        config.output_dir,
+        total_steps=t.steps,
+        progress=progress,
+        bar_keys=bar_keys,
+        desc=config.objective,
+        report_to=config.report_sinks,
+        config=config.to_dict(),
     )
     if summary:
         logger.write(summary)
