@@ -480,11 +480,14 @@ class KTOConfig:
 
 @dataclass(frozen=True)
 class RewardFunctionConfig:
-    """One reward function: a built-in by ``name`` or a user function by ``spec`` (module:function or
-    path/to/file.py:function), its weight in the combination, and keyword arguments."""
+    """One reward function: a built-in by ``name``, a user function by ``spec`` (module:function or
+    path/to/file.py:function) or a trained reward model by ``reward_model`` (a ``jrft reward`` export or a
+    transformers sequence-classification model, scored on the device), its weight in the combination, and
+    keyword arguments."""
 
     name: str | None = None
     spec: str | None = None
+    reward_model: str | None = None
     weight: float = 1.0
     # Options of a built-in (e.g. {tolerance: 1e-6}); user functions take none.
     kwargs: dict = field(default_factory=dict)
@@ -496,8 +499,17 @@ class RewardFunctionConfig:
     process: bool | None = None
 
     def __post_init__(self):
+        given = [k for k in ("name", "spec", "reward_model") if getattr(self, k) is not None]
         check_field(
-            (self.name is None) != (self.spec is None), "name", "give exactly one of 'name' or 'spec'"
+            len(given) == 1, "name", f"give exactly one of 'name', 'spec' or 'reward_model', got {given}"
+        )
+        check_field(
+            self.reward_model is None or not self.kwargs, "kwargs", "a reward model entry takes no kwargs"
+        )
+        check_field(
+            self.reward_model is None or not self.process,
+            "process",
+            "a reward model runs on the device in the trainer (not in a worker process)",
         )
         check_field(
             self.spec is None or ":" in self.spec, "spec", f"expected module:function, got {self.spec!r}"
@@ -506,6 +518,8 @@ class RewardFunctionConfig:
     def as_runner_spec(self) -> dict:
         """The entry ``jrft.rewards.RewardRunner.from_config`` takes: ``{"name", "weight", ...kwargs}``
         (a user function's ``module:function`` goes under ``name`` there)."""
+        if self.reward_model is not None:  # built by the run (it needs the mesh), not by the registry
+            return {"reward_model": self.reward_model, "weight": self.weight, "label": self.label}
         entry = {
             "name": self.name if self.name is not None else self.spec,
             "weight": self.weight,

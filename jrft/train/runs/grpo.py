@@ -36,7 +36,13 @@ def run_grpo(config: RunConfig, *, progress: bool = True, runner=None, model_eva
     c = config.grpo
     run = setup_run(config)
     if runner is None:
-        runner = reward_runner_from_config(c, group_size=c.num_generations, max_new_tokens=c.max_new_tokens)
+        runner = reward_runner_from_config(
+            c,
+            group_size=c.num_generations,
+            max_new_tokens=c.max_new_tokens,
+            mesh=run.mesh,
+            dtype=config.model.dtype,
+        )
     prompts = train_iterator_from_config(
         config, run.train_ds, process_index=jax.process_index(), process_count=jax.process_count()
     )

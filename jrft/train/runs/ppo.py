@@ -61,7 +61,11 @@ def run_ppo(config: RunConfig, *, progress: bool = True, runner=None) -> LoopRes
         # One completion per prompt: the rollout is one "group" for normalize_then_sum (multi-host: this
         # process's rows, the ones its runner scores).
         runner = reward_runner_from_config(
-            c, group_size=config.train.batch_size // jax.process_count(), max_new_tokens=c.max_new_tokens
+            c,
+            group_size=config.train.batch_size // jax.process_count(),
+            max_new_tokens=c.max_new_tokens,
+            mesh=mesh,
+            dtype=config.model.dtype,
         )
     prompts = train_iterator_from_config(
         config, run.train_ds, process_index=jax.process_index(), process_count=jax.process_count()

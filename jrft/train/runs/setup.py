@@ -124,10 +124,15 @@ def setup_run(
     return Run(config, mesh, tokenizer, train_ds, eval_ds, graphdef, state, shardings, tx, schedule)
 
 
-def reward_runner_from_config(section, *, group_size: int, max_new_tokens: int):
+def reward_runner_from_config(
+    section, *, group_size: int, max_new_tokens: int, mesh: Mesh | None = None, dtype: str = "float32"
+):
     """A ``RewardRunner`` for the ``grpo`` / ``ppo`` section's reward settings; DAPO's soft overlong penalty
-    is added as one more reward function when the section has ``overlong_buffer`` > 0."""
+    is added as one more reward function when the section has ``overlong_buffer`` > 0. Reward-model
+    entries are loaded onto ``mesh`` (in ``dtype``) and run in threads of the runner."""
     from jrft.rewards import RewardRunner
+    from jrft.rewards.registry import build_reward
+    from jrft.train.reward_model_fn import load_reward_model_function
 
     entries = [f.as_runner_spec() for f in section.reward_functions]
     buffer = getattr(section, "overlong_buffer", 0)
@@ -140,9 +145,26 @@ def reward_runner_from_config(section, *, group_size: int, max_new_tokens: int):
                 "cache_length": buffer,
             }
         )
-    return RewardRunner.from_config(
-        entries, timeout=section.reward_timeout_s, combine=section.reward_combine, group_size=group_size
-    )
+    options = dict(timeout=section.reward_timeout_s, combine=section.reward_combine, group_size=group_size)
+    if not any("reward_model" in e for e in entries):
+        return RewardRunner.from_config(entries, **options)
+    functions, weights, names, processes = [], [], [], []
+    for i, entry in enumerate(entries):
+        if "reward_model" in entry:
+            label = entry["label"] or "reward_model"
+            functions.append(
+                load_reward_model_function(entry["reward_model"], mesh=mesh, dtype=dtype, name=label)
+            )
+            weights.append(entry["weight"])
+            names.append(label)
+            continue
+        built = build_reward(entry, where=f"rewards[{i}]")
+        functions.append(built.function)
+        weights.append(built.weight)
+        names.append(built.label)
+        if built.process:
+            processes.append(built.label)
+    return RewardRunner(functions, weights=weights, names=names, processes=processes, **options)
 
 
 def rl_eval_fn(config: RunConfig, run, section, graphdef, params_of, *, num_generations: int):
@@ -158,7 +180,9 @@ def rl_eval_fn(config: RunConfig, run, section, graphdef, params_of, *, num_gene
     c = section
     if run.eval_ds is None or not c.reward_functions:  # PPO with a reward model only: not built yet
         return None
-    runner = reward_runner_from_config(c, group_size=1, max_new_tokens=c.max_new_tokens)
+    runner = reward_runner_from_config(
+        c, group_size=1, max_new_tokens=c.max_new_tokens, mesh=run.mesh, dtype=config.model.dtype
+    )
     sampling = SamplingSettings(
         num_generations, c.max_new_tokens, c.temperature, c.top_k, c.top_p, pad_token_id(run.tokenizer)
     )
