@@ -51,3 +51,22 @@ def test_trainer_state_defaults_and_bad_extra_columns_are_dropped():
     with RewardRunner([short_column]) as runner:
         result = runner(prompts=["p", "q"], completions=["a", "b"])
     assert result.extra == {} and not result.errors
+
+
+def test_log_extra_columns_follow_their_rows_through_dynamic_sampling():
+    import numpy as np
+
+    from jrft.train.rollout import Rollout, concat_rollouts
+
+    def rollout(n, tag):
+        z = np.zeros((n, 3), np.int32)
+        return Rollout(
+            tokens=z, attention_mask=z, completion_mask=z, sampler_logps=z.astype(np.float32),
+            truncated=np.zeros(n, bool), prompt_length=1, prompts=["p"] * n, columns={},
+            completions=["c"] * n, completion_ids=[[1]] * n, rewards=np.zeros(n),
+            reward_extra={"tag": [f"{tag}{i}" for i in range(n)]},
+        )  # fmt: skip
+
+    kept = rollout(4, "a").select_groups(np.array([False, True]), 2)  # the second group of 2
+    assert kept.reward_extra["tag"] == ["a2", "a3"]
+    assert concat_rollouts([kept, rollout(2, "b")]).reward_extra["tag"] == ["a2", "a3", "b0", "b1"]

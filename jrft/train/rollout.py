@@ -90,6 +90,7 @@ class Rollout:
             completion_ids=take(self.completion_ids),
             rewards=None if self.rewards is None else self.rewards[idx],
             per_function={k: v[idx] for k, v in self.per_function.items()},
+            reward_extra={k: take(v) for k, v in self.reward_extra.items()},
         )
 
 
@@ -132,6 +133,12 @@ def concat_rollouts(parts: Sequence[Rollout]) -> Rollout:
         rewards=None if parts[0].rewards is None else np.concatenate([r.rewards for r in parts]),
         per_function={k: np.concatenate([r.per_function[k] for r in parts]) for k in names},
         reward_metrics=parts[-1].reward_metrics,
+        # log_extra columns that every part has (a function may log only for some batches)
+        reward_extra={
+            k: [v for r in parts for v in r.reward_extra[k]]
+            for k in parts[0].reward_extra
+            if all(k in r.reward_extra for r in parts)
+        },
     )
 
 
