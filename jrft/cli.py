@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("jrft.commands.train:sft", "supervised fine-tuning on prompt/completion or chat data"),
     "reward": ("jrft.commands.train:reward", "train a reward model (Bradley-Terry) on preference pairs"),
     "dpo": ("jrft.commands.train:dpo", "direct preference optimization against a frozen reference"),
+    "kto": ("jrft.commands.train:kto", "KTO: unpaired desirable/undesirable completions against a reference"),
     "export": ("jrft.commands.export:main", "export a run's checkpoint in transformers format"),
     "grpo": ("jrft.commands.train:grpo", "GRPO: sample groups, score with reward functions, update"),
     "ppo": ("jrft.commands.train:ppo", "PPO (RLHF): reward model and/or functions, value model, GAE, update"),

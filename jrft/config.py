@@ -207,7 +207,17 @@ class DataSource:
         return value
 
 
-DATA_FORMATS = ("auto", "prompt_completion", "messages", "preference", "ranked", "prompt_only")
+DATA_FORMATS = (
+    "auto",
+    "prompt_completion",
+    "messages",
+    "preference",
+    "ranked",
+    "prompt_only",
+    "text",
+    "implicit_preference",
+    "unpaired",
+)
 
 
 @dataclass(frozen=True)
@@ -280,7 +290,8 @@ class OptimConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    # Linear warm-up from 0: protects fresh Adam moments from large early updates.
+    # Linear warm-up, lr * step / warmup_steps (above 0 at step 1, as optax/TRL): protects fresh Adam moments
+    # from large early updates.
     warmup_steps: int = 0
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     # Decayed schedules end at lr * min_lr_ratio instead of 0.
@@ -403,9 +414,16 @@ DPO_LOSS_TYPES = (
     "nca_pair",
     "apo_zero",
     "apo_down",
+    "exo_pair",
+    "aot",
+    "aot_pair",
+    "aot_unpaired",
+    "discopop",
     "simpo",
     "orpo",
 )
+# Loss types whose formula reads label_smoothing (jrft.losses.dpo.SMOOTHED_LOSSES, kept equal by a test).
+DPO_SMOOTHED = ("sigmoid", "robust", "exo_pair", "aot", "aot_pair", "aot_unpaired")
 
 
 @dataclass(frozen=True)
@@ -413,11 +431,15 @@ class DPOConfig:
     # Inverse temperature of the implicit reward (Rafailov et al. 2023); larger keeps closer to the reference.
     beta: float = 0.1
     # Variant of the preference loss: a key of jrft.losses.DPO_LOSSES (sigmoid = DPO, hinge = SLiC, ipo,
-    # robust, bco_pair, sppo_hard, nca_pair, apo_zero, apo_down), or simpo (reference-free, length-normalised)
-    # or orpo (odds ratio + SFT), which have their own loss functions.
+    # robust, bco_pair, sppo_hard, nca_pair, apo_zero, apo_down, exo_pair, aot, aot_pair (= TRL 1.x's
+    # aot_unpaired), discopop), or simpo (reference-free, length-normalised) or orpo (odds ratio + SFT),
+    # which have their own loss functions.
     loss_type: str = "sigmoid"
-    # Conservative DPO / robust DPO: assumed probability that a preference label is flipped.
+    # Conservative DPO / robust DPO / AOT: assumed probability that a preference label is flipped; EXO's
+    # epsilon (must be > 0 for exo_pair; the paper uses 1e-3).
     label_smoothing: float = 0.0
+    # DiscoPOP's temperature of the logistic/exponential mixing weight (arXiv 2406.08414: 0.05).
+    discopop_tau: float = 0.05
     # Use a uniform reference (no reference model in memory).
     reference_free: bool = False
     # Compute reference log-probs once before training instead of a reference forward each step.
@@ -438,20 +460,48 @@ class DPOConfig:
         check_positive(self, "beta")
         check_field(0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
         check_field(
-            self.label_smoothing == 0 or self.loss_type in ("sigmoid", "robust"),
+            self.label_smoothing == 0 or self.loss_type in DPO_SMOOTHED,
             "label_smoothing",
-            f"only the sigmoid and robust losses use it, not {self.loss_type!r}",
+            f"only the sigmoid and robust (and {', '.join(DPO_SMOOTHED[2:])}) losses use it, "
+            f"not {self.loss_type!r}",
+        )
+        check_field(
+            self.loss_type != "exo_pair" or self.label_smoothing > 0,
+            "label_smoothing",
+            "exo_pair needs label_smoothing > 0 (EXO's epsilon; the paper uses 1e-3)",
         )
         check_nonnegative(self, "sft_weight", "orpo_lambda")
+        check_positive(self, "discopop_tau")
+
+
+@dataclass(frozen=True)
+class KTOConfig:
+    """KTO (Ethayarajh et al. 2024, arXiv 2402.01306) on unpaired rows (``prompt``, ``completion``,
+    ``label``), against a frozen reference."""
+
+    # Inverse temperature of the implicit reward, as DPO's.
+    beta: float = 0.1
+    # lambda_D and lambda_U: weights of desirable and undesirable rows; the paper keeps
+    # lambda_D n_D / (lambda_U n_U) in [1, 4/3], so raise the rarer kind's weight on unbalanced data.
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    # Compute reference log-probs once before training instead of a reference forward each step.
+    precompute_ref_logps: bool = False
+
+    def __post_init__(self):
+        check_positive(self, "beta", "desirable_weight", "undesirable_weight")
 
 
 @dataclass(frozen=True)
 class RewardFunctionConfig:
-    """One reward function: a built-in by ``name`` or a user function by ``spec`` (module:function or
-    path/to/file.py:function), its weight in the combination, and keyword arguments."""
+    """One reward function: a built-in by ``name``, a user function by ``spec`` (module:function or
+    path/to/file.py:function) or a trained reward model by ``reward_model`` (a ``jrft reward`` export or a
+    transformers sequence-classification model, scored on the device), its weight in the combination, and
+    keyword arguments."""
 
     name: str | None = None
     spec: str | None = None
+    reward_model: str | None = None
     weight: float = 1.0
     # Options of a built-in (e.g. {tolerance: 1e-6}); user functions take none.
     kwargs: dict = field(default_factory=dict)
@@ -463,8 +513,17 @@ class RewardFunctionConfig:
     process: bool | None = None
 
     def __post_init__(self):
+        given = [k for k in ("name", "spec", "reward_model") if getattr(self, k) is not None]
         check_field(
-            (self.name is None) != (self.spec is None), "name", "give exactly one of 'name' or 'spec'"
+            len(given) == 1, "name", f"give exactly one of 'name', 'spec' or 'reward_model', got {given}"
+        )
+        check_field(
+            self.reward_model is None or not self.kwargs, "kwargs", "a reward model entry takes no kwargs"
+        )
+        check_field(
+            self.reward_model is None or not self.process,
+            "process",
+            "a reward model runs on the device in the trainer (not in a worker process)",
         )
         check_field(
             self.spec is None or ":" in self.spec, "spec", f"expected module:function, got {self.spec!r}"
@@ -473,6 +532,8 @@ class RewardFunctionConfig:
     def as_runner_spec(self) -> dict:
         """The entry ``jrft.rewards.RewardRunner.from_config`` takes: ``{"name", "weight", ...kwargs}``
         (a user function's ``module:function`` goes under ``name`` there)."""
+        if self.reward_model is not None:  # built by the run (it needs the mesh), not by the registry
+            return {"reward_model": self.reward_model, "weight": self.weight, "label": self.label}
         entry = {
             "name": self.name if self.name is not None else self.spec,
             "weight": self.weight,
@@ -516,6 +577,9 @@ class RewardSettings:
     reward_timeout_s: float = 60.0
     # Write a table of sample completions with their rewards every N steps (0 = never).
     log_completions_every: int = 10
+    # Held-out evaluation (data.eval, every train.eval_every steps): a sampled completion passes for pass@k
+    # when its reward (each function's, and the weighted sum) is at least this (1.0: e.g. a correct answer).
+    eval_pass_threshold: float = 1.0
 
     def _check_rewards(self):
         check_positive(self, "reward_timeout_s")
@@ -536,13 +600,23 @@ class GRPOConfig(RewardSettings, SamplingConfig):
     epsilon_low: float = 0.2
     epsilon_high: float = 0.2
     # How token losses are reduced: grpo (per-sequence mean, then mean), bnpo (batch token mean),
-    # dr_grpo (sum / (batch * max_new_tokens), Liu et al. 2025), dapo (token mean over the global batch).
-    loss_aggregation: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
+    # dr_grpo (sum / (rows * max_new_tokens), Liu et al. 2025), dapo (token mean over the global batch);
+    # as TRL's loss_type, two also change the per-token term: cispo (MiniMax-M1: clipped, detached IS weight
+    # times the log-prob; token mean; epsilon_high is then the cap eps_max on the weight, e.g. 5.0) and sapo
+    # (soft sigmoid gate instead of the clip; per-sequence mean).
+    loss_aggregation: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"] = "dapo"
+    # SAPO's gate temperatures for positive / other advantages (arXiv 2511.20347; TRL's defaults).
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
     # token: per-token ratios (PPO/GRPO); sequence: GSPO's length-normalised sequence ratio
     # (Zheng et al. 2025); sequence_token: GSPO-token (sequence ratio value, per-token gradients).
     importance_level: Literal["token", "sequence", "sequence_token"] = "token"
     # Advantage normalisation: by the group's std, the batch's std, or none (Dr. GRPO).
     scale_rewards: Literal["group", "batch", "none"] = "group"
+    # Which std scale_rewards divides by: population (divide by n; the default, so that a group's scaled
+    # advantages have unit RMS whatever G, and runs from before this option keep their numbers) or sample
+    # (n - 1, TRL's nanstd: advantages sqrt(G / (G - 1)) smaller, 1.155x at G = 4; for parity with TRL).
+    reward_std: Literal["population", "sample"] = "population"
     # Baseline subtracted from rewards: the group mean (GRPO), the mean of the other G-1 samples (RLOO,
     # Ahmadian et al. 2024), the batch mean, or none.
     baseline: Literal["group_mean", "rloo", "batch_mean", "none"] = "group_mean"
@@ -569,6 +643,13 @@ class GRPOConfig(RewardSettings, SamplingConfig):
             self.num_generations >= 2, "num_generations", "must be >= 2 (advantages are group-relative)"
         )
         check_nonnegative(self, "beta", "epsilon_low", "epsilon_high")
+        check_positive(self, "sapo_temperature_pos", "sapo_temperature_neg")
+        check_field(
+            self.loss_aggregation != "cispo" or self.epsilon_high >= 1.0,
+            "epsilon_high",
+            "with cispo it is the cap eps_max on the importance weight (TRL's convention; ScaleRL uses 5.0): "
+            f"must be >= 1, got {self.epsilon_high}",
+        )
         check_field(self.num_iterations >= 1, "num_iterations", "must be >= 1")
         check_field(self.num_mini_batches >= 1, "num_mini_batches", "must be >= 1")
         check_field(self.max_sampling_rounds >= 1, "max_sampling_rounds", "must be >= 1")
@@ -618,19 +699,25 @@ class PPOConfig(RewardSettings, SamplingConfig):
         check_field(self.num_mini_batches >= 1, "num_mini_batches", "must be >= 1")
 
 
-OBJECTIVES = ("sft", "reward", "dpo", "grpo", "ppo")
+OBJECTIVES = ("sft", "reward", "dpo", "kto", "grpo", "ppo")
+# Metric sinks of jrft.train.metrics.REPORT_TO (copied so loading a config does not import JAX; a test keeps
+# them equal); TRL's "all" and "none" are accepted too.
+REPORT_TO = ("jsonl", "tensorboard", "wandb")
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """A whole run. Only the section of the chosen ``objective`` is used by its trainer."""
 
-    objective: Literal["sft", "reward", "dpo", "grpo", "ppo"] = "sft"
+    objective: Literal["sft", "reward", "dpo", "kto", "grpo", "ppo"] = "sft"
     # Everything random (init, data order, sampling) derives from this seed: a run is a function of its
     # config.
     seed: int = 0
     # Checkpoints, metrics and the export live here; a rerun with the same output_dir resumes.
     output_dir: str = "runs/default"
+    # Where metrics go: any of jsonl, tensorboard, wandb (W&B: pip install 'jrft[wandb]'), or TRL's "all" /
+    # "none". Without jsonl, metrics.jsonl is not written (the console still shows every logged step).
+    report_to: tuple[str, ...] | str = ("jsonl", "tensorboard")
     model: ModelSource = field(default_factory=ModelSource)
     data: DataConfig = field(default_factory=DataConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
@@ -640,14 +727,18 @@ class RunConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    kto: KTOConfig = field(default_factory=KTOConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
 
     def __post_init__(self):
         check_nonnegative(self, "seed")
         check_field(bool(self.output_dir), "output_dir", "must not be empty")
+        names = (self.report_to,) if isinstance(self.report_to, str) else self.report_to
+        bad = [n for n in names if n not in (*REPORT_TO, "all", "none")]
+        check_field(not bad, "report_to", f"unknown {bad}; choose from {[*REPORT_TO, 'all', 'none']}")
         d = self.data
-        if self.objective in ("dpo", "reward"):
+        if self.objective in ("dpo", "reward", "kto"):
             check_field(
                 d.max_prompt_length + d.max_completion_length <= d.max_length or d.overlong == "truncate",
                 "data.max_length",
@@ -672,6 +763,14 @@ class RunConfig:
                 "grpo.num_mini_batches",
                 f"must divide train.batch_size={self.train.batch_size}",
             )
+
+    @property
+    def report_sinks(self) -> tuple[str, ...]:
+        """``report_to`` as a tuple of sinks ("all": every one, "none": no file, console only)."""
+        names = (self.report_to,) if isinstance(self.report_to, str) else tuple(self.report_to)
+        if "all" in names:
+            return REPORT_TO
+        return tuple(n for n in REPORT_TO if n in names)
 
     def to_dict(self) -> dict:
         """Plain nested dict (lists for tuples) for logs, YAML and checkpoint metadata."""
@@ -785,8 +884,151 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         raise ConfigError(f"{full}: {e.message}", full) from None
 
 
+# ---------------------------------------------------------------------------------------------------------
+# TRL's names: one table of aliases, resolved before building
+# ---------------------------------------------------------------------------------------------------------
+
+# TRL's name of a setting (dotted, where it sits in a jrft config) -> jrft's dotted key. A TRL user's config
+# or override loads unchanged; the resolved config (``--print-config``, checkpoints, logs) carries jrft's
+# names. TrainingArguments names are also accepted flat at the top level, as in a TRL config. Giving both
+# names of one setting is an error naming both. Values are TRL's too (loss_type: dapo, ...).
+TRL_ALIASES: dict[str, str] = {
+    "learning_rate": "optim.lr",
+    "optim.learning_rate": "optim.lr",
+    "warmup_steps": "optim.warmup_steps",
+    "weight_decay": "optim.weight_decay",
+    "max_grad_norm": "optim.max_grad_norm",
+    "max_steps": "train.steps",
+    "train.max_steps": "train.steps",
+    "save_steps": "train.save_every",
+    "train.save_steps": "train.save_every",
+    "save_total_limit": "train.keep_last",
+    "train.save_total_limit": "train.keep_last",
+    "logging_steps": "train.log_every",
+    "train.logging_steps": "train.log_every",
+    "eval_steps": "train.eval_every",
+    "train.eval_steps": "train.eval_every",
+    "grpo.epsilon": "grpo.epsilon_low",
+    "grpo.loss_type": "grpo.loss_aggregation",
+    "grpo.importance_sampling_level": "grpo.importance_level",
+    "grpo.max_completion_length": "grpo.max_new_tokens",
+    "grpo.multi_objective_aggregation": "grpo.reward_combine",
+    "ppo.max_completion_length": "ppo.max_new_tokens",
+    "ppo.response_length": "ppo.max_new_tokens",
+    "ppo.multi_objective_aggregation": "ppo.reward_combine",
+    "ppo.num_ppo_epochs": "ppo.num_epochs",
+    "dpo.precompute_ref_log_probs": "dpo.precompute_ref_logps",
+    "kto.precompute_ref_log_probs": "kto.precompute_ref_logps",
+}
+# TRL's per-function weights as one list, set on the entries of reward_functions in order.
+REWARD_WEIGHT_LISTS = ("grpo.reward_weights", "ppo.reward_weights")
+
+
+def _find(data: Any, dotted: str) -> tuple[bool, Any]:
+    node = data
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def _pop(data: dict, dotted: str) -> tuple[bool, Any]:
+    *parents, last = dotted.split(".")
+    found, node = _find(data, ".".join(parents)) if parents else (True, data)
+    if not found or not isinstance(node, dict) or last not in node:
+        return False, None
+    return True, node.pop(last)
+
+
+def _put(data: dict, dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    node = data
+    for part in parents:
+        if node.get(part) is None:
+            node[part] = {}
+        if not isinstance(node[part], dict):
+            raise ConfigError(f"{part}: expected a mapping, got {node[part]!r}", part)
+        node = node[part]
+    node[last] = value
+
+
+def _copy_sections(data: Mapping) -> dict:
+    """A copy of ``data`` whose nested mappings are fresh dicts (lists of mappings too): safe to rewrite."""
+    if isinstance(data, Mapping):
+        return {k: _copy_sections(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_copy_sections(v) for v in data]
+    return data
+
+
+def resolve_trl_names(data: Mapping) -> dict:
+    """Plain config data with TRL's names (:data:`TRL_ALIASES`, ``reward_weights``) moved to jrft's keys.
+
+    Raises:
+      ConfigError: when a setting is given under both names (the message names both).
+    """
+    data = _copy_sections(data)
+    given_as: dict[str, str] = {}
+    for alias, key in TRL_ALIASES.items():
+        found, value = _pop(data, alias)
+        if not found:
+            continue
+        if key in given_as or _find(data, key)[0]:
+            other = given_as.get(key, key)
+            raise ConfigError(f"{alias} and {other} are two names for {key}: give one", key)
+        _put(data, key, value)
+        given_as[key] = alias
+        if alias == "grpo.epsilon" and not _find(data, "grpo.epsilon_high")[0]:
+            _put(data, "grpo.epsilon_high", value)  # TRL's rule: epsilon_high defaults to epsilon
+    for alias in REWARD_WEIGHT_LISTS:
+        found, weights = _pop(data, alias)
+        if found:
+            _set_reward_weights(data, alias, weights, strict=True)
+    return data
+
+
+def _set_reward_weights(data: dict, alias: str, weights: Any, strict: bool) -> None:
+    section = alias.split(".")[0]
+    functions = _find(data, f"{section}.reward_functions")[1] or []
+    if not isinstance(weights, list) or len(weights) != len(functions):
+        raise ConfigError(
+            f"{alias}: expected a list of {len(functions)} weights (one per function), got {weights!r}",
+            alias,
+        )
+    for i, (entry, weight) in enumerate(zip(functions, weights, strict=True)):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{section}.reward_functions.{i}: expected a mapping, got {entry!r}", alias)
+        if strict and "weight" in entry:
+            key = f"{section}.reward_functions.{i}.weight"
+            raise ConfigError(f"{alias} and {key} are two names for {key}: give one", key)
+        entry["weight"] = weight
+
+
+def _canonical_overrides(overrides: Sequence[str]) -> list[str]:
+    """Overrides with TRL's keys rewritten to jrft's; two overrides of one setting under its two names
+    are an error naming both."""
+    out, given_as = [], {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        canonical = TRL_ALIASES.get(key, key)
+        if canonical != key or key in TRL_ALIASES.values():
+            other = given_as.setdefault(canonical, key)
+            if other != key:
+                raise ConfigError(f"{key} and {other} are two names for {canonical}: give one", canonical)
+        extra = []
+        if key == "grpo.epsilon" and "grpo.epsilon_high" not in given_as:
+            extra = [f"grpo.epsilon_high={raw}"]  # TRL's rule: epsilon_high defaults to epsilon
+        out += [f"{canonical}{sep}{raw}" if sep else item, *extra]
+    return out
+
+
 def config_from_dict(data: Mapping, cls: type = RunConfig) -> Any:
-    """Build a config dataclass from plain nested data (strict; errors name the dotted key)."""
+    """Build a config dataclass from plain nested data (strict; errors name the dotted key). A
+    :class:`RunConfig` also accepts TRL's names of its settings (:data:`TRL_ALIASES`)."""
+    if cls is RunConfig and isinstance(data, Mapping):
+        data = resolve_trl_names(data)
     return _build(cls, data, "")
 
 
@@ -827,6 +1069,13 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
 def _overridden(config: T, overrides: Sequence[str]) -> T:
     # Overrides apply to the fully expanded config, so every section (and shorthand) is a mapping.
     plain = _to_plain(dataclasses.asdict(config))
+    if type(config) is RunConfig:
+        plain = apply_overrides(plain, _canonical_overrides(overrides))
+        for alias in REWARD_WEIGHT_LISTS:  # on the expanded config every entry has a weight: replace them
+            found, weights = _pop(plain, alias)
+            if found:
+                _set_reward_weights(plain, alias, weights, strict=False)
+        return config_from_dict(plain, RunConfig)
     return config_from_dict(apply_overrides(plain, overrides), type(config))
 
 

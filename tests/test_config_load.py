@@ -176,6 +176,12 @@ def test_choice_lists_match_the_registries_they_select_from():
         return set(typing.get_args(typing.get_type_hints(cls)[name]))
 
     assert set(DPO_LOSS_TYPES) == set(DPO_LOSSES) | {"simpo", "orpo"}
+    from jrft.config import DPO_SMOOTHED
+    from jrft.losses.dpo import SMOOTHED_LOSSES
+    from jrft.losses.grpo import STD_KINDS
+
+    assert set(DPO_SMOOTHED) == SMOOTHED_LOSSES
+    assert choices(GRPOConfig, "reward_std") == set(STD_KINDS)
     assert choices(GRPOConfig, "baseline") == set(BASELINES)
     assert choices(GRPOConfig, "importance_level") == set(IMPORTANCE_LEVELS)
     assert choices(GRPOConfig, "loss_aggregation") == set(AGGREGATIONS)
@@ -256,3 +262,16 @@ def test_grpo_and_ppo_share_the_reward_settings():
         assert getattr(cfg, section).reward_timeout_s == 5.0
         with pytest.raises(ConfigError, match=rf"{section}\.reward_timeout_s: must be positive"):
             load_config(None, [f"{section}.reward_timeout_s=0"])
+
+
+def test_new_loss_options_are_checked():
+    with pytest.raises(ConfigError, match=r"grpo\.epsilon_high: with cispo it is the cap eps_max"):
+        load_config(None, ["grpo.loss_aggregation=cispo"])
+    assert load_config(None, ["grpo.loss_type=cispo", "grpo.epsilon_high=5"]).grpo.epsilon_high == 5.0
+    with pytest.raises(ConfigError, match=r"dpo\.label_smoothing: exo_pair needs label_smoothing > 0"):
+        load_config(None, ["dpo.loss_type=exo_pair"])
+    assert (
+        load_config(None, ["dpo.loss_type=exo_pair", "dpo.label_smoothing=1e-3"]).dpo.loss_type == "exo_pair"
+    )
+    with pytest.raises(ConfigError, match=r"grpo\.reward_std: must be one of"):
+        load_config(None, ["grpo.reward_std=n-1"])

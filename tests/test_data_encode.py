@@ -72,7 +72,7 @@ def test_prompt_completion_tokens_and_masks(tok):
         ),
         ([{"prompt": "a", "completions": ["b"], "ranking": [0]}], "reward", r"field 'completions'"),
         ([{"prompt": "a", "completion": "b"}], "dpo", r"objective 'dpo' needs rows of format"),
-        ([{"text": "a"}], None, r"cannot detect the format"),
+        ([{"txt": "a"}], None, r"cannot detect the format"),
         ([{"prompt": ""}], "grpo", r"row 0: field 'prompt': empty text"),
     ],
 )

@@ -39,12 +39,14 @@ def test_fixed_signatures():
         "beta",
         "loss_type",
         "label_smoothing",
+        "discopop_tau",
+        "where",
     ]
     params = inspect.signature(L.grpo_loss).parameters
     assert list(params)[:5] == ["logps", "old_logps", "ref_logps", "advantages", "mask"]
     for name in ("clip_eps_low", "clip_eps_high", "beta", "kl_estimator", "aggregation", "importance_level"):
         assert params[name].kind is inspect.Parameter.KEYWORD_ONLY, name
-    for name in ("max_completion_length", "num_tokens", "num_sequences"):
+    for name in ("max_completion_length", "num_tokens", "num_sequences", "num_rows"):
         assert params[name].kind is inspect.Parameter.KEYWORD_ONLY, name
     assert list(inspect.signature(L.gae).parameters)[:3] == ["rewards", "values", "mask"]
     assert list(inspect.signature(L.group_advantages).parameters)[:2] == ["rewards", "group_size"]

@@ -45,12 +45,77 @@ NP_DPO = {
 }
 
 
+def np_logistic(delta, beta, e):
+    return -(1 - e) * logsig(beta * delta) - e * logsig(-beta * delta)
+
+
+def np_exo_pair(c, r, beta, e):
+    """EXO (arXiv 2402.00856, eq. 16): KL of q = softmax(beta (c, r)) from p = (1 - e, e), written out."""
+    q_w, q_l = sig(beta * (c - r)), sig(-beta * (c - r))
+    return q_w * (np.log(q_w) - np.log(1 - e)) + q_l * (np.log(q_l) - np.log(e))
+
+
+def np_discopop(c, r, beta, e, tau=0.05):
+    """DiscoPOP (arXiv 2406.08414, eq. 5): logistic and exponential losses mixed by sigmoid(z / tau)."""
+    z = beta * (c - r)
+    w = sig(z / tau)
+    return (1 - w) * -logsig(z) + w * np.exp(-z)
+
+
+# Batch-level (sorting) losses read the four log-probs: (pc, pr, rc, rr) below.
+NP_SORTED = {
+    # AOT paired (arXiv 2406.05882; TRL's "aot"): sorted policy log-ratios minus sorted reference ones.
+    "aot": lambda lp, beta, e: np_logistic(np.sort(lp[0] - lp[1]) - np.sort(lp[2] - lp[3]), beta, e),
+    # AOT unpaired (TRL < 1.0 "aot_pair", 1.x "aot_unpaired"): sorted chosen minus sorted rejected log-ratios.
+    "aot_pair": lambda lp, beta, e: np_logistic(np.sort(lp[0] - lp[2]) - np.sort(lp[1] - lp[3]), beta, e),
+}
+NP_SORTED["aot_unpaired"] = NP_SORTED["aot_pair"]
+NP_DPO["exo_pair"] = np_exo_pair
+NP_DPO["discopop"] = np_discopop
+
+
+def smoothing_for(loss_type):
+    """A label smoothing each type accepts: exo_pair's epsilon must be > 0 (the paper's 1e-3)."""
+    if loss_type == "exo_pair":
+        return 1e-3
+    return 0.1 if loss_type in ("sigmoid", "robust", "aot", "aot_pair", "aot_unpaired") else 0.0
+
+
 def logps(dtype=jnp.float32):
     return [jnp.asarray(-RNG.uniform(5.0, 40.0, size=B), dtype) for _ in range(4)]
 
 
 def test_registry_has_every_documented_type():
-    assert set(L.DPO_LOSSES) == set(NP_DPO)
+    assert set(L.DPO_LOSSES) == set(NP_DPO) | set(NP_SORTED)
+
+
+@pytest.mark.parametrize("loss_type", sorted(NP_SORTED))
+def test_sorting_losses_match_numpy_and_ignore_padding_rows(loss_type):
+    pc, pr, rc, rr = logps()
+    beta, e = 0.1, 0.1
+    fn = jax.jit(lambda *a, where=None: L.dpo_loss(*a, beta=beta, loss_type=loss_type, label_smoothing=e,
+                                                    where=where)[0])  # fmt: skip
+    want = NP_SORTED[loss_type]([f64(x) for x in (pc, pr, rc, rr)], beta, e)
+    np.testing.assert_allclose(np.sort(fn(pc, pr, rc, rr)), np.sort(want), rtol=1e-5, atol=1e-6)
+    # Two padding rows with wild values: the real rows' losses sum as if the padding were not there.
+    where = jnp.array([1, 1, 0, 1, 1, 1, 0, 1])
+    padded = [x.at[2].set(1e3).at[6].set(-1e3) for x in (pc, pr, rc, rr)]
+    real = np.flatnonzero(where)
+    got = fn(*padded, where=where)
+    want = NP_SORTED[loss_type]([f64(x)[real] for x in (pc, pr, rc, rr)], beta, e)
+    np.testing.assert_allclose(float(jnp.sum(got * where)), want.sum(), rtol=1e-5)
+    assert float(got[2]) == float(got[6]) == 0.0
+    grads = jax.grad(lambda p: jnp.sum(fn(p, *padded[1:], where=where)))(padded[0])
+    assert bool(jnp.all(jnp.isfinite(grads))) and float(grads[2]) == float(grads[6]) == 0.0
+
+
+def test_exo_pair_needs_a_positive_epsilon_and_discopop_hand_value():
+    pc, pr, rc, rr = logps()
+    with pytest.raises(ValueError, match=r"exo_pair needs label_smoothing > 0"):
+        L.dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type="exo_pair")
+    zero = jnp.zeros(1)  # z = 0: w = 1/2, loss = (log 2 + 1) / 2
+    got = L.dpo_loss(zero, zero, zero, zero, beta=0.1, loss_type="discopop")[0]
+    np.testing.assert_allclose(got, [(np.log(2) + 1) / 2], rtol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
@@ -58,7 +123,7 @@ def test_registry_has_every_documented_type():
 def test_dpo_loss_matches_numpy(loss_type, dtype):
     pc, pr, rc, rr = logps(dtype)
     beta = 0.1
-    smoothing = 0.1 if loss_type in ("sigmoid", "robust") else 0.0
+    smoothing = smoothing_for(loss_type)
     loss_fn = jax.jit(lambda *a: L.dpo_loss(*a, beta=beta, loss_type=loss_type, label_smoothing=smoothing))
     losses, chosen_rewards, rejected_rewards = loss_fn(pc, pr, rc, rr)
     c, r = f64(pc) - f64(rc), f64(pr) - f64(rr)
@@ -79,12 +144,13 @@ def test_dpo_hand_values():
     np.testing.assert_allclose(L.dpo_loss(one, zero, zero, zero, beta=2.0, loss_type="ipo")[0], [0.5625])
 
 
-@pytest.mark.parametrize("loss_type", sorted(NP_DPO))
+@pytest.mark.parametrize("loss_type", sorted(set(NP_DPO) | set(NP_SORTED)))
 def test_reference_free_equals_zero_reference(loss_type):
     pc, pr, _, _ = logps()
     zeros = jnp.zeros(B)
-    free = L.dpo_loss(pc, pr, None, None, beta=0.1, loss_type=loss_type)
-    zero_ref = L.dpo_loss(pc, pr, zeros, zeros, beta=0.1, loss_type=loss_type)
+    kw = dict(beta=0.1, loss_type=loss_type, label_smoothing=smoothing_for(loss_type))
+    free = L.dpo_loss(pc, pr, None, None, **kw)
+    zero_ref = L.dpo_loss(pc, pr, zeros, zeros, **kw)
     for a, b in zip(free, zero_ref, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6)
 
@@ -97,10 +163,9 @@ def test_rewards_carry_no_gradient_and_loss_gradient_is_finite():
         return jnp.sum(chosen + rejected)
 
     assert bool(jnp.all(jax.grad(rewards_sum)(pc) == 0))
-    for loss_type in NP_DPO:
-        grads = jax.grad(
-            lambda p, t=loss_type: jnp.mean(L.dpo_loss(p, pr, rc, rr, beta=0.1, loss_type=t)[0])
-        )(pc)
+    for loss_type in L.DPO_LOSSES:
+        kw = dict(beta=0.1, loss_type=loss_type, label_smoothing=smoothing_for(loss_type))
+        grads = jax.grad(lambda p, kw=kw: jnp.mean(L.dpo_loss(p, pr, rc, rr, **kw)[0]))(pc)
         assert bool(jnp.all(jnp.isfinite(grads))), loss_type
 
 
@@ -108,8 +173,9 @@ def test_dpo_gradients_match_finite_differences():
     with jax.enable_x64(True):
         pc, pr, rc, rr = (jnp.asarray(-RNG.uniform(1.0, 5.0, size=4)) for _ in range(4))
         # bco_pair's batch-mean delta is stop-gradient'ed by design, so finite differences disagree with it.
-        for loss_type in sorted(set(NP_DPO) - {"bco_pair"}):
-            loss_fn = lambda a, b, t=loss_type: L.dpo_loss(a, b, rc, rr, beta=0.3, loss_type=t)[0]
+        for loss_type in sorted(set(L.DPO_LOSSES) - {"bco_pair"}):
+            kw = dict(beta=0.3, loss_type=loss_type, label_smoothing=smoothing_for(loss_type))
+            loss_fn = lambda a, b, kw=kw: L.dpo_loss(a, b, rc, rr, **kw)[0]
             check_grads(loss_fn, (pc, pr), 1, ["rev"], eps=1e-6)
 
 
@@ -171,7 +237,10 @@ def test_simpo_and_orpo_gradients_match_finite_differences():
 
 def test_errors_name_the_problem():
     pc, pr, rc, rr = logps()
-    with pytest.raises(ValueError, match=r"unknown DPO loss_type 'kto'; valid: apo_down, apo_zero, bco_pair"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown DPO loss_type 'kto'; valid: aot, aot_pair, aot_unpaired, apo_down, apo_zero",
+    ):
         L.dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type="kto")
     with pytest.raises(ValueError, match=r"label_smoothing=0.1 has no effect for loss_type 'ipo'"):
         L.dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type="ipo", label_smoothing=0.1)

@@ -19,8 +19,9 @@ def f64(x):
     return np.asarray(jnp.asarray(x).astype(jnp.float32), dtype=np.float64)
 
 
-def np_group_advantages(rewards, group_size, scale, baseline, eps=1e-4):
-    """Per group with Python loops: NaN rewards are missing; stats over the valid ones (population std)."""
+def np_group_advantages(rewards, group_size, scale, baseline, eps=1e-4, ddof=0):
+    """Per group with Python loops: NaN rewards are missing; stats over the valid ones (population std, or
+    the sample std with ddof=1)."""
     rewards = f64(rewards)
     valid_all = rewards[~np.isnan(rewards)]
     out = np.zeros_like(rewards)
@@ -38,7 +39,7 @@ def np_group_advantages(rewards, group_size, scale, baseline, eps=1e-4):
                 base = valid_all.mean()
             else:
                 base = 0.0
-            std = {"group": valid.std(), "batch": valid_all.std(), "none": None}[scale]
+            std = {"group": valid.std(ddof=ddof), "batch": valid_all.std(ddof=ddof), "none": None}[scale]
             out[start + i] = (r - base) if std is None else (r - base) / (std + eps)
     return out
 
@@ -57,6 +58,20 @@ def test_group_advantages_match_numpy(dtype):
         assert bool(jnp.all(got[4:8] == 0)) and float(got[1]) == 0.0
 
 
+def test_sample_std_matches_numpy_and_trl_factor():
+    rewards = RNG.normal(size=B)
+    for scale in ("group", "batch"):
+        got = L.group_advantages(jnp.asarray(rewards), G, scale=scale, std="sample")
+        want = np_group_advantages(rewards, G, scale, "group_mean", ddof=1)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # Without eps the two stds differ by sqrt(G / (G - 1)) exactly: 1.155 at G = 4.
+    pop = L.group_advantages(jnp.asarray(rewards), G, eps=0.0)
+    sample = L.group_advantages(jnp.asarray(rewards), G, eps=0.0, std="sample")
+    np.testing.assert_allclose(pop / sample, np.sqrt(G / (G - 1)), rtol=1e-5)
+    with pytest.raises(ValueError, match=r"unknown std 'n'; valid: population, sample"):
+        L.group_advantages(jnp.asarray(rewards), G, std="n")
+
+
 def test_group_advantages_hand_values():
     rewards = jnp.array([1.0, 0.0, 1.0, 1.0])
     np.testing.assert_allclose(L.group_advantages(rewards, 2, eps=0.0), [1.0, -1.0, 0.0, 0.0])
@@ -67,7 +82,8 @@ def test_group_advantages_hand_values():
 
 
 def np_grpo_loss(logps, old, ref, adv, mask, *, el, eh, beta, kl, aggregation, level, max_len, n_tok, n_seq):
-    """The GRPO objective spelled out per token in NumPy (DeepSeekMath eq. 3 and its variants)."""
+    """The GRPO objective spelled out per token in NumPy (DeepSeekMath eq. 3 and its variants; CISPO and
+    SAPO from TRL's formulas, which follow their papers)."""
     lp, old, mask = f64(logps), f64(old), np.asarray(mask, np.float64)
     adv = np.broadcast_to(np.asarray(adv, np.float64)[:, None], lp.shape) if np.ndim(adv) == 1 else adv
     log_ratio = lp - old
@@ -76,17 +92,26 @@ def np_grpo_loss(logps, old, ref, adv, mask, *, el, eh, beta, kl, aggregation, l
         log_ratio = np.broadcast_to(per_seq[:, None], lp.shape)
     ratio = np.exp(log_ratio)
     loss = -np.minimum(ratio * adv, np.clip(ratio, 1 - el, 1 + eh) * adv)
+    if aggregation == "cispo":  # MiniMax-M1 eq. 4 with TRL's cap: the weight min(rho, eps_high), detached
+        loss = -np.minimum(ratio, eh) * adv * lp
+    if aggregation == "sapo":  # arXiv 2511.20347: soft gate, tau 1.0 for A > 0 and 1.05 otherwise
+        tau = np.where(adv > 0, 1.0, 1.05)
+        loss = -sig(tau * (ratio - 1)) * 4 / tau * adv
     if ref is not None:
         rp = f64(ref)
         kl_t = {"k1": lp - rp, "k2": 0.5 * (lp - rp) ** 2, "k3": np.exp(rp - lp) - 1 - (rp - lp)}[kl]
         loss = loss + beta * kl_t
     loss = loss * mask
-    if aggregation == "grpo":
+    if aggregation in ("grpo", "sapo"):
         rows = mask.sum(-1) > 0
         return (loss.sum(-1)[rows] / mask.sum(-1)[rows]).sum() / n_seq
     if aggregation == "dr_grpo":
-        return loss.sum() / (n_seq * max_len)
+        return loss.sum() / (len(mask) * max_len)  # every row counts, an empty one too (Dr. GRPO, TRL)
     return loss.sum() / n_tok
+
+
+def sig(x):
+    return 1.0 / (1.0 + np.exp(-x))
 
 
 def make_batch(dtype=jnp.float32):
@@ -102,7 +127,7 @@ def make_batch(dtype=jnp.float32):
 
 AGGREGATIONS = sorted(L.AGGREGATIONS)
 # "bnpo" and "dapo" share one normaliser here (see grpo_loss), so the invariance tests run one of them.
-DISTINCT_AGGREGATIONS = ["dapo", "dr_grpo", "grpo"]
+DISTINCT_AGGREGATIONS = ["dapo", "dr_grpo", "grpo", "cispo", "sapo"]
 
 
 def test_bnpo_and_dapo_are_the_same_normaliser():
@@ -113,6 +138,7 @@ def test_bnpo_and_dapo_are_the_same_normaliser():
 NUMPY_CASES = [
     (agg, level, 0.04, "k3", jnp.float32) for agg in AGGREGATIONS for level in ("token", "sequence")
 ]
+NUMPY_CASES += [("cispo", "token", 0.0, "k3", jnp.float32), ("sapo", "token", 0.0, "k3", jnp.bfloat16)]
 NUMPY_CASES += [
     ("grpo", "token", 0.0, "k3", jnp.float32),
     ("dapo", "token", 0.1, "k1", jnp.float32),
@@ -125,13 +151,14 @@ NUMPY_CASES += [
 @pytest.mark.parametrize(("aggregation", "level", "beta", "kl", "dtype"), NUMPY_CASES)
 def test_grpo_loss_matches_numpy(aggregation, level, beta, kl, dtype):
     logps, old, ref, adv, mask = make_batch(dtype)
-    kwargs = dict(clip_eps_low=0.2, clip_eps_high=0.28, beta=beta, kl_estimator=kl, aggregation=aggregation)
+    eh = 1.3 if aggregation == "cispo" else 0.28  # CISPO's eps_high caps the ratio itself (TRL: eps_max)
+    kwargs = dict(clip_eps_low=0.2, clip_eps_high=eh, beta=beta, kl_estimator=kl, aggregation=aggregation)
     fn = jax.jit(lambda *a: L.grpo_loss(*a, importance_level=level, max_completion_length=8, **kwargs))
     loss, metrics = fn(logps, old, ref, adv, mask)
     m = np.asarray(mask)
     n_tok, n_seq = m.sum(), (m.sum(-1) > 0).sum()
     want = np_grpo_loss(
-        logps, old, ref, adv, mask, el=0.2, eh=0.28, beta=beta, kl=kl, aggregation=aggregation, level=level,
+        logps, old, ref, adv, mask, el=0.2, eh=eh, beta=beta, kl=kl, aggregation=aggregation, level=level,
         max_len=8, n_tok=n_tok, n_seq=n_seq,
     )  # fmt: skip
     np.testing.assert_allclose(loss, want, rtol=1e-5, atol=1e-6)
@@ -158,7 +185,14 @@ def test_grpo_metrics():
 
 @pytest.mark.parametrize(
     ("aggregation", "level"),
-    [("grpo", "token"), ("grpo", "sequence"), ("dapo", "token"), ("dr_grpo", "sequence")],
+    [
+        ("grpo", "token"),
+        ("grpo", "sequence"),
+        ("dapo", "token"),
+        ("dr_grpo", "sequence"),
+        ("cispo", "token"),
+        ("sapo", "token"),
+    ],
 )
 def test_micro_batches_with_global_counts_equal_full_batch(aggregation, level):
     logps, old, ref, adv, mask = make_batch()
@@ -172,7 +206,7 @@ def test_micro_batches_with_global_counts_equal_full_batch(aggregation, level):
         return L.grpo_loss(lp, old, ref, adv, mask, **kwargs)[0]
 
     def accumulated(lp):  # uneven micro-batches, one holding the empty row
-        counts = dict(num_tokens=num_tokens, num_sequences=num_sequences, max_completion_length=T)
+        counts = dict(num_tokens=num_tokens, num_sequences=num_sequences, num_rows=B, max_completion_length=T)
         return sum(micro(lp, rows, **counts) for rows in (slice(0, 5), slice(5, 7), slice(7, B)))
 
     @jax.jit
@@ -184,7 +218,7 @@ def test_micro_batches_with_global_counts_equal_full_batch(aggregation, level):
     (full_loss, full_grad), (acc_loss, acc_grad), local = run(logps)
     np.testing.assert_allclose(acc_loss, full_loss, rtol=1e-5)
     np.testing.assert_allclose(acc_grad, full_grad, rtol=1e-5, atol=1e-8)
-    assert abs(float(local) - float(full_loss)) > 1e-3
+    assert not np.isclose(float(local), float(full_loss), rtol=1e-2, atol=0)
 
 
 def test_gspo_equals_token_grpo_when_ratios_are_one():
@@ -229,12 +263,14 @@ def test_masking_equals_dropping(aggregation, level):
     kwargs = dict(clip_eps_low=0.2, beta=0.04, aggregation=aggregation, importance_level=level)
     kwargs["max_completion_length"] = T
     loss = jax.jit(lambda *a: L.grpo_loss(*a, **kwargs)[0])
-    # A fully masked row is the same as a row left out.
+    # A fully masked row is the same as a row left out; for dr_grpo it still counts in the constant
+    # normaliser num_rows * max_completion_length (Dr. GRPO's point: a constant), hence (B - 1) / B.
     masked = mask.at[2].set(0)
     rows = np.array([i for i in range(B) if i != 2])
+    factor = (B - 1) / B if aggregation == "dr_grpo" else 1.0
     np.testing.assert_allclose(
         loss(logps, old, ref, adv, masked),
-        loss(logps[rows], old[rows], ref[rows], adv[rows], mask[rows]),
+        factor * loss(logps[rows], old[rows], ref[rows], adv[rows], mask[rows]),
         rtol=1e-6,
     )
     # Masked trailing positions are the same as a shorter sequence (garbage there is never read).
@@ -277,7 +313,8 @@ def test_gradients_match_finite_differences():
         ref = logps + jnp.asarray(RNG.normal(size=(4, 3)) * 0.3)
         adv = jnp.asarray(RNG.normal(size=4))
         mask = jnp.array([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]])
-        for aggregation, level in [("grpo", "token"), ("dapo", "token"), ("dr_grpo", "sequence")]:
+        cases = [("grpo", "token"), ("dapo", "token"), ("dr_grpo", "sequence"), ("sapo", "token")]
+        for aggregation, level in cases:
 
             def loss(lp, aggregation=aggregation, level=level):
                 return L.grpo_loss(
@@ -292,7 +329,7 @@ def test_errors_name_the_problem():
     logps, old, ref, adv, mask = make_batch()
     kwargs = dict(clip_eps_low=0.2, beta=0.0)
     with pytest.raises(
-        ValueError, match=r"unknown GRPO aggregation 'mean'; valid: bnpo, dapo, dr_grpo, grpo"
+        ValueError, match=r"unknown GRPO aggregation 'mean'; valid: bnpo, cispo, dapo, dr_grpo, grpo, sapo"
     ):
         L.grpo_loss(logps, old, ref, adv, mask, aggregation="mean", **kwargs)
     with pytest.raises(
@@ -317,3 +354,23 @@ def test_errors_name_the_problem():
         L.group_advantages(adv, 5)
     with pytest.raises(ValueError, match=r"group_advantages: rewards must be \[num_prompts \* group_size\]"):
         L.group_advantages(jnp.zeros((3, 4)), 4)
+
+
+def test_cispo_gradient_is_the_detached_weight_times_advantage():
+    """CISPO keeps every token's REINFORCE gradient, scaled by the clipped, detached weight: d loss /
+    d logp_t = -min(rho_t, eps_max) A / num_tokens, even where PPO's clip would zero it."""
+    logps = jnp.log(jnp.array([[2.0, 0.5, 1.0]]))  # old log-probs 0: ratios 2, 0.5, 1
+    adv = jnp.array([1.0])
+    grad = jax.grad(
+        lambda lp: L.grpo_loss(lp, jnp.zeros((1, 3)), None, adv, None, clip_eps_low=0.2, clip_eps_high=1.5,
+                               beta=0.0, aggregation="cispo")[0]
+    )(logps)  # fmt: skip
+    np.testing.assert_allclose(grad, [[-1.5 / 3, -0.5 / 3, -1.0 / 3]], rtol=1e-6)
+
+
+def test_sapo_gradient_at_ratio_one_equals_the_unclipped_one():
+    logps, _, _, adv, mask = make_batch()
+    kwargs = dict(clip_eps_low=0.2, beta=0.0)
+    sapo = jax.grad(lambda lp: L.grpo_loss(lp, None, None, adv, mask, aggregation="sapo", **kwargs)[0])(logps)
+    grpo = jax.grad(lambda lp: L.grpo_loss(lp, None, None, adv, mask, aggregation="grpo", **kwargs)[0])(logps)
+    np.testing.assert_allclose(sapo, grpo, rtol=1e-5, atol=1e-7)

@@ -144,8 +144,12 @@ def test_logger_writes_jsonl_means_and_eval(tmp_path):
 
 def test_schedule_warms_up_then_decays():
     sched = make_schedule("cosine", lr=1.0, warmup_steps=10, total_steps=100, min_lr_ratio=0.1)
-    assert float(sched(0)) == 0.0
+    # Update count 0 is step 1: warm-up starts above zero (lr / warmup), as optax/TRL users expect.
+    assert [float(sched(c)) for c in (0, 1, 9)] == pytest.approx([0.1, 0.2, 1.0])
     assert float(sched(10)) == pytest.approx(1.0)
+    constant = make_schedule("constant", lr=2.0, warmup_steps=4, total_steps=100)
+    assert [float(constant(c)) for c in range(6)] == pytest.approx([0.5, 1.0, 1.5, 2.0, 2.0, 2.0])
+    assert float(make_schedule("linear", lr=1.0, warmup_steps=0, total_steps=10)(0)) == 1.0
     assert float(sched(100)) == pytest.approx(0.1)
     with pytest.raises(ValueError, match="unknown schedule 'nope'"):
         make_schedule("nope", lr=1.0, warmup_steps=0, total_steps=1)

@@ -140,8 +140,10 @@ def test_grad_accumulation_equals_full_batch_through_the_runner(assets, tmp_path
     for name, micro in (("full", "null"), ("accum", "4")):
         cfg = _config(assets, "sft", tmp_path / name, "train.steps=2", f"train.micro_batch_size={micro}")
         finals.append(param_arrays(run_offline(cfg, progress=False).state))
+    # Since warm-up trains at step 1 (lr / warmup_steps, not 0) both steps update: Adam turns last-bit
+    # differences of near-zero gradients (summed in another order) into differences of ~lr / 1000.
     for a, b in zip(*finals, strict=True):
-        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-5)
 
 
 def test_sharded_run_equals_single_device_run(assets, tmp_path):

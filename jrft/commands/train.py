@@ -1,4 +1,4 @@
-"""``jrft sft|reward|dpo|grpo|ppo CONFIG [key=value ...]``: train one objective from a YAML config."""
+"""``jrft sft|reward|dpo|kto|grpo|ppo CONFIG [key=value ...]``: train one objective from a YAML config."""
 
 from __future__ import annotations
 
@@ -29,6 +29,11 @@ def _parser(objective: str) -> argparse.ArgumentParser:
         help="resume even if the model, tokenizer, data or objective differ from the checkpoint's",
     )
     parser.add_argument("--debug", action="store_true", help="show the traceback of user-facing errors")
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (YAML, jrft's names for TRL's aliases) and exit",
+    )
     return parser
 
 
@@ -61,6 +66,8 @@ def run(objective: str, argv: list[str]) -> int:
     from jrft.parallel.distributed import initialize_distributed
 
     args = _parser(objective).parse_intermixed_args(argv)  # flags before, between or after the overrides
+    if args.print_config:
+        return _print_config(objective, args)
     initialize_distributed()  # multi-host: joins the other processes (TPU VM, SLURM, JRFT_* env); else no-op
     try:
         config = load_config(args.config, [*args.overrides, f"objective={objective}"])
@@ -79,6 +86,18 @@ def run(objective: str, argv: list[str]) -> int:
     return 0
 
 
+def _print_config(objective: str, args) -> int:
+    from jrft.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config, [*args.overrides, f"objective={objective}"])
+    except ConfigError as e:
+        print(f"jrft {objective}: {e}", file=sys.stderr)
+        return 2
+    print(config.to_yaml(), end="")
+    return 0
+
+
 def sft(argv: list[str]) -> int:
     return run("sft", argv)
 
@@ -89,6 +108,10 @@ def reward(argv: list[str]) -> int:
 
 def dpo(argv: list[str]) -> int:
     return run("dpo", argv)
+
+
+def kto(argv: list[str]) -> int:
+    return run("kto", argv)
 
 
 def grpo(argv: list[str]) -> int:

@@ -232,10 +232,21 @@ def collate_prompt(
     }
 
 
+def collate_unpaired(
+    examples: Sequence[dict], units: Sequence[Sequence[int]], length: int, pad_id: int
+) -> dict:
+    """KTO batches: the preference layout (``chosen_*`` = completion, ``rejected_*`` = its KL pair) plus
+    ``label`` ``[B]`` float32 (1 desirable, 0 undesirable or an evaluation filler row)."""
+    out = collate_preference(examples, units, length, pad_id)
+    out["label"] = np.asarray([float(examples[u[0]]["label"]) if u else 0.0 for u in units], np.float32)
+    return out
+
+
 # batch kind -> (unit length, collate)
 BATCH_KINDS: dict[str, tuple[Callable, Callable]] = {
     "sft": (sft_unit_length, collate_sft),
     "preference": (preference_unit_length, collate_preference),
+    "unpaired": (preference_unit_length, collate_unpaired),
     "ranking": (ranking_unit_length, collate_ranking),
     "prompt": (prompt_unit_length, collate_prompt),
 }

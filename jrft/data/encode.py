@@ -19,6 +19,10 @@ Examples (numpy, unpadded):
 * ``ranking`` (ranked rows with ``ranked_as="lists"``): ``{"items_tokens": [K arrays], "items_loss_mask":
   [K arrays], "ranking": [K] best first, "group": row, "max_items": K of the largest row in the dataset}``.
 * ``prompt``: ``{"prompt_tokens": [T] int32, "prompt": str | messages, "columns": {extra columns}}``
+* ``unpaired`` (KTO): the ``preference`` layout, ``chosen_*`` = the row's own completion, ``rejected_*`` = the
+  same prompt with the previous row's completion (the mismatched pair of KTO's KL estimate, TRL's shift by
+  one), plus ``"label"`` (True = desirable).
+* ``text`` rows become ``sft`` examples: ``[bos] + tokens(text) + [eos]``, every token a target.
 
 Over-long rows (``overlong``): ``truncate`` keeps the end of a prompt and the start of a completion,
 ``drop`` skips the row (counted in :class:`EncodeStats`), ``fail`` raises a :class:`DataError` naming the row,
@@ -35,7 +39,7 @@ import numpy as np
 
 from jrft.data.chat import encode_chat, encode_chat_prompt
 from jrft.data.errors import DataError
-from jrft.data.formats import FORMATS
+from jrft.data.formats import FORMATS, split_implicit_prompt
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,7 @@ class _Ctx:
     row: int = 0
     truncated: bool = False
     cache: dict[str, list[int]] = field(default_factory=dict)  # text -> ids, filled in batches
+    previous: Mapping | None = None  # the row before (the last row for row 0): KTO's mismatched KL pairs
     specials: tuple[list[int], list[int]] = ([], [])  # ([bos], [eos]) of the tokenizer, when it has them
 
     def over(self, field: str, length: int, limit: int, limit_name: str) -> None:
@@ -265,17 +270,50 @@ def _encode_prompt_only(ctx: _Ctx, row: Mapping) -> list[dict]:
     return [{"prompt_tokens": tokens, "prompt": prompt, "columns": columns}]
 
 
+def _encode_text(ctx: _Ctx, row: Mapping) -> list[dict]:
+    ids = ctx.bos() + ctx.text_ids(row["text"]) + ctx.eos()
+    tokens = np.asarray(ids, dtype=np.int32)
+    return [_finish_sft(ctx, tokens, np.ones(len(tokens), np.int8), "text")]
+
+
+def _encode_implicit_preference(ctx: _Ctx, row: Mapping) -> list[dict]:
+    prompt, chosen, rejected = split_implicit_prompt(row["chosen"], row["rejected"])
+    return [_pair(ctx, row, prompt, chosen, rejected)]
+
+
+def _encode_unpaired(ctx: _Ctx, row: Mapping) -> list[dict]:
+    """KTO: the row's completion on the ``chosen_*`` side, and on the ``rejected_*`` side a mismatched one
+    (this prompt with the previous row's completion, TRL's shift) for the KL estimate; plus ``label``."""
+    other = ctx.previous["completion"]
+    if isinstance(other, list) != isinstance(row["prompt"], list):
+        kinds = ("a string", "a conversation")
+        raise DataError(
+            ctx.source,
+            "unpaired rows must be all strings or all conversations: the KL term pairs this prompt "
+            f"({kinds[isinstance(row['prompt'], list)]}) with the previous row's completion "
+            f"({kinds[isinstance(other, list)]})",
+            row=ctx.row,
+            field="completion",
+        )
+    example = _pair(ctx, row, row["prompt"], row["completion"], other, ("completion", "completion (KL pair)"))
+    example["label"] = bool(row["label"])
+    return [example]
+
+
 ENCODERS: dict[str, Callable[[_Ctx, Mapping], list[dict]]] = {
     "prompt_completion": _encode_prompt_completion,
     "messages": _encode_messages,
     "preference": _encode_preference,
     "ranked": _encode_ranked,
     "prompt_only": _encode_prompt_only,
+    "text": _encode_text,
+    "implicit_preference": _encode_implicit_preference,
+    "unpaired": _encode_unpaired,
 }
 assert set(ENCODERS) == set(FORMATS)
 
 
-_TEXT_FIELDS = ("prompt", "completion", "chosen", "rejected", "completions")
+_TEXT_FIELDS = ("prompt", "completion", "chosen", "rejected", "completions", "text")
 
 
 def _pretokenize(tokenizer, rows: Sequence[Mapping], chunk: int = 1024) -> dict[str, list[int]]:
@@ -315,7 +353,9 @@ def encode_rows(
     examples: list[dict] = []
     cache, specials = _pretokenize(tokenizer, rows), _specials(tokenizer)
     for i, row in enumerate(rows):
-        ctx = _Ctx(tokenizer, opts, source, stats, row=i, cache=cache, specials=specials)
+        ctx = _Ctx(
+            tokenizer, opts, source, stats, row=i, cache=cache, specials=specials, previous=rows[i - 1]
+        )
         try:
             out = encoder(ctx, row)
         except _Dropped:

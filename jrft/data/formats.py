@@ -10,7 +10,15 @@ messages             ``messages``: [{"role", "content"}, ...] (loss on assistant
 preference           ``prompt``, ``chosen``, ``rejected`` (str or messages)       ``preference``
 ranked               ``prompt``, ``completions``: [str], ``ranking``: [int]       ``preference``
 prompt_only          ``prompt`` (+ any extra columns, passed to reward functions)  ``prompt``
+text                 ``text``: str (language modelling, loss on every token)      ``sft``
+implicit_preference  ``chosen``, ``rejected``: the prompt is their shared start    ``preference``
+unpaired             ``prompt``, ``completion``, ``label``: bool (KTO)            ``unpaired``
 ===================  ==========================================================  ==============
+
+``implicit_preference`` rows (TRL's "implicit prompt"): conversations whose shared leading messages are the
+prompt (:func:`split_implicit_prompt`); plain strings split at their longest common prefix, backed off to a
+space as TRL's ``extract_prompt`` does. ``unpaired`` rows are KTO's: one completion with a desirable
+(``true``) or undesirable (``false``) label.
 
 ``messages`` is a list of ``{"role": "system"|"user"|"assistant"|"tool", "content": str}``. In ``ranked``
 rows, ``ranking`` lists the indices of ``completions`` from best to worst (a permutation of 0..K-1); each row
@@ -129,6 +137,44 @@ def _check_prompt_only(c: _RowChecker) -> None:
     c.text_or_messages("prompt", need_assistant=False)
 
 
+def _check_text(c: _RowChecker) -> None:
+    c.text("text")
+
+
+def split_implicit_prompt(chosen, rejected) -> tuple[Any, Any, Any]:
+    """``(prompt, chosen_rest, rejected_rest)`` of an implicit-prompt preference row: the longest shared
+    start of the two conversations (whole messages) or strings (characters, backed off to before a
+    trailing space, as TRL's ``extract_prompt``)."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if isinstance(chosen, str) and 0 < n < len(chosen) and chosen[n - 1] == " ":
+        n -= 1
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def _check_implicit_preference(c: _RowChecker) -> None:
+    chosen = c.text_or_messages("chosen", need_assistant=False)
+    rejected = c.text_or_messages("rejected", need_assistant=False)
+    if isinstance(chosen, list) != isinstance(rejected, list):
+        c.fail("rejected", "chosen and rejected must both be strings or both be lists of messages")
+    prompt, chosen_rest, rejected_rest = split_implicit_prompt(chosen, rejected)
+    if not prompt or (isinstance(prompt, str) and not prompt.strip()):
+        c.fail("chosen", "chosen and rejected share no start: no implicit prompt (add a 'prompt' column)")
+    for field, rest in (("chosen", chosen_rest), ("rejected", rejected_rest)):
+        if not rest or (isinstance(rest, str) and not rest.strip()):
+            c.fail(field, "nothing after the shared prompt (chosen and rejected must differ at their end)")
+        if isinstance(rest, list) and not any(m["role"] == "assistant" for m in rest):
+            c.fail(field, "no assistant message after the shared prompt (nothing to compare)")
+
+
+def _check_unpaired(c: _RowChecker) -> None:
+    _check_prompt_completion(c)
+    label = c.get("label")
+    if not isinstance(label, bool):
+        c.fail("label", f"expected true (desirable) or false (undesirable), got {label!r}")
+
+
 @dataclass(frozen=True)
 class Format:
     """A row format: the columns that identify it, its validator and the batch kind it produces."""
@@ -136,7 +182,7 @@ class Format:
     name: str
     columns: frozenset[str]
     check: Callable[[_RowChecker], None]
-    batch_kind: str  # "sft" | "preference" | "prompt"
+    batch_kind: str  # "sft" | "preference" | "prompt" | "unpaired"
 
 
 FORMATS: dict[str, Format] = {
@@ -145,8 +191,16 @@ FORMATS: dict[str, Format] = {
         Format("messages", frozenset({"messages"}), _check_messages, "sft"),
         Format("preference", frozenset({"prompt", "chosen", "rejected"}), _check_preference, "preference"),
         Format("ranked", frozenset({"prompt", "completions", "ranking"}), _check_ranked, "preference"),
+        Format("unpaired", frozenset({"prompt", "completion", "label"}), _check_unpaired, "unpaired"),
         Format("prompt_completion", frozenset({"prompt", "completion"}), _check_prompt_completion, "sft"),
         Format("prompt_only", frozenset({"prompt"}), _check_prompt_only, "prompt"),
+        Format(
+            "implicit_preference",
+            frozenset({"chosen", "rejected"}),
+            _check_implicit_preference,
+            "preference",
+        ),
+        Format("text", frozenset({"text"}), _check_text, "sft"),
     )
 }
 

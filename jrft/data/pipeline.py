@@ -29,6 +29,7 @@ OBJECTIVE_KINDS = {
     "sft": "sft",
     "reward": "preference",
     "dpo": "preference",
+    "kto": "unpaired",
     "grpo": "prompt",
     "ppo": "prompt",
 }

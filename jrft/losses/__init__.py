@@ -1,4 +1,4 @@
-"""jrft.losses: pure loss functions for SFT, reward models, DPO, PPO and GRPO, usable from any JAX code.
+"""jrft.losses: pure loss functions for SFT, reward models, DPO, KTO, PPO and GRPO, usable from any JAX code.
 
 Every function takes arrays (any float dtype; math in float32), keyword hyperparameters, and returns
 per-example values (plus a mask where that fits) or ``(loss, metrics)``; all are jit-able and hold no state.
@@ -26,6 +26,8 @@ from jrft.losses.grpo import BASELINES as BASELINES
 from jrft.losses.grpo import IMPORTANCE_LEVELS as IMPORTANCE_LEVELS
 from jrft.losses.grpo import group_advantages as group_advantages
 from jrft.losses.grpo import grpo_loss as grpo_loss
+from jrft.losses.kto import kto_kl_estimate as kto_kl_estimate
+from jrft.losses.kto import kto_loss as kto_loss
 from jrft.losses.ppo import clipped_objective as clipped_objective
 from jrft.losses.ppo import clipped_policy_loss as clipped_policy_loss
 from jrft.losses.ppo import clipped_value_loss as clipped_value_loss

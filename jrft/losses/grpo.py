@@ -13,6 +13,8 @@ sequences, ``T`` completion tokens. Variants are named entries of four registrie
 | RLOO (Ahmadian et al. 2024, arXiv 2402.14740) | rloo | none | token | grpo |
 | REINFORCE++ (Hu 2025, arXiv 2501.03262) | batch_mean | batch | token | dapo |
 | REINFORCE++-baseline | group_mean | batch | token | dapo |
+| CISPO (MiniMax-M1, arXiv 2506.13585) | group_mean | group | token | cispo |
+| SAPO (arXiv 2511.20347) | group_mean | group | token | sapo |
 """
 
 import jax
@@ -62,24 +64,29 @@ def _no_baseline(rewards, valid):
     return jnp.zeros_like(rewards)
 
 
-def _std(rewards, valid, axis):
-    count = jnp.maximum(_count(valid, axis), 1.0)
-    mean = jnp.sum(rewards, axis=axis, keepdims=True) / count
-    var = jnp.sum(jnp.where(valid, jnp.square(rewards - mean), 0.0), axis=axis, keepdims=True) / count
-    return jnp.sqrt(var)
+# Degrees of freedom subtracted from the count in the std's denominator: the population std (n, jrft's
+# default: a group's scaled advantages then have unit RMS whatever G) or the sample std (n - 1, TRL's).
+STD_KINDS = {"population": 0.0, "sample": 1.0}
 
 
-def _group_std(rewards, valid, eps):
-    """Population std of the group's rewards, plus eps (GRPO)."""
-    return jnp.broadcast_to(_std(rewards, valid, -1) + eps, rewards.shape)
+def _std(rewards, valid, axis, ddof):
+    count = _count(valid, axis)
+    mean = jnp.sum(rewards, axis=axis, keepdims=True) / jnp.maximum(count, 1.0)
+    squares = jnp.sum(jnp.where(valid, jnp.square(rewards - mean), 0.0), axis=axis, keepdims=True)
+    return jnp.sqrt(squares / jnp.maximum(count - ddof, 1.0))
 
 
-def _batch_std(rewards, valid, eps):
-    """Population std of all rewards of the batch, plus eps (REINFORCE++)."""
-    return jnp.broadcast_to(_std(rewards, valid, None) + eps, rewards.shape)
+def _group_std(rewards, valid, eps, ddof):
+    """Std of the group's rewards, plus eps (GRPO)."""
+    return jnp.broadcast_to(_std(rewards, valid, -1, ddof) + eps, rewards.shape)
 
 
-def _no_scale(rewards, valid, eps):
+def _batch_std(rewards, valid, eps, ddof):
+    """Std of all rewards of the batch, plus eps (REINFORCE++)."""
+    return jnp.broadcast_to(_std(rewards, valid, None, ddof) + eps, rewards.shape)
+
+
+def _no_scale(rewards, valid, eps, ddof):
     """No division (divisor 1): Dr. GRPO removes the std normalisation as a difficulty bias."""
     return jnp.ones_like(rewards)
 
@@ -90,12 +97,18 @@ BASELINES = {
     "batch_mean": _batch_mean,
     "none": _no_baseline,
 }
-# A scale returns the divisor of the centred rewards, given (rewards, valid, eps).
+# A scale returns the divisor of the centred rewards, given (rewards, valid, eps, ddof).
 ADVANTAGE_SCALES = {"group": _group_std, "batch": _batch_std, "none": _no_scale}
 
 
 def group_advantages(
-    rewards, group_size: int, *, scale: str = "group", baseline: str = "group_mean", eps=1e-4
+    rewards,
+    group_size: int,
+    *,
+    scale: str = "group",
+    baseline: str = "group_mean",
+    eps=1e-4,
+    std: str = "population",
 ):
     """Group-relative advantages, one per completion: ``A_i = (r_i - b_i) / (s_i + eps)``.
 
@@ -103,8 +116,10 @@ def group_advantages(
     ``scale="group"``: ``A_i = (r_i - mean(r_group)) / (std(r_group) + eps)``. ``scale="none"`` divides by
     nothing (Dr. GRPO, arXiv 2503.20783); ``baseline="rloo"`` uses the mean of the other completions (RLOO,
     arXiv 2402.14740); ``baseline="batch_mean"`` with ``scale="batch"`` is REINFORCE++ (arXiv 2501.03262).
-    Stds are population stds over the valid rewards. A NaN reward (e.g. a failed reward function) is left
-    out of every statistic and gets advantage 0, so a group whose rewards are all NaN gets all zeros.
+    Stds are over the valid rewards: population stds (divide by n) by default, sample stds (n - 1, TRL's
+    ``nanstd``) with ``std="sample"``; they differ by ``sqrt(G / (G - 1))`` (1.155 at G = 4). A NaN reward
+    (e.g. a failed reward function) is left out of every statistic and gets advantage 0, so a group whose
+    rewards are all NaN gets all zeros.
 
     Args:
       rewards: ``[P * G]`` scalar rewards, the G completions of each prompt contiguous.
@@ -112,12 +127,14 @@ def group_advantages(
       scale: a key of :data:`ADVANTAGE_SCALES`: "group", "batch" or "none".
       baseline: a key of :data:`BASELINES`: "group_mean", "rloo", "batch_mean" or "none".
       eps: added to the std.
+      std: a key of :data:`STD_KINDS`: "population" or "sample".
 
     Returns:
       ``[P * G]`` float32 advantages.
     """
     scale_fn = lookup(ADVANTAGE_SCALES, scale, "advantage scale")
     baseline_fn = lookup(BASELINES, baseline, "advantage baseline")
+    ddof = lookup(STD_KINDS, std, "std")
     rewards = replicate_if_explicit(as_float(rewards))
     check_rank("group_advantages", "rewards", rewards, 1, "[num_prompts * group_size]")
     if group_size < 1 or rewards.shape[0] % group_size:
@@ -129,7 +146,7 @@ def group_advantages(
     valid = ~jnp.isnan(grouped)
     grouped = jnp.where(valid, grouped, 0.0)
     advantages = grouped - baseline_fn(grouped, valid)
-    divisor = scale_fn(grouped, valid, eps)
+    divisor = scale_fn(grouped, valid, eps, ddof)
     # eps = 0 with a tied group would give 0 / 0: a group with no spread has no signal, so 0.
     advantages = advantages / jnp.where(divisor > 0, divisor, 1.0)
     return jnp.where(valid, advantages, 0.0).reshape(-1)  # [P * G]
@@ -166,22 +183,23 @@ IMPORTANCE_LEVELS = {
 # Each maps per-token losses [B, T] (0 where masked) to the scalar loss, given the batch normalisers.
 
 
-def _aggregate_grpo(losses, keep, *, num_tokens, num_sequences, max_completion_length):
+def _aggregate_grpo(losses, keep, *, num_tokens, num_sequences, num_rows, max_completion_length):
     """Mean over each sequence's tokens, then over sequences (DeepSeekMath, arXiv 2402.03300, eq. 3)."""
     per_sequence = jnp.sum(losses, -1) / jnp.maximum(jnp.sum(keep, -1), 1)
     return jnp.sum(per_sequence) / jnp.maximum(num_sequences, 1.0)
 
 
-def _aggregate_tokens(losses, keep, *, num_tokens, num_sequences, max_completion_length):
+def _aggregate_tokens(losses, keep, *, num_tokens, num_sequences, num_rows, max_completion_length):
     """Sum over all tokens of the batch divided by the number of tokens (DAPO's token-level loss,
     arXiv 2503.14476, eq. 8; "bnpo" is the same normaliser)."""
     return jnp.sum(losses) / jnp.maximum(num_tokens, 1.0)
 
 
-def _aggregate_dr_grpo(losses, keep, *, num_tokens, num_sequences, max_completion_length):
-    """Sum over all tokens divided by a constant, ``num_sequences * max_completion_length`` (Dr. GRPO,
-    arXiv 2503.20783, sec. 3.2): no length bias."""
-    return jnp.sum(losses) / (jnp.maximum(num_sequences, 1.0) * max_completion_length)
+def _aggregate_dr_grpo(losses, keep, *, num_tokens, num_sequences, num_rows, max_completion_length):
+    """Sum over all tokens divided by a constant, ``num_rows * max_completion_length`` (Dr. GRPO,
+    arXiv 2503.20783, sec. 3.2): no length bias. Every row counts, a fully masked one too (a constant
+    normaliser is the point)."""
+    return jnp.sum(losses) / (jnp.maximum(num_rows, 1.0) * max_completion_length)
 
 
 AGGREGATIONS = {
@@ -189,7 +207,46 @@ AGGREGATIONS = {
     "bnpo": _aggregate_tokens,
     "dr_grpo": _aggregate_dr_grpo,
     "dapo": _aggregate_tokens,
+    "cispo": _aggregate_tokens,  # as TRL: CISPO's token-level mean (MiniMax-M1, arXiv 2506.13585, eq. 4)
+    "sapo": _aggregate_grpo,  # as TRL: SAPO's per-sequence mean (arXiv 2511.20347)
 }
+
+# ------------------------------------------------------------------------------------------ per-token terms
+# Each maps (logps [B, T], log_ratio [B, T], advantages [B, T], keep [B, T]) and its hyperparameters to
+# (per-token losses, clipped-low flags, clipped-high flags). The clipped surrogate serves grpo, bnpo,
+# dr_grpo and dapo; cispo and sapo replace it.
+
+
+def _clipped_term(logps, log_ratio, advantages, keep, *, clip_eps_low, clip_eps_high, **_):
+    """PPO's clipped surrogate ``-min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A)``."""
+    losses, low, high, _ = clipped_objective(
+        log_ratio, advantages, keep, clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high
+    )
+    return losses, low, high
+
+
+def _cispo_term(logps, log_ratio, advantages, keep, *, clip_eps_high, **_):
+    """CISPO (MiniMax-M1, arXiv 2506.13585, eq. 4): ``-sg(min(rho, eps_max)) A log pi(y_t)``: the
+    importance weight is clipped and detached, every token keeps its REINFORCE gradient. ``eps_max`` is
+    ``clip_eps_high`` itself (TRL's and ScaleRL's convention, arXiv 2510.13786, recommended 5.0), not
+    ``1 + clip_eps_high``."""
+    ratio = jnp.exp(log_ratio)
+    weight = jax.lax.stop_gradient(jnp.minimum(ratio, clip_eps_high))
+    high = ((ratio > clip_eps_high) & keep).astype(jnp.float32)
+    return jnp.where(keep, -weight * advantages * logps, 0.0), jnp.zeros_like(high), high
+
+
+def _sapo_term(logps, log_ratio, advantages, keep, *, sapo_temperature_pos, sapo_temperature_neg, **_):
+    """SAPO (Soft Adaptive Policy Optimization, arXiv 2511.20347): a soft gate instead of the hard clip,
+    ``-sigmoid(tau (rho - 1)) * 4 / tau * A`` with ``tau = tau_pos`` where ``A > 0`` else ``tau_neg``; its
+    gradient equals the unclipped one at ``rho = 1`` and fades smoothly away from it."""
+    tau = jnp.where(advantages > 0, sapo_temperature_pos, sapo_temperature_neg)
+    gate = jax.nn.sigmoid(tau * (jnp.exp(log_ratio) - 1.0)) * 4.0 / tau
+    none = jnp.zeros(keep.shape, jnp.float32)
+    return jnp.where(keep, -gate * advantages, 0.0), none, none
+
+
+POLICY_TERMS = {"cispo": _cispo_term, "sapo": _sapo_term}  # every other aggregation: _clipped_term
 
 
 def grpo_loss(
@@ -208,6 +265,9 @@ def grpo_loss(
     max_completion_length: int | None = None,
     num_tokens=None,
     num_sequences=None,
+    num_rows=None,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
 ):
     """Clipped, KL-regularised group-relative policy loss (GRPO, DeepSeekMath arXiv 2402.03300, eq. 3).
 
@@ -215,8 +275,10 @@ def grpo_loss(
     ``rho_t = pi(y_t) / pi_old(y_t)`` (``importance_level="token"``) or GSPO's length-normalised sequence
     ratio (``"sequence"``, arXiv 2507.18071), and ``KL_t`` the named estimator of KL(pi || pi_ref) (k3 in the
     paper). ``aggregation`` reduces the ``l_t``: "grpo" (mean per sequence, then over sequences), "bnpo" and
-    "dapo" (mean over all tokens, arXiv 2503.14476), "dr_grpo" (sum / (num_sequences * max_completion_length),
-    arXiv 2503.20783).
+    "dapo" (mean over all tokens, arXiv 2503.14476), "dr_grpo" (sum / (num_rows * max_completion_length),
+    arXiv 2503.20783). Two more replace the clipped term too, as TRL's ``loss_type`` does: "cispo"
+    (``-sg(min(rho_t, clip_eps_high)) A log pi(y_t)``, token mean; MiniMax-M1, arXiv 2506.13585) and "sapo"
+    (``-sigmoid(tau (rho_t - 1)) 4 / tau A``, per-sequence mean; arXiv 2511.20347).
 
     Micro-batching contract: compute ``num_tokens, num_sequences = batch_counts(full_batch_mask)`` once and
     pass them to each micro-batch's call; the sum of the micro-batch losses (and of their gradients) then
@@ -238,6 +300,9 @@ def grpo_loss(
       max_completion_length: the constant of "dr_grpo"; None means T.
       num_tokens: global count of unmasked tokens (see the contract above).
       num_sequences: global count of rows with any unmasked token.
+      num_rows: global count of rows, fully masked ones included ("dr_grpo"'s constant); None: this call's.
+      sapo_temperature_pos: SAPO's tau where the advantage is positive (TRL's default 1.0).
+      sapo_temperature_neg: SAPO's tau elsewhere (TRL's default 1.05).
 
     Returns:
       ``(loss, metrics)``: the scalar float32 loss, and masked means over this call's tokens:
@@ -259,8 +324,16 @@ def grpo_loss(
     clip_eps_high = clip_eps_low if clip_eps_high is None else clip_eps_high
 
     log_ratio = to_ratio(logps - old_logps, keep)
-    losses, low, high, _ = clipped_objective(
-        log_ratio, advantages, keep, clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high
+    term = POLICY_TERMS.get(aggregation, _clipped_term)
+    losses, low, high = term(
+        logps,
+        log_ratio,
+        advantages,
+        keep,
+        clip_eps_low=clip_eps_low,
+        clip_eps_high=clip_eps_high,
+        sapo_temperature_pos=sapo_temperature_pos,
+        sapo_temperature_neg=sapo_temperature_neg,
     )
     kl = jnp.zeros_like(losses)
     if ref_logps is not None:
@@ -275,6 +348,7 @@ def grpo_loss(
         keep,
         num_tokens=local_tokens if num_tokens is None else as_float(num_tokens),
         num_sequences=local_sequences if num_sequences is None else as_float(num_sequences),
+        num_rows=float(keep.shape[0]) if num_rows is None else as_float(num_rows),
         max_completion_length=keep.shape[1] if max_completion_length is None else max_completion_length,
     )
     metrics = {

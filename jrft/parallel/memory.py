@@ -57,7 +57,10 @@ class MemoryEstimate:
     def describe(self) -> str:
         gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
         parts = ", ".join(f"{f.name} {gib(getattr(self, f.name))}" for f in dataclasses.fields(self))
-        return f"estimated per-device memory: {gib(self.total)} ({parts})"
+        return (
+            f"estimated per-device memory: {gib(self.total)} of device buffers ({parts}); the host process"
+            " (Python, tokenizer, data, compiled code, and on CPU the runtime's copies) comes on top"
+        )
 
 
 def logits_activation_bytes(
@@ -160,6 +163,27 @@ def device_memory_in_use() -> int | None:
     if not stats:
         return None
     return int(stats.get("bytes_in_use", 0)) or None
+
+
+def measured_peak() -> tuple[str, int]:
+    """The run's measured peak so far: ``("device", bytes)`` from the first local device's
+    ``peak_bytes_in_use`` where the backend reports it (GPU, TPU), else ``("host RSS", bytes)``, the
+    process's peak resident set (CPU, where device buffers live in host memory)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if stats.get("peak_bytes_in_use"):
+        return "device", int(stats["peak_bytes_in_use"])
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return "host RSS", int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB on Linux
+
+
+def describe_measured_peak() -> str:
+    """One line for the end of a run: its measured peak memory (:func:`measured_peak`)."""
+    kind, value = measured_peak()
+    where = "per device" if kind == "device" else "of the whole process"
+    return f"measured peak memory: {value / 2**30:.2f} GiB {kind} ({where})"
 
 
 def actual_param_bytes_per_device(params) -> int:

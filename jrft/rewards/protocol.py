@@ -14,10 +14,16 @@ A reward function is any callable invoked with keyword arguments only::
 
 ``async def`` functions are awaited concurrently. A function that does not take ``**kwargs`` is given only
 the arguments it names, so ``def f(completions, answer): ...`` works too.
+
+TRL's extra keyword arguments are passed as well (:data:`HOOK_ARGUMENTS`): ``trainer_state``
+(:class:`TrainerState`: ``global_step``, ``epoch``, ``max_steps``), ``log_metric(name, value)`` (a scalar for
+this batch, averaged over the batch's calls and logged as ``name`` with the step's metrics) and
+``log_extra(column, values)`` (one value per completion, a column of the completions table).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import unicodedata
 from collections.abc import Callable, Mapping, Sequence
@@ -26,7 +32,27 @@ from typing import Any, Protocol
 Completion = str | list[dict[str, Any]]
 
 # The arguments the runner always supplies; everything else must come from a dataset column.
-STANDARD_ARGUMENTS = ("prompts", "completions", "completion_ids")
+HOOK_ARGUMENTS = ("trainer_state", "log_metric", "log_extra")
+STANDARD_ARGUMENTS = ("prompts", "completions", "completion_ids", *HOOK_ARGUMENTS)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerState:
+    """What TRL's reward functions read of ``transformers.TrainerState`` (passed as ``trainer_state``).
+
+    Attributes:
+      global_step: optimizer steps completed before this batch (0 during the first).
+      epoch: passes over the training prompts so far (a float, as in transformers).
+      max_steps: the run's ``train.steps``.
+    """
+
+    global_step: int = 0
+    epoch: float = 0.0
+    max_steps: int = 0
+
+    @property
+    def step(self) -> int:
+        return self.global_step
 
 
 class RewardFunction(Protocol):

@@ -42,13 +42,14 @@ import numpy as np
 from jrft.rewards.combine import COMBINERS
 from jrft.rewards.protocol import (
     RewardSignatureError,
+    TrainerState,
     check_signature,
     is_async,
     reward_name,
     select_arguments,
 )
 from jrft.rewards.registry import build_reward
-from jrft.rewards.workers import WorkerPool, function_payload
+from jrft.rewards.workers import LOG_HOOK, WorkerPool, function_payload
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,8 @@ class RewardResult:
         over applicable values), ``rewards/{mean,std,frac_nan}`` of the combined reward, and with a group size
         ``rewards/frac_zero_std_groups`` (groups whose combined rewards are all equal: no GRPO signal).
       errors: name -> one example error message for functions that failed in this batch.
+      extra: column -> ``[N]`` values the functions gave ``log_extra`` (a column for the completions table).
+        The means of what they gave ``log_metric`` are in ``metrics`` under the names they chose.
     """
 
     rewards: np.ndarray
@@ -79,6 +82,39 @@ class RewardResult:
     failures: dict[str, int]
     metrics: dict[str, float]
     errors: dict[str, str]
+    extra: dict[str, list] = dataclasses.field(default_factory=dict)
+
+
+class _Logs:
+    """What the functions of one batch hand to ``log_metric`` / ``log_extra`` (from threads: locked)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.metrics: dict[str, list[float]] = {}
+        self.extra: dict[str, list] = {}
+
+    def log_metric(self, name: str, value: float) -> None:
+        with self._lock:
+            self.metrics.setdefault(str(name), []).append(float(value))
+
+    def log_extra(self, column: str, values: Sequence[Any]) -> None:
+        with self._lock:
+            self.extra.setdefault(str(column), []).extend(list(values))
+
+    def merge(self, logs: Mapping[str, list]) -> None:
+        """Adds what a worker process's hooks collected."""
+        for name, value in logs.get("metrics", ()):
+            self.log_metric(name, value)
+        for column, values in logs.get("extra", ()):
+            self.log_extra(column, values)
+
+    def columns(self) -> dict[str, list]:
+        with self._lock:
+            return {column: list(values) for column, values in self.extra.items()}
+
+    def means(self) -> dict[str, float]:
+        with self._lock:
+            return {name: float(np.mean(values)) for name, values in self.metrics.items() if values}
 
 
 class _Outcome:
@@ -217,6 +253,12 @@ class RewardRunner:
             # not spent on start-up. A worker replaced after a kill starts in the background.
             self._pool.wait_ready(startup_timeout)
         self.abandoned_threads = 0
+        # Passed to every function as ``trainer_state`` (TRL's); the training loop updates it each step.
+        self.trainer_state = TrainerState()
+
+    def set_trainer_state(self, *, global_step: int, epoch: float = 0.0, max_steps: int = 0) -> None:
+        """What the next batches' ``trainer_state`` says (called by the trainer before each step)."""
+        self.trainer_state = TrainerState(int(global_step), float(epoch), int(max_steps))
 
     def _process_set(self, processes: bool | Collection[str]) -> set[str]:
         if processes is True:
@@ -286,7 +328,9 @@ class RewardRunner:
             return
         outcome.finish(values, seconds=time.monotonic() - start)
 
-    def _run_process(self, i: int, args: dict[str, Any], outcome: _Outcome, deadline: float) -> None:
+    def _run_process(
+        self, i: int, args: dict[str, Any], outcome: _Outcome, deadline: float, logs: _Logs
+    ) -> None:
         start = time.monotonic()
         try:
             name = self.names[i]
@@ -295,6 +339,8 @@ class RewardRunner:
             outcome.finish(error=f"{type(err).__name__}: {err}", seconds=time.monotonic() - start)
             return
         if status == "ok":
+            value, collected = value
+            logs.merge(collected)
             outcome.finish(value, seconds=time.monotonic() - start)
         else:
             outcome.finish(error=value[0], seconds=time.monotonic() - start)
@@ -318,7 +364,7 @@ class RewardRunner:
         asyncio.run(everything())
 
     def _launch(
-        self, kwargs: dict[str, Any], deadline: float
+        self, kwargs: dict[str, Any], deadline: float, logs: _Logs
     ) -> tuple[list[_Outcome], list[tuple[bool, Any]]]:
         """Start every function; returns the outcomes and ``(ends_by_itself, thread)`` pairs to join.
 
@@ -337,7 +383,9 @@ class RewardRunner:
                 outcomes[i].finish(error=f"{type(err).__name__}: {err}", seconds=0.0)
                 continue
             if name in self._in_process:
-                target, targs = self._run_process, (i, args, outcomes[i], deadline)
+                # the hooks cannot cross the pipe: the worker passes its own and returns what they got
+                args.update({k: LOG_HOOK for k in ("log_metric", "log_extra") if k in args})
+                target, targs = self._run_process, (i, args, outcomes[i], deadline, logs)
             elif is_async(fn):
                 async_jobs.append((i, args, outcomes[i]))
                 continue
@@ -368,8 +416,10 @@ class RewardRunner:
         }
         kwargs.update({k: list(v) if isinstance(v, np.ndarray) else v for k, v in columns.items()})
         n = self._check_batch(kwargs)
+        logs = _Logs()
+        kwargs.update(trainer_state=self.trainer_state, log_metric=logs.log_metric, log_extra=logs.log_extra)
         deadline = time.monotonic() + self.timeout
-        outcomes, threads = self._launch(kwargs, deadline)
+        outcomes, threads = self._launch(kwargs, deadline, logs)
         for ends_by_itself, thread in threads:
             grace = _GRACE_SECONDS if ends_by_itself else 0.0
             thread.join(max(0.0, deadline + grace - time.monotonic()))
@@ -385,9 +435,9 @@ class RewardRunner:
                 self.timeout,
                 self.abandoned_threads,
             )
-        return self._collect(outcomes, kwargs["completions"], n)
+        return self._collect(outcomes, kwargs["completions"], n, logs)
 
-    def _collect(self, outcomes: list[_Outcome], completions: list[Any], n: int) -> RewardResult:
+    def _collect(self, outcomes: list[_Outcome], completions: list[Any], n: int, logs: _Logs) -> RewardResult:
         per_function, failures, errors, metrics = {}, {}, {}, {}
         for name, outcome in zip(self.names, outcomes, strict=True):
             done, result, error, seconds = outcome.snapshot()
@@ -413,7 +463,16 @@ class RewardRunner:
                 warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN groups count as "no signal"
                 flat = ~(np.nanmax(grouped, axis=1) > np.nanmin(grouped, axis=1))
             metrics["rewards/frac_zero_std_groups"] = float(np.mean(flat))
-        return RewardResult(rewards, per_function, failures, metrics, errors)
+        # Snapshot of the hooks: a late call from an abandoned thread does not change this batch's result.
+        metrics.update(logs.means())
+        columns = logs.columns()
+        extra = {column: values for column, values in columns.items() if len(values) == n}
+        for column, values in columns.items():
+            if len(values) != n:
+                logger.warning(
+                    "log_extra column %r got %d values for %d completions: dropped", column, len(values), n
+                )
+        return RewardResult(rewards, per_function, failures, metrics, errors, extra)
 
     def _report(self, name: str, message: str, failed: int, n: int, completions: list[Any]) -> None:
         if self.fail_fast:

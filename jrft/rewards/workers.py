@@ -63,12 +63,23 @@ def _resolve(payload: bytes) -> Callable[..., Any]:
     return load_reward_function(value) if kind == "spec" else pickle.loads(value)
 
 
+# Stands for a logging hook (log_metric / log_extra) in a call sent to a worker: callables bound to the
+# parent cannot cross the pipe, so the worker passes its own and returns what they collected.
+LOG_HOOK = "<jrft log hook>"
+
+
 def _run_one(payload: bytes, kwargs: Mapping[str, Any]) -> tuple[str, Any]:
+    kwargs = dict(kwargs)
+    logs: dict[str, list] = {"metrics": [], "extra": []}
+    if kwargs.get("log_metric") == LOG_HOOK:
+        kwargs["log_metric"] = lambda name, value: logs["metrics"].append((str(name), float(value)))
+    if kwargs.get("log_extra") == LOG_HOOK:
+        kwargs["log_extra"] = lambda column, values: logs["extra"].append((str(column), list(values)))
     try:
         result = _resolve(payload)(**kwargs)
         if inspect.isawaitable(result):
             result = asyncio.run(_await(result))
-        return "ok", list(result) if not isinstance(result, list) else result
+        return "ok", (list(result) if not isinstance(result, list) else result, logs)
     except BaseException as err:  # report everything, the parent decides
         return "error", (f"{type(err).__name__}: {err}", traceback.format_exc())
 

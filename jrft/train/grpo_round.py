@@ -45,7 +45,7 @@ if TYPE_CHECKING:  # the engine takes the section's values; it never reads a con
     from jrft.config import GRPOConfig
 
 # One compiled program instead of a dozen eager ops per round.
-_group_advantages = jax.jit(group_advantages, static_argnames=("group_size", "scale", "baseline"))
+_group_advantages = jax.jit(group_advantages, static_argnames=("group_size", "scale", "baseline", "std"))
 
 
 def on_policy(config: GRPOConfig) -> bool:
@@ -69,6 +69,8 @@ def update_step(config: GRPOConfig, graphdef, optimizer, options: rounds.RoundOp
         importance_level=c.importance_level,
         max_completion_length=c.max_new_tokens,
         logits_chunk_size=options.logits_chunk_size,
+        sapo_temperature_pos=c.sapo_temperature_pos,
+        sapo_temperature_neg=c.sapo_temperature_neg,
     )
     step = make_train_step(graphdef, loss_fn, grpo.normalizers, optimizer, grad_accum=options.grad_accum)
     return jit_step(step, mesh=options.mesh, state_sharding=options.state_sharding)
@@ -210,6 +212,7 @@ class GRPORound:
                 group_size=c.num_generations,
                 scale=c.scale_rewards,
                 baseline=c.baseline,
+                std=c.reward_std,
             )
         )
         if jax.process_count() > 1:

@@ -11,30 +11,31 @@ from collections.abc import Callable
 import optax
 
 
+def _warmup(peak: float, warmup: int) -> optax.Schedule:
+    """Update ``count`` (0 = the first) of a linear warm-up: ``peak * (count + 1) / warmup``, so step 1 trains
+    at ``peak / warmup`` (not 0: a zero first step wastes a batch) and step ``warmup`` at ``peak``."""
+    return lambda count: peak * (count + 1) / warmup
+
+
+def _after_warmup(warm: optax.Schedule | None, rest: optax.Schedule, warmup: int) -> optax.Schedule:
+    if warmup <= 0:
+        return rest
+    return optax.join_schedules([warm, rest], [warmup])
+
+
 def _cosine(peak: float, warmup: int, total: int, min_ratio: float) -> optax.Schedule:
-    decay_steps = max(total, warmup + 1)
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=peak,
-        warmup_steps=warmup,
-        decay_steps=decay_steps,
-        end_value=peak * min_ratio,
-    )
+    decay = optax.cosine_decay_schedule(peak, max(total - warmup, 1), alpha=min_ratio)
+    return _after_warmup(_warmup(peak, warmup), decay, warmup)
 
 
 def _linear(peak: float, warmup: int, total: int, min_ratio: float) -> optax.Schedule:
-    warm = optax.linear_schedule(0.0, peak, max(warmup, 1))
     decay = optax.linear_schedule(peak, peak * min_ratio, max(total - warmup, 1))
-    return optax.join_schedules([warm, decay], [warmup])
+    return _after_warmup(_warmup(peak, warmup), decay, warmup)
 
 
 def _constant(peak: float, warmup: int, total: int, min_ratio: float) -> optax.Schedule:
     del total, min_ratio
-    if warmup <= 0:
-        return optax.constant_schedule(peak)
-    return optax.join_schedules(
-        [optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)], [warmup]
-    )
+    return _after_warmup(_warmup(peak, warmup), optax.constant_schedule(peak), warmup)
 
 
 SCHEDULES: dict[str, Callable[..., optax.Schedule]] = {
@@ -47,7 +48,9 @@ SCHEDULES: dict[str, Callable[..., optax.Schedule]] = {
 def make_schedule(
     name: str, *, lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0
 ) -> optax.Schedule:
-    """Learning-rate schedule: linear warm-up from 0 to ``lr`` over ``warmup_steps``, then ``name``.
+    """Learning-rate schedule of update ``count`` (0-based): linear warm-up
+    ``lr * (count + 1) / warmup_steps`` (above zero at the first step, ``lr`` at step ``warmup_steps``),
+    then ``name``.
 
     ``cosine`` and ``linear`` decay to ``lr * min_lr_ratio`` at ``total_steps``; ``constant`` stays at ``lr``.
     """

@@ -44,6 +44,7 @@ class Rollout:
       completions: ``[N]`` decoded completion strings; completion_ids: ``[N]`` lists of ints.
       rewards: ``[N]`` float64 combined rewards (NaN where no reward function applied), after scoring.
       reward_metrics: the runner's metrics (per-function means, failures, seconds...).
+      reward_extra: column -> ``[N]`` values the reward functions gave ``log_extra`` (completions table).
     """
 
     tokens: np.ndarray
@@ -59,6 +60,7 @@ class Rollout:
     rewards: np.ndarray | None = None
     per_function: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     reward_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    reward_extra: dict[str, list] = dataclasses.field(default_factory=dict)
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
@@ -88,6 +90,7 @@ class Rollout:
             completion_ids=take(self.completion_ids),
             rewards=None if self.rewards is None else self.rewards[idx],
             per_function={k: v[idx] for k, v in self.per_function.items()},
+            reward_extra={k: take(v) for k, v in self.reward_extra.items()},
         )
 
 
@@ -130,6 +133,12 @@ def concat_rollouts(parts: Sequence[Rollout]) -> Rollout:
         rewards=None if parts[0].rewards is None else np.concatenate([r.rewards for r in parts]),
         per_function={k: np.concatenate([r.per_function[k] for r in parts]) for k in names},
         reward_metrics=parts[-1].reward_metrics,
+        # log_extra columns that every part has (a function may log only for some batches)
+        reward_extra={
+            k: [v for r in parts for v in r.reward_extra[k]]
+            for k in parts[0].reward_extra
+            if all(k in r.reward_extra for r in parts)
+        },
     )
 
 
@@ -219,6 +228,7 @@ def score_rollout(rollout: Rollout, runner) -> Rollout:
     rollout.rewards = np.asarray(result.rewards, np.float64)
     rollout.per_function = dict(result.per_function)
     rollout.reward_metrics = dict(result.metrics)
+    rollout.reward_extra = dict(getattr(result, "extra", {}))
     rollout.seconds["rewards"] = time.perf_counter() - t0
     return rollout
 
@@ -254,6 +264,20 @@ def group_has_signal(rewards: np.ndarray, group_size: int) -> np.ndarray:
     return high > low  # NaN rewards (no function applied) are ignored; an all-NaN group has no signal
 
 
+def _json_value(x: Any) -> Any:
+    """A ``log_extra`` value as JSON: numbers, strings, bools, None and lists of them as they are, NaN as
+    null, anything else as its ``str``."""
+    if isinstance(x, float | np.floating):
+        return None if np.isnan(x) else float(x)
+    if isinstance(x, np.generic):
+        return x.item()
+    if x is None or isinstance(x, str | bool | int):
+        return x
+    if isinstance(x, list | tuple):
+        return [_json_value(v) for v in x]
+    return str(x)
+
+
 def append_completions(
     path: str,
     rollout: Rollout,
@@ -279,4 +303,5 @@ def append_completions(
         for i in range(min(rollout.num_rows, max_rows)):
             row = {"round": round_index, "prompt": rollout.prompts[i], "completion": rollout.completions[i]}
             row.update({k: value(np.asarray(v, np.float64)[i]) for k, v in columns.items()})
+            row.update({k: _json_value(v[i]) for k, v in rollout.reward_extra.items()})
             f.write(json.dumps(row) + "\n")

@@ -24,8 +24,8 @@ def _dpo_family(out, batch, hp):
     """A loss of ``jrft.losses.DPO_LOSSES`` against the reference's log-probs."""
     policy = (out["chosen_logps"], out["rejected_logps"])
     reference = (batch["ref_chosen_logps"], batch["ref_rejected_logps"])
-    kw = {k: hp[k] for k in ("beta", "loss_type", "label_smoothing")}
-    return dpo_loss(*policy, *reference, **kw)
+    kw = {k: hp[k] for k in ("beta", "loss_type", "label_smoothing", "discopop_tau")}
+    return dpo_loss(*policy, *reference, **kw, where=valid_rows(batch))  # sorting losses skip padding
 
 
 def _simpo(out, batch, hp):
@@ -67,6 +67,7 @@ def make_loss_fn(
     orpo_lambda: float = 0.1,
     sft_weight: float = 0.0,
     logits_chunk_size: int = 0,
+    discopop_tau: float = 0.05,
 ):
     """Pairwise preference loss ``loss_type`` (DPO family, ``simpo`` or ``orpo``), plus ``sft_weight`` x the
     chosen responses' per-token NLL (RPO, arXiv 2404.19733)."""
@@ -77,6 +78,7 @@ def make_loss_fn(
         label_smoothing=label_smoothing,
         simpo_gamma=simpo_gamma,
         orpo_lambda=orpo_lambda,
+        discopop_tau=discopop_tau,
     )
 
     def loss_fn(model, batch, norms, key):

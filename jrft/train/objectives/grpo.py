@@ -19,6 +19,7 @@ def normalizers(batch):
     return {
         "tokens": jnp.maximum(jnp.sum(mask), 1.0),
         "sequences": jnp.maximum(jnp.sum(jnp.any(mask > 0, axis=-1)), 1.0),
+        "rows": jnp.asarray(mask.shape[0], jnp.float32),  # dr_grpo's constant counts every row
     }
 
 
@@ -33,6 +34,8 @@ def make_loss_fn(
     importance_level: str,
     max_completion_length: int,
     logits_chunk_size: int = 0,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
 ):
     def loss_fn(model, batch, norms, key):
         del key
@@ -52,6 +55,9 @@ def make_loss_fn(
             max_completion_length=max_completion_length,
             num_tokens=norms["tokens"],
             num_sequences=norms["sequences"],
+            num_rows=norms["rows"],
+            sapo_temperature_pos=sapo_temperature_pos,
+            sapo_temperature_neg=sapo_temperature_neg,
         )
         share = metrics.pop("num_tokens") / norms["tokens"]  # token-weighted means add up over micro-batches
         return loss, {k: v * share for k, v in metrics.items()}

@@ -21,6 +21,7 @@ RUNNERS: dict[str, Callable[..., LoopResult]] = {
     "sft": run_offline,
     "reward": run_offline,
     "dpo": run_offline,
+    "kto": run_offline,
     "grpo": run_grpo,
     "ppo": run_ppo,
 }

@@ -11,6 +11,7 @@ import jax
 from flax import nnx
 
 from jrft.config import RunConfig
+from jrft.parallel.memory import describe_measured_peak
 from jrft.train.checkpoint import tree_all_finite
 from jrft.train.loop import LoopOptions, LoopResult, NonFiniteError, train_loop
 from jrft.train.metrics import MetricsLogger
@@ -42,7 +43,13 @@ def loop_and_export(
     config, t = run.config, run.config.train
     checkpointer = checkpointer_for(config)
     logger = MetricsLogger(
-        config.output_dir, total_steps=t.steps, progress=progress, bar_keys=bar_keys, desc=config.objective
+        config.output_dir,
+        total_steps=t.steps,
+        progress=progress,
+        bar_keys=bar_keys,
+        desc=config.objective,
+        report_to=config.report_sinks,
+        config=config.to_dict(),
     )
     if summary:
         logger.write(summary)
@@ -69,6 +76,7 @@ def loop_and_export(
                 final = export_model(result.state)
             path = save_pretrained(final, export_dir(config), run.tokenizer)
         logger.write(f"exported {config.objective} model to {path}")
+        logger.write(describe_measured_peak())
     finally:
         logger.close()
         checkpointer.close()

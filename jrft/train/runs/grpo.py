@@ -14,7 +14,14 @@ from jrft.config import RunConfig
 from jrft.train.grpo_round import GRPORound
 from jrft.train.loop import LoopResult
 from jrft.train.runs.export import loop_and_export
-from jrft.train.runs.setup import memory_summary, reward_runner_from_config, round_options, setup_run
+from jrft.train.runs.setup import (
+    memory_summary,
+    reward_runner_from_config,
+    rl_eval_fn,
+    round_options,
+    setup_run,
+    total_updates,
+)
 
 
 def run_grpo(config: RunConfig, *, progress: bool = True, runner=None, model_eval_fn=None) -> LoopResult:
@@ -29,7 +36,13 @@ def run_grpo(config: RunConfig, *, progress: bool = True, runner=None, model_eva
     c = config.grpo
     run = setup_run(config)
     if runner is None:
-        runner = reward_runner_from_config(c, group_size=c.num_generations, max_new_tokens=c.max_new_tokens)
+        runner = reward_runner_from_config(
+            c,
+            group_size=c.num_generations,
+            max_new_tokens=c.max_new_tokens,
+            mesh=run.mesh,
+            dtype=config.model.dtype,
+        )
     prompts = train_iterator_from_config(
         config, run.train_ds, process_index=jax.process_index(), process_count=jax.process_count()
     )
@@ -42,12 +55,25 @@ def run_grpo(config: RunConfig, *, progress: bool = True, runner=None, model_eva
     )
     round_fn = GRPORound(c, run.graphdef, run.state, run.tx, run.tokenizer, runner, prompts, options)
 
+    rows, per_round = max(len(run.train_ds), 1), total_updates(config) // config.train.steps
+
     def step_fn(state, batch):
+        done = int(state.step) // per_round  # TRL's trainer_state for the rewards: steps done, epochs so far
+        getattr(runner, "set_trainer_state", lambda **_: None)(
+            global_step=done, epoch=done * config.train.batch_size / rows, max_steps=config.train.steps
+        )
         state, metrics = round_fn(state, batch)
         return state, {**metrics, "lr": run.schedule(max(int(state.step) - 1, 0))}
 
+    held_out = rl_eval_fn(
+        config, run, c, run.graphdef, lambda s: (s.params, s.rest), num_generations=c.num_generations
+    )
+
     def eval_state(state):
-        return model_eval_fn(nnx.merge(run.graphdef, state.params, state.rest))
+        metrics = held_out(state) if held_out is not None else {}
+        if model_eval_fn is not None:
+            metrics.update(model_eval_fn(nnx.merge(run.graphdef, state.params, state.rest)))
+        return metrics
 
     memory = memory_summary(config, run.mesh, run.state)
     return loop_and_export(
@@ -55,7 +81,7 @@ def run_grpo(config: RunConfig, *, progress: bool = True, runner=None, model_eva
         step_fn,
         run.state,
         prompts,
-        eval_fn=None if model_eval_fn is None else eval_state,
+        eval_fn=None if model_eval_fn is None and held_out is None else eval_state,
         bar_keys=("rewards/mean", "kl_mean", "clip_frac", "completion_length"),
         progress=progress,
         summary=run.train_ds.summary() + "\n" + memory,

@@ -1,4 +1,4 @@
-"""``jrft sft | reward | dpo``: from a :class:`jrft.config.RunConfig` to a trained, exported model.
+"""``jrft sft | reward | dpo | kto``: from a :class:`jrft.config.RunConfig` to a trained, exported model.
 
 config -> :func:`~jrft.train.runs.setup.setup_run` (mesh, tokenizer, data, model, optimizer, placed state)
 -> the objective's :class:`~jrft.train.evaluation.Objective` -> jitted step -> shared loop (checkpoints,
@@ -7,6 +7,7 @@ resume, metrics, eval) -> ``save_pretrained`` export.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +21,7 @@ from jrft.models.lora import LoRAParam, adapters_only, zero_adapters
 from jrft.parallel.distributed import host_array
 from jrft.train.evaluation import Objective, make_eval_fn
 from jrft.train.loop import LoopResult
-from jrft.train.objectives import dpo, pairs, reward, sft
+from jrft.train.objectives import dpo, kto, pairs, reward, sft
 from jrft.train.placement import DeviceBatches, device_batch, on_mesh
 from jrft.train.reference import FrozenModel
 from jrft.train.runs.export import loop_and_export
@@ -39,6 +40,15 @@ def offline_loss(config: RunConfig) -> tuple[Callable, Callable]:
         if c.loss == "listwise":  # whole rankings [B, K, T], Plackett-Luce
             return reward.ranking_normalizers, reward.make_listwise_loss_fn(center_coef=c.center_coefficient)
         return pairs.normalizers, reward.make_loss_fn(center_coef=c.center_coefficient)
+    if config.objective == "kto":
+        k = config.kto
+        loss_fn = kto.make_loss_fn(
+            beta=k.beta,
+            desirable_weight=k.desirable_weight,
+            undesirable_weight=k.undesirable_weight,
+            logits_chunk_size=chunk,
+        )
+        return kto.normalizers, loss_fn
     c = config.dpo
     loss_fn = dpo.make_loss_fn(
         beta=c.beta,
@@ -48,6 +58,7 @@ def offline_loss(config: RunConfig) -> tuple[Callable, Callable]:
         orpo_lambda=c.orpo_lambda,
         sft_weight=c.sft_weight,
         logits_chunk_size=chunk,
+        discopop_tau=c.discopop_tau,
     )
     return pairs.normalizers, loss_fn
 
@@ -68,20 +79,52 @@ def _reward(config: RunConfig, graphdef, state) -> Objective:
 def _dpo(config: RunConfig, graphdef, state) -> Objective:
     c = config.dpo
     normalizers, loss_fn = offline_loss(config)
-    if c.reference_free or not dpo.needs_reference(c.loss_type):
+    return _against_reference(
+        config,
+        graphdef,
+        state,
+        normalizers,
+        loss_fn,
+        reference_free=c.reference_free or not dpo.needs_reference(c.loss_type),
+        precompute=c.precompute_ref_logps,
+        keys=("loss", "rewards/accuracies"),
+    )
+
+
+def _kto(config: RunConfig, graphdef, state) -> Objective:
+    normalizers, loss_fn = offline_loss(config)
+    objective = _against_reference(
+        config,
+        graphdef,
+        state,
+        normalizers,
+        loss_fn,
+        reference_free=False,
+        precompute=config.kto.precompute_ref_logps,
+        keys=("loss", "kl"),
+    )
+    return dataclasses.replace(objective, eval_weights=kto.EVAL_WEIGHTS)
+
+
+def _against_reference(
+    config: RunConfig, graphdef, state, normalizers, loss_fn, *, reference_free, precompute, keys
+) -> Objective:
+    """A pair-layout objective (DPO, KTO) whose batches get the reference's ``ref_chosen_logps`` /
+    ``ref_rejected_logps``: zeros (reference-free), precomputed once per dataset, from the base with the
+    adapters off (LoRA), or from a frozen copy of the starting policy."""
+    if reference_free:
         # No reference model in memory: DPO's reference-free case uses a uniform reference (log-probs 0).
 
         def prepare(batch):
             zeros = jnp.zeros(batch["chosen_tokens"].shape[:1], jnp.float32)
             return {**batch, "ref_chosen_logps": zeros, "ref_rejected_logps": zeros}
 
-    elif c.precompute_ref_logps:
+    elif precompute:
         # One pass of the reference (the starting parameters, before any step) over each dataset; the values
         # travel with the examples into every batch, so no reference parameters are kept after it.
         def attach(dataset, mesh):
             attach_reference_logps(dataset, graphdef, state.params, state.rest, mesh, config=config)
 
-        keys = ("loss", "rewards/accuracies")
         return Objective(normalizers, loss_fn, bar_keys=keys, attach=attach)
 
     elif adapters_only(state.params):
@@ -94,7 +137,7 @@ def _dpo(config: RunConfig, graphdef, state) -> Objective:
             _, adapters, rest = nnx.split(model, LoRAParam, ...)
             return loss_fn(model, {**batch, **reference(zero_adapters(adapters), rest, batch)}, norms, key)
 
-        return Objective(normalizers, loss_with_reference, bar_keys=("loss", "rewards/accuracies"))
+        return Objective(normalizers, loss_with_reference, bar_keys=keys)
 
     else:
         # The reference is the starting policy, frozen: a copy, since the train state's buffers are donated
@@ -105,10 +148,8 @@ def _dpo(config: RunConfig, graphdef, state) -> Objective:
         def prepare(batch):
             return {**batch, **frozen.call(reference, batch)}
 
-        return Objective(
-            normalizers, loss_fn, prepare, bar_keys=("loss", "rewards/accuracies"), frozen=frozen.params
-        )
-    return Objective(normalizers, loss_fn, prepare, bar_keys=("loss", "rewards/accuracies"))
+        return Objective(normalizers, loss_fn, prepare, bar_keys=keys, frozen=frozen.params)
+    return Objective(normalizers, loss_fn, prepare, bar_keys=keys)
 
 
 def attach_reference_logps(dataset, graphdef, params, rest, mesh, *, config: RunConfig) -> None:
@@ -145,6 +186,7 @@ OBJECTIVES: dict[str, Callable[[RunConfig, Any, Any], Objective]] = {
     "sft": _sft,
     "reward": _reward,
     "dpo": _dpo,
+    "kto": _kto,
 }
 
 

@@ -20,6 +20,7 @@ from jrft.train.runs.setup import (
     memory_summary,
     optimizer_from_config,
     reward_runner_from_config,
+    rl_eval_fn,
     round_options,
     setup_run,
     total_updates,
@@ -60,7 +61,11 @@ def run_ppo(config: RunConfig, *, progress: bool = True, runner=None) -> LoopRes
         # One completion per prompt: the rollout is one "group" for normalize_then_sum (multi-host: this
         # process's rows, the ones its runner scores).
         runner = reward_runner_from_config(
-            c, group_size=config.train.batch_size // jax.process_count(), max_new_tokens=c.max_new_tokens
+            c,
+            group_size=config.train.batch_size // jax.process_count(),
+            max_new_tokens=c.max_new_tokens,
+            mesh=mesh,
+            dtype=config.model.dtype,
         )
     prompts = train_iterator_from_config(
         config, run.train_ds, process_index=jax.process_index(), process_count=jax.process_count()
@@ -75,15 +80,26 @@ def run_ppo(config: RunConfig, *, progress: bool = True, runner=None) -> LoopRes
     graphdefs, optimizers = (run.graphdef, value_graphdef), (run.tx, value_tx)
     round_fn = PPORound(c, *graphdefs, state, optimizers, run.tokenizer, runner, reward_model, options)
 
+    rows, per_round = max(len(run.train_ds), 1), total_updates(config) // config.train.steps
+
     def step_fn(state, batch):
+        if runner is not None:  # TRL's trainer_state for the reward functions: steps done, epochs so far
+            done = int(state.policy.step) // per_round
+            getattr(runner, "set_trainer_state", lambda **_: None)(
+                global_step=done, epoch=done * config.train.batch_size / rows, max_steps=config.train.steps
+            )
         state, metrics = round_fn(state, batch)
         return state, {**metrics, "lr": run.schedule(max(int(state.policy.step) - 1, 0))}
 
+    held_out = rl_eval_fn(
+        config, run, c, run.graphdef, lambda s: (s.policy.params, s.policy.rest), num_generations=1
+    )
     return loop_and_export(
         run,
         step_fn,
         state,
         prompts,
+        eval_fn=held_out,
         bar_keys=("score/mean", "kl_mean", "clip_frac", "value_loss"),
         progress=progress,
         summary=run.train_ds.summary() + "\n" + memory_summary(config, mesh, run.state),

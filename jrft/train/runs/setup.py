@@ -124,10 +124,15 @@ def setup_run(
     return Run(config, mesh, tokenizer, train_ds, eval_ds, graphdef, state, shardings, tx, schedule)
 
 
-def reward_runner_from_config(section, *, group_size: int, max_new_tokens: int):
+def reward_runner_from_config(
+    section, *, group_size: int, max_new_tokens: int, mesh: Mesh | None = None, dtype: str = "float32"
+):
     """A ``RewardRunner`` for the ``grpo`` / ``ppo`` section's reward settings; DAPO's soft overlong penalty
-    is added as one more reward function when the section has ``overlong_buffer`` > 0."""
+    is added as one more reward function when the section has ``overlong_buffer`` > 0. Reward-model
+    entries are loaded onto ``mesh`` (in ``dtype``) and run in threads of the runner."""
     from jrft.rewards import RewardRunner
+    from jrft.rewards.registry import build_reward
+    from jrft.train.reward_model_fn import load_reward_model_function
 
     entries = [f.as_runner_spec() for f in section.reward_functions]
     buffer = getattr(section, "overlong_buffer", 0)
@@ -140,9 +145,63 @@ def reward_runner_from_config(section, *, group_size: int, max_new_tokens: int):
                 "cache_length": buffer,
             }
         )
-    return RewardRunner.from_config(
-        entries, timeout=section.reward_timeout_s, combine=section.reward_combine, group_size=group_size
+    options = dict(timeout=section.reward_timeout_s, combine=section.reward_combine, group_size=group_size)
+    if not any("reward_model" in e for e in entries):
+        return RewardRunner.from_config(entries, **options)
+    functions, weights, names, processes = [], [], [], []
+    for i, entry in enumerate(entries):
+        if "reward_model" in entry:
+            label = entry["label"] or "reward_model"
+            functions.append(
+                load_reward_model_function(entry["reward_model"], mesh=mesh, dtype=dtype, name=label)
+            )
+            weights.append(entry["weight"])
+            names.append(label)
+            continue
+        built = build_reward(entry, where=f"rewards[{i}]")
+        functions.append(built.function)
+        weights.append(built.weight)
+        names.append(built.label)
+        if built.process:
+            processes.append(built.label)
+    return RewardRunner(functions, weights=weights, names=names, processes=processes, **options)
+
+
+def rl_eval_fn(config: RunConfig, run, section, graphdef, params_of, *, num_generations: int):
+    """``state -> metrics`` evaluating the policy on ``data.eval`` (``jrft.train.rl_eval``) for GRPO / PPO,
+    or None without eval data. ``params_of(state) -> (params, rest)`` picks the policy out of the state."""
+    import jax
+    from flax import nnx
+
+    from jrft.data import eval_batches_from_config, pad_token_id
+    from jrft.train.rl_eval import evaluate_policy
+    from jrft.train.rollout import SamplingSettings
+
+    c = section
+    if run.eval_ds is None or not c.reward_functions:  # PPO with a reward model only: not built yet
+        return None
+    runner = reward_runner_from_config(
+        c, group_size=1, max_new_tokens=c.max_new_tokens, mesh=run.mesh, dtype=config.model.dtype
     )
+    sampling = SamplingSettings(
+        num_generations, c.max_new_tokens, c.temperature, c.top_k, c.top_p, pad_token_id(run.tokenizer)
+    )
+    where = dict(process_index=jax.process_index(), process_count=jax.process_count())
+
+    def evaluate(state):
+        params, rest = params_of(state)
+        return evaluate_policy(
+            nnx.merge(graphdef, params, rest),
+            eval_batches_from_config(config, run.eval_ds, **where),
+            run.tokenizer,
+            runner,
+            sampling=sampling,
+            rng=jax.random.key(config.seed + 7),
+            mesh=run.mesh,
+            pass_threshold=c.eval_pass_threshold,
+        )
+
+    return evaluate
 
 
 def round_options(
@@ -239,6 +298,8 @@ def holds_reference(config: RunConfig) -> bool:
     if config.objective == "dpo":
         d = config.dpo
         return not (d.reference_free or d.precompute_ref_logps or not dpo.needs_reference(d.loss_type))
+    if config.objective == "kto":
+        return not config.kto.precompute_ref_logps
     if config.objective == "grpo":
         return config.grpo.beta > 0
     if config.objective == "ppo":
@@ -266,7 +327,8 @@ def estimate_for(
 
     nbytes = lambda name: jnp.dtype(name).itemsize  # noqa: E731
     micro = config.train.micro_batch_size or rows
-    pairs = 2 if config.objective in ("dpo", "reward") else 1  # chosen and rejected in one forward
+    # chosen and rejected (KTO: the completion and its KL pair) in one forward
+    pairs = 2 if config.objective in ("dpo", "reward", "kto") else 1
     return estimate_memory(
         model_cfg,
         mesh_shape=tuple(mesh_shape),
