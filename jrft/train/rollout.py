@@ -44,6 +44,10 @@ class Rollout:
       completions: ``[N]`` decoded completion strings; completion_ids: ``[N]`` lists of ints.
       rewards: ``[N]`` float64 combined rewards (NaN where no reward function applied), after scoring.
       reward_metrics: the runner's metrics (per-function means, failures, seconds...).
+      turns: multi-turn rollouts only (``jrft.agentic``): ``[N]`` per-turn logs (model text, tool calls,
+        environment messages, step rewards), written to the completions table.
+      env_rewards: multi-turn rollouts only: ``[N]`` float64 environment rewards summed per trajectory (NaN:
+        none); agent_metrics: the rollout's turn and tool-call counts.
     """
 
     tokens: np.ndarray
@@ -60,6 +64,9 @@ class Rollout:
     per_function: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     reward_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    turns: list[list[dict]] | None = None
+    env_rewards: np.ndarray | None = None
+    agent_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def num_rows(self) -> int:
@@ -88,6 +95,8 @@ class Rollout:
             completion_ids=take(self.completion_ids),
             rewards=None if self.rewards is None else self.rewards[idx],
             per_function={k: v[idx] for k, v in self.per_function.items()},
+            turns=None if self.turns is None else take(self.turns),
+            env_rewards=None if self.env_rewards is None else self.env_rewards[idx],
         )
 
 
@@ -130,6 +139,9 @@ def concat_rollouts(parts: Sequence[Rollout]) -> Rollout:
         rewards=None if parts[0].rewards is None else np.concatenate([r.rewards for r in parts]),
         per_function={k: np.concatenate([r.per_function[k] for r in parts]) for k in names},
         reward_metrics=parts[-1].reward_metrics,
+        turns=None if parts[0].turns is None else [t for r in parts for t in r.turns],
+        env_rewards=None if parts[0].env_rewards is None else np.concatenate([r.env_rewards for r in parts]),
+        agent_metrics=parts[-1].agent_metrics,
     )
 
 
@@ -261,7 +273,9 @@ def append_completions(
 ) -> None:
     """Appends the first ``max_rows`` rows of a scored rollout to the JSONL table of sample completions:
     prompt, completion, combined reward, each reward function's value, and ``extra`` per-row columns
-    (e.g. PPO's reward-model score). NaN (no reward applied) is written as null."""
+    (e.g. PPO's reward-model score); a multi-turn rollout adds ``turns``, the trajectory turn by turn (model
+    text, tool calls, tool results / environment messages, step rewards). NaN (no reward applied) is written
+    as null."""
     import json
     import os
 
@@ -276,4 +290,6 @@ def append_completions(
         for i in range(min(rollout.num_rows, max_rows)):
             row = {"round": round_index, "prompt": rollout.prompts[i], "completion": rollout.completions[i]}
             row.update({k: value(np.asarray(v, np.float64)[i]) for k, v in columns.items()})
+            if rollout.turns is not None:
+                row["turns"] = rollout.turns[i]
             f.write(json.dumps(row) + "\n")
