@@ -220,8 +220,10 @@ def _env_runs(rollout, r):
     return runs + ([cur] if cur else [])
 
 
-def test_environment_trajectories_mask_env_tokens_and_match_teacher_forcing(task):
-    agent = AgentSettings(load_environment(f"{task['code']}:CountingGame"), max_turns=3)
+@pytest.mark.parametrize("kv_cache", [True, False], ids=["kv_cache", "reprefill"])
+def test_environment_trajectories_mask_env_tokens_and_match_teacher_forcing(task, kv_cache):
+    game = load_environment(f"{task['code']}:CountingGame")
+    agent = AgentSettings(game, max_turns=3, kv_cache=kv_cache)
     rollout = sample_multiturn(
         task["model"], _batch(), task["tokenizer"], _settings(task), agent, rng=jax.random.key(3)
     )
@@ -353,3 +355,35 @@ def test_grpo_run_with_an_environment_and_no_reward_function(task, tmp_path):
     rows = _metrics(out)
     assert len(rows) == 2 and all("rewards/environment/mean" in r for r in rows)
     assert all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_kv_session_rebuilds_when_out_of_slots_and_still_matches_teacher_forcing(task):
+    from jrft.sampling.session import Session
+
+    tok = task["tokenizer"]
+    session = Session(task["model"], 3, 64, stop_token_ids=(), rng=jax.random.key(1))  # no stop: full turns
+    sampled = [[] for _ in range(3)]  # (index in the sequence, log-prob) of every sampled token
+    chunks = [[1, 10, 11], [1, 12], [1, 13, 14, 15]]
+    for turn in range(4):
+        before = [len(s) + len(c) for s, c in zip(session.sequences, chunks, strict=True)]
+        out = session.turn(chunks, [True, turn != 1, True], [12, 12, 12])
+        for r in range(3):
+            for j in range(int(out.lengths[r])):
+                sampled[r].append((before[r] + j, float(out.logprobs[r, j])))
+        chunks = [[20 + turn, 21], [22], []]  # environment tokens for the next turn
+    assert session.rebuilds >= 1  # 64 slots cannot hold 4 turns of chunks + 12-token buckets
+    assert len(sampled[1]) == 3 * 12 and len(sampled[0]) == 4 * 12
+    width = max(len(s) for s in session.sequences)
+    tokens = np.full((3, width), tok.pad_token_id, np.int32)
+    attention = np.zeros((3, width), np.int32)
+    mask = np.zeros((3, width - 1), np.int32)
+    expected = np.zeros((3, width - 1), np.float32)
+    for r, seq in enumerate(session.sequences):
+        tokens[r, : len(seq)], attention[r, : len(seq)] = seq, 1
+        for index, logp in sampled[r]:
+            mask[r, index - 1], expected[r, index - 1] = 1, logp
+    graphdef, params, rest = split_model(task["model"])
+    forward = make_completion_forward(graphdef, temperature=1.0)
+    batch = {"tokens": tokens, "attention_mask": attention, "completion_mask": mask}
+    logps = np.asarray(forward(params, rest, {k: jax.numpy.asarray(v) for k, v in batch.items()})["logps"])
+    np.testing.assert_allclose(logps[mask > 0], expected[mask > 0], atol=2e-4)

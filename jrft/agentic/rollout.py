@@ -14,12 +14,14 @@ chat template's rendering of the environment's messages, taken as the text the t
 model's turn (so the template's own role markers and generation prompt appear where they would in a
 rendered conversation).
 
-How sampling continues between turns: each model turn is a call of the KV-cache sampler whose prompts are
-the trajectories so far (the first turn samples G completions per prompt from one prefill; later turns
-re-prefill each active row's whole sequence). Rows finish independently: a row stops at its EOS, then its
-environment answers or ends it; finished rows leave the batch (the batch of active rows is padded to a
-power of two, so few programs compile). Not built: continuing from the previous turn's KV cache (see the
-README).
+How sampling continues between turns (``AgentSettings.kv_cache``): by default one KV-cache session
+(``jrft.sampling.session``) serves the whole rollout: the first turn prefills the prompts, every later turn
+appends each active row's environment tokens as ONE prefill chunk against the cached conversation and
+samples on, never re-encoding it (the cache is rebuilt from the sequences only if its slots run out). With
+``kv_cache=False`` each turn calls ``generate`` with every active row's whole sequence as the prompt
+(re-prefill; the first turn samples G completions per prompt from one prefill, later batches are padded to
+a power of two rows). Either way rows finish independently (a row stops at its EOS or budget while the others
+go on; its environment answers once the turn's longest row is done) and finished rows sample nothing more.
 
 Limits per trajectory: ``max_turns`` model turns and ``max_new_tokens`` continuation tokens in all (model
 and environment tokens); a trajectory cut by the budget is ``truncated``.
@@ -37,7 +39,8 @@ import jax
 import numpy as np
 
 from jrft.agentic.environment import ToolEnvironment, run_tool_turns
-from jrft.sampling import bucket_length, generate
+from jrft.sampling import FINISH_STOP, bucket_length, generate
+from jrft.sampling.session import Session
 from jrft.train.rollout import Rollout, SamplingSettings
 
 
@@ -49,11 +52,14 @@ class AgentSettings:
       make_env: builds one environment per trajectory (``reset``/``step``, see ``jrft.agentic.environment``).
       max_turns: model turns per trajectory at most.
       tool_schemas: JSON schemas given to the chat template as ``tools=`` (None: no ``tools`` argument).
+      kv_cache: continue each turn from the previous turn's KV cache (``jrft.sampling.session``); False
+        re-prefills every active row's whole sequence with ``generate`` each turn.
     """
 
     make_env: Callable[[], Any]
     max_turns: int = 4
     tool_schemas: list[dict] | None = None
+    kv_cache: bool = True
 
 
 def render(tokenizer, messages: Sequence[Mapping], tools, *, add_generation_prompt: bool) -> str:
@@ -94,6 +100,7 @@ class _Trajectory:
     model: list[int] = dataclasses.field(default_factory=list)  # 1 on model tokens
     logps: list[float] = dataclasses.field(default_factory=list)
     turns: list[dict] = dataclasses.field(default_factory=list)  # the log, turn by turn
+    unsent: list[int] = dataclasses.field(default_factory=list)  # tokens the session's cache lacks
     reward: float = math.nan  # sum of the environment's rewards (NaN: none given)
     done: bool = False
     truncated: bool = False
@@ -119,8 +126,46 @@ def _left_pad(seqs: Sequence[Sequence[int]], rows: int, pad_id: int) -> tuple[np
     return tokens, mask
 
 
-def _model_turn(model, trajs, active, settings, tokenizer, rng, turn, mesh, g) -> None:
+def _model_turn(model, trajs, active, settings, tokenizer, rng, turn, mesh, g, session) -> None:
     """Samples one turn for the ``active`` trajectories and appends it (each row cut at its own budget)."""
+    budget = [settings.max_new_tokens - len(trajs[i].ids) for i in active]
+    if session is not None:
+        samples = _sample_session(session, trajs, active, budget)
+    else:
+        samples = _sample_reprefill(model, trajs, active, budget, settings, tokenizer, rng, turn, mesh, g)
+    for i, (ids, logps, stopped) in zip(active, samples, strict=True):
+        t = trajs[i]
+        t.ids += ids
+        t.model += [1] * len(ids)
+        t.logps += logps
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        t.conversation.append({"role": "assistant", "content": text})
+        t.turns.append({"turn": turn, "model": text})
+        if not stopped:  # the budget ran out mid-turn
+            t.done, t.truncated = True, True
+
+
+def _sample_session(session, trajs, active, budget) -> list[tuple[list[int], list[float], bool]]:
+    """The turn from the session's KV cache: each active row's unsent environment tokens are appended as
+    one prefill chunk, then it samples (``jrft.sampling.session``)."""
+    rows = len(trajs)
+    chunks, flags, budgets = [[] for _ in range(rows)], [False] * rows, [1] * rows
+    for i, b in zip(active, budget, strict=True):
+        chunks[i], flags[i], budgets[i] = trajs[i].unsent, True, b
+        trajs[i].unsent = []
+    out = session.turn(chunks, flags, budgets)
+    return [
+        (
+            out.tokens[i, : out.lengths[i]].tolist(),
+            out.logprobs[i, : out.lengths[i]].tolist(),
+            bool(out.stopped[i]),
+        )
+        for i in active
+    ]
+
+
+def _sample_reprefill(model, trajs, active, budget, settings, tokenizer, rng, turn, mesh, g):
+    """The turn from ``generate`` over each active row's whole sequence so far (re-prefilled)."""
     stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else ()
     common = dict(
         temperature=settings.temperature,
@@ -131,7 +176,6 @@ def _model_turn(model, trajs, active, settings, tokenizer, rng, turn, mesh, g) -
         mesh=mesh,
         pad_token_id=settings.pad_token_id,
     )
-    budget = [settings.max_new_tokens - len(trajs[i].ids) for i in active]
     if turn == 0:  # every prompt's G trajectories start alike: one prefill per prompt, G samples
         firsts = [trajs[i].prompt_ids for i in active[::g]]
         tokens, mask = _left_pad(firsts, len(firsts), settings.pad_token_id)
@@ -143,19 +187,12 @@ def _model_turn(model, trajs, active, settings, tokenizer, rng, turn, mesh, g) -
     toks, lps, lengths, reason = (
         np.asarray(jax.device_get(x)) for x in (out.tokens, out.logprobs, out.lengths, out.finish_reason)
     )
-    for r, i in enumerate(active):
-        t = trajs[i]
-        n = min(int(lengths[r]), budget[r])
-        ids = toks[r, :n].tolist()
-        stopped = n == int(lengths[r]) and int(reason[r]) == 0
-        t.ids += ids
-        t.model += [1] * n
-        t.logps += lps[r, :n].tolist()
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        t.conversation.append({"role": "assistant", "content": text})
-        t.turns.append({"turn": turn, "model": text})
-        if not stopped:  # the budget ran out mid-turn
-            t.done, t.truncated = True, True
+    samples = []
+    for r, b in enumerate(budget):
+        n = min(int(lengths[r]), b)
+        stopped = n == int(lengths[r]) and int(reason[r]) == FINISH_STOP
+        samples.append((toks[r, :n].tolist(), lps[r, :n].tolist(), stopped))
+    return samples
 
 
 def _environment_turn(trajs, active, tokenizer, tools, last_turn: bool, max_new_tokens: int) -> None:
@@ -192,6 +229,7 @@ def _environment_turn(trajs, active, tokenizer, tools, last_turn: bool, max_new_
             continue
         t.conversation += [dict(m) for m in messages]
         t.ids += extra
+        t.unsent += extra  # the KV-cache session appends these before the next turn
         t.model += [0] * len(extra)
         t.logps += [0.0] * len(extra)
 
@@ -232,17 +270,35 @@ def sample_multiturn(
         env = agent.make_env()
         messages = env.reset(row)
         text = render(tokenizer, messages, tools, add_generation_prompt=True)
-        trajs.append(_Trajectory(encode(tokenizer, text), [], messages, env))
+        ids = encode(tokenizer, text)
+        trajs.append(_Trajectory(ids, [], messages, env, unsent=list(ids)))
+    session = None
+    if agent.kv_cache:
+        longest = max(len(t.prompt_ids) for t in trajs)
+        session = Session(
+            model,
+            len(trajs),
+            longest + 2 * settings.max_new_tokens + 64,  # past it, the session rebuilds its cache
+            temperature=settings.temperature,
+            top_k=settings.top_k,
+            top_p=settings.top_p,
+            stop_token_ids=[tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else (),
+            pad_token_id=settings.pad_token_id,
+            rng=rng,
+            mesh=mesh,
+        )
     for turn in range(agent.max_turns):
         active = [i for i, t in enumerate(trajs) if not t.done]
         if not active:
             break
-        _model_turn(model, trajs, active, settings, tokenizer, rng, turn, mesh, g)
+        _model_turn(model, trajs, active, settings, tokenizer, rng, turn, mesh, g, session)
         last = turn == agent.max_turns - 1
         _environment_turn(trajs, active, tokenizer, tools, last, settings.max_new_tokens)
     rollout = _assemble(trajs, prompt_batch, settings)
     rollout.seconds = {"sample": time.perf_counter() - t0}
     rollout.agent_metrics = _metrics(trajs)
+    if session is not None:
+        rollout.agent_metrics["agent/kv_cache_rebuilds"] = float(session.rebuilds)
     return rollout
 
 
