@@ -357,11 +357,52 @@ def test_grpo_run_with_an_environment_and_no_reward_function(task, tmp_path):
     assert all(np.isfinite(r["loss"]) for r in rows)
 
 
+@pytest.mark.slow
+def test_grpo_variants_run_on_multi_turn_rollouts(task, tmp_path):
+    """DAPO dynamic sampling, a KL to the reference, GSPO sequence ratios, mu = 2 with the sampler's old
+    log-probs (~15 s idle, 40 s on a loaded 2-core machine: slow suite)."""
+    from jrft.train.runs import run_config
+
+    out = tmp_path / "env"
+    variants = [
+        "grpo.dynamic_sampling=true",
+        "grpo.max_sampling_rounds=2",
+        "grpo.beta=0.04",
+        "grpo.importance_level=sequence",
+        "grpo.num_iterations=2",
+        "grpo.old_logprobs=sampler",
+    ]
+    game = f"grpo.environment={task['code']}:CountingGame"
+    config = _grpo_config(task, out, game, "grpo.max_turns=3", "grpo.max_new_tokens=96", *variants)
+    run_config(config, progress=False)
+    rows = _metrics(out)
+    assert len(rows) == 2 and all("rewards/environment/mean" in r for r in rows)
+    trained = [r for r in rows if "loss" in r]  # dynamic sampling may find no group with signal (skipped)
+    assert trained and all(np.isfinite(r["loss"]) and r["ref_logps_computed"] == 1.0 for r in trained)
+    assert all(r["agent/turns_mean"] > 1 for r in trained)
+
+
+def test_config_checks_the_agentic_fields():
+    from jrft.config import ConfigError, load_config
+
+    base = ["objective=grpo", "grpo.reward_functions=[{name: format}]"]
+    with pytest.raises(ConfigError, match="environment"):
+        load_config(None, [*base, "grpo.tools=[{name: python}]", "grpo.environment=env.py:Env"])
+    with pytest.raises(ConfigError, match="max_turns"):
+        load_config(None, [*base, "grpo.max_turns=0"])
+    with pytest.raises(ConfigError, match="tools"):
+        load_config(None, [*base, "grpo.tools=[{name: python, spec: a.py:f}]"])
+    config = load_config(None, ["objective=grpo", "grpo.environment=env.py:Env"])  # rewards from the env
+    assert config.grpo.environment == "env.py:Env" and config.grpo.tools == ()
+
+
 def test_kv_session_rebuilds_when_out_of_slots_and_still_matches_teacher_forcing(task):
     from jrft.sampling.session import Session
 
     tok = task["tokenizer"]
-    session = Session(task["model"], 3, 64, stop_token_ids=(), rng=jax.random.key(1))  # no stop: full turns
+    session = Session(
+        task["model"], 3, 64, max_new_tokens=12, stop_token_ids=(), rng=jax.random.key(1)
+    )  # no stop: full turns
     sampled = [[] for _ in range(3)]  # (index in the sequence, log-prob) of every sampled token
     chunks = [[1, 10, 11], [1, 12], [1, 13, 14, 15]]
     for turn in range(4):
@@ -387,3 +428,40 @@ def test_kv_session_rebuilds_when_out_of_slots_and_still_matches_teacher_forcing
     batch = {"tokens": tokens, "attention_mask": attention, "completion_mask": mask}
     logps = np.asarray(forward(params, rest, {k: jax.numpy.asarray(v) for k, v in batch.items()})["logps"])
     np.testing.assert_allclose(logps[mask > 0], expected[mask > 0], atol=2e-4)
+
+
+QWEN_LIKE = (
+    "{{ bos_token }}"
+    "{%- if tools %}<|system|>tools:{% for t in tools %} {{ t.function.name }}{% endfor %}{{ eos_token }}"
+    "{%- endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'tool' %}<|user|><tool_response>{{ m.content }}</tool_response>{{ eos_token }}"
+    "{%- else %}{{ '<|' + m.role + '|>' + m.content + eos_token }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def test_tool_schemas_reach_the_template_and_tool_messages_render_through_it(task):
+    from jrft.agentic.rollout import encode, render
+    from jrft.data.local_tokenizer import CHAT_ROLE_TOKENS, DEFAULT_SPECIAL_TOKENS, train_tokenizer
+
+    tok = train_tokenizer(
+        kind="char",
+        alphabet=ALPHABET + "<>/|",
+        special_tokens=(*DEFAULT_SPECIAL_TOKENS, *CHAT_ROLE_TOKENS),
+        chat_template=QWEN_LIKE,
+    )
+    box = ToolBox([{"spec": f"{task['code']}:multiply"}, {"name": "python"}])
+    try:
+        prompt = [{"role": "user", "content": "6*7="}]
+        text = render(tok, prompt, box.schemas, add_generation_prompt=True)
+        assert text.startswith("<bos><|system|>tools: multiply python<eos>") and text.endswith(
+            "<|assistant|>"
+        )
+        turn = {"role": "assistant", "content": '<tool_call>{"name": "multiply"}</tool_call>'}
+        extra = environment_tokens(tok, [*prompt, turn], [{"role": "tool", "content": "42"}], box.schemas)
+        assert tok.decode(extra) == "<|user|><tool_response>42</tool_response><eos><|assistant|>"
+        assert extra == encode(tok, "<|user|><tool_response>42</tool_response><eos><|assistant|>")
+    finally:
+        box.close()

@@ -279,6 +279,7 @@ def sample_multiturn(
             model,
             len(trajs),
             longest + 2 * settings.max_new_tokens + 64,  # past it, the session rebuilds its cache
+            max_new_tokens=settings.max_new_tokens,
             temperature=settings.temperature,
             top_k=settings.top_k,
             top_p=settings.top_p,
