@@ -547,6 +547,26 @@ class RewardFunctionConfig:
 
 
 @dataclass(frozen=True)
+class ToolConfig:
+    """A tool the GRPO policy may call: a built-in by ``name`` (``python``: the code sandbox) or a function
+    with type hints and a docstring by ``spec`` (module:function or path/to/file.py:function)."""
+
+    name: str | None = None
+    spec: str | None = None
+
+    def __post_init__(self):
+        check_field(
+            (self.name is None) != (self.spec is None), "name", "give exactly one of 'name' or 'spec'"
+        )
+        check_field(
+            self.spec is None or ":" in self.spec, "spec", f"expected module:function, got {self.spec!r}"
+        )
+
+    def as_entry(self) -> dict:
+        return {"name": self.name} if self.name is not None else {"spec": self.spec}
+
+
+@dataclass(frozen=True)
 class SamplingConfig:
     """Rollout sampling shared by GRPO and PPO."""
 
@@ -635,10 +655,32 @@ class GRPOConfig(RewardSettings, SamplingConfig):
     # DAPO soft overlong punishment: linear penalty over the last `overlong_buffer` tokens (0 = off).
     overlong_buffer: int = 0
     overlong_penalty: float = 1.0
+    # Multi-turn (jrft.agentic): tools the model may call mid-completion (their JSON schemas go to the
+    # chat template as tools=), or an environment class (file.py:Class with reset(row) and step(text)).
+    # With either, max_new_tokens is the budget of the whole continuation (model and tool tokens).
+    tools: tuple[ToolConfig, ...] = ()
+    environment: str | None = None
+    # Model turns per trajectory at most (multi-turn only).
+    max_turns: int = 4
+    # How tool calls are read from the model's text: hermes (<tool_call>{json}</tool_call>, Qwen's format)
+    # or a module:function spec.
+    tool_parser: str = "hermes"
+    # Seconds a tool call may take before its worker process is killed and the model gets an error.
+    tool_timeout_s: float = 10.0
 
     def __post_init__(self):
         self._check_sampling()
         self._check_rewards()
+        check_field(self.max_turns >= 1, "max_turns", "must be >= 1")
+        check_positive(self, "tool_timeout_s")
+        check_field(
+            not (self.tools and self.environment), "environment", "give tools or an environment, not both"
+        )
+        check_field(
+            self.environment is None or ":" in self.environment,
+            "environment",
+            f"expected file.py:Class or module:Class, got {self.environment!r}",
+        )
         check_field(
             self.num_generations >= 2, "num_generations", "must be >= 2 (advantages are group-relative)"
         )
@@ -756,7 +798,9 @@ class RunConfig:
             )
         if self.objective == "grpo":
             check_field(
-                len(self.grpo.reward_functions) > 0, "grpo.reward_functions", "GRPO needs at least one"
+                len(self.grpo.reward_functions) > 0 or self.grpo.environment is not None,
+                "grpo.reward_functions",
+                "GRPO needs at least one (or an environment that gives rewards)",
             )
             check_field(
                 self.train.batch_size % self.grpo.num_mini_batches == 0,

@@ -88,6 +88,9 @@ class GRPORound:
       prompts: the prompt iterator (dynamic sampling pulls extra batches from it).
       options: mesh, shardings, padding, accumulation, completions table, memory levers
         (:class:`jrft.train.rounds.RoundOptions`).
+      sample_fn: ``(model, prompt_batch, tokenizer, settings, rng=, mesh=) -> Rollout``, how a rollout is
+        sampled (default :func:`~jrft.train.rollout.sample_rollout`; multi-turn: ``jrft.agentic``).
+      score_fn: ``(rollout, runner) -> Rollout`` (default :func:`~jrft.train.rollout.score_rollout`).
     """
 
     def __init__(
@@ -100,8 +103,12 @@ class GRPORound:
         runner,
         prompts,
         options: rounds.RoundOptions,
+        *,
+        sample_fn=None,
+        score_fn=None,
     ):
         c, o = config, options
+        self.sample_fn, self.score_fn = sample_fn or sample_rollout, score_fn or score_rollout
         self.c, self.graphdef, self.tokenizer, self.runner, self.prompts = (
             c,
             graphdef,
@@ -147,10 +154,10 @@ class GRPORound:
 
     def _rollout(self, state, prompt_batch, salt: int) -> Rollout:
         policy = self._policy(state)
-        rollout = sample_rollout(
+        rollout = self.sample_fn(
             policy, prompt_batch, self.tokenizer, self.sampling, rng=state.key(salt), mesh=self.mesh
         )
-        rollout = score_rollout(rollout, self.runner)
+        rollout = self.score_fn(rollout, self.runner)
         rollout.reward_metrics = global_reward_metrics(rollout, self.c.num_generations)
         return rollout
 

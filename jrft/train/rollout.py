@@ -45,6 +45,10 @@ class Rollout:
       rewards: ``[N]`` float64 combined rewards (NaN where no reward function applied), after scoring.
       reward_metrics: the runner's metrics (per-function means, failures, seconds...).
       reward_extra: column -> ``[N]`` values the reward functions gave ``log_extra`` (completions table).
+      turns: multi-turn rollouts only (``jrft.agentic``): ``[N]`` per-turn logs (model text, tool calls,
+        environment messages, step rewards), written to the completions table.
+      env_rewards: multi-turn rollouts only: ``[N]`` float64 environment rewards summed per trajectory (NaN:
+        none); agent_metrics: the rollout's turn and tool-call counts.
     """
 
     tokens: np.ndarray
@@ -62,6 +66,9 @@ class Rollout:
     reward_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
     reward_extra: dict[str, list] = dataclasses.field(default_factory=dict)
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    turns: list[list[dict]] | None = None
+    env_rewards: np.ndarray | None = None
+    agent_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def num_rows(self) -> int:
@@ -91,6 +98,8 @@ class Rollout:
             rewards=None if self.rewards is None else self.rewards[idx],
             per_function={k: v[idx] for k, v in self.per_function.items()},
             reward_extra={k: take(v) for k, v in self.reward_extra.items()},
+            turns=None if self.turns is None else take(self.turns),
+            env_rewards=None if self.env_rewards is None else self.env_rewards[idx],
         )
 
 
@@ -139,6 +148,9 @@ def concat_rollouts(parts: Sequence[Rollout]) -> Rollout:
             for k in parts[0].reward_extra
             if all(k in r.reward_extra for r in parts)
         },
+        turns=None if parts[0].turns is None else [t for r in parts for t in r.turns],
+        env_rewards=None if parts[0].env_rewards is None else np.concatenate([r.env_rewards for r in parts]),
+        agent_metrics=parts[-1].agent_metrics,
     )
 
 
@@ -288,7 +300,9 @@ def append_completions(
 ) -> None:
     """Appends the first ``max_rows`` rows of a scored rollout to the JSONL table of sample completions:
     prompt, completion, combined reward, each reward function's value, and ``extra`` per-row columns
-    (e.g. PPO's reward-model score). NaN (no reward applied) is written as null."""
+    (e.g. PPO's reward-model score); a multi-turn rollout adds ``turns``, the trajectory turn by turn (model
+    text, tool calls, tool results / environment messages, step rewards). NaN (no reward applied) is written
+    as null."""
     import json
     import os
 
@@ -304,4 +318,6 @@ def append_completions(
             row = {"round": round_index, "prompt": rollout.prompts[i], "completion": rollout.completions[i]}
             row.update({k: value(np.asarray(v, np.float64)[i]) for k, v in columns.items()})
             row.update({k: _json_value(v[i]) for k, v in rollout.reward_extra.items()})
+            if rollout.turns is not None:
+                row["turns"] = rollout.turns[i]
             f.write(json.dumps(row) + "\n")

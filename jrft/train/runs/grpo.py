@@ -35,7 +35,7 @@ def run_grpo(config: RunConfig, *, progress: bool = True, runner=None, model_eva
 
     c = config.grpo
     run = setup_run(config)
-    if runner is None:
+    if runner is None and c.reward_functions:
         runner = reward_runner_from_config(
             c,
             group_size=c.num_generations,
@@ -43,6 +43,18 @@ def run_grpo(config: RunConfig, *, progress: bool = True, runner=None, model_eva
             mesh=run.mesh,
             dtype=config.model.dtype,
         )
+    agent_kwargs, toolbox = {}, None
+    if c.tools or c.environment:  # multi-turn rollouts: tools or an environment answer between turns
+        from jrft.agentic.agent import make_agent, round_functions
+
+        agent, toolbox = make_agent(
+            tools=[t.as_entry() for t in c.tools],
+            environment=c.environment,
+            parser=c.tool_parser,
+            tool_timeout=c.tool_timeout_s,
+            max_turns=c.max_turns,
+        )
+        agent_kwargs = round_functions(agent)
     prompts = train_iterator_from_config(
         config, run.train_ds, process_index=jax.process_index(), process_count=jax.process_count()
     )
@@ -53,7 +65,9 @@ def run_grpo(config: RunConfig, *, progress: bool = True, runner=None, model_eva
         num_mini_batches=c.num_mini_batches,
         pad_token_id=pad_token_id(run.tokenizer),
     )
-    round_fn = GRPORound(c, run.graphdef, run.state, run.tx, run.tokenizer, runner, prompts, options)
+    round_fn = GRPORound(
+        c, run.graphdef, run.state, run.tx, run.tokenizer, runner, prompts, options, **agent_kwargs
+    )
 
     rows, per_round = max(len(run.train_ds), 1), total_updates(config) // config.train.steps
 
@@ -76,13 +90,17 @@ def run_grpo(config: RunConfig, *, progress: bool = True, runner=None, model_eva
         return metrics
 
     memory = memory_summary(config, run.mesh, run.state)
-    return loop_and_export(
-        run,
-        step_fn,
-        run.state,
-        prompts,
-        eval_fn=None if model_eval_fn is None and held_out is None else eval_state,
-        bar_keys=("rewards/mean", "kl_mean", "clip_frac", "completion_length"),
-        progress=progress,
-        summary=run.train_ds.summary() + "\n" + memory,
-    )
+    try:
+        return loop_and_export(
+            run,
+            step_fn,
+            run.state,
+            prompts,
+            eval_fn=None if model_eval_fn is None and held_out is None else eval_state,
+            bar_keys=("rewards/mean", "kl_mean", "clip_frac", "completion_length"),
+            progress=progress,
+            summary=run.train_ds.summary() + "\n" + memory,
+        )
+    finally:
+        if toolbox is not None:
+            toolbox.close()  # the tool worker processes
