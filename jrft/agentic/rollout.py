@@ -368,6 +368,7 @@ def score_multiturn(rollout: Rollout, runner) -> Rollout:
         )
         base = np.asarray(result.rewards, np.float64)
         rollout.per_function = dict(result.per_function)
+        rollout.reward_extra = dict(getattr(result, "extra", {}))  # log_extra columns
         metrics.update(result.metrics)
     else:
         base = np.full(rollout.num_rows, np.nan)

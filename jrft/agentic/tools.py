@@ -140,7 +140,8 @@ class ToolBox:
             return f"Error: tool {call.name!r} crashed ({err})", False
         if status != "ok":
             return f"Error: {value[0]}", False
-        return str(value[0]), True
+        texts, _logs = value  # the worker protocol: (results, what logging hooks collected)
+        return str(texts[0]), True
 
     def run(self, calls: Sequence[ToolCall]) -> list[tuple[str, bool]]:
         """Results of ``calls`` in order, spread over the workers; failures are counted."""
