@@ -132,6 +132,16 @@ CASES = {
     ),
 }
 
+# The largest batches of the README's "fits" list: the base case at a bigger batch.
+LARGEST = {
+    "1b-grpo-bf16-16prompts": ("1b-grpo-bf16", ["train.batch_size=16"]),
+    "8b-sft-bf16-chunk256-full-b24": ("8b-sft-bf16-chunk256-full", ["train.batch_size=24"]),
+    "8b-sft-bf16-chunk256-full-b32": ("8b-sft-bf16-chunk256-full", ["train.batch_size=32"]),
+    "8b-grpo-bf16-v5p-32prompts": ("8b-grpo-bf16-v5p", ["train.batch_size=32"]),
+}
+for _name, (_base, _extra) in LARGEST.items():
+    CASES[_name] = (CASES[_base][0], [*CASES[_base][1], *_extra])
+
 
 def main() -> None:
     from jrft.commands.compile import compile_run

@@ -9,8 +9,9 @@ Counts, per device, for a model of ``ModelConfig`` on a ``(data, fsdp, tensor)``
               ``2 x B_local x T x V / tensor x 4`` -- or, with ``logits_chunk_size`` C, the chunks in flight
               (one; two on TPU, whose compiler overlaps consecutive chunks) of ``2 x B_local x C x V / tensor
               x 4`` plus the chunks' saved hidden states ``B_local x T x D``; plus, when the LM head is
-              sharded (fsdp x tensor > 1), its gathered weight ``V x D / tensor`` in the parameter dtype and,
-              when that differs, in the compute dtype (the whole head is gathered for the logits matmul);
+              sharded (fsdp x tensor > 1), the whole head ``V x D / tensor`` gathered in the compute dtype
+              plus one float32 buffer of its shape (the gathered float32 weight or the gradient the logits
+              chunks accumulate into; both seen in TPU buffer assignments);
   kv_cache    ``2 x L x B_local x KV/tensor x S x Dh x bytes`` for sampling (on TPU ``Dh`` rounded up to
               128, the lane width its layout pads the minor axis to);
   reference   a frozen reference model's parameters (DPO, GRPO/PPO with a KL term), 0 when offloaded to host.
@@ -104,6 +105,7 @@ def estimate_memory(
     reference: bool = False,
     offload_reference: bool = False,
     platform: str = "cpu",
+    completion_logps: bool = False,
 ) -> MemoryEstimate:
     """Per-device bytes for ``config`` (a ``jrft.models.ModelConfig``) on a ``(data, fsdp, tensor)`` mesh.
 
@@ -111,6 +113,8 @@ def estimate_memory(
     ``logits_chunk_size`` is ``train.logits_chunk_size`` (0: the whole float32 logits at once); ``reference``
     counts a frozen reference copy of the parameters (in ``param_bytes``), none if ``offload_reference``.
     ``platform`` is the one the program is compiled for (its compiler's habits: see the module docstring).
+    ``completion_logps``: the step takes log-probs of the sampled tokens (the GRPO / PPO update) rather than
+    a cross-entropy over the sequence; on TPU its buffers differ (measured: see the comments below).
     """
     data, fsdp, tensor = mesh_shape
     if remat not in REMAT_ACTIVATION_FACTORS:
@@ -135,11 +139,15 @@ def estimate_memory(
             chunk=logits_chunk_size,
             chunks_in_flight=2 if platform == "tpu" else 1,
             # XLA:TPU holds ~1.75 whole-logits copies at the peak of the unchunked head (calibrated on
-            # Llama-3-1B, v5e:2x4: two cases, scripts/compile_table.py); XLA:CPU holds 2
-            copies=1.75 if platform == "tpu" and logits_chunk_size <= 0 else 2.0,
+            # Llama-3-1B, v5e:2x4: two cases, scripts/compile_table.py), and as much per chunk in flight in
+            # the GRPO update's completion log-probs (three float32 chunks and one bf16 in its buffer
+            # assignment, 1B and 8B); XLA:CPU holds 2
+            copies=1.75 if platform == "tpu" and (logits_chunk_size <= 0 or completion_logps) else 2.0,
         )
-        # the gathered head in the parameter dtype, and its compute-dtype cast when that differs
-        head_bytes = param_bytes + (compute_bytes if compute_bytes != param_bytes else 0)
+        # the whole head, gathered: a compute-dtype copy for the logits matmul and one float32 buffer of its
+        # shape (the gathered float32 weight, or the float32 gradient the chunks accumulate into; in the
+        # TPU GRPO update that float32 buffer shares the logits chunks' allocation)
+        head_bytes = compute_bytes + (0 if platform == "tpu" and completion_logps else 4)
         head = config.vocab_size * config.hidden_size * head_bytes // tensor if shards > 1 else 0
         activations = int(config.num_layers * per_layer + logits + head)
     kv = 0

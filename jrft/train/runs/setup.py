@@ -317,6 +317,7 @@ def estimate_for(
     cache_len: int = 0,
     seq_len: int | None = None,
     platform: str = "cpu",
+    completion_logps: bool = False,
 ):
     """The per-device memory estimate (``jrft.parallel.memory.estimate_memory``) of a run of ``config`` with
     model architecture ``model_cfg`` on a mesh of ``mesh_shape`` (data, fsdp, tensor) of ``platform``
@@ -345,6 +346,7 @@ def estimate_for(
         reference=holds_reference(config),
         offload_reference=config.train.offload_reference,
         platform=platform,
+        completion_logps=completion_logps,
     )
 
 
@@ -381,6 +383,7 @@ def _rollout_estimate(config: RunConfig, model_cfg, mesh_shape, *, platform: str
         cache_len=cache_len,
         seq_len=cache_len,  # rollout rows: prompt then completion
         platform=platform,
+        completion_logps=True,
     )
 
 
