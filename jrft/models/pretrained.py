@@ -29,6 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from safetensors.numpy import save_file
 
+from jrft.config import PEFT_WEIGHTS
 from jrft.models.config import FAMILIES, ModelConfig
 from jrft.models.decoder import Decoder
 from jrft.models.lora import LoRAParam, LoRASpec, merged_layer_arrays
@@ -319,6 +320,7 @@ def from_pretrained(
     rules: Mapping[str, AxisRule] | None = None,
     seed: int = 0,
     lora: LoRASpec | None = None,
+    lora_init: str | os.PathLike | None = None,
 ) -> Decoder:
     """Loads a transformers checkpoint into a ``Decoder``.
 
@@ -334,6 +336,8 @@ def from_pretrained(
       rules: overrides of the logical-axis rules table.
       lora: add fresh LoRA adapters (``jrft.models.lora.LoRASpec``; B = 0, so the model equals the
         checkpoint's; A from ``seed``).
+      lora_init: a PEFT LoRA adapter directory whose ``adapter_model.safetensors`` gives the adapters' A and B
+        instead (its rank and modules must be ``lora``'s; ``jrft.config.peft_adapter_settings`` reads them).
 
     Raises:
       FileNotFoundError: no config.json / no safetensors. ValueError: unsupported model_type.
@@ -375,6 +379,9 @@ def from_pretrained(
     with contextlib.ExitStack() as stack:
         handles = {f: stack.enter_context(SafetensorsReader(f)) for f in sorted(set(files.values()))}
         _check_tensors(expected, files, handles)
+        if lora_init is not None:
+            adapter_reader = stack.enter_context(SafetensorsReader(os.path.join(lora_init, PEFT_WEIGHTS)))
+            read_adapter = _adapter_reader(adapter_reader, table, {n: v for n, v in flat if n in adapters})
 
         def _read(hf_name: str) -> np.ndarray:
             return handles[files[hf_name]].read(hf_name)
@@ -382,7 +389,9 @@ def from_pretrained(
         values = {}
         for name, var in flat:
             shape = var.get_value().shape
-            if name in adapters:
+            if name in adapters and lora_init is not None:
+                host = read_adapter(name).astype(np_dtype)
+            elif name in adapters:
                 host = lora_host_init(name, shape, lora, seed, np_dtype)
             elif name in fresh:
                 key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(name.encode()))
@@ -400,6 +409,43 @@ def from_pretrained(
     for path_key, var in nnx.to_flat_state(state):
         var.set_value(values[_path_str(path_key)])
     return nnx.merge(graphdef, state)
+
+
+def _peft_name(table, weight: str, layer: int, which: str) -> str:
+    """PEFT's tensor name of layer ``layer``'s adapter ``which`` (``A`` or ``B``) of jrft weight ``weight``:
+    ``base_model.model.model.layers.<i>.self_attn.q_proj.lora_A.weight``."""
+    template = table[f"layers/{weight}"][0].removesuffix(".weight")
+    return f"base_model.model.{template.format(i=layer)}.lora_{which}.weight"
+
+
+def _adapter_reader(reader: SafetensorsReader, table, variables: dict):
+    """``name -> [L, in, r] / [L, r, out]`` host array of adapter variable ``name`` (``lora/wq_a``) from a
+    PEFT adapter file, after checking that every layer's tensor is there with PEFT's shape (A ``[r, in]``,
+    B ``[out, r]``). Names match from ``layers.<i>.`` on, so a prefix other than PEFT's usual one reads."""
+    by_suffix = {k[k.index("layers.") :]: k for k in reader.keys() if "layers." in k}
+    wanted, problems = {}, []
+    for name, var in variables.items():
+        weight, which = name.removeprefix("lora/").rsplit("_", 1)
+        shape = var.get_value().shape  # [L, in, r] or [L, r, out]
+        for i in range(shape[0]):
+            peft = _peft_name(table, weight, i, which.upper())
+            key = by_suffix.get(peft[peft.index("layers.") :])
+            if key is None:
+                problems.append(f"missing tensor {peft!r}")
+            elif reader.shape(key) != shape[:0:-1]:
+                problems.append(f"tensor {key!r} has shape {reader.shape(key)}, expected {shape[:0:-1]}")
+            wanted[(name, i)] = key
+    if problems:
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise CheckpointError(
+            f"{reader.path}: the adapter does not fit the model:\n  " + "\n  ".join(problems[:10]) + more
+        )
+
+    def read(name: str) -> np.ndarray:
+        shape = variables[name].get_value().shape
+        return np.stack([reader.read(wanted[(name, i)]).T for i in range(shape[0])])
+
+    return read
 
 
 # --- writing ------------------------------------------------------------------------------------
@@ -482,13 +528,11 @@ def peft_adapter_tensors(model: Decoder) -> tuple[dict, list[tuple[str, np.ndarr
     tensors = []
     for module in spec.modules:
         w = MODULE_WEIGHTS[module]
-        template = table[f"layers/{w}"][0].removesuffix(".weight")
         a = host_array(getattr(model.lora, f"{w}_a").get_value()).astype(np.float32)  # [L, in, r]
         b = host_array(getattr(model.lora, f"{w}_b").get_value()).astype(np.float32)  # [L, r, out]
         for i in range(a.shape[0]):
-            name = "base_model.model." + template.format(i=i)
-            tensors.append((name + ".lora_A.weight", np.ascontiguousarray(a[i].T)))
-            tensors.append((name + ".lora_B.weight", np.ascontiguousarray(b[i].T)))
+            tensors.append((_peft_name(table, w, i, "A"), np.ascontiguousarray(a[i].T)))
+            tensors.append((_peft_name(table, w, i, "B"), np.ascontiguousarray(b[i].T)))
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",

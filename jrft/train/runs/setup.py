@@ -36,9 +36,9 @@ def mesh_from_config(mesh: MeshConfig) -> Mesh:
 
 
 def build_model(config: RunConfig, mesh: Mesh, *, scalar_head: bool = False, path: str | None = None):
-    """The run's model (``config.model``, with fresh LoRA adapters when ``lora.rank > 0``: the train state's
-    params are then only the adapters), or another checkpoint ``path`` with the same dtype/remat settings
-    (PPO's value and reward models, without adapters)."""
+    """The run's model (``config.model``, with LoRA adapters when ``lora.rank > 0``, fresh or read from
+    ``lora.init_from``: the train state's params are then only the adapters), or another checkpoint ``path``
+    with the same dtype/remat settings (PPO's value and reward models, without adapters)."""
     from jrft.models import from_pretrained
     from jrft.models.lora import LoRASpec
 
@@ -52,6 +52,7 @@ def build_model(config: RunConfig, mesh: Mesh, *, scalar_head: bool = False, pat
         scalar_head=scalar_head,
         seed=config.seed,
         lora=LoRASpec.from_config(config.lora) if path is None else None,
+        lora_init=config.lora.init_from if path is None and config.lora.rank > 0 else None,
     )
 
 
