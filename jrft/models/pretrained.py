@@ -448,6 +448,35 @@ def _adapter_reader(reader: SafetensorsReader, table, variables: dict):
     return read
 
 
+_FINGERPRINT_SAMPLE = 1 << 20
+
+
+def weights_fingerprint(path: str | os.PathLike) -> dict[str, int | str]:
+    """A cheap identity of the checkpoint at ``path``: ``{"bytes": total size of its safetensors files,
+    "sha256": hash of config.json, each weight file's name, size and header (tensor names, dtypes, shapes,
+    offsets) and the first and last MiB of its data}``. Reads a few MiB whatever the model's size; a
+    checkpoint with other weights of the same shapes differs in the sampled bytes (unless it differs only
+    in the middle of every file)."""
+    import hashlib
+
+    directory = _resolve_dir(path)
+    digest = hashlib.sha256()
+    with open(os.path.join(directory, "config.json"), "rb") as f:
+        digest.update(f.read())
+    total = 0
+    for file in sorted(set(_weight_files(directory).values())):
+        size = os.path.getsize(file)
+        total += size
+        digest.update(f"{os.path.basename(file)}:{size}".encode())
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            digest.update(f.read(min(n, _MAX_HEADER_BYTES)))
+            digest.update(f.read(_FINGERPRINT_SAMPLE))
+            f.seek(max(8 + n, size - _FINGERPRINT_SAMPLE))
+            digest.update(f.read(_FINGERPRINT_SAMPLE))
+    return {"bytes": total, "sha256": digest.hexdigest()}
+
+
 # --- writing ------------------------------------------------------------------------------------
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}

@@ -286,6 +286,16 @@ def checkpointer_for(config: RunConfig) -> Checkpointer:
     return checkpointer
 
 
+def lora_base_reference(config: RunConfig) -> dict | None:
+    """What a LoRA run's checkpoints record of the base they leave out: ``{"path": model.path, "bytes",
+    "sha256"}`` (``jrft.models.pretrained.weights_fingerprint``); None without LoRA."""
+    if config.lora.rank == 0:
+        return None
+    from jrft.models.pretrained import weights_fingerprint
+
+    return {"path": config.model.path, **weights_fingerprint(config.model.path)}
+
+
 def export_dir(config: RunConfig) -> str:
     """Where the run's final transformers-format model goes."""
     return config.train.export_dir or os.path.join(config.output_dir, "export")
