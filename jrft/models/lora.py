@@ -91,6 +91,12 @@ def adapter_shapes(
     return out
 
 
+def adapter_param_count(cfg: ModelConfig, spec: LoRASpec) -> int:
+    """How many adapter parameters ``spec`` adds to a model of ``cfg``: ``L x r x (in + out)`` per adapted
+    projection (for the memory estimate: the only parameters with gradients and optimizer state)."""
+    return sum(math.prod(a) + math.prod(b) for a, _, b, _ in adapter_shapes(cfg, spec).values())
+
+
 def init_a(shape: tuple[int, ...], init: str, key: jax.Array, dtype) -> jax.Array:
     """A fresh ``A [L, in, r]``: PEFT's Kaiming-uniform (``a=sqrt(5)``: bound 1/sqrt(in)) or normal 1/r."""
     if init == "gaussian":

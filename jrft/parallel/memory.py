@@ -2,8 +2,11 @@
 
 Counts, per device, for a model of ``ModelConfig`` on a ``(data, fsdp, tensor)`` mesh:
   params      every parameter, split over fsdp x tensor (the rules table shards matrices over both);
-  grads       the same again (one gradient per parameter, in the parameter dtype);
-  optimizer   AdamW's two moments (``optimizer_copies`` = 2) in ``opt_dtype``;
+              with LoRA, the base plus the adapters;
+  grads       the same again (one gradient per parameter, in the parameter dtype); with LoRA, the
+              adapters' only (the base is never differentiated);
+  optimizer   AdamW's two moments (``optimizer_copies`` = 2) in ``opt_dtype``, of the trained parameters
+              (with LoRA: the adapters);
   activations what the backward pass keeps: per layer ``B_local x T x D`` times a factor set by the remat
               policy (``REMAT_ACTIVATION_FACTORS``), plus the float32 logits and their log-softmax,
               ``2 x B_local x T x V / tensor x 4`` -- or, with ``logits_chunk_size`` C, the chunks in flight
@@ -13,7 +16,8 @@ Counts, per device, for a model of ``ModelConfig`` on a ``(data, fsdp, tensor)``
               when that differs, in the compute dtype (the whole head is gathered for the logits matmul);
   kv_cache    ``2 x L x B_local x KV/tensor x S x Dh x bytes`` for sampling (on TPU ``Dh`` rounded up to
               128, the lane width its layout pads the minor axis to);
-  reference   a frozen reference model's parameters (DPO, GRPO/PPO with a KL term), 0 when offloaded to host.
+  reference   a frozen reference model's parameters (DPO, GRPO/PPO with a KL term), 0 when offloaded to host
+              (and with LoRA, whose reference is the base with the adapters off).
 It is an estimate (XLA's temporaries and fragmentation come on top): :func:`device_memory_in_use` reports
 what the device itself says, where it can (GPU/TPU ``memory_stats``; CPU has none).
 """
@@ -104,6 +108,7 @@ def estimate_memory(
     reference: bool = False,
     offload_reference: bool = False,
     platform: str = "cpu",
+    adapter_params: int = 0,
 ) -> MemoryEstimate:
     """Per-device bytes for ``config`` (a ``jrft.models.ModelConfig``) on a ``(data, fsdp, tensor)`` mesh.
 
@@ -111,15 +116,18 @@ def estimate_memory(
     ``logits_chunk_size`` is ``train.logits_chunk_size`` (0: the whole float32 logits at once); ``reference``
     counts a frozen reference copy of the parameters (in ``param_bytes``), none if ``offload_reference``.
     ``platform`` is the one the program is compiled for (its compiler's habits: see the module docstring).
+    ``adapter_params`` > 0: LoRA with that many adapter parameters (``jrft.models.lora.adapter_param_count``),
+    the only ones trained: they add to ``params`` and alone have gradients and optimizer moments.
     """
     data, fsdp, tensor = mesh_shape
     if remat not in REMAT_ACTIVATION_FACTORS:
         raise ValueError(f"unknown remat policy {remat!r}; known: {sorted(REMAT_ACTIVATION_FACTORS)}")
     n = config.num_params() if callable(getattr(config, "num_params", None)) else config.num_params
     shards = fsdp * tensor
-    params = n * param_bytes // shards
-    grads = params if training else 0
-    optimizer = n * opt_bytes * optimizer_copies // shards if training else 0
+    trained = adapter_params or n
+    params = (n + adapter_params) * param_bytes // shards
+    grads = trained * param_bytes // shards if training else 0
+    optimizer = trained * opt_bytes * optimizer_copies // shards if training else 0
     local_batch = max(batch // (data * fsdp), 1)
     activations = 0
     if training:

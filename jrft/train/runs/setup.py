@@ -333,10 +333,12 @@ def estimate_for(
     model architecture ``model_cfg`` on a mesh of ``mesh_shape`` (data, fsdp, tensor) of ``platform``
     devices: ``rows`` batch rows per update (``train.micro_batch_size`` caps them; a preference pair is
     two sequences) of ``seq_len`` tokens (default ``data.max_length``), ``cache_rows`` x ``cache_len`` KV
-    cache."""
+    cache. With LoRA (``lora.rank > 0``) gradients and optimizer moments are the adapters' only."""
+    from jrft.models.lora import LoRASpec, adapter_param_count
     from jrft.parallel.memory import estimate_memory
 
     nbytes = lambda name: jnp.dtype(name).itemsize  # noqa: E731
+    spec = LoRASpec.from_config(config.lora)
     micro = config.train.micro_batch_size or rows
     # chosen and rejected (KTO: the completion and its KL pair) in one forward
     pairs = 2 if config.objective in ("dpo", "reward", "kto") else 1
@@ -356,6 +358,7 @@ def estimate_for(
         reference=holds_reference(config),
         offload_reference=config.train.offload_reference,
         platform=platform,
+        adapter_params=adapter_param_count(model_cfg, spec) if spec is not None else 0,
     )
 
 
