@@ -138,6 +138,12 @@ class LoRAConfig:
     # a LoRA SFT before DPO. Its r, lora_alpha, use_rslora and adapted modules fill rank, alpha, use_rslora
     # and target_modules where those are left at their defaults; set otherwise, they must agree with it.
     init_from: str | None = None
+    # QLoRA-style storage of the frozen base (Dettmers et al. 2023, arXiv:2305.14314): "int8" keeps the
+    # layers' seven projections in int8 with one float32 scale per output channel, dequantized one layer
+    # at a time inside the forward (base weights ~1/2 of bf16, ~1/4 of float32); "none" keeps
+    # model.param_dtype. Embeddings, LM head and norms are not quantized. Needs rank > 0 (only a frozen base
+    # may be quantized); the export is the dequantized base plus the adapters.
+    base_quantization: Literal["none", "int8"] = "none"
 
     def __post_init__(self):
         if self.init_from:
@@ -155,6 +161,11 @@ class LoRAConfig:
             check_field(not unknown, "target_modules", f"unknown {unknown}; known: {list(LORA_MODULES)}")
         if self.rank > 0:
             check_field(bool(self.modules), "target_modules", "selects no projection")
+        check_field(
+            self.base_quantization == "none" or self.rank > 0,
+            "base_quantization",
+            f"{self.base_quantization!r} quantizes the frozen base of a LoRA run: set lora.rank > 0",
+        )
 
     @property
     def modules(self) -> tuple[str, ...]:

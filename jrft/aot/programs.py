@@ -82,6 +82,7 @@ def abstract_train_state(
             remat=m.remat,
             scalar_head=scalar_head,
             lora=LoRASpec.from_config(config.lora) if trained else None,
+            base_quantization=config.lora.base_quantization if trained else None,
         )
     )
     graphdef, params, rest = split_model(model)

@@ -34,6 +34,7 @@ from jrft.models.config import FAMILIES, ModelConfig
 from jrft.models.decoder import Decoder
 from jrft.models.lora import LoRAParam, LoRASpec, merged_layer_arrays
 from jrft.models.lora import host_init as lora_host_init
+from jrft.models.quant import INT8_WEIGHTS, quantize_int8
 from jrft.parallel.distributed import host_array
 from jrft.parallel.sharding import AxisRule, logical_axes_of, logical_to_spec
 
@@ -321,6 +322,7 @@ def from_pretrained(
     seed: int = 0,
     lora: LoRASpec | None = None,
     lora_init: str | os.PathLike | None = None,
+    base_quantization: str | None = None,
 ) -> Decoder:
     """Loads a transformers checkpoint into a ``Decoder``.
 
@@ -338,6 +340,8 @@ def from_pretrained(
         checkpoint's; A from ``seed``).
       lora_init: a PEFT LoRA adapter directory whose ``adapter_model.safetensors`` gives the adapters' A and B
         instead (its rank and modules must be ``lora``'s; ``jrft.config.peft_adapter_settings`` reads them).
+      base_quantization: ``"int8"`` quantizes the layers' projections per output channel as they are read
+        (``jrft.models.quant``; for a frozen base under LoRA).
 
     Raises:
       FileNotFoundError: no config.json / no safetensors. ValueError: unsupported model_type.
@@ -355,6 +359,7 @@ def from_pretrained(
             remat=remat,
             scalar_head=scalar_head,
             lora=lora,
+            base_quantization=base_quantization,
         )
     )
     graphdef, state = nnx.split(abstract)
@@ -368,6 +373,8 @@ def from_pretrained(
         fresh.add("lm_head")
     adapters = {name for name, _ in flat if name.startswith("lora/")}
     fresh |= adapters
+    scales = {name for name, _ in flat if name.endswith("_scale")}  # int8 base: made with their weights
+    fresh |= scales
     table = hf_tensor_table(config)
     expected = {
         hf_name: hf_shape
@@ -389,6 +396,8 @@ def from_pretrained(
         values = {}
         for name, var in flat:
             shape = var.get_value().shape
+            if name in scales:
+                continue
             if name in adapters and lora_init is not None:
                 host = read_adapter(name).astype(np_dtype)
             elif name in adapters:
@@ -404,6 +413,10 @@ def from_pretrained(
                         host[i] = _to_jrft(_read(template.format(i=i)), shape[1:], n_in)
                 else:
                     host[...] = _to_jrft(_read(template), shape, n_in)
+            if f"{name}_scale" in scales:
+                host, scale = quantize_int8(host, INT8_WEIGHTS[name.removeprefix("layers/")])
+                scale_var = dict(flat)[f"{name}_scale"]
+                values[f"{name}_scale"] = _place(scale, _sharding_for(scale_var, mesh, rules))
             values[name] = _place(host, _sharding_for(var, mesh, rules))
             del host
     for path_key, var in nnx.to_flat_state(state):
@@ -496,10 +509,12 @@ def _hf_tensors(model: Decoder, dtype) -> list[tuple[str, np.ndarray]]:
     """All of ``model``'s parameters as transformers tensors, in a stable order; LoRA adapters are merged
     into the weights they adapt (``W + scale * A B``), so the result is a plain transformers model."""
     out, table = [], hf_tensor_table(model.config)
-    merged = merged_layer_arrays(model) if model.lora is not None else {}
+    merged = merged_layer_arrays(model) if model.lora is not None or model.layers.quantized else {}
     base = nnx.All(nnx.Param, nnx.Not(LoRAParam))
     for path_key, var in nnx.to_flat_state(nnx.state(model, base)):
         name = _path_str(path_key)
+        if name.endswith("_scale"):  # int8 base: merged holds the weights dequantized
+            continue
         template, n_in = table[name]
         layer_name = name.removeprefix("layers/")
         value = merged[layer_name] if name.startswith("layers/") and layer_name in merged else var.get_value()

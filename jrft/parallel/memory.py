@@ -2,7 +2,8 @@
 
 Counts, per device, for a model of ``ModelConfig`` on a ``(data, fsdp, tensor)`` mesh:
   params      every parameter, split over fsdp x tensor (the rules table shards matrices over both);
-              with LoRA, the base plus the adapters;
+              with LoRA, the base plus the adapters (an int8 base: 1 byte per projection weight plus a
+              float32 scale per output channel);
   grads       the same again (one gradient per parameter, in the parameter dtype); with LoRA, the
               adapters' only (the base is never differentiated);
   optimizer   AdamW's two moments (``optimizer_copies`` = 2) in ``opt_dtype``, of the trained parameters
@@ -109,6 +110,8 @@ def estimate_memory(
     offload_reference: bool = False,
     platform: str = "cpu",
     adapter_params: int = 0,
+    int8_weights: int = 0,
+    int8_scales: int = 0,
 ) -> MemoryEstimate:
     """Per-device bytes for ``config`` (a ``jrft.models.ModelConfig``) on a ``(data, fsdp, tensor)`` mesh.
 
@@ -118,6 +121,8 @@ def estimate_memory(
     ``platform`` is the one the program is compiled for (its compiler's habits: see the module docstring).
     ``adapter_params`` > 0: LoRA with that many adapter parameters (``jrft.models.lora.adapter_param_count``),
     the only ones trained: they add to ``params`` and alone have gradients and optimizer moments.
+    ``int8_weights`` of the base's parameters are stored in int8 with ``int8_scales`` float32 scales
+    (``lora.base_quantization``, ``jrft.models.quant.int8_counts``).
     """
     data, fsdp, tensor = mesh_shape
     if remat not in REMAT_ACTIVATION_FACTORS:
@@ -125,7 +130,8 @@ def estimate_memory(
     n = config.num_params() if callable(getattr(config, "num_params", None)) else config.num_params
     shards = fsdp * tensor
     trained = adapter_params or n
-    params = (n + adapter_params) * param_bytes // shards
+    stored = (n - int8_weights + adapter_params) * param_bytes + int8_weights + 4 * int8_scales
+    params = stored // shards
     grads = trained * param_bytes // shards if training else 0
     optimizer = trained * opt_bytes * optimizer_copies // shards if training else 0
     local_batch = max(batch // (data * fsdp), 1)

@@ -65,7 +65,9 @@ def fuse_decode_weights(model, fuse: bool = True) -> dict[str, jax.Array]:
     p = merged_layer_arrays(model) if fuse else model.layers.arrays(cfg)
     L, D = cfg.num_layers, cfg.hidden_size
     dtype = model.dtype
-    out = {k: v for k, v in p.items() if k.endswith("norm")}  # norms stay in param dtype, like the model
+    # norms stay in param dtype, like the model; an int8 base unfused: values cast here, scales kept beside
+    # (fused: merged_layer_arrays has dequantized them into the copy)
+    out = {k: v for k, v in p.items() if k.endswith("norm")}
     flat = {k: p[k].reshape(L, D, -1).astype(dtype) for k in ("wq", "wk", "wv")}
     if fuse:
         out["wqkv"] = jnp.concatenate([flat["wq"], flat["wk"], flat["wv"]], axis=-1)
@@ -86,12 +88,19 @@ def fuse_decode_weights(model, fuse: bool = True) -> dict[str, jax.Array]:
     if not fuse and getattr(model, "lora", None) is not None:
         for w, (a, b) in model.lora.arrays(dtype).items():
             out[f"lora_{w}_a"], out[f"lora_{w}_b"] = a, b
+    for w in (
+        k for k in p if k.endswith("_scale")
+    ):  # int8 base, unfused: the int8 values cast, scales beside
+        out[w] = p[w].reshape(L, -1).astype(dtype)  # [L, out]
     return out
 
 
 def _mm(p, h: jax.Array, w: str) -> jax.Array:
-    """``h [B, in] @ p[w]`` plus the unmerged LoRA path ``(h A)(scale B)`` when ``p`` carries one."""
+    """``h [B, in] @ p[w]`` (times the per-channel scale of an int8 weight) plus the unmerged LoRA path
+    ``(h A)(scale B)`` when ``p`` carries one."""
     y = h @ p[w]
+    if f"{w}_scale" in p:
+        y = y * p[f"{w}_scale"]  # per output channel: (h q) s = h (q s)
     a = p.get(f"lora_{w}_a")
     return y if a is None else y + (h @ a) @ p[f"lora_{w}_b"]
 

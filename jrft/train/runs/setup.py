@@ -53,6 +53,7 @@ def build_model(config: RunConfig, mesh: Mesh, *, scalar_head: bool = False, pat
         seed=config.seed,
         lora=LoRASpec.from_config(config.lora) if path is None else None,
         lora_init=config.lora.init_from if path is None and config.lora.rank > 0 else None,
+        base_quantization=config.lora.base_quantization if path is None else None,
     )
 
 
@@ -335,10 +336,12 @@ def estimate_for(
     two sequences) of ``seq_len`` tokens (default ``data.max_length``), ``cache_rows`` x ``cache_len`` KV
     cache. With LoRA (``lora.rank > 0``) gradients and optimizer moments are the adapters' only."""
     from jrft.models.lora import LoRASpec, adapter_param_count
+    from jrft.models.quant import int8_counts
     from jrft.parallel.memory import estimate_memory
 
     nbytes = lambda name: jnp.dtype(name).itemsize  # noqa: E731
     spec = LoRASpec.from_config(config.lora)
+    int8 = int8_counts(model_cfg) if config.lora.base_quantization == "int8" else (0, 0)
     micro = config.train.micro_batch_size or rows
     # chosen and rejected (KTO: the completion and its KL pair) in one forward
     pairs = 2 if config.objective in ("dpo", "reward", "kto") else 1
@@ -359,6 +362,8 @@ def estimate_for(
         offload_reference=config.train.offload_reference,
         platform=platform,
         adapter_params=adapter_param_count(model_cfg, spec) if spec is not None else 0,
+        int8_weights=int8[0],
+        int8_scales=int8[1],
     )
 
 
