@@ -253,6 +253,8 @@ def peft_adapter_settings(directory: str) -> dict[str, Any]:
         )
         modules.add(match.group(1))
     check_field(bool(modules), "init_from", f"{weights}: holds no LoRA tensors")
+    for key in ("r", "lora_alpha"):
+        check_field(isinstance(cfg.get(key), (int, float)), "init_from", f"{cfg_path}: no number {key!r}")
     return {
         "rank": int(cfg["r"]),
         "alpha": float(cfg["lora_alpha"]),
