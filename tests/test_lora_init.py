@@ -150,3 +150,41 @@ def test_run_starts_from_an_exported_adapter(tiny_task, tmp_path):
     np.testing.assert_allclose(np.asarray(ours), np.asarray(merged), atol=1e-5)
     result = run_config(config, progress=False)
     assert int(result.state.step) == 3
+
+
+@pytest.mark.slow  # 26 s: the precompute pass reads the whole preference set
+def test_dpo_reference_is_the_base_live_or_precomputed(tiny_task, tmp_path):
+    """From an adapter that moves the model, DPO's reference is still the base (adapters off): live in the
+    step and precomputed give the same first-step loss, and the first margins are not zero."""
+    import json
+
+    from flax import nnx
+
+    from jrft.models.lora import LoRAParam
+
+    model = from_pretrained(tiny_task["model"], lora=LoRASpec(rank=4, scale=2.0))
+    for i, (path, var) in enumerate(nnx.to_flat_state(nnx.state(model, LoRAParam))):
+        if str(path[-1]).endswith("_b"):
+            var.set_value(0.2 * jax.random.normal(jax.random.key(i), var.get_value().shape))
+    adapter = os.path.join(save_pretrained(model, tmp_path / "sft"), "adapter")
+    rows = {}
+    for flag in ("false", "true"):
+        out = tmp_path / f"dpo-{flag}"
+        overrides = [
+            "objective=dpo",
+            f"output_dir={out}",
+            f"model.path={tiny_task['model']}",
+            f"data.train={tiny_task['pref_train']}",
+            "data.buckets=32",
+            "data.max_length=64",
+            "mesh.data=1",
+            "train.batch_size=8",
+            "train.steps=1",
+            f"dpo.precompute_ref_logps={flag}",
+            f"lora.init_from={adapter}",
+        ]
+        run_config(load_config(None, overrides), progress=False)
+        rows[flag] = json.loads(open(out / "metrics.jsonl").readline())
+    assert abs(rows["false"]["rewards/margins"]) > 1e-3
+    for key in ("loss", "rewards/margins", "rewards/chosen"):
+        assert rows["true"][key] == pytest.approx(rows["false"][key], abs=1e-5), key
