@@ -70,7 +70,7 @@ def _randomise_b(model):
             var.set_value(0.05 * jax.random.normal(jax.random.key(i), var.get_value().shape))
 
 
-@pytest.mark.parametrize("layout, fuse", [("unrolled", True), ("scan", False)])
+@pytest.mark.parametrize("layout, fuse", [("unrolled", True), ("unrolled", False), ("scan", False)])
 def test_sampler_and_export_use_the_dequantized_weights(base_dir, tmp_path, layout, fuse):
     """Fused: dequantized into the fused copy; unfused: int8 cast with the scales applied to the outputs.
     The export is the dequantized base with the adapters merged: it reproduces the model's logits."""

@@ -409,7 +409,13 @@ def _sampler_bytes(config: RunConfig, model_cfg, mesh_shape, *, platform: str, g
     dtype, tensor split kept) or, left sharded, two layers' gathered weights at a time."""
     est = _rollout_estimate(config, model_cfg, mesh_shape, platform=platform)
     _, fsdp, tensor = mesh_shape
-    whole = model_cfg.num_params * jnp.dtype(config.model.dtype).itemsize // tensor
+    compute = jnp.dtype(config.model.dtype).itemsize
+    whole = model_cfg.num_params * compute // tensor
+    if config.lora.base_quantization == "int8":  # gathered as stored: int8 projections, their scales
+        from jrft.models.quant import int8_counts
+
+        weights, scales = int8_counts(model_cfg)
+        whole = ((model_cfg.num_params - weights) * compute + weights + scales * compute) // tensor
     if fsdp == 1:
         weights = 0
     elif gathered:
