@@ -203,10 +203,13 @@ def _safetensors_names(path: str) -> list[str]:
     import json
     import struct
 
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    return [k for k in header if k != "__metadata__"]
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(min(n, 100 * 2**20)))
+        return [k for k in header if k != "__metadata__"]
+    except (struct.error, ValueError, TypeError, AttributeError) as e:
+        raise ConfigError(f"{path}: not a safetensors file ({e})", "init_from") from None
 
 
 def peft_adapter_settings(directory: str) -> dict[str, Any]:
