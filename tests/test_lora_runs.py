@@ -266,3 +266,31 @@ def test_lora_resume_against_another_base_errors(tiny_task, tmp_path):
         run_config(load_config(None, [*overrides, "train.steps=4"]), progress=False, allow_config_change=True)
     with pytest.raises(ConfigDriftError, match="fingerprint"):
         export_checkpoint(str(tmp_path / "run"), str(tmp_path / "export"))
+
+
+def test_a_checkpoint_that_holds_the_base_still_restores(tmp_path):
+    """LoRA checkpoints written before they left the base out (the whole state) restore as they were."""
+    import optax
+    import orbax.checkpoint as ocp
+
+    from jrft.models import Decoder, ModelConfig
+    from jrft.models.lora import LoRASpec
+    from jrft.models.testing import tiny_hf_config
+    from jrft.train.checkpoint import Checkpointer
+    from jrft.train.state import create_train_state
+
+    cfg = ModelConfig.from_hf(tiny_hf_config("llama", vocab_size=32, hidden_size=32, intermediate_size=64))
+    _, state = create_train_state(
+        Decoder(cfg, rngs=nnx.Rngs(0), lora=LoRASpec(4, 2.0)), optax.adam(1e-3), seed=0
+    )
+    manager = ocp.CheckpointManager(tmp_path, options=ocp.CheckpointManagerOptions(create=True))
+    old = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({"step": 1}))
+    manager.save(1, args=old, force=True)
+    manager.wait_until_finished()
+    manager.close()
+    checkpointer = Checkpointer(tmp_path)
+    restored, meta = checkpointer.restore(None, state)
+    checkpointer.close()
+    assert meta["step"] == 1
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

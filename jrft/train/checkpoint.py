@@ -101,15 +101,23 @@ class Checkpointer:
             step = self.latest_step()
             if step is None:
                 raise FileNotFoundError(f"no checkpoint to restore in {self.directory}")
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_like(checkpoint_part(target))),
-                meta=ocp.args.JsonRestore(),
-            ),
-        )
+        part = checkpoint_part(target)
+        try:
+            restored = self._restore(step, part)
+        except ValueError:
+            if jax.tree.structure(part) == jax.tree.structure(target):
+                raise
+            # a LoRA checkpoint written before checkpoints left the base out: it holds the whole state
+            restored = self._restore(step, target)
+            return restored["state"], dict(restored["meta"])
         state = restored["state"] if target is None else with_frozen_base(restored["state"], target)
         return state, dict(restored["meta"])
+
+    def _restore(self, step: int, target: Any) -> dict[str, Any]:
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_like(target)), meta=ocp.args.JsonRestore()
+        )
+        return self._manager.restore(step, args=args)
 
     def read_meta(self, step: int | None = None) -> dict[str, Any]:
         """The JSON meta of checkpoint ``step`` (``None``: the latest) without touching the arrays."""
