@@ -133,8 +133,21 @@ class LoRAConfig:
     # How A starts (B always starts at 0, so the first forward equals the base model): "default" is PEFT's
     # Kaiming-uniform, "gaussian" is normal with std 1 / r.
     init: Literal["default", "gaussian"] = "default"
+    # A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors, as ``peft`` saves it
+    # and as jrft's export writes under export/adapter/) whose A and B are the run's starting adapters, e.g.
+    # a LoRA SFT before DPO. Its r, lora_alpha, use_rslora and adapted modules fill rank, alpha, use_rslora
+    # and target_modules where those are left at their defaults; set otherwise, they must agree with it.
+    init_from: str | None = None
+    # QLoRA-style storage of the frozen base (Dettmers et al. 2023, arXiv:2305.14314): "int8" keeps the
+    # layers' seven projections in int8 with one float32 scale per output channel, dequantized one layer
+    # at a time inside the forward (base weights ~1/2 of bf16, ~1/4 of float32); "none" keeps
+    # model.param_dtype. Embeddings, LM head and norms are not quantized. Needs rank > 0 (only a frozen base
+    # may be quantized); the export is the dequantized base plus the adapters.
+    base_quantization: Literal["none", "int8"] = "none"
 
     def __post_init__(self):
+        if self.init_from:
+            _take_adapter_settings(self)
         check_nonnegative(self, "rank")
         check_positive(self, "alpha")
         check_field(self.dropout == 0.0, "dropout", f"only 0.0 is supported for now, got {self.dropout!r}")
@@ -148,6 +161,11 @@ class LoRAConfig:
             check_field(not unknown, "target_modules", f"unknown {unknown}; known: {list(LORA_MODULES)}")
         if self.rank > 0:
             check_field(bool(self.modules), "target_modules", "selects no projection")
+        check_field(
+            self.base_quantization == "none" or self.rank > 0,
+            "base_quantization",
+            f"{self.base_quantization!r} quantizes the frozen base of a LoRA run: set lora.rank > 0",
+        )
 
     @property
     def modules(self) -> tuple[str, ...]:
@@ -164,6 +182,115 @@ class LoRAConfig:
     def scale(self) -> float:
         """The adapter path's multiplier: ``alpha / r`` or, with ``use_rslora``, ``alpha / sqrt(r)``."""
         return self.alpha / (self.rank**0.5 if self.use_rslora else self.rank)
+
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+# adapter_config.json keys whose non-default values describe adapters jrft does not build.
+_PEFT_UNSUPPORTED = {
+    "use_dora": False,
+    "bias": "none",
+    "modules_to_save": None,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "layers_to_transform": None,
+    "fan_in_fan_out": False,
+}
+
+
+def _safetensors_names(path: str) -> list[str]:
+    """Tensor names from a safetensors file's header (8-byte little-endian length, then JSON)."""
+    import json
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(min(n, 100 * 2**20)))
+        return [k for k in header if k != "__metadata__"]
+    except (struct.error, ValueError, TypeError, AttributeError) as e:
+        raise ConfigError(f"{path}: not a safetensors file ({e})", "init_from") from None
+
+
+def peft_adapter_settings(directory: str) -> dict[str, Any]:
+    """``{rank, alpha, use_rslora, modules}`` of a PEFT LoRA adapter directory: r / lora_alpha / use_rslora
+    from ``adapter_config.json``; the adapted modules from the tensor names of ``adapter_model.safetensors``
+    (what was saved, whatever form ``target_modules`` took: names, a regex, ``all-linear``).
+
+    Raises:
+      ConfigError: (key ``init_from``) a missing file, another PEFT type, or adapters jrft does not build
+        (DoRA, biases, ``modules_to_save``, per-module ranks, a subset of layers, embeddings); the message
+        names the file and the field.
+    """
+    import json
+
+    cfg_path, weights = os.path.join(directory, PEFT_CONFIG), os.path.join(directory, PEFT_WEIGHTS)
+    for p in (cfg_path, weights):
+        check_field(
+            os.path.isfile(p),
+            "init_from",
+            f"{p} not found (a PEFT adapter directory holds both {PEFT_CONFIG} and {PEFT_WEIGHTS})",
+        )
+    with open(cfg_path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    check_field(
+        cfg.get("peft_type", "LORA") == "LORA",
+        "init_from",
+        f"{cfg_path}: peft_type {cfg.get('peft_type')!r}, not LORA",
+    )
+    for key, default in _PEFT_UNSUPPORTED.items():
+        value = cfg.get(key, default)
+        check_field(
+            value == default or (not value and not default),
+            "init_from",
+            f"{cfg_path}: {key}={value!r} is not supported by jrft's LoRA (only {default!r})",
+        )
+    modules = set()
+    pattern = re.compile(r"(?:^|\.)layers\.\d+\.(?:self_attn|mlp)\.(\w+)\.lora_[AB]\.weight$")
+    for name in _safetensors_names(weights):
+        match = pattern.search(name)
+        check_field(
+            bool(match) and match.group(1) in LORA_MODULES,
+            "init_from",
+            f"{weights}: tensor {name!r} is not a LoRA A/B of a decoder projection {list(LORA_MODULES)}",
+        )
+        modules.add(match.group(1))
+    check_field(bool(modules), "init_from", f"{weights}: holds no LoRA tensors")
+    for key in ("r", "lora_alpha"):
+        check_field(isinstance(cfg.get(key), (int, float)), "init_from", f"{cfg_path}: no number {key!r}")
+    return {
+        "rank": int(cfg["r"]),
+        "alpha": float(cfg["lora_alpha"]),
+        "use_rslora": bool(cfg.get("use_rslora", False)),
+        "modules": tuple(m for m in LORA_MODULES if m in modules),
+        "file": cfg_path,
+    }
+
+
+def _take_adapter_settings(lora: LoRAConfig) -> None:
+    """Fills ``lora``'s rank / alpha / use_rslora / target_modules from its ``init_from`` adapter where they
+    are at their defaults; where set, they must agree (the error names the field and the adapter's file)."""
+    found = peft_adapter_settings(lora.init_from)
+    where = found["file"]
+    defaults = LoRAConfig()
+    for name, peft_name in (("rank", "r"), ("alpha", "lora_alpha"), ("use_rslora", "use_rslora")):
+        value = getattr(lora, name)
+        if value == getattr(defaults, name):
+            object.__setattr__(lora, name, found[name])
+        check_field(
+            getattr(lora, name) == found[name],
+            name,
+            f"{value!r} but lora.init_from's {where} has {peft_name}={found[name]!r} "
+            "(leave it unset to take it)",
+        )
+    if lora.target_modules == defaults.target_modules:
+        object.__setattr__(lora, "target_modules", found["modules"])
+    check_field(
+        set(lora.modules) == set(found["modules"]),
+        "target_modules",
+        f"selects {list(lora.modules)} but lora.init_from's {where.removesuffix(PEFT_CONFIG) + PEFT_WEIGHTS} "
+        f"adapts {list(found['modules'])} (leave it unset to take them)",
+    )
 
 
 @dataclass(frozen=True)

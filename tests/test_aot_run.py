@@ -122,3 +122,63 @@ def test_bad_input_exits_2(capsys):
     assert "jrft compile:" in capsys.readouterr().err
     assert main(["compile", "sft", "configs/sft.yaml", "model.path=/nowhere", "--topology", "v5e:2x4"]) == 2
     assert "preset" in capsys.readouterr().err
+
+
+LORA_CASES = [
+    ("dpo", [], {"dpo/train_step"}),  # the reference is the base with the adapters off, inside the step
+    pytest.param(
+        "grpo",
+        ["grpo.beta=0.04", "grpo.num_generations=4"],
+        {"grpo/generate", "grpo/update", "grpo/reference_logps"},
+        marks=pytest.mark.slow,  # 21 s on a 2-core machine
+    ),
+]
+
+
+@pytest.mark.parametrize("objective, extra, expected", LORA_CASES)
+def test_jrft_compile_lora_programs_for_tpu(tmp_path, capsys, objective, extra, expected):
+    """``lora.rank > 0``: the programs are built with the adapters as the trained parameters; the reference
+    stays on the device (zero adapters over the state's base) even with ``train.offload_reference``."""
+    pytest.importorskip("libtpu")
+    from jrft.cli import main
+
+    args = [
+        "compile",
+        objective,
+        f"configs/{objective}.yaml",
+        f"model.path={_tiny_model_dir(tmp_path)}",
+        "mesh.data=1",
+        "mesh.fsdp=8",
+        "train.batch_size=8",
+        "data.max_length=64",
+        "data.max_prompt_length=32",
+        "train.offload_reference=true",
+        "lora.rank=8",
+        *extra,
+    ]
+    assert main([*args, "--topology", "v5e:2x4"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"{objective}/")]
+    assert lines and all(": fits  total" in line for line in lines)
+    assert {line.split(":")[0] for line in lines} == expected
+
+
+def test_lora_programs_train_only_the_adapters():
+    """The abstract train state of a LoRA run: params and optimizer state are the adapters' (as many as
+    ``adapter_param_count``), the base sits in ``rest``; DPO's step takes no reference log-probs."""
+    import jax
+
+    from jrft.models.lora import LoRASpec, adapter_param_count
+    from jrft.train.state import TrainState
+
+    model_cfg = ModelConfig.from_hf(tiny_hf_config("llama", vocab_size=256))
+    mesh = make_mesh(data=1, fsdp=8, tensor=1)
+    common = ["objective=dpo", "train.batch_size=8", "data.max_length=64", "lora.rank=8"]
+    config = load_config(None, common)
+    (program,) = offline_programs(config, model_cfg, mesh)
+    state, batch = program.args
+    assert isinstance(state, TrainState) and not any(k.startswith("ref_") for k in batch)
+    adapters = adapter_param_count(model_cfg, LoRASpec.from_config(config.lora))
+    assert sum(x.size for x in jax.tree.leaves(state.params)) == adapters
+    moments = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim > 0)
+    assert moments == 2 * adapters
+    assert sum(x.size for x in jax.tree.leaves(state.rest)) == model_cfg.num_params

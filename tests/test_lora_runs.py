@@ -204,7 +204,93 @@ def test_dpo_with_lora_resumes_exactly(tiny_task, tmp_path):
 
     whole = run_config(config(tmp_path / "whole", 6), progress=False).state
     run_config(config(tmp_path / "parts", 4), progress=False)
+    # the checkpoint is adapter-sized: adapters + Adam moments (3x the adapters) and small files, no base
+    adapter_bytes = sum(x.nbytes for x in jax.tree.leaves(whole.params))
+    base_bytes = os.path.getsize(os.path.join(tiny_task["model"], "model.safetensors"))
+    saved = _dir_bytes(tmp_path / "parts" / "checkpoints" / "4")
+    # (measured: 229 KB for 64 KB of adapters; this tiny base is 311 KB, an 8B one 16 GB)
+    assert saved < 3 * adapter_bytes + 64 * 1024 < base_bytes, (saved, adapter_bytes, base_bytes)
+    meta = json.loads((tmp_path / "parts" / "checkpoints" / "4" / "meta" / "metadata").read_text())
+    assert meta["lora_base"]["path"] == tiny_task["model"] and meta["lora_base"]["bytes"] == base_bytes
     resumed = run_config(config(tmp_path / "parts", 6), progress=False, allow_config_change=True).state
     for a, b in zip(jax.tree.leaves(whole.params), jax.tree.leaves(resumed.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert int(resumed.step) == 6
+    # the base came back from model.path
+    np.testing.assert_array_equal(
+        np.asarray(resumed.rest["layers"]["wq"][...]), np.asarray(whole.rest["layers"]["wq"][...])
+    )
+
+
+def _dir_bytes(path) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def test_lora_resume_against_another_base_errors(tiny_task, tmp_path):
+    """A LoRA checkpoint leaves the base out and records its fingerprint: new weights at the same
+    ``model.path`` are refused on resume (and by ``jrft export``), naming both fingerprints."""
+    import shutil
+
+    from safetensors.numpy import load_file
+
+    from jrft.models import Decoder, save_pretrained
+    from jrft.train.runs.export import export_checkpoint
+    from jrft.train.runs.resume import ConfigDriftError
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_task["model"], base)
+    overrides = [
+        "objective=sft",
+        f"output_dir={tmp_path / 'run'}",
+        f"model.path={base}",
+        f"data.train={tiny_task['sft_train']}",
+        "data.buckets=32",
+        "data.max_length=64",
+        "mesh.data=1",
+        "train.batch_size=8",
+        "train.steps=2",
+        *LORA,
+    ]
+    run_config(load_config(None, overrides), progress=False)
+    # jrft export rebuilds the base from model.path under the checkpoint's adapters: the run's own export
+    export_checkpoint(str(tmp_path / "run"), str(tmp_path / "again"))
+    for name in ("model.safetensors", "adapter/adapter_model.safetensors"):
+        ours = load_file(str(tmp_path / "run" / "export" / name))
+        again = load_file(str(tmp_path / "again" / name))
+        assert ours.keys() == again.keys()
+        for key in ours:
+            np.testing.assert_array_equal(ours[key], again[key], err_msg=key)
+    other = Decoder(from_pretrained(str(base)).config, rngs=nnx.Rngs(1))  # same shapes, other weights
+    save_pretrained(other, base)
+    with pytest.raises(ConfigDriftError, match="holds LoRA adapters trained on the base .* other weights"):
+        run_config(load_config(None, [*overrides, "train.steps=4"]), progress=False, allow_config_change=True)
+    with pytest.raises(ConfigDriftError, match="fingerprint"):
+        export_checkpoint(str(tmp_path / "run"), str(tmp_path / "export"))
+
+
+def test_a_checkpoint_that_holds_the_base_still_restores(tmp_path):
+    """LoRA checkpoints written before they left the base out (the whole state) restore as they were."""
+    import optax
+    import orbax.checkpoint as ocp
+
+    from jrft.models import Decoder, ModelConfig
+    from jrft.models.lora import LoRASpec
+    from jrft.models.testing import tiny_hf_config
+    from jrft.train.checkpoint import Checkpointer
+    from jrft.train.state import create_train_state
+
+    cfg = ModelConfig.from_hf(tiny_hf_config("llama", vocab_size=32, hidden_size=32, intermediate_size=64))
+    _, state = create_train_state(
+        Decoder(cfg, rngs=nnx.Rngs(0), lora=LoRASpec(4, 2.0)), optax.adam(1e-3), seed=0
+    )
+    manager = ocp.CheckpointManager(tmp_path, options=ocp.CheckpointManagerOptions(create=True))
+    old = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({"step": 1}))
+    manager.save(1, args=old, force=True)
+    manager.wait_until_finished()
+    manager.close()
+    checkpointer = Checkpointer(tmp_path)
+    restored, meta = checkpointer.restore(None, state)
+    checkpointer.close()
+    assert meta["step"] == 1
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -121,3 +121,47 @@ def test_sampler_weights_resolution():
     assert 14 * gib < big - small < 15 * gib
     with pytest.raises(ValueError, match="sampler_weights"):
         config("whole")
+
+
+@pytest.mark.parametrize(
+    "modules", [("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj")]
+)
+def test_lora_estimate_counts_gradients_and_moments_of_the_adapters_only(modules):
+    """With LoRA: params = base + adapters, grads and AdamW moments of the adapters alone (as many as the
+    model's LoRAParam variables and the optimizer state it really builds), no reference copy."""
+    import optax
+
+    from jrft.config import load_config
+    from jrft.models.lora import LoRAParam, LoRASpec, adapter_param_count
+    from jrft.train.runs.setup import estimate_for
+    from jrft.train.state import create_train_state
+
+    cfg = ModelConfig.from_hf(tiny_hf_config("llama", vocab_size=256, hidden_size=64, intermediate_size=128))
+    spec = LoRASpec(rank=8, scale=2.0, modules=modules)
+    model = Decoder(cfg, rngs=nnx.Rngs(0), lora=spec)
+    adapters = sum(x.size for x in jax.tree.leaves(nnx.state(model, LoRAParam)))
+    assert adapter_param_count(cfg, spec) == adapters
+    _, state = create_train_state(model, optax.adamw(1e-3), seed=0)
+    moments = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim > 0)
+    assert moments == 2 * adapters
+
+    names = "[" + ", ".join(modules) + "]"
+    common = ["objective=dpo", "train.batch_size=8", "data.max_length=64"]
+    full = estimate_for(load_config(None, common), cfg, (1, 1, 1), rows=8)
+    lora = estimate_for(
+        load_config(None, [*common, "lora.rank=8", f"lora.target_modules={names}"]), cfg, (1, 1, 1), rows=8
+    )
+    n = cfg.num_params
+    assert (full.params, full.grads, full.optimizer, full.reference) == (4 * n, 4 * n, 8 * n, 4 * n)
+    assert (lora.params, lora.grads, lora.optimizer, lora.reference) == (
+        4 * (n + adapters),
+        4 * adapters,
+        8 * adapters,
+        0,
+    )
+    assert lora.activations == full.activations
+    # sharded: every term split over fsdp x tensor
+    split = estimate_for(
+        load_config(None, [*common, "lora.rank=8", f"lora.target_modules={names}"]), cfg, (1, 4, 2), rows=8
+    )
+    assert split.optimizer == 8 * adapters // 8 and split.params == 4 * (n + adapters) // 8

@@ -13,7 +13,7 @@ import yaml
 from safetensors.numpy import load_file
 
 
-def _write_config(path, tiny_task, objective, out, steps, save_every, reward_file=None):
+def _write_config(path, tiny_task, objective, out, steps, save_every, lora_rank=0):
     cfg = {
         "objective": objective,
         "output_dir": str(out),
@@ -32,6 +32,8 @@ def _write_config(path, tiny_task, objective, out, steps, save_every, reward_fil
             "max_new_tokens": 8,
             "reward_functions": [{"name": "accuracy"}, {"name": "format", "weight": 0.1}],
         }
+    if lora_rank:  # checkpoints without the base: the rerun reloads it from model.path
+        cfg["lora"] = {"rank": lora_rank, "alpha": 2 * lora_rank}
     path.write_text(yaml.safe_dump(cfg))
     return str(path)
 
@@ -69,16 +71,20 @@ def _kill_after_checkpoint(cmd, out, at_least):
 
 
 @pytest.mark.parametrize(
-    "objective,steps,save_every,kill_at",
+    "objective,steps,save_every,kill_at,lora_rank",
     [
-        pytest.param("sft", 120, 10, 20, marks=pytest.mark.slow),
-        pytest.param("grpo", 12, 3, 3, marks=pytest.mark.slow),
+        pytest.param("sft", 120, 10, 20, 0, marks=pytest.mark.slow),
+        pytest.param("grpo", 12, 3, 3, 0, marks=pytest.mark.slow),
+        pytest.param("sft", 60, 10, 20, 8, marks=pytest.mark.slow, id="sft-lora"),
     ],
 )
-def test_sigkill_then_rerun_equals_uninterrupted(tiny_task, tmp_path, objective, steps, save_every, kill_at):
+def test_sigkill_then_rerun_equals_uninterrupted(
+    tiny_task, tmp_path, objective, steps, save_every, kill_at, lora_rank
+):
     ref_out, run_out = tmp_path / "ref", tmp_path / "run"
-    ref_cfg = _write_config(tmp_path / "ref.yaml", tiny_task, objective, ref_out, steps, save_every)
-    run_cfg = _write_config(tmp_path / "run.yaml", tiny_task, objective, run_out, steps, save_every)
+    args = (steps, save_every, lora_rank)
+    ref_cfg = _write_config(tmp_path / "ref.yaml", tiny_task, objective, ref_out, *args)
+    run_cfg = _write_config(tmp_path / "run.yaml", tiny_task, objective, run_out, *args)
     subprocess.run(_cmd(objective, ref_cfg), env=_env(), check=True, timeout=600, capture_output=True)
     _kill_after_checkpoint(_cmd(objective, run_cfg), run_out, kill_at)
     done = subprocess.run(_cmd(objective, run_cfg), env=_env(), timeout=600, capture_output=True, text=True)
@@ -89,3 +95,8 @@ def test_sigkill_then_rerun_equals_uninterrupted(tiny_task, tmp_path, objective,
     assert ref.keys() == run.keys()
     for name in ref:
         np.testing.assert_array_equal(ref[name], run[name], err_msg=name)
+    if lora_rank:
+        ref = load_file(str(ref_out / "export" / "adapter" / "adapter_model.safetensors"))
+        run = load_file(str(run_out / "export" / "adapter" / "adapter_model.safetensors"))
+        for name in ref:
+            np.testing.assert_array_equal(ref[name], run[name], err_msg=name)

@@ -63,10 +63,14 @@ def device_bytes(tree) -> int:
     return total
 
 
-def abstract_train_state(config: RunConfig, model_cfg, tx, mesh: Mesh, *, scalar_head: bool = False):
+def abstract_train_state(
+    config: RunConfig, model_cfg, tx, mesh: Mesh, *, scalar_head: bool = False, trained: bool = True
+):
     """``(graphdef, abstract TrainState, shardings)``: the run's model and optimizer state as
-    ``ShapeDtypeStruct``s placed as ``place_state`` would place them."""
+    ``ShapeDtypeStruct``s placed as ``place_state`` would place them. The ``trained`` model (the policy, not
+    PPO's value or reward model) gets the ``lora`` section's adapters, as ``build_model`` gives it."""
     from jrft.models import Decoder
+    from jrft.models.lora import LoRASpec
 
     m = config.model
     model = nnx.eval_shape(
@@ -77,6 +81,8 @@ def abstract_train_state(config: RunConfig, model_cfg, tx, mesh: Mesh, *, scalar
             param_dtype=jnp.dtype(m.param_dtype),
             remat=m.remat,
             scalar_head=scalar_head,
+            lora=LoRASpec.from_config(config.lora) if trained else None,
+            base_quantization=config.lora.base_quantization if trained else None,
         )
     )
     graphdef, params, rest = split_model(model)
@@ -130,6 +136,12 @@ def _rollout_spec(n: int, tp: int, tc: int, **extra) -> dict:
     return spec
 
 
+def _ref_offloaded(config: RunConfig) -> bool:
+    """Whether the reference parameters live in host memory: ``train.offload_reference``, except under LoRA,
+    whose reference is zero adapters (tiny, kept on the device) over the train state's own base."""
+    return config.train.offload_reference and config.lora.rank == 0
+
+
 def _reference_program(name, forward, graphdef_state, batch, *, offload: bool, resident: int) -> Program:
     """The frozen reference's forward over ``batch``: on the device, or (offloaded) the host-to-device
     program ``FrozenModel`` runs."""
@@ -147,7 +159,7 @@ def _reference_program(name, forward, graphdef_state, batch, *, offload: bool, r
 def offline_programs(config: RunConfig, model_cfg, mesh: Mesh) -> list[Program]:
     """SFT / reward model / DPO: the train step (and DPO's live reference forward)."""
     from jrft.train.objectives import dpo
-    from jrft.train.runs.offline import offline_loss
+    from jrft.train.runs.offline import lora_reference_loss, offline_loss
     from jrft.train.runs.setup import holds_reference, optimizer_from_config, total_updates
     from jrft.train.step import jit_step, make_train_step
 
@@ -159,6 +171,15 @@ def offline_programs(config: RunConfig, model_cfg, mesh: Mesh) -> list[Program]:
         config, model_cfg, tx, mesh, scalar_head=config.objective == "reward"
     )
     normalizers, loss_fn = offline_loss(config)
+    d = config.dpo
+    # LoRA's DPO reference: the base with the adapters off, inside the step (as the runner builds it)
+    live_lora_reference = (
+        config.objective == "dpo"
+        and config.lora.rank > 0
+        and not (d.reference_free or d.precompute_ref_logps or not dpo.needs_reference(d.loss_type))
+    )
+    if live_lora_reference:
+        loss_fn = lora_reference_loss(config, graphdef, loss_fn)
     step = jit_step(
         make_train_step(graphdef, loss_fn, normalizers, tx, grad_accum=config.train.grad_accum),
         mesh=mesh,
@@ -168,7 +189,8 @@ def offline_programs(config: RunConfig, model_cfg, mesh: Mesh) -> list[Program]:
         keys = ("tokens", "attention_mask", "loss_mask", "positions", "segment_ids")
         batch = abstract_batch(mesh, {k: ((b, t), jnp.int32) for k in keys})
     else:
-        batch = abstract_batch(mesh, _pairs_spec(b, t, reference=config.objective == "dpo"))
+        pairs = _pairs_spec(b, t, reference=config.objective == "dpo" and not live_lora_reference)
+        batch = abstract_batch(mesh, pairs)
     reference = config.objective == "dpo" and holds_reference(config)
     ref_bytes = device_bytes(state.params) if reference and not config.train.offload_reference else 0
     programs = [Program(f"{config.objective}/train_step", step, (state, batch), resident_bytes=ref_bytes)]
@@ -233,7 +255,8 @@ def grpo_programs(config: RunConfig, model_cfg, mesh: Mesh) -> list[Program]:
     tp, tc = bucket_length(config.data.max_prompt_length), c.max_new_tokens
     n = t.batch_size * c.num_generations // c.num_mini_batches
     fresh = on_policy(c)
-    ref_bytes = device_bytes(state.params) if c.beta > 0 and not t.offload_reference else 0
+    # the frozen reference's copy of the parameters; with LoRA the zero adapters (adapter-sized), on device
+    ref_bytes = device_bytes(state.params) if c.beta > 0 and not _ref_offloaded(config) else 0
     options = round_options(
         config, mesh, state_sharding=shardings, num_mini_batches=c.num_mini_batches, model_cfg=model_cfg
     )
@@ -269,9 +292,9 @@ def grpo_programs(config: RunConfig, model_cfg, mesh: Mesh) -> list[Program]:
             _reference_program(
                 "grpo/reference_logps",
                 forward,
-                (state.params, state.rest),
+                (state.params, state.rest),  # LoRA: zero adapters of the same shapes over the state's base
                 rows,
-                offload=t.offload_reference,
+                offload=_ref_offloaded(config),
                 resident=device_bytes(state),  # the train state stays on the device meanwhile
             )
         )
@@ -303,7 +326,7 @@ def ppo_programs(config: RunConfig, model_cfg, mesh: Mesh) -> list[Program]:
     if not head:
         value_cfg = architecture(c.value_model_path or c.reward_model)
         value_graphdef, value, value_sharding = abstract_train_state(
-            config, value_cfg, tx, mesh, scalar_head=True
+            config, value_cfg, tx, mesh, scalar_head=True, trained=False
         )
     state = PPOState(policy, value)
     options = round_options(
@@ -319,11 +342,11 @@ def ppo_programs(config: RunConfig, model_cfg, mesh: Mesh) -> list[Program]:
     mini = abstract_batch(mesh, _rollout_spec(t.batch_size // c.num_mini_batches, tp, tc, **per_token))
     rows = abstract_batch(mesh, _rollout_spec(t.batch_size, tp, tc))
     reference = c.kl_coef > 0
-    ref_bytes = device_bytes(policy.params) if reference and not t.offload_reference else 0
+    ref_bytes = device_bytes(policy.params) if reference and not _ref_offloaded(config) else 0
     reward_model = None
     if c.reward_model is not None:
         rm_graphdef, rm, _ = abstract_train_state(
-            config, architecture(c.reward_model), tx, mesh, scalar_head=True
+            config, architecture(c.reward_model), tx, mesh, scalar_head=True, trained=False
         )
         reward_model = (rm_graphdef, rm.params, rm.rest)
     held = device_bytes(state) + ref_bytes + (device_bytes(reward_model[1:]) if reward_model else 0)
@@ -362,7 +385,7 @@ def ppo_programs(config: RunConfig, model_cfg, mesh: Mesh) -> list[Program]:
                 forward,
                 (policy.params, policy.rest),
                 rows,
-                offload=t.offload_reference,
+                offload=_ref_offloaded(config),
                 resident=held - ref_bytes,
             )
         )

@@ -40,6 +40,7 @@ from jrft.models.layers import (
     window_mask,
 )
 from jrft.models.lora import LoRASpec, LoRAStack, low_rank
+from jrft.models.quant import INT8_WEIGHTS, dequantize, quantize_int8, scale_axes
 from jrft.parallel.sharding import with_logical_constraint
 
 ACT_BTD = ("batch", "seq", "act_embed")
@@ -102,14 +103,27 @@ def _param(spec: ParamSpec, key: jax.Array, dtype, std: float = 0.02) -> nnx.Par
 
 
 class LayerStack(nnx.Module):
-    """Holds the stacked per-layer parameters (see ``layer_param_specs``) as attributes."""
+    """Holds the stacked per-layer parameters (see ``layer_param_specs``) as attributes. With
+    ``quantization="int8"`` the projections (``jrft.models.quant.INT8_WEIGHTS``) are int8 with a float32
+    ``<name>_scale [L, *out]`` beside each (``jrft.models.quant``; only for a frozen base under LoRA)."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype, quantization: str | None = None):
+        self.quantized = quantization == "int8"
         for name, spec in layer_param_specs(cfg).items():
-            setattr(self, name, _param(spec, rngs.params(), param_dtype))
+            param = _param(spec, rngs.params(), param_dtype)
+            if self.quantized and name in INT8_WEIGHTS:
+                q, scale = quantize_int8(param.get_value(), INT8_WEIGHTS[name])
+                param = nnx.Param(q, out_sharding=spec.axes, eager_sharding=False)
+                axes = scale_axes(spec.axes, INT8_WEIGHTS[name])
+                setattr(self, f"{name}_scale", nnx.Param(scale, out_sharding=axes, eager_sharding=False))
+            setattr(self, name, param)
 
     def arrays(self, cfg: ModelConfig) -> dict[str, jax.Array]:
-        return {name: getattr(self, name)[...] for name in layer_param_specs(cfg)}
+        """The stacked arrays by name (int8 weights with their ``<name>_scale`` when quantized)."""
+        names = list(layer_param_specs(cfg))
+        if self.quantized:
+            names += [f"{w}_scale" for w in INT8_WEIGHTS]
+        return {name: getattr(self, name)[...] for name in names}
 
 
 class ScalarHead(nnx.Module):
@@ -222,8 +236,19 @@ def _sliding_flags(cfg: ModelConfig) -> jax.Array:
 
 
 def _cast(p: dict[str, jax.Array], dtype) -> dict[str, jax.Array]:
-    # Norm weights stay in param dtype: rms_norm applies them the way transformers does.
-    return {k: v if k.endswith("norm") else v.astype(dtype) for k, v in p.items()}
+    """One layer's weights in the compute dtype; int8 weights dequantized with their scales (here, inside
+    the scanned body: one layer's float copy at a time)."""
+    out = {}
+    for k, v in p.items():
+        if k.endswith("_scale"):
+            continue
+        if k.endswith("norm"):  # norm weights stay in param dtype: rms_norm applies them as transformers does
+            out[k] = v
+        elif f"{k}_scale" in p:
+            out[k] = dequantize(v, p[f"{k}_scale"], dtype)
+        else:
+            out[k] = v.astype(dtype)
+    return out
 
 
 class Decoder(nnx.Module):
@@ -239,6 +264,8 @@ class Decoder(nnx.Module):
       scan_unroll: ``unroll`` of the layer scan (1 keeps compile time lowest).
       lora: low-rank adapters on the projections (``jrft.models.lora.LoRASpec``), held in ``self.lora``;
         ``None``: none (the model is exactly the base model).
+      base_quantization: ``"int8"`` stores the layers' projections in int8 with per-channel scales
+        (``jrft.models.quant``), for a frozen base under LoRA; ``None``: the parameter dtype.
     """
 
     def __init__(
@@ -252,6 +279,7 @@ class Decoder(nnx.Module):
         scalar_head: bool = False,
         scan_unroll: int = 1,
         lora: LoRASpec | None = None,
+        base_quantization: str | None = None,
     ):
         self.config = config
         self.dtype = jnp.dtype(dtype)
@@ -260,7 +288,8 @@ class Decoder(nnx.Module):
         self.scan_unroll = scan_unroll
         d, v = config.hidden_size, config.vocab_size
         self.embed = _param(ParamSpec((v, d), ("vocab", "embed")), rngs.params(), param_dtype)
-        self.layers = LayerStack(config, rngs=rngs, param_dtype=param_dtype)
+        quantization = None if base_quantization in (None, "none") else base_quantization
+        self.layers = LayerStack(config, rngs=rngs, param_dtype=param_dtype, quantization=quantization)
         norm = "zeros" if config.norm_plus_one else "ones"
         self.final_norm = _param(ParamSpec((d,), ("norm",), norm), rngs.params(), param_dtype)
         self.lm_head = (

@@ -91,6 +91,12 @@ def adapter_shapes(
     return out
 
 
+def adapter_param_count(cfg: ModelConfig, spec: LoRASpec) -> int:
+    """How many adapter parameters ``spec`` adds to a model of ``cfg``: ``L x r x (in + out)`` per adapted
+    projection (for the memory estimate: the only parameters with gradients and optimizer state)."""
+    return sum(math.prod(a) + math.prod(b) for a, _, b, _ in adapter_shapes(cfg, spec).values())
+
+
 def init_a(shape: tuple[int, ...], init: str, key: jax.Array, dtype) -> jax.Array:
     """A fresh ``A [L, in, r]``: PEFT's Kaiming-uniform (``a=sqrt(5)``: bound 1/sqrt(in)) or normal 1/r."""
     if init == "gaussian":
@@ -131,8 +137,14 @@ def low_rank(h: jax.Array, adapter: tuple[jax.Array, jax.Array]) -> jax.Array:
 def merged_layer_arrays(model) -> dict[str, jax.Array]:
     """``model.layers.arrays`` with each adapted weight replaced by ``W + scale * A B`` (param dtype, the
     weight's own shape): a transient copy of the adapted weights (for the sampler's decode step and export).
-    Without adapters: the base arrays themselves."""
+    int8 weights (``base_quantization``) come dequantized, their scales dropped. Without adapters or
+    quantization: the base arrays themselves."""
+    from jrft.models.quant import INT8_WEIGHTS, dequantize_stacked
+
     p = model.layers.arrays(model.config)
+    for w, n_in in INT8_WEIGHTS.items():
+        if f"{w}_scale" in p:
+            p[w] = dequantize_stacked(p[w], p.pop(f"{w}_scale"), n_in, model.param_dtype)
     if getattr(model, "lora", None) is None:
         return p
     for w, (a, b) in model.lora.arrays(jnp.float32).items():

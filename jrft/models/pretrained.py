@@ -29,10 +29,12 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from safetensors.numpy import save_file
 
+from jrft.config import PEFT_WEIGHTS
 from jrft.models.config import FAMILIES, ModelConfig
 from jrft.models.decoder import Decoder
 from jrft.models.lora import LoRAParam, LoRASpec, merged_layer_arrays
 from jrft.models.lora import host_init as lora_host_init
+from jrft.models.quant import INT8_WEIGHTS, quantize_int8
 from jrft.parallel.distributed import host_array
 from jrft.parallel.sharding import AxisRule, logical_axes_of, logical_to_spec
 
@@ -319,6 +321,8 @@ def from_pretrained(
     rules: Mapping[str, AxisRule] | None = None,
     seed: int = 0,
     lora: LoRASpec | None = None,
+    lora_init: str | os.PathLike | None = None,
+    base_quantization: str | None = None,
 ) -> Decoder:
     """Loads a transformers checkpoint into a ``Decoder``.
 
@@ -334,6 +338,10 @@ def from_pretrained(
       rules: overrides of the logical-axis rules table.
       lora: add fresh LoRA adapters (``jrft.models.lora.LoRASpec``; B = 0, so the model equals the
         checkpoint's; A from ``seed``).
+      lora_init: a PEFT LoRA adapter directory whose ``adapter_model.safetensors`` gives the adapters' A and B
+        instead (its rank and modules must be ``lora``'s; ``jrft.config.peft_adapter_settings`` reads them).
+      base_quantization: ``"int8"`` quantizes the layers' projections per output channel as they are read
+        (``jrft.models.quant``; for a frozen base under LoRA).
 
     Raises:
       FileNotFoundError: no config.json / no safetensors. ValueError: unsupported model_type.
@@ -351,6 +359,7 @@ def from_pretrained(
             remat=remat,
             scalar_head=scalar_head,
             lora=lora,
+            base_quantization=base_quantization,
         )
     )
     graphdef, state = nnx.split(abstract)
@@ -364,6 +373,8 @@ def from_pretrained(
         fresh.add("lm_head")
     adapters = {name for name, _ in flat if name.startswith("lora/")}
     fresh |= adapters
+    scales = {name for name, _ in flat if name.endswith("_scale")}  # int8 base: made with their weights
+    fresh |= scales
     table = hf_tensor_table(config)
     expected = {
         hf_name: hf_shape
@@ -375,6 +386,9 @@ def from_pretrained(
     with contextlib.ExitStack() as stack:
         handles = {f: stack.enter_context(SafetensorsReader(f)) for f in sorted(set(files.values()))}
         _check_tensors(expected, files, handles)
+        if lora_init is not None:
+            adapter_reader = stack.enter_context(SafetensorsReader(os.path.join(lora_init, PEFT_WEIGHTS)))
+            read_adapter = _adapter_reader(adapter_reader, table, {n: v for n, v in flat if n in adapters})
 
         def _read(hf_name: str) -> np.ndarray:
             return handles[files[hf_name]].read(hf_name)
@@ -382,7 +396,11 @@ def from_pretrained(
         values = {}
         for name, var in flat:
             shape = var.get_value().shape
-            if name in adapters:
+            if name in scales:
+                continue
+            if name in adapters and lora_init is not None:
+                host = read_adapter(name).astype(np_dtype)
+            elif name in adapters:
                 host = lora_host_init(name, shape, lora, seed, np_dtype)
             elif name in fresh:
                 key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(name.encode()))
@@ -395,11 +413,81 @@ def from_pretrained(
                         host[i] = _to_jrft(_read(template.format(i=i)), shape[1:], n_in)
                 else:
                     host[...] = _to_jrft(_read(template), shape, n_in)
+            if f"{name}_scale" in scales:
+                host, scale = quantize_int8(host, INT8_WEIGHTS[name.removeprefix("layers/")])
+                scale_var = dict(flat)[f"{name}_scale"]
+                values[f"{name}_scale"] = _place(scale, _sharding_for(scale_var, mesh, rules))
             values[name] = _place(host, _sharding_for(var, mesh, rules))
             del host
     for path_key, var in nnx.to_flat_state(state):
         var.set_value(values[_path_str(path_key)])
     return nnx.merge(graphdef, state)
+
+
+def _peft_name(table, weight: str, layer: int, which: str) -> str:
+    """PEFT's tensor name of layer ``layer``'s adapter ``which`` (``A`` or ``B``) of jrft weight ``weight``:
+    ``base_model.model.model.layers.<i>.self_attn.q_proj.lora_A.weight``."""
+    template = table[f"layers/{weight}"][0].removesuffix(".weight")
+    return f"base_model.model.{template.format(i=layer)}.lora_{which}.weight"
+
+
+def _adapter_reader(reader: SafetensorsReader, table, variables: dict):
+    """``name -> [L, in, r] / [L, r, out]`` host array of adapter variable ``name`` (``lora/wq_a``) from a
+    PEFT adapter file, after checking that every layer's tensor is there with PEFT's shape (A ``[r, in]``,
+    B ``[out, r]``). Names match from ``layers.<i>.`` on, so a prefix other than PEFT's usual one reads."""
+    by_suffix = {k[k.index("layers.") :]: k for k in reader.keys() if "layers." in k}
+    wanted, problems = {}, []
+    for name, var in variables.items():
+        weight, which = name.removeprefix("lora/").rsplit("_", 1)
+        shape = var.get_value().shape  # [L, in, r] or [L, r, out]
+        for i in range(shape[0]):
+            peft = _peft_name(table, weight, i, which.upper())
+            key = by_suffix.get(peft[peft.index("layers.") :])
+            if key is None:
+                problems.append(f"missing tensor {peft!r}")
+            elif reader.shape(key) != shape[:0:-1]:
+                problems.append(f"tensor {key!r} has shape {reader.shape(key)}, expected {shape[:0:-1]}")
+            wanted[(name, i)] = key
+    if problems:
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise CheckpointError(
+            f"{reader.path}: the adapter does not fit the model:\n  " + "\n  ".join(problems[:10]) + more
+        )
+
+    def read(name: str) -> np.ndarray:
+        shape = variables[name].get_value().shape
+        return np.stack([reader.read(wanted[(name, i)]).T for i in range(shape[0])])
+
+    return read
+
+
+_FINGERPRINT_SAMPLE = 1 << 20
+
+
+def weights_fingerprint(path: str | os.PathLike) -> dict[str, int | str]:
+    """A cheap identity of the checkpoint at ``path``: ``{"bytes": total size of its safetensors files,
+    "sha256": hash of config.json, each weight file's name, size and header (tensor names, dtypes, shapes,
+    offsets) and the first and last MiB of its data}``. Reads a few MiB whatever the model's size; a
+    checkpoint with other weights of the same shapes differs in the sampled bytes (unless it differs only
+    in the middle of every file)."""
+    import hashlib
+
+    directory = _resolve_dir(path)
+    digest = hashlib.sha256()
+    with open(os.path.join(directory, "config.json"), "rb") as f:
+        digest.update(f.read())
+    total = 0
+    for file in sorted(set(_weight_files(directory).values())):
+        size = os.path.getsize(file)
+        total += size
+        digest.update(f"{os.path.basename(file)}:{size}".encode())
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            digest.update(f.read(min(n, _MAX_HEADER_BYTES)))
+            digest.update(f.read(_FINGERPRINT_SAMPLE))
+            f.seek(max(8 + n, size - _FINGERPRINT_SAMPLE))
+            digest.update(f.read(_FINGERPRINT_SAMPLE))
+    return {"bytes": total, "sha256": digest.hexdigest()}
 
 
 # --- writing ------------------------------------------------------------------------------------
@@ -421,10 +509,12 @@ def _hf_tensors(model: Decoder, dtype) -> list[tuple[str, np.ndarray]]:
     """All of ``model``'s parameters as transformers tensors, in a stable order; LoRA adapters are merged
     into the weights they adapt (``W + scale * A B``), so the result is a plain transformers model."""
     out, table = [], hf_tensor_table(model.config)
-    merged = merged_layer_arrays(model) if model.lora is not None else {}
+    merged = merged_layer_arrays(model) if model.lora is not None or model.layers.quantized else {}
     base = nnx.All(nnx.Param, nnx.Not(LoRAParam))
     for path_key, var in nnx.to_flat_state(nnx.state(model, base)):
         name = _path_str(path_key)
+        if name.endswith("_scale"):  # int8 base: merged holds the weights dequantized
+            continue
         template, n_in = table[name]
         layer_name = name.removeprefix("layers/")
         value = merged[layer_name] if name.startswith("layers/") and layer_name in merged else var.get_value()
@@ -482,13 +572,11 @@ def peft_adapter_tensors(model: Decoder) -> tuple[dict, list[tuple[str, np.ndarr
     tensors = []
     for module in spec.modules:
         w = MODULE_WEIGHTS[module]
-        template = table[f"layers/{w}"][0].removesuffix(".weight")
         a = host_array(getattr(model.lora, f"{w}_a").get_value()).astype(np.float32)  # [L, in, r]
         b = host_array(getattr(model.lora, f"{w}_b").get_value()).astype(np.float32)  # [L, r, out]
         for i in range(a.shape[0]):
-            name = "base_model.model." + template.format(i=i)
-            tensors.append((name + ".lora_A.weight", np.ascontiguousarray(a[i].T)))
-            tensors.append((name + ".lora_B.weight", np.ascontiguousarray(b[i].T)))
+            tensors.append((_peft_name(table, w, i, "A"), np.ascontiguousarray(a[i].T)))
+            tensors.append((_peft_name(table, w, i, "B"), np.ascontiguousarray(b[i].T)))
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",

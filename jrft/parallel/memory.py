@@ -2,8 +2,12 @@
 
 Counts, per device, for a model of ``ModelConfig`` on a ``(data, fsdp, tensor)`` mesh:
   params      every parameter, split over fsdp x tensor (the rules table shards matrices over both);
-  grads       the same again (one gradient per parameter, in the parameter dtype);
-  optimizer   AdamW's two moments (``optimizer_copies`` = 2) in ``opt_dtype``;
+              with LoRA, the base plus the adapters (an int8 base: 1 byte per projection weight plus a
+              float32 scale per output channel);
+  grads       the same again (one gradient per parameter, in the parameter dtype); with LoRA, the
+              adapters' only (the base is never differentiated);
+  optimizer   AdamW's two moments (``optimizer_copies`` = 2) in ``opt_dtype``, of the trained parameters
+              (with LoRA: the adapters);
   activations what the backward pass keeps: per layer ``B_local x T x D`` times a factor set by the remat
               policy (``REMAT_ACTIVATION_FACTORS``), plus the float32 logits and their log-softmax,
               ``2 x B_local x T x V / tensor x 4`` -- or, with ``logits_chunk_size`` C, the chunks in flight
@@ -14,7 +18,8 @@ Counts, per device, for a model of ``ModelConfig`` on a ``(data, fsdp, tensor)``
               chunks accumulate into; both seen in TPU buffer assignments);
   kv_cache    ``2 x L x B_local x KV/tensor x S x Dh x bytes`` for sampling (on TPU ``Dh`` rounded up to
               128, the lane width its layout pads the minor axis to);
-  reference   a frozen reference model's parameters (DPO, GRPO/PPO with a KL term), 0 when offloaded to host.
+  reference   a frozen reference model's parameters (DPO, GRPO/PPO with a KL term), 0 when offloaded to host
+              (and with LoRA, whose reference is the base with the adapters off).
 It is an estimate (XLA's temporaries and fragmentation come on top): :func:`device_memory_in_use` reports
 what the device itself says, where it can (GPU/TPU ``memory_stats``; CPU has none).
 """
@@ -106,6 +111,9 @@ def estimate_memory(
     offload_reference: bool = False,
     platform: str = "cpu",
     completion_logps: bool = False,
+    adapter_params: int = 0,
+    int8_weights: int = 0,
+    int8_scales: int = 0,
 ) -> MemoryEstimate:
     """Per-device bytes for ``config`` (a ``jrft.models.ModelConfig``) on a ``(data, fsdp, tensor)`` mesh.
 
@@ -115,15 +123,21 @@ def estimate_memory(
     ``platform`` is the one the program is compiled for (its compiler's habits: see the module docstring).
     ``completion_logps``: the step takes log-probs of the sampled tokens (the GRPO / PPO update) rather than
     a cross-entropy over the sequence; on TPU its buffers differ (measured: see the comments below).
+    ``adapter_params`` > 0: LoRA with that many adapter parameters (``jrft.models.lora.adapter_param_count``),
+    the only ones trained: they add to ``params`` and alone have gradients and optimizer moments.
+    ``int8_weights`` of the base's parameters are stored in int8 with ``int8_scales`` float32 scales
+    (``lora.base_quantization``, ``jrft.models.quant.int8_counts``).
     """
     data, fsdp, tensor = mesh_shape
     if remat not in REMAT_ACTIVATION_FACTORS:
         raise ValueError(f"unknown remat policy {remat!r}; known: {sorted(REMAT_ACTIVATION_FACTORS)}")
     n = config.num_params() if callable(getattr(config, "num_params", None)) else config.num_params
     shards = fsdp * tensor
-    params = n * param_bytes // shards
-    grads = params if training else 0
-    optimizer = n * opt_bytes * optimizer_copies // shards if training else 0
+    trained = adapter_params or n
+    stored = (n - int8_weights + adapter_params) * param_bytes + int8_weights + 4 * int8_scales
+    params = stored // shards
+    grads = trained * param_bytes // shards if training else 0
+    optimizer = trained * opt_bytes * optimizer_copies // shards if training else 0
     local_batch = max(batch // (data * fsdp), 1)
     activations = 0
     if training:
@@ -146,8 +160,11 @@ def estimate_memory(
         )
         # the whole head, gathered: a compute-dtype copy for the logits matmul and one float32 buffer of its
         # shape (the gathered float32 weight, or the float32 gradient the chunks accumulate into; in the
-        # TPU GRPO update that float32 buffer shares the logits chunks' allocation)
-        head_bytes = compute_bytes + (0 if platform == "tpu" and completion_logps else 4)
+        # TPU GRPO update that float32 buffer shares the logits chunks' allocation; with LoRA and bf16
+        # params the head has neither)
+        shared = platform == "tpu" and completion_logps
+        float32_head = (param_bytes == 4 or not adapter_params) and not shared
+        head_bytes = compute_bytes + (4 if float32_head else 0)
         head = config.vocab_size * config.hidden_size * head_bytes // tensor if shards > 1 else 0
         activations = int(config.num_layers * per_layer + logits + head)
     kv = 0

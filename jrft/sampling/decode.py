@@ -65,33 +65,44 @@ def fuse_decode_weights(model, fuse: bool = True) -> dict[str, jax.Array]:
     p = merged_layer_arrays(model) if fuse else model.layers.arrays(cfg)
     L, D = cfg.num_layers, cfg.hidden_size
     dtype = model.dtype
-    out = {k: v for k, v in p.items() if k.endswith("norm")}  # norms stay in param dtype, like the model
-    flat = {k: p[k].reshape(L, D, -1).astype(dtype) for k in ("wq", "wk", "wv")}
+
+    def cast(x):  # an int8 base (unfused) stays int8, cast per layer in _mm, its scales beside
+        return x if x.dtype == jnp.int8 else x.astype(dtype)
+
+    # norms stay in param dtype, like the model (fused: merged_layer_arrays dequantized an int8 base)
+    out = {k: v for k, v in p.items() if k.endswith("norm")}
+    flat = {k: cast(p[k].reshape(L, D, -1)) for k in ("wq", "wk", "wv")}
     if fuse:
         out["wqkv"] = jnp.concatenate([flat["wq"], flat["wk"], flat["wv"]], axis=-1)
         out["w_gate_up"] = jnp.concatenate([p["w_gate"], p["w_up"]], axis=-1).astype(dtype)
     else:
         out.update(flat)
-        out["w_gate"], out["w_up"] = p["w_gate"].astype(dtype), p["w_up"].astype(dtype)
+        out["w_gate"], out["w_up"] = cast(p["w_gate"]), cast(p["w_up"])
     if cfg.qkv_bias:
         biases = [p[k].reshape(L, -1).astype(dtype) for k in ("bq", "bk", "bv")]
         if fuse:
             out["bqkv"] = jnp.concatenate(biases, axis=-1)
         else:
             out["bq"], out["bk"], out["bv"] = biases
-    out["wo"] = p["wo"].reshape(L, -1, D).astype(dtype)  # [L, H*Dh, D]
-    out["w_down"] = p["w_down"].astype(dtype)
+    out["wo"] = cast(p["wo"].reshape(L, -1, D))  # [L, H*Dh, D]
+    out["w_down"] = cast(p["w_down"])
     if cfg.o_bias:
         out["bo"] = p["bo"].astype(dtype)
     if not fuse and getattr(model, "lora", None) is not None:
         for w, (a, b) in model.lora.arrays(dtype).items():
             out[f"lora_{w}_a"], out[f"lora_{w}_b"] = a, b
+    for w in (k for k in p if k.endswith("_scale")):  # an int8 base, unfused
+        out[w] = p[w].reshape(L, -1).astype(dtype)  # [L, out]
     return out
 
 
 def _mm(p, h: jax.Array, w: str) -> jax.Array:
-    """``h [B, in] @ p[w]`` plus the unmerged LoRA path ``(h A)(scale B)`` when ``p`` carries one."""
-    y = h @ p[w]
+    """``h [B, in] @ p[w]`` (times the per-channel scale of an int8 weight) plus the unmerged LoRA path
+    ``(h A)(scale B)`` when ``p`` carries one."""
+    if f"{w}_scale" in p:  # int8: cast this layer's weight here, scale per output channel: (h q) s = h (q s)
+        y = (h @ p[w].astype(h.dtype)) * p[f"{w}_scale"]
+    else:
+        y = h @ p[w]
     a = p.get(f"lora_{w}_a")
     return y if a is None else y + (h @ a) @ p[f"lora_{w}_b"]
 

@@ -6,6 +6,9 @@ optimizer state, step, rng — saved collectively by every process, each writing
 a temporary directory and renames it when complete, so a run killed mid-save leaves the previous checkpoint
 intact and the half-written one is ignored. ``keep_last`` bounds how many are kept.
 
+The state of a LoRA run is saved without its frozen base weights (``jrft.train.state.checkpoint_part``):
+restoring onto the run's freshly built state (base loaded from ``model.path``) puts them back.
+
 Restoring takes an *abstract* target (``jax.ShapeDtypeStruct`` with shardings), so a checkpoint written on
 one mesh restores onto another.
 """
@@ -18,6 +21,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+from jrft.train.state import checkpoint_part, with_frozen_base
 
 
 def abstract_like(tree: Any) -> Any:
@@ -80,26 +85,39 @@ class Checkpointer:
             return
         self._manager.save(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(checkpoint_part(state)), meta=ocp.args.JsonSave(meta)
+            ),
             force=True,
         )
 
     def restore(self, step: int | None, target: Any) -> tuple[Any, dict[str, Any]]:
         """Restores checkpoint ``step`` (``None``: the latest) onto ``target``'s shapes and shardings.
 
-        ``target`` is a pytree of arrays or ``ShapeDtypeStruct``s with the same structure as what was saved.
+        ``target`` is a pytree of arrays or ``ShapeDtypeStruct``s with the same structure as what was saved
+        (for a LoRA train state: the run's state, whose frozen base weights are returned as they are).
         """
         if step is None:
             step = self.latest_step()
             if step is None:
                 raise FileNotFoundError(f"no checkpoint to restore in {self.directory}")
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_like(target)), meta=ocp.args.JsonRestore()
-            ),
+        part = checkpoint_part(target)
+        try:
+            restored = self._restore(step, part)
+        except ValueError:
+            if jax.tree.structure(part) == jax.tree.structure(target):
+                raise
+            # a LoRA checkpoint written before checkpoints left the base out: it holds the whole state
+            restored = self._restore(step, target)
+            return restored["state"], dict(restored["meta"])
+        state = restored["state"] if target is None else with_frozen_base(restored["state"], target)
+        return state, dict(restored["meta"])
+
+    def _restore(self, step: int, target: Any) -> dict[str, Any]:
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_like(target)), meta=ocp.args.JsonRestore()
         )
-        return restored["state"], dict(restored["meta"])
+        return self._manager.restore(step, args=args)
 
     def read_meta(self, step: int | None = None) -> dict[str, Any]:
         """The JSON meta of checkpoint ``step`` (``None``: the latest) without touching the arrays."""

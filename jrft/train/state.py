@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from jrft.models.lora import LoRAParam, has_adapters
+from jrft.models.lora import LoRAParam, adapters_only, has_adapters
 
 
 @struct.dataclass
@@ -71,3 +71,33 @@ def create_train_state(
     # jitted step compile twice (once for it, once for the committed state the step returns). Runners on a
     # mesh then move the state onto its explicit shardings (jrft.train.placement.place_state).
     return graphdef, jax.tree.map(lambda x: jax.device_put(x, x.sharding), state)
+
+
+def _is_state(x) -> bool:
+    return isinstance(x, TrainState)
+
+
+def checkpoint_part(tree: Any) -> Any:
+    """What a checkpoint holds of ``tree`` (a :class:`TrainState` or a pytree of them, e.g. PPO's pair): all
+    of it, except that a LoRA train state (params = adapters only) leaves out the frozen base weights (the
+    ``nnx.Param`` variables of its ``rest``). They never change, so a resume reloads them from
+    ``model.path``: a checkpoint is then adapter-sized (adapters, their optimizer state, step, rng)."""
+
+    def one(x):
+        if _is_state(x) and adapters_only(x.params):
+            return x.replace(rest=x.rest.filter(nnx.Not(nnx.Param)))
+        return x
+
+    return jax.tree.map(one, tree, is_leaf=_is_state)
+
+
+def with_frozen_base(restored: Any, live: Any) -> Any:
+    """``restored`` (a :func:`checkpoint_part`) completed with the frozen base weights of ``live`` (the
+    freshly built state of the same run)."""
+
+    def one(r, x):
+        if _is_state(r) and adapters_only(r.params):
+            return r.replace(rest=nnx.merge_state(x.rest.filter(nnx.Param), r.rest))
+        return r
+
+    return jax.tree.map(one, restored, live, is_leaf=_is_state)

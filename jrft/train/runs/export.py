@@ -15,6 +15,7 @@ from jrft.parallel.memory import describe_measured_peak
 from jrft.train.checkpoint import tree_all_finite
 from jrft.train.loop import LoopOptions, LoopResult, NonFiniteError, train_loop
 from jrft.train.metrics import MetricsLogger
+from jrft.train.runs.resume import check_lora_base, checkpoint_meta
 from jrft.train.runs.setup import Run, checkpointer_for, export_dir, setup_run
 
 
@@ -68,7 +69,7 @@ def loop_and_export(
                 checkpointer=checkpointer,
                 logger=logger,
                 eval_fn=eval_fn,
-                meta={"config": config.to_dict()},
+                meta=checkpoint_meta(config),
             )
             if export_model is None:
                 final = nnx.merge(run.graphdef, result.state.params, result.state.rest)
@@ -97,6 +98,7 @@ def export_checkpoint(run_dir: str, out: str, *, step: int | None = None) -> str
         meta = checkpointer.read_meta(step)
         step = step if step is not None else checkpointer.latest_step()
         config: RunConfig = config_from_dict(meta["config"])
+        check_lora_base(config, meta, where=f"checkpoint step {step} in {checkpointer.directory}")
         if config.objective == "ppo":
             raise NotImplementedError(
                 "jrft export: PPO checkpoints hold policy and value states; exporting one mid-run is not "

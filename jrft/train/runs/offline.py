@@ -122,8 +122,11 @@ def _against_reference(
     elif precompute:
         # One pass of the reference (the starting parameters, before any step) over each dataset; the values
         # travel with the examples into every batch, so no reference parameters are kept after it.
+        # (LoRA: the base with the adapters off, as on the live path, also when lora.init_from set them)
+        params = zero_adapters(state.params) if adapters_only(state.params) else state.params
+
         def attach(dataset, mesh):
-            attach_reference_logps(dataset, graphdef, state.params, state.rest, mesh, config=config)
+            attach_reference_logps(dataset, graphdef, params, state.rest, mesh, config=config)
 
         return Objective(normalizers, loss_fn, bar_keys=keys, attach=attach)
 
@@ -131,13 +134,7 @@ def _against_reference(
         # LoRA: the reference is the same forward with the adapters off, inside the step over the state's own
         # base weights (a reference run before the step could not hold them: the state's buffers are
         # donated), so the base is held once and no reference parameters exist besides it.
-        reference = dpo.make_reference_fn(graphdef, logits_chunk_size=config.train.logits_chunk_size)
-
-        def loss_with_reference(model, batch, norms, key):
-            _, adapters, rest = nnx.split(model, LoRAParam, ...)
-            return loss_fn(model, {**batch, **reference(zero_adapters(adapters), rest, batch)}, norms, key)
-
-        return Objective(normalizers, loss_with_reference, bar_keys=keys)
+        return Objective(normalizers, lora_reference_loss(config, graphdef, loss_fn), bar_keys=keys)
 
     else:
         # The reference is the starting policy, frozen: a copy, since the train state's buffers are donated
@@ -150,6 +147,19 @@ def _against_reference(
 
         return Objective(normalizers, loss_fn, prepare, bar_keys=keys, frozen=frozen.params)
     return Objective(normalizers, loss_fn, prepare, bar_keys=keys)
+
+
+def lora_reference_loss(config: RunConfig, graphdef, loss_fn):
+    """``loss_fn`` of a pair objective (DPO, KTO) under LoRA with the reference computed inside the step:
+    the same model's forward with its adapters zeroed, over the batch's pairs (used by the runner and by
+    ``jrft compile``)."""
+    reference = dpo.make_reference_fn(graphdef, logits_chunk_size=config.train.logits_chunk_size)
+
+    def loss_with_reference(model, batch, norms, key):
+        _, adapters, rest = nnx.split(model, LoRAParam, ...)
+        return loss_fn(model, {**batch, **reference(zero_adapters(adapters), rest, batch)}, norms, key)
+
+    return loss_with_reference
 
 
 def attach_reference_logps(dataset, graphdef, params, rest, mesh, *, config: RunConfig) -> None:

@@ -71,6 +71,33 @@ def _listing(changes: Mapping[str, tuple[Any, Any]]) -> str:
     return "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items())
 
 
+def checkpoint_meta(config: RunConfig) -> dict[str, Any]:
+    """The JSON stored beside every checkpoint's arrays: the config and, for LoRA (whose checkpoints leave
+    the base weights out), which base they belong to (``lora_base``: path, size and fingerprint)."""
+    from jrft.train.runs.setup import lora_base_reference
+
+    base = lora_base_reference(config)
+    return {"config": config.to_dict(), **({"lora_base": base} if base else {})}
+
+
+def check_lora_base(config: RunConfig, meta: Mapping[str, Any], *, where: str) -> None:
+    """Raises a :class:`ConfigDriftError` when a LoRA checkpoint's base (``meta["lora_base"]``) is not the
+    checkpoint at ``config.model.path`` now: its adapters would be restored onto other weights."""
+    saved = meta.get("lora_base")
+    if not saved or config.lora.rank == 0:
+        return
+    from jrft.train.runs.setup import lora_base_reference
+
+    now = lora_base_reference(config)
+    if (now["bytes"], now["sha256"]) != (saved.get("bytes"), saved.get("sha256")):
+        raise ConfigDriftError(
+            f"{where} holds LoRA adapters trained on the base {saved.get('path')!r} ({saved.get('bytes')} "
+            f"bytes of weights, fingerprint {str(saved.get('sha256'))[:12]}), but model.path "
+            f"{config.model.path!r} now holds other weights ({now['bytes']} bytes, fingerprint "
+            f"{now['sha256'][:12]}); the checkpoint leaves the base out, so resume it against the same base"
+        )
+
+
 def check_resume(config: RunConfig, *, allow_changes: bool = False) -> dict[str, tuple[Any, Any]]:
     """Compares ``config`` with the latest checkpoint's (nothing to do without one); returns the changes.
 
@@ -87,9 +114,11 @@ def check_resume(config: RunConfig, *, allow_changes: bool = False) -> dict[str,
         step = checkpointer.latest_step()
         if step is None:
             return {}
-        saved = checkpointer.read_meta(step).get("config")
+        meta = checkpointer.read_meta(step)
     finally:
         checkpointer.close()
+    check_lora_base(config, meta, where=f"checkpoint step {step} in {directory}")
+    saved = meta.get("config")
     if not isinstance(saved, Mapping):
         return {}
     identity, other = config_changes(saved, config.to_dict())

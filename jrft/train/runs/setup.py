@@ -36,9 +36,9 @@ def mesh_from_config(mesh: MeshConfig) -> Mesh:
 
 
 def build_model(config: RunConfig, mesh: Mesh, *, scalar_head: bool = False, path: str | None = None):
-    """The run's model (``config.model``, with fresh LoRA adapters when ``lora.rank > 0``: the train state's
-    params are then only the adapters), or another checkpoint ``path`` with the same dtype/remat settings
-    (PPO's value and reward models, without adapters)."""
+    """The run's model (``config.model``, with LoRA adapters when ``lora.rank > 0``, fresh or read from
+    ``lora.init_from``: the train state's params are then only the adapters), or another checkpoint ``path``
+    with the same dtype/remat settings (PPO's value and reward models, without adapters)."""
     from jrft.models import from_pretrained
     from jrft.models.lora import LoRASpec
 
@@ -52,6 +52,8 @@ def build_model(config: RunConfig, mesh: Mesh, *, scalar_head: bool = False, pat
         scalar_head=scalar_head,
         seed=config.seed,
         lora=LoRASpec.from_config(config.lora) if path is None else None,
+        lora_init=config.lora.init_from if path is None and config.lora.rank > 0 else None,
+        base_quantization=config.lora.base_quantization if path is None else None,
     )
 
 
@@ -285,6 +287,16 @@ def checkpointer_for(config: RunConfig) -> Checkpointer:
     return checkpointer
 
 
+def lora_base_reference(config: RunConfig) -> dict | None:
+    """What a LoRA run's checkpoints record of the base they leave out: ``{"path": model.path, "bytes",
+    "sha256"}`` (``jrft.models.pretrained.weights_fingerprint``); None without LoRA."""
+    if config.lora.rank == 0:
+        return None
+    from jrft.models.pretrained import weights_fingerprint
+
+    return {"path": config.model.path, **weights_fingerprint(config.model.path)}
+
+
 def export_dir(config: RunConfig) -> str:
     """Where the run's final transformers-format model goes."""
     return config.train.export_dir or os.path.join(config.output_dir, "export")
@@ -323,10 +335,14 @@ def estimate_for(
     model architecture ``model_cfg`` on a mesh of ``mesh_shape`` (data, fsdp, tensor) of ``platform``
     devices: ``rows`` batch rows per update (``train.micro_batch_size`` caps them; a preference pair is
     two sequences) of ``seq_len`` tokens (default ``data.max_length``), ``cache_rows`` x ``cache_len`` KV
-    cache."""
+    cache. With LoRA (``lora.rank > 0``) gradients and optimizer moments are the adapters' only."""
+    from jrft.models.lora import LoRASpec, adapter_param_count
+    from jrft.models.quant import int8_counts
     from jrft.parallel.memory import estimate_memory
 
     nbytes = lambda name: jnp.dtype(name).itemsize  # noqa: E731
+    spec = LoRASpec.from_config(config.lora)
+    int8 = int8_counts(model_cfg) if config.lora.base_quantization == "int8" else (0, 0)
     micro = config.train.micro_batch_size or rows
     # chosen and rejected (KTO: the completion and its KL pair) in one forward
     pairs = 2 if config.objective in ("dpo", "reward", "kto") else 1
@@ -347,6 +363,9 @@ def estimate_for(
         offload_reference=config.train.offload_reference,
         platform=platform,
         completion_logps=completion_logps,
+        adapter_params=adapter_param_count(model_cfg, spec) if spec is not None else 0,
+        int8_weights=int8[0],
+        int8_scales=int8[1],
     )
 
 
@@ -393,7 +412,13 @@ def _sampler_bytes(config: RunConfig, model_cfg, mesh_shape, *, platform: str, g
     dtype, tensor split kept) or, left sharded, two layers' gathered weights at a time."""
     est = _rollout_estimate(config, model_cfg, mesh_shape, platform=platform)
     _, fsdp, tensor = mesh_shape
-    whole = model_cfg.num_params * jnp.dtype(config.model.dtype).itemsize // tensor
+    compute = jnp.dtype(config.model.dtype).itemsize
+    whole = model_cfg.num_params * compute // tensor
+    if config.lora.base_quantization == "int8":  # gathered as stored: int8 projections, their scales
+        from jrft.models.quant import int8_counts
+
+        weights, scales = int8_counts(model_cfg)
+        whole = ((model_cfg.num_params - weights) * compute + weights + scales * compute) // tensor
     if fsdp == 1:
         weights = 0
     elif gathered:
