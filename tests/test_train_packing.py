@@ -1,0 +1,202 @@
+"""Packed update rows (``train.pack_rows``): the layout, and the same losses and gradients as the padded batch
+for GRPO (every aggregation, GSPO's sequence ratio, KL), PPO (policy + value head) and DPO, with and without
+gradient accumulation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jrft.models import Decoder, ModelConfig
+from jrft.models.testing import tiny_hf_config
+from jrft.train.logprobs import make_completion_forward
+from jrft.train.objectives import dpo, grpo, pairs, ppo
+from jrft.train.packing import first_fit_decreasing, pack_pairs, pack_rollout, pack_sequences
+from jrft.train.step import split_micro_batches
+
+VOCAB = 64
+
+
+def _model(scalar_head=False):
+    cfg = ModelConfig.from_hf(tiny_hf_config("llama", vocab_size=VOCAB, hidden_size=32))
+    return nnx.split(Decoder(cfg, rngs=nnx.Rngs(0), scalar_head=scalar_head), nnx.Param, ...)
+
+
+def _rollout(n=8, tp=7, tc=12, seed=0):
+    """Rollout rows: left-padded prompts of 2..tp tokens, completions of 1..tc tokens (host arrays)."""
+    rng = np.random.default_rng(seed)
+    prompt = rng.integers(2, tp + 1, size=n)
+    completion = rng.integers(1, tc + 1, size=n)
+    completion[0] = tc  # one row fills the width
+    cols = np.arange(tp + tc)[None]
+    attention = ((cols >= tp - prompt[:, None]) & (cols < tp + completion[:, None])).astype(np.int32)
+    tokens = rng.integers(3, VOCAB, size=(n, tp + tc)) * attention
+    completion_mask = attention[:, tp:].copy()
+    completion_mask[1] = 0  # a fully masked row (DAPO overlong filtering)
+    return tokens.astype(np.int32), attention, completion_mask
+
+
+def _value_and_grad(loss_fn, normalizers, graphdef, params, rest, batch, grad_accum):
+    """What ``jrft.train.step`` computes: the sum over micro-batches of loss, metrics and gradients."""
+    norms = normalizers(batch)
+
+    def f(p, micro):
+        return loss_fn(nnx.merge(graphdef, p, rest), micro, norms, None)
+
+    step = jax.jit(jax.value_and_grad(f, has_aux=True))
+    micro = split_micro_batches(batch, grad_accum)
+    out = [step(params, jax.tree.map(lambda x, i=i: x[i], micro)) for i in range(grad_accum)]
+    return jax.tree.map(lambda *xs: sum(xs), *out)
+
+
+def _assert_close(a, b, atol=1e-5):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=1e-5)
+
+
+def test_first_fit_decreasing_and_strided_micro_batches():
+    assert first_fit_decreasing([3, 8, 5, 2, 6], 10) == [[1, 3], [4, 0], [2]]
+    seqs = [np.full(n, k + 1) for k, n in enumerate([5, 3, 4, 2, 6, 1])]
+    out = pack_sequences(seqs, 8, groups=2, pad_id=0)
+    r = out["packed_tokens"].shape[0]
+    assert r % 2 == 0 and out["packed_tokens"].shape[1] == 8
+    for k, s in enumerate(seqs):  # every sequence sits in a row of its own micro-batch, positions from 0
+        row = out["seq_row"][k] * 2 + k % 2
+        cols = slice(out["seq_start"][k], out["seq_start"][k] + len(s))
+        np.testing.assert_array_equal(out["packed_tokens"][row, cols], s)
+        np.testing.assert_array_equal(out["packed_positions"][row, cols], np.arange(len(s)))
+        assert len(set(out["packed_segment_ids"][row, cols])) == 1
+    assert out["packed_attention_mask"].sum() == sum(len(s) for s in seqs)
+    assert np.all((out["packed_segment_ids"] == 0) == (out["packed_attention_mask"] == 0))
+    with pytest.raises(ValueError, match="longer than the packed row length"):
+        pack_sequences([np.ones(9)], 8)
+
+
+def test_packed_rollout_is_denser_and_its_index_finds_the_completion_tokens():
+    tokens, attention, _ = _rollout(n=16)
+    tc = 12
+    packed = pack_rollout(tokens, attention, tc)
+    assert packed["packed_tokens"].size < tokens.size
+    flat = packed["packed_tokens"].reshape(-1)
+    real = attention[:, -tc:] > 0
+    # the position after the predicting one holds the completion token itself
+    np.testing.assert_array_equal(flat[packed["pack_index"] + 1][real], tokens[:, -tc:][real])
+
+
+@pytest.mark.parametrize(
+    "aggregation, level, grad_accum",
+    [
+        ("grpo", "token", 1),
+        ("dr_grpo", "token", 2),
+        ("bnpo", "sequence", 1),  # GSPO: a per-sequence ratio
+        ("dapo", "token", 4),
+        ("sapo", "token", 2),
+    ],
+)
+def test_grpo_packed_equals_padded(aggregation, level, grad_accum):
+    graphdef, params, rest = _model()
+    tokens, attention, completion_mask = _rollout()
+    n, tc = completion_mask.shape
+    rng = np.random.default_rng(1)
+    rows = {
+        "completion_mask": completion_mask,
+        "advantages": rng.normal(size=n).astype(np.float32),
+        "old_logps": (-rng.uniform(0.5, 5.0, size=(n, tc))).astype(np.float32),
+        "ref_logps": (-rng.uniform(0.5, 5.0, size=(n, tc))).astype(np.float32),
+    }
+    padded = {**rows, "tokens": tokens, "attention_mask": attention}
+    packed = {**rows, **pack_rollout(tokens, attention, tc, groups=grad_accum)}
+    loss_fn = grpo.make_loss_fn(
+        temperature=0.9,
+        clip_eps_low=0.2,
+        clip_eps_high=0.28,
+        beta=0.04,
+        kl_estimator="k3",
+        aggregation=aggregation,
+        importance_level=level,
+        max_completion_length=tc,
+    )
+    results = [
+        _value_and_grad(
+            loss_fn, grpo.normalizers, graphdef, params, rest, jax.tree.map(jnp.asarray, b), grad_accum
+        )
+        for b in (padded, packed)
+    ]
+    (loss0, m0), g0 = results[0]
+    (loss1, m1), g1 = results[1]
+    assert abs(float(loss0)) > 1e-3
+    np.testing.assert_allclose(float(loss1), float(loss0), rtol=1e-5, atol=1e-6)
+    _assert_close(m1, m0)
+    _assert_close(g1, g0)
+    assert max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(g0)) > 1e-4
+
+
+def test_completion_forward_and_ppo_loss_packed_equal_padded():
+    """Old log-probs and values (one forward), then PPO's policy + value-head loss and gradients."""
+    graphdef, params, rest = _model(scalar_head=True)
+    tokens, attention, completion_mask = _rollout(seed=2)
+    n, tc = completion_mask.shape
+    padded = {"tokens": tokens, "attention_mask": attention, "completion_mask": completion_mask}
+    packed = {"completion_mask": completion_mask, **pack_rollout(tokens, attention, tc)}
+    forward = make_completion_forward(graphdef, temperature=0.9, values=True)
+    out0 = forward(params, rest, jax.tree.map(jnp.asarray, padded))
+    out1 = forward(params, rest, jax.tree.map(jnp.asarray, packed))
+    keep = completion_mask > 0
+    for key in ("logps", "values"):
+        np.testing.assert_allclose(np.asarray(out1[key])[keep], np.asarray(out0[key])[keep], atol=1e-5)
+    rng = np.random.default_rng(3)
+    rows = {
+        "old_logps": np.asarray(out0["logps"]) + rng.normal(scale=0.1, size=(n, tc)).astype(np.float32),
+        "old_values": rng.normal(size=(n, tc)).astype(np.float32),
+        "advantages": rng.normal(size=(n, tc)).astype(np.float32),
+        "returns": rng.normal(size=(n, tc)).astype(np.float32),
+    }
+    loss_fn = ppo.make_loss_fn(terms=("policy", "value"), temperature=0.9)
+    packed2 = {"completion_mask": completion_mask, **pack_rollout(tokens, attention, tc, groups=2)}
+    results = [
+        _value_and_grad(
+            loss_fn, ppo.normalizers, graphdef, params, rest, jax.tree.map(jnp.asarray, {**b, **rows}), 2
+        )
+        for b in (padded, packed2)
+    ]
+    (loss0, m0), g0 = results[0]
+    (loss1, m1), g1 = results[1]
+    np.testing.assert_allclose(float(loss1), float(loss0), rtol=1e-5, atol=1e-6)
+    _assert_close(m1, m0)
+    _assert_close(g1, g0)
+
+
+def _pairs(b=6, t=16, seed=4):
+    rng = np.random.default_rng(seed)
+    out = {}
+    for side in ("chosen", "rejected"):
+        lengths = rng.integers(4, t + 1, size=b)
+        attention = (np.arange(t)[None] < lengths[:, None]).astype(np.int32)  # right padding
+        out[f"{side}_tokens"] = (rng.integers(3, VOCAB, size=(b, t)) * attention).astype(np.int32)
+        out[f"{side}_attention_mask"] = attention
+        out[f"{side}_loss_mask"] = attention * (np.arange(t)[None] >= 3)  # a 3-token prompt
+    out["ref_chosen_logps"] = (-rng.uniform(10, 40, size=b)).astype(np.float32)
+    out["ref_rejected_logps"] = (-rng.uniform(10, 40, size=b)).astype(np.float32)
+    out["group"] = np.arange(b, dtype=np.int32)
+    return out
+
+
+@pytest.mark.parametrize("loss_type, grad_accum", [("sigmoid", 1), ("ipo", 2), ("simpo", 3), ("orpo", 2)])
+def test_dpo_packed_equals_padded(loss_type, grad_accum):
+    graphdef, params, rest = _model()
+    batch = _pairs()
+    packed = pack_pairs(batch, groups=grad_accum)
+    assert packed["packed_tokens"].size <= 2 * batch["chosen_tokens"].size
+    loss_fn = dpo.make_loss_fn(beta=0.1, loss_type=loss_type, sft_weight=0.5)
+    results = [
+        _value_and_grad(
+            loss_fn, pairs.normalizers, graphdef, params, rest, jax.tree.map(jnp.asarray, b), grad_accum
+        )
+        for b in (batch, packed)
+    ]
+    (loss0, m0), g0 = results[0]
+    (loss1, m1), g1 = results[1]
+    np.testing.assert_allclose(float(loss1), float(loss0), rtol=1e-5, atol=1e-6)
+    _assert_close(m1, m0, atol=1e-4)  # summed log-probs of ~40 nats
+    _assert_close(g1, g0)
