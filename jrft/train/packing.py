@@ -222,15 +222,16 @@ def pack_pairs(
 
     Returns the :data:`PACKED_KEYS` arrays, ``packed_loss_mask [R, L]`` (the sequences' loss masks, 0 on
     each segment's first token, which no position predicts), ``pack_sequence [R, L]`` int32 (the sequence
-    of each token within its micro-batch: chosen ``i`` -> ``i``, rejected ``i`` -> ``B/A + i``; ``2B/A`` on
-    padding), the batch's ``[B]`` entries unchanged, and ``valid [B]`` (all ones unless the batch had it)."""
+    of each token: chosen ``i`` -> ``i``, rejected ``i`` -> ``B + i``; ``2B`` on padding), ``pack_pairs [R]``
+    (``B``, so that a micro-batch finds its local indices: :func:`packed_pair_logps`), the batch's ``[B]``
+    entries unchanged, and ``valid [B]`` (all ones unless the batch had it)."""
     b = batch["chosen_tokens"].shape[0]
     if b % groups:
         raise ValueError(f"{b} pairs do not split into {groups} micro-batches")
     local = b // groups
-    # Sequence k of the packed list goes to micro-batch k % A (pack_sequences); there, its index k // A is
-    # chosen ``m`` for m < B/A and rejected ``m - B/A`` otherwise, of pair ``(m % (B/A)) * A + k % A``: both
-    # sequences of a pair land in that pair's micro-batch, and the sequence index is the segment-sum slot.
+    # Sequence k of the packed list goes to micro-batch k % A (pack_sequences); there, its index m = k // A
+    # is chosen for m < B/A and rejected otherwise, of pair ``(m % (B/A)) * A + k % A``: both sequences of a
+    # pair land in that pair's micro-batch (the strided split puts pair i in micro-batch i % A).
     seqs, masks, ids = [], [], []
     for k in range(2 * b):
         a, m = k % groups, k // groups
@@ -240,7 +241,7 @@ def pack_pairs(
         mask = np.asarray(batch[f"{side}_loss_mask"][pair], np.int32)[real].copy()
         mask[:1] = 0  # nothing predicts a sequence's first token (the padded batch skips column 0 too)
         masks.append(mask)
-        ids.append(np.full(int(real.sum()), m + 1, np.int32))  # +1: 0 marks padding
+        ids.append(np.full(int(real.sum()), pair + (b if m >= local else 0) + 1, np.int32))  # 0: padding
     packed = pack_sequences(
         seqs,
         batch["chosen_tokens"].shape[1],
@@ -250,7 +251,8 @@ def pack_pairs(
         extra={"packed_loss_mask": masks, "pack_sequence": ids},
     )
     out = {k: packed[k] for k in (*PACKED_KEYS, "packed_loss_mask")}
-    out["pack_sequence"] = np.where(packed["pack_sequence"] > 0, packed["pack_sequence"] - 1, 2 * local)
+    out["pack_sequence"] = np.where(packed["pack_sequence"] > 0, packed["pack_sequence"] - 1, 2 * b)
+    out["pack_pairs"] = np.full(out["packed_tokens"].shape[0], b, np.int32)
     for key in PAIR_ROW_KEYS:
         if key in batch:
             out[key] = batch[key]
@@ -280,8 +282,13 @@ def packed_pair_logps(model, batch: Mapping[str, jax.Array], *, chunk_size: int 
         chunk_size=chunk_size,
     )  # [R, L-1]: position t predicts token t + 1
     mask = batch["packed_loss_mask"][:, 1:].astype(jnp.float32)
-    seq = batch["pack_sequence"][:, 1:]  # the sequence of each target token
-    n = batch["valid"].shape[0]
+    n = batch["valid"].shape[0]  # pairs here: the whole batch's, or a micro-batch's
+    total = batch["pack_pairs"][0]  # pairs of the whole batch
+    per = total // n  # micro-batches per batch (1: this is the whole batch)
+    g = batch["pack_sequence"][:, 1:]  # the (whole batch's) sequence of each target token
+    rejected = (g >= total).astype(g.dtype)
+    pair = g - rejected * total  # pair i sits in micro-batch i % per at index i // per
+    seq = jnp.where(g >= 2 * total, 2 * n, pair // per + rejected * n)
     sums = segment_sum(logps * mask, seq, 2 * n)  # [2B]
     counts = segment_sum(mask, seq, 2 * n)
     return {
