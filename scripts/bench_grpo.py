@@ -180,6 +180,7 @@ def bench_packed_update(cfg, *, prompts_per_step, new_tokens, min_new, reps, see
             "seconds": seconds,
             "tokens_per_s": real_tokens / seconds,
             "padded_fraction": fractions[pack],
+            "all_seconds": times[pack],
         }
     out["rows"] = n
     out["real_tokens"] = real_tokens
@@ -271,7 +272,8 @@ def main(argv=None) -> int:
             m = r[name]
             print(
                 f"{name}: {m['seconds']:.2f} s/update  {m['tokens_per_s']:.0f} tokens/s  "
-                f"padded fraction {m['padded_fraction']:.2f}"
+                f"padded fraction {m['padded_fraction']:.2f}  "
+                f"(each: {', '.join(f'{x:.2f}' for x in m['all_seconds'])} s)"
             )
         print(f"packed / padded tokens/s: {r['packed']['tokens_per_s'] / r['padded']['tokens_per_s']:.2f}x")
         return 0
