@@ -163,15 +163,20 @@ def bench_packed_update(cfg, *, prompts_per_step, new_tokens, min_new, reps, see
         options = rounds.RoundOptions(mesh=mesh, state_sharding=shardings, pad_token_id=0, pack_rows=pack)
         sides[pack] = (options, grpo_round.update_step(config, graphdef, tx, options))
     times: dict[bool, list[float]] = {False: [], True: []}
+    prepare: dict[bool, list[float]] = {False: [], True: []}  # host layout + transfer, inside times
     fractions = {}
     for rep_ in range(reps + 1):  # the first call of each side compiles
         for pack, (options, update) in sides.items():
             t0 = time.perf_counter()
             inputs = rounds.UpdateInputs(rollout, options)
-            state, metrics = update(state, {**rows, **inputs.mini(np.arange(n))})
-            jax.block_until_ready(metrics)
+            batch = {**rows, **inputs.mini(np.arange(n))}
+            jax.block_until_ready(batch)
+            t1 = time.perf_counter()
+            state, metrics = update(state, batch)
+            jax.block_until_ready((state, metrics))
             if rep_:
                 times[pack].append(time.perf_counter() - t0)
+                prepare[pack].append(t1 - t0)
             fractions[pack] = inputs.padded_fraction()
     out = {}
     for pack, name in ((False, "padded"), (True, "packed")):
@@ -181,6 +186,7 @@ def bench_packed_update(cfg, *, prompts_per_step, new_tokens, min_new, reps, see
             "tokens_per_s": real_tokens / seconds,
             "padded_fraction": fractions[pack],
             "all_seconds": times[pack],
+            "prepare_seconds": statistics.median(prepare[pack]),
         }
     out["rows"] = n
     out["real_tokens"] = real_tokens
@@ -272,7 +278,7 @@ def main(argv=None) -> int:
             m = r[name]
             print(
                 f"{name}: {m['seconds']:.2f} s/update  {m['tokens_per_s']:.0f} tokens/s  "
-                f"padded fraction {m['padded_fraction']:.2f}  "
+                f"padded fraction {m['padded_fraction']:.2f}  rows laid out in {m['prepare_seconds']:.3f} s  "
                 f"(each: {', '.join(f'{x:.2f}' for x in m['all_seconds'])} s)"
             )
         print(f"packed / padded tokens/s: {r['packed']['tokens_per_s'] / r['padded']['tokens_per_s']:.2f}x")

@@ -2,6 +2,7 @@
 for GRPO (every aggregation, GSPO's sequence ratio, KL), PPO (policy + value head) and DPO, with and without
 gradient accumulation."""
 
+import dataclasses
 import json
 import os
 
@@ -88,6 +89,32 @@ def test_packed_rollout_is_denser_and_its_index_finds_the_completion_tokens():
     real = attention[:, -tc:] > 0
     # the position after the predicting one holds the completion token itself
     np.testing.assert_array_equal(flat[packed["pack_index"] + 1][real], tokens[:, -tc:][real])
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_update_inputs_feed_the_packed_rows_themselves(grad_accum):
+    """A round's update gets the packed rows (fewer than the rollout's), for all rows and for a mini-batch."""
+    from types import SimpleNamespace
+
+    from jrft.parallel.mesh import make_mesh
+    from jrft.train.rounds import RoundOptions, UpdateInputs
+
+    tokens, attention, completion_mask = _rollout(n=16)
+    rollout = SimpleNamespace(
+        tokens=tokens, attention_mask=attention, completion_mask=completion_mask, num_rows=16
+    )
+    mesh = make_mesh(data=1, devices=jax.devices()[:1])
+    options = RoundOptions(
+        mesh=mesh, state_sharding=None, pad_token_id=0, grad_accum=grad_accum, pack_rows=True
+    )
+    inputs = UpdateInputs(rollout, options)
+    for rows in (np.arange(16), np.arange(16)[::2]):
+        out = inputs.mini(rows)
+        assert out["pack_index"].shape == (len(rows), completion_mask.shape[1])
+        assert out["packed_tokens"].shape[0] < len(rows) or len(rows) < 16  # 4 rows a micro-batch: may not
+    padded = UpdateInputs(rollout, dataclasses.replace(options, pack_rows=False))
+    assert padded.mini(np.arange(16))["tokens"].shape == tokens.shape
+    assert inputs.padded_fraction() < padded.padded_fraction()
 
 
 @pytest.mark.parametrize(

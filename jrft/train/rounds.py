@@ -109,11 +109,13 @@ class UpdateInputs:
         """Inputs of one update over ``rows`` (packed per micro-batch, see ``jrft.train.packing``)."""
         groups = self.options.grad_accum
         everything = len(rows) == self.rollout.num_rows and np.array_equal(rows, np.arange(len(rows)))
-        if not self.options.pack_rows or (everything and groups == 1):
-            out = take_rows(self.full(), rows)
-            packed = self.options.pack_rows
-            self.masks.append(self._full_mask if packed else self.rollout.attention_mask[rows])
-            return out
+        if not self.options.pack_rows:
+            self.masks.append(self.rollout.attention_mask[rows])
+            return take_rows(self.full(), rows)
+        if everything and groups == 1:  # the packing of all rows is this update's
+            full = self.full()
+            self.masks.append(self._full_mask)
+            return full
         host = self._host(rows, groups)
         self.masks.append(host["packed_attention_mask"])
         return device_batch(host, self.options.mesh)
