@@ -309,7 +309,8 @@ def test_dpo_run_with_packed_rows_equals_padded(tiny_task, tmp_path):
                 f"output_dir={tmp_path / name}",
                 f"model.path={tiny_task['model']}",
                 f"data.train={tiny_task['pref_train']}",
-                "data.buckets=32",
+                "data.buckets=64",  # rows padded to 64: room for two pair sequences of the addition task
+                "mesh.data=1",  # one device: packed rows need not come in multiples of 8
                 "optim.lr=1e-3",
                 "train.batch_size=8",
                 "train.micro_batch_size=4",
@@ -325,4 +326,47 @@ def test_dpo_run_with_packed_rows_equals_padded(tiny_task, tmp_path):
         [r["loss"] for r in losses["packed"]], [r["loss"] for r in losses["padded"]], rtol=1e-4, atol=1e-6
     )
     for packed, padded in zip(losses["packed"], losses["padded"], strict=True):
-        assert 0 <= packed["padded_fraction"] < padded["padded_fraction"] < 1
+        assert 0 <= packed["padded_fraction"] <= padded["padded_fraction"] < 1
+    fractions = {k: sum(r["padded_fraction"] for r in v) for k, v in losses.items()}
+    assert fractions["packed"] < fractions["padded"]
+
+
+@pytest.mark.slow  # ~30 s: two PPO runs
+def test_ppo_run_with_packed_rows_equals_padded(tiny_task, tmp_path):
+    reward_file = tmp_path / "rewards.py"
+    reward_file.write_text(REWARDS)
+    finals, rows = {}, {}
+    for name, extra in (("padded", []), ("packed", ["train.pack_rows=true"])):
+        cfg = load_config(
+            None,
+            [
+                "objective=ppo",
+                f"output_dir={tmp_path / name}",
+                f"model.path={tiny_task['model']}",
+                f"data.train={tiny_task['prompts']}",
+                "data.format=prompt_only",
+                "data.buckets=16",
+                "mesh.data=1",
+                "optim.lr=1e-3",
+                "train.batch_size=16",
+                "train.micro_batch_size=4",  # 2 micro-batches per mini-batch of 8
+                "train.steps=2",
+                "train.log_every=1",
+                "train.save_every=0",
+                "ppo.max_new_tokens=24",
+                "ppo.temperature=1.5",
+                "ppo.kl_coef=0.05",
+                "ppo.num_epochs=2",
+                "ppo.num_mini_batches=2",
+                f"ppo.reward_functions=[{{spec: '{reward_file}:ones'}}]",
+                *extra,
+            ],
+        )
+        finals[name] = [np.asarray(x) for x in jax.tree.leaves(run_config(cfg, progress=False).state)]
+        rows[name] = _rows(tmp_path / name)
+    for key in ("loss", "value_loss", "kl_mean"):  # the first round: same rollout, same updates
+        np.testing.assert_allclose(rows["packed"][0][key], rows["padded"][0][key], rtol=1e-4, err_msg=key)
+    for r_padded, r_packed in zip(rows["padded"], rows["packed"], strict=True):
+        assert 0 < r_packed["padded_fraction"] < r_padded["padded_fraction"] < 1
+    for a, b in zip(finals["padded"], finals["packed"], strict=True):  # see test_train_ppo's sharded test
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
