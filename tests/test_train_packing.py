@@ -17,7 +17,7 @@ from jrft.config import load_config
 from jrft.models import Decoder, ModelConfig
 from jrft.models.testing import tiny_hf_config
 from jrft.train.logprobs import make_completion_forward, pair_sequence_logps
-from jrft.train.objectives import dpo, grpo, pairs, ppo
+from jrft.train.objectives import dpo, grpo, kto, pairs, ppo
 from jrft.train.packing import first_fit_decreasing, pack_pairs, pack_rollout, pack_sequences
 from jrft.train.runs import run_config
 from jrft.train.step import split_micro_batches
@@ -236,6 +236,25 @@ def test_dpo_packed_equals_padded(loss_type, grad_accum):
     (loss1, m1), g1 = results[1]
     np.testing.assert_allclose(float(loss1), float(loss0), rtol=1e-5, atol=1e-6)
     _assert_close(m1, m0, atol=1e-4)  # summed log-probs of ~40 nats
+    _assert_close(g1, g0)
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_kto_packed_equals_padded(grad_accum):
+    """KTO: its batch-level KL reference point (over the rows a call sees) comes out the same as well."""
+    graphdef, params, rest = _model()
+    batch = {**_pairs(b=8, seed=5), "label": np.asarray([1, 0, 1, 1, 0, 0, 1, 0], np.float32)}
+    loss_fn = kto.make_loss_fn(beta=0.1, desirable_weight=1.0, undesirable_weight=1.33)
+    results = [
+        _value_and_grad(
+            loss_fn, kto.normalizers, graphdef, params, rest, jax.tree.map(jnp.asarray, b), grad_accum
+        )
+        for b in (batch, pack_pairs(batch, groups=grad_accum))
+    ]
+    (loss0, m0), g0 = results[0]
+    (loss1, m1), g1 = results[1]
+    np.testing.assert_allclose(float(loss1), float(loss0), rtol=1e-5, atol=1e-6)
+    _assert_close(m1, m0, atol=1e-4)
     _assert_close(g1, g0)
 
 
