@@ -110,7 +110,6 @@ class UpdateInputs:
         groups = self.options.grad_accum
         everything = len(rows) == self.rollout.num_rows and np.array_equal(rows, np.arange(len(rows)))
         if not self.options.pack_rows:
-            self.masks.append(self.rollout.attention_mask[rows])
             return take_rows(self.full(), rows)
         if everything and groups == 1:  # the packing of all rows is this update's
             full = self.full()
@@ -121,6 +120,8 @@ class UpdateInputs:
         return device_batch(host, self.options.mesh)
 
     def padded_fraction(self) -> float:
+        if not self.options.pack_rows:  # every pass takes each row once: the rollout's own fraction
+            return padded_fraction([self.rollout.attention_mask])  # (multi-host: this process's rows)
         return padded_fraction(self.masks)
 
 
