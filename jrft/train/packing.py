@@ -18,8 +18,10 @@ Only the trunk's input changes. The results are mapped back to the padded layout
 
 Gradient accumulation splits a batch strided (micro-batch ``a`` holds rows ``a, a + A, ...``, see
 ``jrft.train.step``): sequences are packed per micro-batch (sequence ``n`` with ``n % A == a`` into packed
-rows ``r`` with ``r % A == a``) and every index is local to its micro-batch, so the split keeps each
-sequence with its packed row.
+rows ``r`` with ``r % A == a``), so the split keeps each sequence with its packed row. A rollout's
+``pack_index`` is local to its micro-batch (a forward over all rows packs them again with ``A = 1``); a pair
+batch's sequence ids are the whole batch's, and :func:`packed_pair_logps` finds the local ones, so the same
+packed batch serves the reference forward before the step and each micro-batch inside it.
 
 Packed shapes: ``L`` is the padded row length (already a bucket, so any sequence fits); the number of rows is
 rounded up to one of at most ~8 values per batch size (:func:`packed_row_count`), so compiles stay few.
@@ -59,8 +61,7 @@ def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int
 
 def packed_row_count(needed: int, per_group: int, row_multiple: int = 1) -> int:
     """Rows per micro-batch for ``needed`` rows out of ``per_group`` sequences: rounded up to a multiple of
-    ``ceil(per_group / 8)`` (at most ~8 shapes per batch size) and so that ``rows x groups`` divides by
-    ``row_multiple`` (the data-parallel shards), never more than ``per_group``-ish."""
+    ``ceil(per_group / 8)`` (at most ~8 shapes per batch size), then of ``row_multiple``."""
     step = max(1, math.ceil(per_group / 8))
     rows = max(1, math.ceil(needed / step) * step)
     return math.ceil(rows / row_multiple) * row_multiple
@@ -166,8 +167,9 @@ def pack_rollout(
     Each row's real tokens (those with ``attention_mask`` 1: its prompt, then its completion) become one
     segment. Returns the :data:`PACKED_KEYS` arrays (``[R, L]``, ``L = capacity`` or ``Tp + Tc``) and
     ``pack_index [N, Tc]`` int32: the flat index into the micro-batch's ``[R * L]`` positions of the position
-    that predicts completion token ``j`` (the last real token before it); 0 where the completion has no real
-    token (masked out by every loss).
+    that predicts completion token ``j`` (the last real token before it: the padded rows' position
+    ``Tp - 1 + j`` when a row's real tokens are contiguous, as sampled rollouts' are); 0 where the completion
+    has no real token (masked out by every loss).
     """
     tokens, attention_mask = np.asarray(tokens), np.asarray(attention_mask) > 0
     n, t = tokens.shape
