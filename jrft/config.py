@@ -474,6 +474,11 @@ class TrainConfig:
     # interconnect per token). "auto": gathered when the sampler's estimate with the gathered copy fits in
     # 90% of a device's memory (or the device does not say: CPU), else sharded.
     sampler_weights: str = "auto"
+    # GRPO, PPO and DPO updates: lay each row's real tokens (prompt + completion, or a chosen / rejected
+    # sequence) end to end into packed rows with segment ids (first-fit decreasing) instead of padding every
+    # row to the longest. Same losses and gradients; fewer positions through the model when lengths vary.
+    # (SFT packs in the data pipeline: data.packing.) Single-process runs only.
+    pack_rows: bool = False
 
     def __post_init__(self):
         check_positive(self, "steps", "batch_size", "log_every")

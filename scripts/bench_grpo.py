@@ -10,6 +10,13 @@ each run's first step (compilation / warm-up). jrft's time split comes from its 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python scripts/bench_grpo.py            # 25M params, P=4, 128 tokens
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python scripts/bench_grpo.py --tiny     # smoke test
 
+``--varied-lengths`` times only jrft's GRPO update (no sampling, no TRL) on a rollout whose completion lengths
+are drawn uniformly from 10..128 tokens (P x G rows, 8-16-token prompts): the same rollout's update with
+padded rows and with packed rows (``train.pack_rows``), alternating, and prints update tokens/s (real
+prompt + completion tokens / second, the host-side packing included) and the padded fraction of each::
+
+    .venv/bin/python scripts/bench_grpo.py --varied-lengths                # 25M params, P=4, G=8
+
 Needs the bench extra (``pip install -e '.[bench]'``: trl).
 """
 
@@ -103,6 +110,90 @@ def run_jrft(model_dir, rows, out, *, prompts_per_step, new_tokens, steps) -> di
     return {k: statistics.median(r[k] for r in rows_) for k in keys}
 
 
+def bench_packed_update(cfg, *, prompts_per_step, new_tokens, min_new, reps, seed=0) -> dict:
+    """Update seconds (median of ``reps``, after one compile call each) of one GRPO update over the same
+    varied-length rollout, padded vs packed."""
+    import jax
+    import numpy as np
+    import optax
+    from flax import nnx
+
+    from jrft.config import GRPOConfig
+    from jrft.models import Decoder, ModelConfig
+    from jrft.models.testing import tiny_hf_config
+    from jrft.parallel.mesh import make_mesh
+    from jrft.train import grpo_round, rounds
+    from jrft.train.placement import device_batch, place_state
+    from jrft.train.rollout import Rollout
+    from jrft.train.state import create_train_state
+
+    rng = np.random.default_rng(seed)
+    g = 8
+    n, tp, tc = prompts_per_step * g, 16, new_tokens
+    prompt = np.repeat(rng.integers(8, tp + 1, size=prompts_per_step), g)
+    completion = rng.integers(min_new, new_tokens + 1, size=n)
+    cols = np.arange(tp + tc)[None]
+    attention = ((cols >= tp - prompt[:, None]) & (cols < tp + completion[:, None])).astype(np.int32)
+    tokens = (rng.integers(3, cfg["vocab_size"], size=(n, tp + tc)) * attention).astype(np.int32)
+    rollout = Rollout(
+        tokens=tokens,
+        attention_mask=attention,
+        completion_mask=attention[:, tp:].copy(),
+        sampler_logps=np.zeros((n, tc), np.float32),
+        truncated=np.zeros(n, bool),
+        prompt_length=tp,
+        prompts=[""] * n,
+        columns={},
+        completions=[""] * n,
+        completion_ids=[[]] * n,
+    )
+    real_tokens = int(attention.sum())
+    model = Decoder(ModelConfig.from_hf(tiny_hf_config("llama", **cfg)), rngs=nnx.Rngs(seed))
+    tx = optax.adamw(1e-6)
+    graphdef, state = create_train_state(model, tx, seed=seed)
+    mesh = make_mesh(data=1, devices=jax.devices()[:1])
+    state, shardings = place_state(state, mesh)
+    config = GRPOConfig(num_generations=g, max_new_tokens=new_tokens, beta=0.0, loss_aggregation="dapo")
+    rows = device_batch(
+        {"completion_mask": rollout.completion_mask, "advantages": rng.normal(size=n).astype(np.float32)},
+        mesh,
+    )
+    sides = {}
+    for pack in (False, True):
+        options = rounds.RoundOptions(mesh=mesh, state_sharding=shardings, pad_token_id=0, pack_rows=pack)
+        sides[pack] = (options, grpo_round.update_step(config, graphdef, tx, options))
+    times: dict[bool, list[float]] = {False: [], True: []}
+    prepare: dict[bool, list[float]] = {False: [], True: []}  # host layout + transfer, inside times
+    fractions = {}
+    for rep_ in range(reps + 1):  # the first call of each side compiles
+        for pack, (options, update) in sides.items():
+            t0 = time.perf_counter()
+            inputs = rounds.UpdateInputs(rollout, options)
+            batch = {**rows, **inputs.mini(np.arange(n))}
+            jax.block_until_ready(batch)
+            t1 = time.perf_counter()
+            state, metrics = update(state, batch)
+            jax.block_until_ready((state, metrics))
+            if rep_:
+                times[pack].append(time.perf_counter() - t0)
+                prepare[pack].append(t1 - t0)
+            fractions[pack] = inputs.padded_fraction()
+    out = {}
+    for pack, name in ((False, "padded"), (True, "packed")):
+        seconds = statistics.median(times[pack])
+        out[name] = {
+            "seconds": seconds,
+            "tokens_per_s": real_tokens / seconds,
+            "padded_fraction": fractions[pack],
+            "all_seconds": times[pack],
+            "prepare_seconds": statistics.median(prepare[pack]),
+        }
+    out["rows"] = n
+    out["real_tokens"] = real_tokens
+    out["mean_completion"] = float(completion.mean())
+    return out
+
+
 def run_trl(model_dir, prompts, out, *, prompts_per_step, new_tokens, steps, threads) -> dict:
     import torch
     from datasets import Dataset
@@ -162,8 +253,36 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=4, help="steps per run (the first is dropped)")
     parser.add_argument("--runs", type=int, default=2, help="alternating runs per side")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--varied-lengths",
+        action="store_true",
+        help="GRPO update only: padded vs packed rows",
+    )
+    parser.add_argument("--reps", type=int, default=5, help="--varied-lengths: timed updates per side")
     args = parser.parse_args(argv)
     cfg = TINY if args.tiny else REFERENCE
+    if args.varied_lengths:
+        r = bench_packed_update(
+            cfg,
+            prompts_per_step=args.prompts,
+            new_tokens=args.new_tokens,
+            min_new=min(10, args.new_tokens),
+            reps=2 if args.tiny else args.reps,
+        )
+        print(
+            f"GRPO update, {args.prompts} prompts x G=8 = {r['rows']} rows, completions uniform in "
+            f"{min(10, args.new_tokens)}..{args.new_tokens} tokens (mean {r['mean_completion']:.0f}), "
+            f"{r['real_tokens']} real tokens, CPU fp32"
+        )
+        for name in ("padded", "packed"):
+            m = r[name]
+            print(
+                f"{name}: {m['seconds']:.2f} s/update  {m['tokens_per_s']:.0f} tokens/s  "
+                f"padded fraction {m['padded_fraction']:.2f}  rows laid out in {m['prepare_seconds']:.3f} s  "
+                f"(each: {', '.join(f'{x:.2f}' for x in m['all_seconds'])} s)"
+            )
+        print(f"packed / padded tokens/s: {r['packed']['tokens_per_s'] / r['padded']['tokens_per_s']:.2f}x")
+        return 0
     new_tokens, steps, runs = (16, 3, 1) if args.tiny else (args.new_tokens, args.steps, args.runs)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = os.path.join(tmp, "model")

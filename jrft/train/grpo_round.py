@@ -116,7 +116,7 @@ class GRPORound:
             runner,
             prompts,
         )
-        self.mesh = o.mesh
+        self.mesh, self.options = o.mesh, o
         self.sampling = SamplingSettings(
             c.num_generations,
             c.max_new_tokens,
@@ -209,7 +209,9 @@ class GRPORound:
 
     # -- update -----------------------------------------------------------------------------------------
 
-    def _batch(self, state, rollout: Rollout) -> dict[str, jax.Array]:
+    def _batch(self, state, rollout: Rollout, inputs: rounds.UpdateInputs) -> dict[str, jax.Array]:
+        """The rollout's per-row arrays (``completion_mask``, ``advantages``, old / reference log-probs) on
+        the device; the model inputs (padded or packed rows) come from ``inputs``."""
         c = self.c
         # the global batch's rewards (each process scored its own rows), so batch-level baselines and scales
         # see every completion; then this process's rows
@@ -227,24 +229,21 @@ class GRPORound:
         completion_mask = rollout.completion_mask.copy()
         if c.mask_truncated_completions:
             completion_mask[rollout.truncated] = 0  # DAPO overlong filtering: no gradient from cut-off rows
-        host = {
-            "tokens": rollout.tokens,
-            "attention_mask": rollout.attention_mask,
-            "completion_mask": completion_mask,
-            "advantages": advantages.astype(np.float32),
-        }
+        host = {"completion_mask": completion_mask, "advantages": advantages.astype(np.float32)}
         if not self.on_policy and c.old_logprobs == "sampler":
             host["old_logps"] = rollout.sampler_logps
         batch = device_batch(host, self.mesh)
+        if (not self.on_policy and c.old_logprobs == "recompute") or c.beta > 0:
+            forward = {**inputs.full(), "completion_mask": batch["completion_mask"]}
         if not self.on_policy and c.old_logprobs == "recompute":
-            batch["old_logps"] = self.logps_fn(state.params, state.rest, batch)["logps"]
+            batch["old_logps"] = self.logps_fn(state.params, state.rest, forward)["logps"]
         if c.beta > 0:
             self.ref_logp_calls += 1
             self.ref_logps_this_round = 1.0
             if self.ref_adapters is not None:
-                batch["ref_logps"] = self.logps_fn(self.ref_adapters, state.rest, batch)["logps"]
+                batch["ref_logps"] = self.logps_fn(self.ref_adapters, state.rest, forward)["logps"]
             else:
-                batch["ref_logps"] = self.reference.call(self.logps_fn, batch)["logps"]
+                batch["ref_logps"] = self.reference.call(self.logps_fn, forward)["logps"]
         return batch
 
     def __call__(self, state, prompt_batch) -> tuple[Any, dict[str, Any]]:
@@ -255,14 +254,15 @@ class GRPORound:
             return state, {**metrics, **rollout.reward_metrics, "skipped_update": 1.0}
         t1 = time.perf_counter()
         self.ref_logps_this_round = 0.0
-        batch = self._batch(state, rollout)
+        inputs = rounds.UpdateInputs(rollout, self.options)
+        batch = self._batch(state, rollout, inputs)
         jax.block_until_ready(batch)
         t2 = time.perf_counter()
-        n = int(batch["tokens"].shape[0])  # global rows (all processes)
+        n = int(batch["completion_mask"].shape[0])  # global rows (all processes)
         update_metrics = []
         for iteration in range(c.num_iterations):
             for rows in rounds.mini_batches(state, n, c.num_mini_batches, iteration):
-                state, m = self.update(state, rounds.take_rows(batch, rows))
+                state, m = self.update(state, {**rounds.take_rows(batch, rows), **inputs.mini(rows)})
                 update_metrics.append(m)
         update_metrics = jax.device_get(update_metrics)
         t3 = time.perf_counter()
@@ -274,6 +274,7 @@ class GRPORound:
                 "time/update": t3 - t2,
                 "time/round": t3 - t0,
                 "ref_logps_computed": self.ref_logps_this_round,
+                "padded_fraction": inputs.padded_fraction(),
                 "batch/zero_std_groups": float(
                     np.mean(~group_has_signal(gather_rows(rollout.rewards), c.num_generations))
                 ),

@@ -148,9 +148,14 @@ def pair_sequence_logps(
     """Chosen and rejected completions scored in ONE forward pass (concatenated on the batch axis).
 
     Expects ``chosen_tokens``, ``chosen_attention_mask``, ``chosen_loss_mask`` and the ``rejected_*``
-    twins, each ``[B, T]`` (padded to the same T). Returns ``chosen_logps``, ``rejected_logps``,
+    twins, each ``[B, T]`` (padded to the same T), or the packed rows of :func:`jrft.train.packing.pack_pairs`
+    (summed per sequence from the packed rows). Returns ``chosen_logps``, ``rejected_logps``,
     ``chosen_lengths``, ``rejected_lengths``: ``[B]`` each. ``chunk_size``: see :func:`shifted_token_logps`.
     """
+    if "pack_sequence" in batch:
+        from jrft.train.packing import packed_pair_logps
+
+        return packed_pair_logps(model, batch, chunk_size=chunk_size)
     n = batch["chosen_tokens"].shape[0]
 
     def both(key):
@@ -176,27 +181,50 @@ def completion_slice(x: jax.Array, tc: int) -> jax.Array:
     return x[:, -tc - 1 : -1]
 
 
-def completion_logps(
-    model, batch: Mapping[str, jax.Array], *, temperature: float, chunk_size: int = 0, hidden=None
-) -> jax.Array:
-    """``[N, Tc]`` float32 log-probs of the completion tokens of rollout rows (GRPO, PPO).
+def completion_states(model, batch: Mapping[str, jax.Array], *, hidden=None) -> tuple[jax.Array, jax.Array]:
+    """``([N, Tc, D] states, [N, Tc] targets)``: the final hidden states that predict (and evaluate) the
+    completion tokens of rollout rows, and those tokens.
 
-    ``batch`` holds ``tokens``, ``attention_mask`` (``[N, Tp + Tc]``) and ``completion_mask`` (``[N, Tc]``).
-    Logits are divided by ``temperature`` (the sampling temperature); the LM head runs on the completion
-    positions only (over chunks of ``chunk_size`` positions when > 0). ``hidden`` (``[N, T, D]``) reuses final
-    hidden states already computed (PPO's value head shares them).
-    """
+    ``batch`` holds either the padded rows (``tokens``, ``attention_mask`` ``[N, Tp + Tc]``) or packed rows
+    (``pack_index`` and the packed arrays of :func:`jrft.train.packing.pack_rollout`: the trunk runs on the
+    packed rows and the states are gathered back into this padded completion layout), and
+    ``completion_mask`` (``[N, Tc]``). ``hidden`` (``[N, T, D]``, padded rows only) reuses final hidden
+    states already computed."""
+    if "pack_index" in batch:
+        from jrft.train.packing import completion_hidden_packed
+
+        return completion_hidden_packed(model, batch)
     tokens, tc = batch["tokens"], batch["completion_mask"].shape[1]
     if hidden is None:
         hidden = model.hidden(tokens, batch["attention_mask"])  # [N, T, D]
-    return hidden_token_logps(
-        model, completion_slice(hidden, tc), tokens[:, -tc:], temperature=temperature, chunk_size=chunk_size
-    )
+    return completion_slice(hidden, tc), tokens[:, -tc:]
 
 
-def completion_values(model, hidden: jax.Array, tc: int) -> jax.Array:
-    """``[N, Tc]`` float32 values ``V(s_j)`` from the model's scalar head at the completion positions."""
-    return model.scalar_head(completion_slice(hidden, tc)).astype(jnp.float32)
+def completion_logps(
+    model,
+    batch: Mapping[str, jax.Array],
+    *,
+    temperature: float,
+    chunk_size: int = 0,
+    hidden=None,
+    states: tuple[jax.Array, jax.Array] | None = None,
+) -> jax.Array:
+    """``[N, Tc]`` float32 log-probs of the completion tokens of rollout rows (GRPO, PPO).
+
+    ``batch``: see :func:`completion_states` (padded or packed rows). Logits are divided by ``temperature``
+    (the sampling temperature); the LM head runs on the completion positions only (over chunks of
+    ``chunk_size`` positions when > 0). ``hidden`` (``[N, T, D]``) or ``states`` (what
+    :func:`completion_states` returned) reuse a forward already computed (PPO's value head shares it).
+    """
+    states = completion_states(model, batch, hidden=hidden) if states is None else states
+    return hidden_token_logps(model, *states, temperature=temperature, chunk_size=chunk_size)
+
+
+def completion_values(model, hidden: jax.Array, tc: int | None) -> jax.Array:
+    """``[N, Tc]`` float32 values ``V(s_j)`` from the model's scalar head at the completion positions
+    (``hidden``: ``[N, T, D]`` padded rows, or ``[N, Tc, D]`` completion states when ``tc`` is None)."""
+    states = hidden if tc is None else completion_slice(hidden, tc)
+    return model.scalar_head(states).astype(jnp.float32)
 
 
 def make_completion_forward(
@@ -209,17 +237,17 @@ def make_completion_forward(
 ):
     """Jitted ``(params, rest, batch) -> {"logps"?, "values"?}`` (``[N, Tc]`` each), no gradients: old and
     reference log-probs of GRPO and PPO, and PPO's old values (one forward gives both for a policy with a
-    value head)."""
+    value head). ``batch``: padded or packed rollout rows (:func:`completion_states`)."""
 
     def forward(model, batch):
-        hidden = model.hidden(batch["tokens"], batch["attention_mask"])  # [N, T, D]
+        states = completion_states(model, batch)  # ([N, Tc, D], [N, Tc]): padded or packed rows
         out = {}
         if logps:
             out["logps"] = completion_logps(
-                model, batch, temperature=temperature, chunk_size=logits_chunk_size, hidden=hidden
+                model, batch, temperature=temperature, chunk_size=logits_chunk_size, states=states
             )
         if values:
-            out["values"] = completion_values(model, hidden, batch["completion_mask"].shape[1])
+            out["values"] = completion_values(model, states[0], None)
         return out
 
     return frozen_forward(graphdef, forward)

@@ -104,7 +104,7 @@ class PPORound:
         options: rounds.RoundOptions,
     ):
         c = self.c = config
-        o = options
+        o = self.options = options
         self.policy_graphdef, self.tokenizer, self.runner, self.mesh = (
             policy_graphdef,
             tokenizer,
@@ -190,21 +190,25 @@ class PPORound:
 
     # -- old log-probs / values, advantages -------------------------------------------------------------
 
-    def _prepare(self, state: PPOState, batch) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
-        """Adds ``old_logps``, ``old_values``, ``ref_logps`` (kl_coef > 0), ``advantages`` and ``returns``."""
-        out = self.policy_forward(state.policy.params, state.policy.rest, batch)
+    def _prepare(
+        self, state: PPOState, batch, inputs: rounds.UpdateInputs
+    ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+        """Adds ``old_logps``, ``old_values``, ``ref_logps`` (kl_coef > 0), ``advantages`` and ``returns`` to
+        the per-row ``batch``; the forwards run on ``inputs`` (padded or packed rows)."""
+        forward = {**inputs.full(), "completion_mask": batch["completion_mask"]}
+        out = self.policy_forward(state.policy.params, state.policy.rest, forward)
         batch = {**batch, "old_logps": out["logps"]}
         if self.head:
             batch["old_values"] = out["values"]
         else:
-            batch["old_values"] = self.value_forward(state.value.params, state.value.rest, batch)["values"]
+            batch["old_values"] = self.value_forward(state.value.params, state.value.rest, forward)["values"]
         if self.ref_adapters is not None:
-            batch["ref_logps"] = self.policy_forward(self.ref_adapters, state.policy.rest, batch)["logps"]
+            batch["ref_logps"] = self.policy_forward(self.ref_adapters, state.policy.rest, forward)["logps"]
             self.ref_logp_calls += 1
         elif self.reference is not None:
             # The policy's own jitted forward (same graph): no second compilation for the reference
             # (offloaded: one wrapper program that first copies the reference parameters to the device).
-            ref = self.reference.call(self.policy_forward, batch)
+            ref = self.reference.call(self.policy_forward, forward)
             batch["ref_logps"] = ref["logps"]
             self.ref_logp_calls += 1
         targets, metrics = self.advantage_fn(batch)
@@ -216,12 +220,14 @@ class PPORound:
 
     # -- update -----------------------------------------------------------------------------------------
 
-    def _update(self, state: PPOState, batch) -> tuple[PPOState, list[dict[str, Any]]]:
-        n = batch["tokens"].shape[0]
+    def _update(
+        self, state: PPOState, batch, inputs: rounds.UpdateInputs
+    ) -> tuple[PPOState, list[dict[str, Any]]]:
+        n = batch["completion_mask"].shape[0]
         metrics = []
         for epoch in range(self.c.num_epochs):
             for rows in rounds.mini_batches(state.policy, n, self.c.num_mini_batches, epoch):
-                mini = rounds.take_rows(batch, rows)
+                mini = {**rounds.take_rows(batch, rows), **inputs.mini(rows)}
                 policy, m = self.update_policy(state.policy, mini)
                 if not self.head:
                     value, vm = self.update_value(state.value, mini)
@@ -241,19 +247,24 @@ class PPORound:
     def __call__(self, state: PPOState, prompt_batch) -> tuple[PPOState, dict[str, Any]]:
         t0 = time.perf_counter()
         rollout = self._rollout(state, prompt_batch)
-        host = {
-            "tokens": rollout.tokens,
-            "attention_mask": rollout.attention_mask,
-            "completion_mask": rollout.completion_mask,
-        }
-        batch = device_batch(host, self.mesh)
-        scores, parts, metrics = self._scores(rollout, batch)
+        inputs = rounds.UpdateInputs(rollout, self.options)
+        batch = device_batch({"completion_mask": rollout.completion_mask}, self.mesh)
+        padded = None  # the padded rows, for the reward model's scores
+        if self.reward_model is not None:
+            padded = (
+                inputs.full()
+                if not self.options.pack_rows
+                else device_batch(
+                    {"tokens": rollout.tokens, "attention_mask": rollout.attention_mask}, self.mesh
+                )
+            )
+        scores, parts, metrics = self._scores(rollout, padded)
         batch["scores"] = device_batch({"scores": scores.astype(np.float32)}, self.mesh)["scores"]
         t1 = time.perf_counter()
-        batch, adv_metrics = self._prepare(state, batch)
+        batch, adv_metrics = self._prepare(state, batch, inputs)
         jax.block_until_ready(batch)
         t2 = time.perf_counter()
-        state, update_metrics = self._update(state, batch)
+        state, update_metrics = self._update(state, batch, inputs)
         update_metrics, adv_metrics = jax.device_get((update_metrics, adv_metrics))
         t3 = time.perf_counter()
         sample_s = rollout.seconds["sample"]
@@ -265,6 +276,7 @@ class PPORound:
                 "time/logps_values": t2 - t1,
                 "time/update": t3 - t2,
                 "time/round": t3 - t0,
+                "padded_fraction": inputs.padded_fraction(),
             }
         )
         self.rounds += 1

@@ -19,6 +19,8 @@ import jax
 import numpy as np
 
 from jrft.parallel.distributed import gather_rows
+from jrft.train.packing import batch_shards, pack_rollout, padded_fraction
+from jrft.train.placement import device_batch
 from jrft.train.rollout import Rollout, append_completions
 
 
@@ -36,6 +38,7 @@ class RoundOptions:
       offload_reference: keep the frozen reference in host memory.
       gather_sampler_weights: the sampler gathers the fsdp-sharded weights once per call
         (``jrft.sampling.generate``'s ``gather_weights``).
+      pack_rows: the update's forward runs on packed rows (``jrft.train.packing``), not padded ones.
     """
 
     mesh: Any
@@ -46,6 +49,7 @@ class RoundOptions:
     logits_chunk_size: int = 0
     offload_reference: bool = False
     gather_sampler_weights: bool = False
+    pack_rows: bool = False
 
 
 def mini_batches(state, n: int, num_mini_batches: int, epoch: int) -> list[np.ndarray]:
@@ -64,6 +68,61 @@ def take_rows(batch: Mapping[str, jax.Array], rows: np.ndarray) -> dict[str, jax
     if len(rows) == n and np.array_equal(rows, np.arange(n)):
         return dict(batch)
     return {k: v[rows] for k, v in batch.items()}
+
+
+class UpdateInputs:
+    """The model inputs of a round's forwards: the rollout's padded rows (``tokens``, ``attention_mask``), or
+    with ``options.pack_rows`` packed rows (``jrft.train.packing.pack_rollout``); either way the objectives
+    see ``[N, Tc]`` completion values. Remembers the attention masks of what the updates ran on, for
+    ``padded_fraction`` (padding positions / all positions of the update's batches)."""
+
+    def __init__(self, rollout: Rollout, options: RoundOptions):
+        if options.pack_rows and jax.process_count() > 1:
+            raise ValueError("train.pack_rows: packed update rows need a single-process run")
+        self.rollout, self.options = rollout, options
+        self.masks: list[np.ndarray] = []
+        self._full: dict[str, jax.Array] | None = None
+        self._full_mask: np.ndarray | None = None
+
+    def _host(self, rows: np.ndarray, groups: int) -> dict[str, np.ndarray]:
+        r, o = self.rollout, self.options
+        if not o.pack_rows:
+            return {"tokens": r.tokens[rows], "attention_mask": r.attention_mask[rows]}
+        return pack_rollout(
+            r.tokens[rows],
+            r.attention_mask[rows],
+            r.completion_mask.shape[1],
+            groups=groups,
+            row_multiple=batch_shards(o.mesh),
+            pad_id=o.pad_token_id,
+        )
+
+    def full(self) -> dict[str, jax.Array]:
+        """Inputs over all rows in order (old / reference log-probs, values, reward-model scores)."""
+        if self._full is None:
+            host = self._host(np.arange(self.rollout.num_rows), 1)
+            self._full_mask = host.get("packed_attention_mask")
+            self._full = device_batch(host, self.options.mesh)
+        return self._full
+
+    def mini(self, rows: np.ndarray) -> dict[str, jax.Array]:
+        """Inputs of one update over ``rows`` (packed per micro-batch, see ``jrft.train.packing``)."""
+        groups = self.options.grad_accum
+        everything = len(rows) == self.rollout.num_rows and np.array_equal(rows, np.arange(len(rows)))
+        if not self.options.pack_rows:
+            return take_rows(self.full(), rows)
+        if everything and groups == 1:  # the packing of all rows is this update's
+            full = self.full()
+            self.masks.append(self._full_mask)
+            return full
+        host = self._host(rows, groups)
+        self.masks.append(host["packed_attention_mask"])
+        return device_batch(host, self.options.mesh)
+
+    def padded_fraction(self) -> float:
+        if not self.options.pack_rows:  # every pass takes each row once: the rollout's own fraction
+            return padded_fraction([self.rollout.attention_mask])  # (multi-host: this process's rows)
+        return padded_fraction(self.masks)
 
 
 def round_metrics(rollout: Rollout, update_metrics: Sequence[Mapping[str, Any]], sample_s: float) -> dict:

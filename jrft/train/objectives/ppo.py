@@ -30,7 +30,7 @@ from jrft.losses import (
     masked_mean,
     whiten,
 )
-from jrft.train.logprobs import completion_logps, completion_values
+from jrft.train.logprobs import completion_logps, completion_states, completion_values
 from jrft.train.reference import frozen_forward
 
 
@@ -39,13 +39,14 @@ def normalizers(batch):
     return {"tokens": jnp.maximum(jnp.sum(mask), 1.0)}
 
 
-# -- loss terms: (model, hidden, batch, norms, hyper) -> (loss contribution, metric contributions) ----------
+# -- loss terms: (model, states, batch, norms, hyper) -> (loss contribution, metric contributions) ----------
+# ``states``: ``jrft.train.logprobs.completion_states`` (the completion positions' hidden states and tokens).
 
 
-def _policy_term(model, hidden, batch, norms, hp):
+def _policy_term(model, states, batch, norms, hp):
     mask = batch["completion_mask"]
     logps = completion_logps(
-        model, batch, temperature=hp["temperature"], chunk_size=hp["logits_chunk_size"], hidden=hidden
+        model, batch, temperature=hp["temperature"], chunk_size=hp["logits_chunk_size"], states=states
     )
     losses, m = clipped_policy_loss(
         logps, batch["old_logps"], batch["advantages"], mask, clip_eps_low=hp["cliprange"]
@@ -56,9 +57,9 @@ def _policy_term(model, hidden, batch, norms, hp):
     return loss, {"policy_loss": loss, **metrics}
 
 
-def _value_term(model, hidden, batch, norms, hp):
+def _value_term(model, states, batch, norms, hp):
     mask = batch["completion_mask"]
-    values = completion_values(model, hidden, mask.shape[1])
+    values = completion_values(model, states[0], None)
     losses, m = clipped_value_loss(
         values, batch["old_values"], batch["returns"], mask, clip_eps=hp["cliprange_value"]
     )
@@ -102,10 +103,10 @@ def make_loss_fn(
 
     def loss_fn(model, batch, norms, key):
         del key
-        hidden = model.hidden(batch["tokens"], batch["attention_mask"])  # [N, T, D]
+        states = completion_states(model, batch)  # one trunk forward for both terms (padded or packed rows)
         loss, metrics = 0.0, {}
         for name in terms:
-            term_loss, term_metrics = TERMS[name](model, hidden, batch, norms, hp)
+            term_loss, term_metrics = TERMS[name](model, states, batch, norms, hp)
             loss = loss + term_loss
             metrics.update(term_metrics)
         return loss, metrics

@@ -22,6 +22,7 @@ from jrft.parallel.distributed import host_array
 from jrft.train.evaluation import Objective, make_eval_fn
 from jrft.train.loop import LoopResult
 from jrft.train.objectives import dpo, kto, pairs, reward, sft
+from jrft.train.packing import batch_shards, pack_pairs, padded_fraction
 from jrft.train.placement import DeviceBatches, device_batch, on_mesh
 from jrft.train.reference import FrozenModel
 from jrft.train.runs.export import loop_and_export
@@ -116,7 +117,7 @@ def _against_reference(
         # No reference model in memory: DPO's reference-free case uses a uniform reference (log-probs 0).
 
         def prepare(batch):
-            zeros = jnp.zeros(batch["chosen_tokens"].shape[:1], jnp.float32)
+            zeros = jnp.zeros(pairs.valid_rows(batch).shape, jnp.float32)  # [B] (padded or packed rows)
             return {**batch, "ref_chosen_logps": zeros, "ref_rejected_logps": zeros}
 
     elif precompute:
@@ -200,6 +201,39 @@ OBJECTIVES: dict[str, Callable[[RunConfig, Any, Any], Objective]] = {
 }
 
 
+# Objectives whose updates can run on packed rows (their losses read pair_sequence_logps).
+PACKABLE = ("dpo", "kto")
+
+
+class PairBatches:
+    """Host preference batches, packed (``jrft.train.packing.pack_pairs``, one packing per micro-batch) with
+    ``train.pack_rows``; ``last_padded_fraction``: padding positions / all positions of the last batch.
+    ``state_dict`` / ``load_state_dict`` pass through (the loop checkpoints the data position)."""
+
+    def __init__(self, host, config: RunConfig, mesh):
+        self.pack = config.train.pack_rows
+        if self.pack and jax.process_count() > 1:
+            raise ValueError("train.pack_rows: packed update rows need a single-process run")
+        self.host, self.groups, self.mesh = host, config.train.grad_accum, mesh
+        self.last_padded_fraction = 0.0
+
+    def __next__(self):
+        batch = next(self.host)
+        if self.pack:
+            batch = pack_pairs(batch, groups=self.groups, row_multiple=batch_shards(self.mesh))
+            masks = [batch["packed_attention_mask"]]
+        else:
+            masks = [batch["chosen_attention_mask"], batch["rejected_attention_mask"]]
+        self.last_padded_fraction = padded_fraction(masks)
+        return batch
+
+    def state_dict(self):
+        return self.host.state_dict()
+
+    def load_state_dict(self, state):
+        self.host.load_state_dict(state)
+
+
 def run_offline(config: RunConfig, *, progress: bool = True, model_eval_fn=None) -> LoopResult:
     """Trains ``config.objective`` (sft, reward or dpo) and exports the result; returns the loop's result.
 
@@ -236,7 +270,18 @@ def run_offline(config: RunConfig, *, progress: bool = True, model_eval_fn=None)
         return state, {**metrics, "lr": run.schedule(state.step - 1)}
 
     where = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    batches = DeviceBatches(train_iterator_from_config(config, train_ds, **where), mesh, objective.prepare)
+    host_batches = train_iterator_from_config(config, train_ds, **where)
+    if config.train.pack_rows and config.objective not in PACKABLE:
+        raise ValueError(f"train.pack_rows: {config.objective} batches are not packed (only {PACKABLE})")
+    if config.objective in PACKABLE:
+        host_batches = PairBatches(host_batches, config, mesh)
+        train_step = step_fn
+
+        def step_fn(state, batch):
+            state, metrics = train_step(state, batch)
+            return state, {**metrics, "padded_fraction": host_batches.last_padded_fraction}
+
+    batches = DeviceBatches(host_batches, mesh, objective.prepare)
     eval_fn = None
     if eval_ds is not None:
         eval_fn = make_eval_fn(

@@ -237,6 +237,7 @@ def round_options(
         completions_path=os.path.join(config.output_dir, "completions.jsonl"),
         logits_chunk_size=t.logits_chunk_size,
         offload_reference=t.offload_reference,
+        pack_rows=t.pack_rows,
         gather_sampler_weights=sampler_gathers_weights(
             config, model_cfg, mesh_shape, platform=platform, hbm_bytes=hbm
         ),
