@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jrft.losses import token_logprobs
+from jrft.train.packing import segment_sum
 from jrft.train.reference import frozen_forward
 
 
@@ -153,8 +154,6 @@ def pair_sequence_logps(
     ``chosen_lengths``, ``rejected_lengths``: ``[B]`` each. ``chunk_size``: see :func:`shifted_token_logps`.
     """
     if "pack_sequence" in batch:
-        from jrft.train.packing import packed_pair_logps
-
         return packed_pair_logps(model, batch, chunk_size=chunk_size)
     n = batch["chosen_tokens"].shape[0]
 
@@ -169,6 +168,36 @@ def pair_sequence_logps(
         "rejected_logps": logps[n:],
         "chosen_lengths": lengths[:n],
         "rejected_lengths": lengths[n:],
+    }
+
+
+def packed_pair_logps(model, batch: Mapping[str, jax.Array], *, chunk_size: int = 0) -> dict[str, jax.Array]:
+    """:func:`pair_sequence_logps` on a packed pair batch (:func:`jrft.train.packing.pack_pairs`): the
+    summed log-probs and token counts of the chosen and rejected sequences, ``[B]`` each."""
+    tokens = batch["packed_tokens"]
+    logps = shifted_token_logps(
+        model,
+        tokens,
+        batch["packed_attention_mask"],
+        positions=batch["packed_positions"],
+        segment_ids=batch["packed_segment_ids"],
+        chunk_size=chunk_size,
+    )  # [R, L-1]: position t predicts token t + 1
+    mask = batch["packed_loss_mask"][:, 1:].astype(jnp.float32)
+    n = batch["valid"].shape[0]  # pairs here: the whole batch's, or a micro-batch's
+    total = batch["pack_pairs"][0]  # pairs of the whole batch
+    per = total // n  # micro-batches per batch (1: this is the whole batch)
+    g = batch["pack_sequence"][:, 1:]  # the (whole batch's) sequence of each target token
+    rejected = (g >= total).astype(g.dtype)
+    pair = g - rejected * total  # pair i sits in micro-batch i % per at index i // per
+    seq = jnp.where(g >= 2 * total, 2 * n, pair // per + rejected * n)
+    sums = segment_sum(logps * mask, seq, 2 * n)  # [2B]
+    counts = segment_sum(mask, seq, 2 * n)
+    return {
+        "chosen_logps": sums[:n],
+        "rejected_logps": sums[n:],
+        "chosen_lengths": counts[:n],
+        "rejected_lengths": counts[n:],
     }
 
 

@@ -20,7 +20,7 @@ Gradient accumulation splits a batch strided (micro-batch ``a`` holds rows ``a, 
 ``jrft.train.step``): sequences are packed per micro-batch (sequence ``n`` with ``n % A == a`` into packed
 rows ``r`` with ``r % A == a``), so the split keeps each sequence with its packed row. A rollout's
 ``pack_index`` is local to its micro-batch (a forward over all rows packs them again with ``A = 1``); a pair
-batch's sequence ids are the whole batch's, and :func:`packed_pair_logps` finds the local ones, so the same
+batch's sequence ids are the whole batch's, and ``packed_pair_logps`` finds the local ones, so the same
 packed batch serves the reference forward before the step and each micro-batch inside it.
 
 Packed shapes: ``L`` is the padded row length (already a bucket, so any sequence fits); the number of rows is
@@ -225,7 +225,7 @@ def pack_pairs(
     Returns the :data:`PACKED_KEYS` arrays, ``packed_loss_mask [R, L]`` (the sequences' loss masks, 0 on
     each segment's first token, which no position predicts), ``pack_sequence [R, L]`` int32 (the sequence
     of each token: chosen ``i`` -> ``i``, rejected ``i`` -> ``B + i``; ``2B`` on padding), ``pack_pairs [R]``
-    (``B``, so that a micro-batch finds its local indices: :func:`packed_pair_logps`), the batch's ``[B]``
+    (``B``, so that a micro-batch finds its local indices: ``packed_pair_logps``), the batch's ``[B]``
     entries unchanged, and ``valid [B]`` (all ones unless the batch had it)."""
     b = batch["chosen_tokens"].shape[0]
     if b % groups:
@@ -267,35 +267,3 @@ def segment_sum(values: jax.Array, segments: jax.Array, num_segments: int) -> ja
     return jax.ops.segment_sum(
         values.reshape(-1), segments.reshape(-1), num_segments=num_segments + 1, mode="drop"
     )[:num_segments]
-
-
-def packed_pair_logps(model, batch: Mapping[str, jax.Array], *, chunk_size: int = 0) -> dict[str, jax.Array]:
-    """:func:`jrft.train.logprobs.pair_sequence_logps` on a packed pair batch (:func:`pack_pairs`): the
-    summed log-probs and token counts of the chosen and rejected sequences, ``[B]`` each."""
-    from jrft.train.logprobs import shifted_token_logps
-
-    tokens = batch["packed_tokens"]
-    logps = shifted_token_logps(
-        model,
-        tokens,
-        batch["packed_attention_mask"],
-        positions=batch["packed_positions"],
-        segment_ids=batch["packed_segment_ids"],
-        chunk_size=chunk_size,
-    )  # [R, L-1]: position t predicts token t + 1
-    mask = batch["packed_loss_mask"][:, 1:].astype(jnp.float32)
-    n = batch["valid"].shape[0]  # pairs here: the whole batch's, or a micro-batch's
-    total = batch["pack_pairs"][0]  # pairs of the whole batch
-    per = total // n  # micro-batches per batch (1: this is the whole batch)
-    g = batch["pack_sequence"][:, 1:]  # the (whole batch's) sequence of each target token
-    rejected = (g >= total).astype(g.dtype)
-    pair = g - rejected * total  # pair i sits in micro-batch i % per at index i // per
-    seq = jnp.where(g >= 2 * total, 2 * n, pair // per + rejected * n)
-    sums = segment_sum(logps * mask, seq, 2 * n)  # [2B]
-    counts = segment_sum(mask, seq, 2 * n)
-    return {
-        "chosen_logps": sums[:n],
-        "rejected_logps": sums[n:],
-        "chosen_lengths": counts[:n],
-        "rejected_lengths": counts[n:],
-    }
