@@ -318,6 +318,7 @@ def test_grpo_run_with_packed_rows_equals_padded(tiny_task, tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5)
 
 
+@pytest.mark.slow  # ~15 s; the unit tests above cover the packed DPO loss and gradients
 def test_dpo_run_with_packed_rows_equals_padded(tiny_task, tmp_path):
     losses = {}
     for name, extra in (("padded", []), ("packed", ["train.pack_rows=true"])):
