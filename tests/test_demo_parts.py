@@ -133,3 +133,34 @@ def test_report_table_plot_and_samples(tmp_path):
     assert report.read_curve(str(metrics), ("kl_mean",)) is None
     out, png = report.write_report(result)
     assert open(png, "rb").read(4) == b"\x89PNG" and "plot:" in out
+
+
+def test_report_drops_empty_kl_and_puts_sft_and_grpo_accuracy_on_one_clock(tmp_path):
+    sft, grpo = tmp_path / "sft.jsonl", tmp_path / "grpo.jsonl"
+    sft.write_text(
+        "\n".join(json.dumps({"step": s, "time": 10.0 * s, "eval/accuracy": 0.1 * s}) for s in (1, 2)) + "\n"
+    )
+    grpo.write_text(
+        "\n".join(
+            json.dumps({"step": s, "time": 6.0 * s, "rewards/mean": 0.5, "kl_mean": 0.0}) for s in (1, 2, 3)
+        )
+        + "\n"
+        + json.dumps({"step": 3, "time": 30.0, "eval/accuracy": 0.5})
+        + "\n"
+    )
+    result = DemoResult(
+        objective="grpo",
+        output_dir=str(tmp_path),
+        seconds={"build": 6.0, "sft": 30.0, "eval before": 24.0, "grpo": 60.0},
+        metrics_files={"sft": str(sft), "grpo": str(grpo)},
+        sft_evals=[(1, 0.1, 1.0), (2, 0.2, 1.0)],
+        evals=[(0, 0.2, 1.0), (3, 0.5, 1.0)],
+    )
+    titles = [p[0] for p in report._panels(result)]
+    assert "GRPO reward (mean)" in titles and not any("KL" in t for t in titles)  # beta = 0: no KL panel
+    (s_label, s_min, s_acc), (g_label, g_min, g_acc) = report.accuracy_timeline(result)
+    assert (s_label, g_label) == ("SFT", "GRPO")
+    np.testing.assert_allclose(s_min, [(6 + 10) / 60, (6 + 20) / 60])  # after the build stage
+    np.testing.assert_allclose(g_min, [1.0, (60 + 30) / 60])  # step 0 = the SFT model, at GRPO's start
+    np.testing.assert_allclose(g_acc, [20.0, 50.0])
+    assert open(report.plot(result, str(tmp_path / "r.png")), "rb").read(4) == b"\x89PNG"

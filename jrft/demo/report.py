@@ -1,7 +1,8 @@
 """The demo's report: a PNG of the curves, a before/after table, sample completions (terminal and markdown).
 
-Curves come from the stages' ``metrics.jsonl`` files (the loop's log): SFT loss, RL reward and KL, held-out
-accuracy of the evaluations during RL; DPO/reward-model runs plot their loss and preference accuracy.
+Curves come from the stages' ``metrics.jsonl`` files (the loop's log): SFT loss, RL reward and KL (left out
+when it was not computed), and held-out exact match of SFT and the RL stage on one time axis (minutes since
+the demo started); DPO/reward-model runs plot their loss and preference accuracy.
 Matplotlib runs with the Agg backend (no display needed).
 """
 
@@ -48,43 +49,96 @@ def read_curve(path: str, keys: Sequence[str]) -> tuple[str, list[int], list[flo
     return None
 
 
+def _eval_times(path: str) -> list[float]:
+    """Seconds since the run started of each held-out evaluation logged in ``path`` (its ``time`` field)."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return [float(r.get("time", 0.0)) for r in records if "eval/accuracy" in r]
+
+
+def _start_of(result: DemoResult, stage: str) -> float:
+    """Seconds from the demo's start to the start of ``stage``: the stages timed before it, in order."""
+    total = 0.0
+    for name, seconds in result.seconds.items():
+        if name == stage:
+            return total
+        total += seconds
+    return total
+
+
+def accuracy_timeline(result: DemoResult) -> list[tuple[str, list[float], list[float]]]:
+    """Held-out exact match on one clock: ``(label, minutes since the demo started, accuracy %)`` for the
+    evaluations during SFT and during the RL stage (whose step 0 is the SFT model), each placed at the
+    time its run logged it plus the time of the stages before it."""
+    lines = []
+    if result.sft_evals:
+        offset = _start_of(result, "sft")
+        times = _eval_times(result.metrics_files.get("sft", ""))
+        if len(times) != len(result.sft_evals):  # no times logged: spread over the stage
+            times = [
+                result.seconds.get("sft", 0.0) * (i + 1) / len(result.sft_evals)
+                for i in range(len(result.sft_evals))
+            ]
+        lines.append(("SFT", [(offset + t) / 60 for t in times], [100 * e[1] for e in result.sft_evals]))
+    if result.evals:
+        rl = result.objective
+        offset = _start_of(result, rl)
+        during = _eval_times(result.metrics_files.get(rl, ""))
+        times = [0.0, *during] if len(during) == len(result.evals) - 1 else None
+        if times is None:  # no times logged: spread over the stage
+            n = len(result.evals)
+            times = [result.seconds.get(rl, 0.0) * i / max(n - 1, 1) for i in range(n)]
+        lines.append((rl.upper(), [(offset + t) / 60 for t in times], [100 * e[1] for e in result.evals]))
+    return lines
+
+
+def _panels(result: DemoResult) -> list[tuple[str, str, list, list]]:
+    """``(title, key, steps, values)`` of every curve with something to show: a metric logged as all zeros
+    because it was not computed (the KL with beta = 0: no reference model) is left out."""
+    panels = []
+    for title, stage, keys in PANELS:
+        curve = read_curve(result.metrics_files.get(stage, ""), keys)
+        if curve is None or (curve[0] == "kl_mean" and not any(curve[2])):
+            continue
+        panels.append((title, *curve))
+    return panels
+
+
 def plot(result: DemoResult, path: str) -> str:
-    """Writes the PNG of every available curve (and held-out accuracy during RL); returns its path."""
+    """Writes the PNG of every available curve, and held-out exact match of SFT and the RL stage on one
+    time axis; returns its path."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = []
-    for title, stage, keys in PANELS:
-        curve = read_curve(result.metrics_files.get(stage, ""), keys)
-        if curve is not None:
-            panels.append((title, *curve))
-    if result.sft_evals:
-        steps, values = [e[0] for e in result.sft_evals], [100 * e[1] for e in result.sft_evals]
-        panels.append(("held-out accuracy during SFT", "accuracy", steps, values))
-    if result.evals:
-        steps = [e[0] for e in result.evals]
-        panels.append(
-            ("held-out accuracy during GRPO", "accuracy", steps, [100 * e[1] for e in result.evals])
-        )
-    cols = min(len(panels), 2) or 1
-    rows = max(1, -(-len(panels) // cols))
+    panels = _panels(result)
+    timeline = accuracy_timeline(result)
+    n = len(panels) + bool(timeline)
+    cols = min(n, 2) or 1
+    rows = max(1, -(-n // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.2 * rows), squeeze=False)
-    for ax, (title, key, steps, values) in zip(axes.flat, panels, strict=False):
-        if key == "kl_mean" and not any(values) and title.startswith("GRPO"):
-            # beta = 0: the trainer never computes reference log-probs, so there is no KL to show
-            ax.text(0.5, 0.5, "not computed: grpo.beta = 0\n(no reference model)", ha="center", va="center")
-            ax.set_title(title)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            continue
+    flat = list(axes.flat)
+    for ax, (title, key, steps, values) in zip(flat, panels, strict=False):
         ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3)
         ax.set_title(title)
         ax.set_xlabel("step")
-        ax.set_ylabel("%" if key == "accuracy" else key)
+        ax.set_ylabel(key)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(panels) :]:
+    if timeline:
+        ax = flat[len(panels)]
+        for label, minutes, values in timeline:
+            ax.plot(minutes, values, marker="o", markersize=3, label=label)
+        if len(timeline) > 1:
+            ax.axvline(timeline[-1][1][0], color="gray", linestyle=":", linewidth=1)
+        ax.set_title("held-out exact match (greedy)")
+        ax.set_xlabel("minutes since the demo started")
+        ax.set_ylabel("%")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    for ax in flat[n:]:
         ax.axis("off")
     fig.suptitle(f"jrft demo --objective {result.objective}")
     fig.tight_layout()
