@@ -59,15 +59,24 @@ def _chunks(n: int, size: int):
         yield lo, min(lo + size, n)
 
 
-def greedy_completions(
-    model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int
-) -> list[str]:
-    """Greedy completions ``[N]`` of ``prompts``, ``batch_size`` at a time (the last chunk padded by repeating
-    its first prompt, so every call has the same shape and compiles once)."""
+def sampled_completions(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    num_samples: int = 1,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> list[list[str]]:
+    """``num_samples`` completions of each of ``prompts`` (``[N][G]``), ``batch_size`` prompts at a time (the
+    last chunk padded by repeating its first prompt, so every call has the same shape and compiles once).
+    ``temperature`` 0 is greedy; above 0 the draws are a function of ``seed`` and the chunk."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = [prompt_ids(tokenizer, p) for p in prompts]
-    out: list[str] = []
-    for lo, hi in _chunks(len(ids), batch_size):
+    out: list[list[str]] = []
+    for i, (lo, hi) in enumerate(_chunks(len(ids), batch_size)):
         chunk = ids[lo:hi]
         chunk = chunk + [chunk[0]] * (min(batch_size, len(ids)) - len(chunk))
         tokens, mask = left_pad(chunk, pad)  # the sampler rounds the prompt length up to a bucket
@@ -76,12 +85,25 @@ def greedy_completions(
             tokens,
             mask,
             max_new_tokens=max_new_tokens,
-            temperature=0.0,
+            num_samples=num_samples,
+            temperature=temperature,
             stop_token_ids=[tokenizer.eos_token_id],
             pad_token_id=pad,
+            rng=jax.random.fold_in(jax.random.key(seed), i),
         )
-        out.extend(decode_completions(tokenizer, result)[: hi - lo])
+        texts = decode_completions(tokenizer, result)
+        out.extend(texts[j * num_samples : (j + 1) * num_samples] for j in range(hi - lo))
     return out
+
+
+def greedy_completions(
+    model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int
+) -> list[str]:
+    """Greedy completions ``[N]`` of ``prompts`` (see :func:`sampled_completions`)."""
+    texts = sampled_completions(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size
+    )
+    return [t[0] for t in texts]
 
 
 def evaluate_task(

@@ -8,6 +8,7 @@ config -> :func:`~jrft.train.runs.setup.setup_run` (the policy) + the value mode
 from __future__ import annotations
 
 import jax
+from flax import nnx
 
 from jrft.config import RunConfig
 from jrft.train.loop import LoopResult
@@ -28,8 +29,13 @@ from jrft.train.runs.setup import (
 from jrft.train.state import create_train_state, split_model
 
 
-def run_ppo(config: RunConfig, *, progress: bool = True, runner=None) -> LoopResult:
-    """PPO; ``runner`` overrides the reward runner built from ``ppo.reward_functions`` (tests)."""
+def run_ppo(config: RunConfig, *, progress: bool = True, runner=None, model_eval_fn=None) -> LoopResult:
+    """PPO; ``runner`` overrides the reward runner built from ``ppo.reward_functions`` (tests).
+
+    ``model_eval_fn(model) -> metrics`` (optional) is called with the current policy every
+    ``train.eval_every`` steps and at the end, as in ``run_grpo``; its metrics are logged with an ``eval/``
+    prefix.
+    """
     from jrft.data import pad_token_id, train_iterator_from_config
 
     c = config.ppo
@@ -94,12 +100,19 @@ def run_ppo(config: RunConfig, *, progress: bool = True, runner=None) -> LoopRes
     held_out = rl_eval_fn(
         config, run, c, run.graphdef, lambda s: (s.policy.params, s.policy.rest), num_generations=1
     )
+
+    def eval_state(state):
+        metrics = held_out(state) if held_out is not None else {}
+        if model_eval_fn is not None:
+            metrics.update(model_eval_fn(nnx.merge(run.graphdef, state.policy.params, state.policy.rest)))
+        return metrics
+
     return loop_and_export(
         run,
         step_fn,
         state,
         prompts,
-        eval_fn=held_out,
+        eval_fn=None if model_eval_fn is None and held_out is None else eval_state,
         bar_keys=("score/mean", "kl_mean", "clip_frac", "value_loss"),
         progress=progress,
         summary=run.train_ds.summary() + "\n" + memory_summary(config, mesh, run.state),
