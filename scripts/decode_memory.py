@@ -71,7 +71,7 @@ def generate(new: int, decode: str, prompts: int) -> None:
     config, model_cfg, mesh = _setup(new, prompts)
     program = grpo_programs(config, model_cfg, mesh)[0]
     assert program.name == "grpo/generate", program.name
-    hbm = chip_hbm_bytes(mesh.devices.flat)
+    hbm = chip_hbm_bytes(list(mesh.devices.flat))
     start = time.perf_counter()
     report = compile_program(
         program.name, program.fn, program.args, mesh=mesh, hbm_bytes=hbm, dump_dir="/tmp/decode_memory"
