@@ -104,3 +104,21 @@ def test_sampler_with_the_kernel_samples_the_default_paths_tokens(family):
     np.testing.assert_array_equal(ragged.tokens, default.tokens)
     np.testing.assert_array_equal(ragged.mask, default.mask)
     np.testing.assert_allclose(ragged.logprobs, default.logprobs, atol=1e-5)
+
+
+def test_sampler_estimate_counts_one_unpadded_cache_with_the_kernel(monkeypatch):
+    """The TPU sampler's estimate: with the kernel one cache (head_dim 64 unpadded, slots-minor), with the
+    XLA step three caches with head_dim padded to 128 lanes (both measured by scripts/decode_memory.py)."""
+    from jrft.aot.presets import model_config
+    from jrft.config import load_config
+    from jrft.train.runs.setup import run_estimates
+
+    overrides = ["objective=grpo", "model.path=llama3-1b", "model.dtype=bfloat16", "train.batch_size=8"]
+    overrides += ["grpo.num_generations=8", "grpo.max_new_tokens=1024", "data.max_prompt_length=256"]
+    config = load_config(None, [*overrides, "grpo.reward_functions=[{name: accuracy}]", "output_dir=/tmp/x"])
+    cfg, shape = model_config("llama3-1b"), [1, 8, 1]
+    kernel = run_estimates(config, cfg, shape, platform="tpu", hbm_bytes=None)["sampler"]
+    monkeypatch.setenv("JRFT_ATTENTION", "xla")
+    xla = run_estimates(config, cfg, shape, platform="tpu", hbm_bytes=None)["sampler"]
+    one_cache = 2 * 16 * (64 // 8) * 8 * 1280 * 64 * 2  # k and v, layers, rows per chip, kv heads, slots, Dh
+    assert xla - kernel == 3 * 2 * one_cache - one_cache

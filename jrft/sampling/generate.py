@@ -10,7 +10,10 @@ bucket.
    cache, the last tokens and the output buffers (the cache is updated in place: passing it through scan
    inputs/outputs copied it 4x per step, shared/NOTES.md). The loop is split into a few segments, each
    attending only to the cache prefix filled by its end (a static length per segment); every segment stops
-   as soon as all rows have finished or ``max_new_tokens`` is reached.
+   as soon as all rows have finished or ``max_new_tokens`` is reached. On TPU the decode step's attention is
+   instead the ragged decode kernel (``jrft.models.ragged_decode``, chosen by
+   ``kernels.decode_attention_impl``): the cache is allocated once for the whole length (no segment copies)
+   and each step reads only the blocks of each row's filled slots, in one loop.
 
 Rows stop at the first token in ``stop_token_ids`` (that token is part of the completion, as in transformers);
 after it they emit ``pad_token_id`` with mask 0. Log-probs are float32, under the same
@@ -218,18 +221,28 @@ def _ragged_step(model, weights, cache: KVCache, first_slot: jax.Array, interpre
 
     def run(tok, pos, cache, slot, key_valid):
         del key_valid  # the kernel takes slot ranges
-        block = kernels.DECODE_BLOCK if not interpret else _INTERPRET_BLOCK
         return decode_step_ranged(
-            model, weights, tok, pos, cache, slot, first_slot, block=block, interpret=interpret
+            model,
+            weights,
+            tok,
+            pos,
+            cache,
+            slot,
+            first_slot,
+            block=_kernel_block(interpret),
+            interpret=interpret,
         )
 
     def grow(cache, extra):
-        raise AssertionError("the ragged decode step's cache is allocated whole")
+        raise AssertionError("the ragged decode step's cache is allocated whole: one segment, never grown")
 
     return _Step(cache, run, grow)
 
 
-_INTERPRET_BLOCK = 16  # small blocks in interpret mode, so tiny test caches span several
+def _kernel_block(interpret: bool) -> int:
+    """Cache slots per grid step of the ragged kernel: small in interpret mode, so that tiny test caches
+    span several blocks."""
+    return 16 if interpret else kernels.DECODE_BLOCK
 
 
 def _decode_cache_length(key: _ProgramKey, tp: int) -> int:
@@ -237,7 +250,7 @@ def _decode_cache_length(key: _ProgramKey, tp: int) -> int:
     the whole length rounded up to the kernel's block (the ragged kernel's cache, allocated once)."""
     if not _ragged(key):
         return tp + key.segments[0]
-    block = _INTERPRET_BLOCK if key.interpret else kernels.DECODE_BLOCK
+    block = _kernel_block(key.interpret)
     return -(-(tp + key.new_bucket) // block) * block
 
 
