@@ -1,6 +1,7 @@
 """On the target: programs compiled for a v5e:2x4 topology from this host (libtpu, no TPU) run attention
 through the Pallas splash kernel (its ``tpu_custom_call``s in the optimized HLO: forward, dq, dkv), sharded
-per chip without gathering the batch; a sliding-window model keeps the XLA path and says why."""
+per chip without gathering the batch; a sliding-window model keeps the XLA path and says why. The sampler's
+decode loop calls the ragged decode kernel."""
 
 import json
 import logging
@@ -67,3 +68,38 @@ def test_jrft_compile_sft_step_uses_splash_on_v5e(tmp_path, capsys, caplog, fami
         assert hlo.count("tpu_custom_call") >= 3
     else:  # Gemma 2's sliding-window layers: the kernel is not used, with the reason logged
         assert "tpu_custom_call" not in hlo and "sliding-window" in caplog.text
+
+
+def _tiny_sampler_on_v5e(max_new_tokens, decode_attention=None):
+    """The tiny Llama sampler (8 prompts x G = 2, 16-token prompts) compiled for v5e:2x4 with the choices a
+    TPU mesh gets: ``(optimized HLO, attention choices traced)``."""
+    from flax import nnx
+
+    from jrft.aot import abstract
+    from jrft.models import Decoder, ModelConfig
+    from jrft.parallel import state_shardings
+    from jrft.sampling import Sampler
+
+    mesh = _v5e_mesh()
+    cfg = ModelConfig.from_hf(tiny_hf_config("llama", vocab_size=256))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)))
+    state = abstract(state, state_shardings(state, mesh))
+    with kernels.recording() as seen:
+        compiled = Sampler().lower(
+            (graphdef, state), 8, 16, max_new_tokens=max_new_tokens, num_samples=2, mesh=mesh,
+            decode_attention=decode_attention,
+        ).compile()  # fmt: skip
+    return compiled.as_text(), seen
+
+
+def test_sampler_decode_loop_calls_the_ragged_kernel_on_v5e():
+    """On a TPU mesh the decode step's attention is the ragged kernel, called inside the decode loop, and
+    named as such; ``decode_attention='xla'`` keeps the XLA step (no kernel in the loop)."""
+    from jrft.aot.hlo import custom_calls_in_loops
+
+    hlo, seen = _tiny_sampler_on_v5e(1024)
+    assert custom_calls_in_loops(hlo, "tpu_custom_call", outer_only=True) == 1
+    assert "ragged-decode (pallas-tpu)" in kernels.describe(seen)
+    hlo, seen = _tiny_sampler_on_v5e(64, decode_attention="xla")  # 2 segments: a quick compile
+    assert custom_calls_in_loops(hlo, "tpu_custom_call", outer_only=True) == 0
+    assert "ragged-decode" not in kernels.describe(seen)

@@ -85,3 +85,14 @@ def _loop_collectives(hlo_text: str, kinds, outer_only: bool):
                     shapes = _SHAPE.findall(m.group(1))
                     dims = shapes[-1] if shapes else ""
                     yield kind, tuple(int(d) for d in dims.split(",") if d)
+
+
+def custom_calls_in_loops(hlo_text: str, target: str, *, outer_only: bool = False) -> int:
+    """How many ``custom-call``s to ``target`` (e.g. ``"tpu_custom_call"``, a Pallas kernel on TPU) sit in a
+    ``while`` body or anything it calls (``outer_only``: as in :func:`collectives_in_loops`)."""
+    comps = computations(hlo_text)
+    bodies = [m for text in comps.values() for m in _WHILE_BODY.findall(text)]
+    if outer_only:
+        bodies = [b for b in bodies if any(_WHILE_BODY.search(comps[c]) for c in _reachable(comps, [b]))]
+    needle = f'custom_call_target="{target}"'
+    return sum(comps[name].count(needle) for name in _reachable(comps, bodies))

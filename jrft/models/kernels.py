@@ -1,5 +1,7 @@
 """Which attention implementation a program uses, chosen by the platform of the mesh's devices, and the
-accelerator wrappers: Pallas splash attention on TPU, cuDNN through ``jax.nn.dot_product_attention`` on GPU.
+accelerator wrappers: Pallas splash attention on TPU, cuDNN through ``jax.nn.dot_product_attention`` on GPU,
+and for the sampler's decode step on TPU the ragged decode kernel (``jrft.models.ragged_decode``), which
+reads only the filled blocks of a preallocated cache.
 
 The blocked XLA path in ``layers.attention`` stays the CPU path (and every fallback). Selection happens at
 trace time from static facts only (platform, dtype, shapes, soft-cap, whether the mask's key validity and
@@ -25,9 +27,18 @@ from jax.sharding import PartitionSpec
 
 logger = logging.getLogger(__name__)
 
-XLA, SPLASH, CUDNN = "xla", "splash", "cudnn"
-LABELS = {XLA: "xla-blocked", SPLASH: "splash (pallas-tpu)", CUDNN: "cudnn"}
+XLA, SPLASH, CUDNN, RAGGED_DECODE = "xla", "splash", "cudnn", "ragged-decode"
+LABELS = {
+    XLA: "xla-blocked",
+    SPLASH: "splash (pallas-tpu)",
+    CUDNN: "cudnn",
+    RAGGED_DECODE: "ragged-decode (pallas-tpu)",
+}
 SPLASH_BLOCK = 128  # the kernel's smallest tile: the sequence must be a multiple of it
+# Cache slots per grid step of the ragged decode kernel: Llama-3-1B's 8 kv heads x 64 dims x 256 slots are
+# 256 KiB of bf16 keys (as much again of values) per step, large enough to amortise a grid step (not measured
+# on a chip: no TPU here).
+DECODE_BLOCK = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +114,27 @@ def _gpu_choice(dtype, q_heads, kv_heads, head_dim, full_causal, softcap):
     if q_heads % kv_heads:
         return fallback(f"{q_heads} query heads are not a multiple of {kv_heads} kv heads")
     return AttentionChoice(CUDNN, "GPU, bf16/fp16")
+
+
+def decode_attention_impl(platform: str, *, q_heads: int, kv_heads: int, layout: str) -> AttentionChoice:
+    """The sampler's decode-step attention (one query per row against the KV cache).
+
+    Args:
+      platform: of the mesh's devices (``"cpu"``, ``"gpu"``, ``"tpu"``), never of the host.
+      q_heads, kv_heads: ``H, K``.
+      layout: the sampler's decode layout (``"scan"``: one stacked cache; ``"unrolled"``: per-layer caches).
+
+    On TPU the ragged kernel over one preallocated cache, each row's keys a slot range (sliding-window layers
+    narrow it); elsewhere the XLA path over a cache grown segment by segment (tuned for XLA:CPU).
+    """
+    fallback = functools.partial(AttentionChoice, XLA)
+    if platform != "tpu":
+        return fallback(f"platform {platform}: the XLA decode step over a cache grown segment by segment")
+    if layout != "scan":
+        return fallback(f"decode layout {layout!r}: the kernel reads the stacked cache of the scan layout")
+    if q_heads % kv_heads:
+        return fallback(f"{q_heads} query heads are not a multiple of {kv_heads} kv heads")
+    return AttentionChoice(RAGGED_DECODE, "TPU decode step: reads only the filled blocks of the cache")
 
 
 def forced(choice: AttentionChoice) -> AttentionChoice:
@@ -249,6 +281,53 @@ def splash_attention(
         per_shard, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, batch, batch), out_specs=q_spec,
         check_vma=False,
     )(q, k, v, seg, valid)  # fmt: skip
+
+
+# --- TPU: the ragged decode kernel -----------------------------------------------------------------------
+
+
+def ragged_decode(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    layer: jax.Array,
+    starts: jax.Array,
+    ends: jax.Array,
+    scale: float,
+    softcap: float | None = None,
+    *,
+    mesh=None,
+    kv_spec: PartitionSpec | None = None,
+    block: int = DECODE_BLOCK,
+    interpret: bool = False,
+) -> jax.Array:
+    """``ragged_decode.ragged_decode_attention``, per shard under ``jax.shard_map`` when a mesh is given.
+
+    Args:
+      q: ``[B, K, G, Dh]``; k, v: ``[L, B, K, S, Dh]`` the stacked cache; layer: scalar int;
+      starts, ends: ``[B]`` each row's first and last valid slot; scale, softcap: as in ``layers.attention``.
+      mesh, kv_spec: the mesh and the cache's partition spec (rows over the batch axes, kv heads over
+        tensor); q, starts and ends are split the same way (a Pallas call has no partitioning rule).
+      block, interpret: as in ``ragged_decode_attention``.
+
+    Returns:
+      ``[B, K, G, Dh]`` in ``q.dtype``.
+    """
+    from jrft.models.ragged_decode import ragged_decode_attention
+
+    def per_shard(q, k, v, layer, starts, ends):
+        return ragged_decode_attention(
+            q, k, v, layer, starts, ends, scale, softcap, block=block, interpret=interpret
+        )
+
+    if mesh is None or mesh.empty:
+        return per_shard(q, k, v, layer, starts, ends)
+    q_spec = PartitionSpec(kv_spec[1], kv_spec[2], None, None)
+    rows = PartitionSpec(kv_spec[1])
+    return jax.shard_map(
+        per_shard, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec(), rows, rows),
+        out_specs=q_spec, check_vma=False,
+    )(q, k, v, layer, starts, ends)  # fmt: skip
 
 
 # --- GPU: cuDNN through jax.nn.dot_product_attention ----------------------------------------------

@@ -9,7 +9,9 @@ on CPU is dominated by per-op overhead, not FLOPs (see shared/NOTES.md), and thr
   (``fuse_decode_weights``; a transient copy of those weights, freed when generation ends);
 * 2-D activations ``[B, D]`` throughout (a decode step has T = 1);
 * attention reads only the filled bucket of the cache (``decode_step``: the first ``s_att`` slots of the
-  stacked cache; ``decode_step_unrolled``: whole per-layer arrays that the caller grows bucket by bucket).
+  stacked cache; ``decode_step_unrolled``: whole per-layer arrays that the caller grows bucket by bucket;
+  ``decode_step_ranged``, on TPU: a Pallas kernel that fetches only the blocks of each row's valid slots
+  from one preallocated cache).
 
 It uses the model's own building blocks (``rms_norm``, RoPE frequencies, embedding, final norm, LM head) and
 its stacked parameters by name (``Decoder.layers``: ``wq, wk, wv, wo, w_gate, w_up, w_down, attn_norm,
@@ -27,6 +29,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jrft.models import kernels
 from jrft.models.decoder import CACHE_AXES, KVCache, post_norm
 from jrft.models.layers import (
     ACTIVATIONS,
@@ -37,7 +40,7 @@ from jrft.models.layers import (
     window_mask,
 )
 from jrft.models.lora import merged_layer_arrays
-from jrft.parallel.sharding import with_logical_constraint
+from jrft.parallel.sharding import logical_to_spec, with_logical_constraint
 
 
 def prefill(model, tokens: jax.Array, mask: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
@@ -143,7 +146,11 @@ def _attend_1(cfg, p, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array)
     if cfg.attn_softcap is not None:
         scores = cfg.attn_softcap * jnp.tanh(scores / cfg.attn_softcap)
     probs = jax.nn.softmax(scores + bias, axis=-1).astype(v.dtype)  # [B, K, G, S]
-    attn = jnp.einsum("bkgs,bksd->bkgd", probs, v).reshape(b, h_ * dh)
+    return _out_proj(cfg, p, jnp.einsum("bkgs,bksd->bkgd", probs, v).reshape(b, h_ * dh))
+
+
+def _out_proj(cfg, p, attn: jax.Array) -> jax.Array:
+    """The attention output projection: ``attn [B, H*Dh]`` -> ``[B, D]``."""
     y = _mm(p, attn, "wo")  # [B, D]
     return y + p["bo"] if cfg.o_bias else y
 
@@ -235,6 +242,74 @@ def decode_step(
         k_att = jax.lax.dynamic_slice(ck, (i, zero, zero, zero, zero), (1, b, k_, s_att, dh))[0].astype(dt)
         v_att = jax.lax.dynamic_slice(cv, (i, zero, zero, zero, zero), (1, b, k_, s_att, dh))[0].astype(dt)
         x = x + post_norm(cfg, p, "post_attn_norm", _attend_1(cfg, p, q, k_att, v_att, bias))
+        x = _mlp_residual(cfg, p, x)
+        return (x, ck, cv), None
+
+    ck = with_logical_constraint(cache.k, CACHE_AXES)
+    cv = with_logical_constraint(cache.v, CACHE_AXES)
+    xs = (weights, jnp.arange(cfg.num_layers, dtype=jnp.int32), sliding_flags)
+    (x, ck, cv), _ = jax.lax.scan(layer, (x, ck, cv), xs)
+    logits = model.logits_from_hidden(model._final(x)[:, None])[:, 0]  # [B, V]
+    return logits, KVCache(ck, cv)
+
+
+def decode_step_ranged(
+    model,
+    weights: dict[str, jax.Array],
+    tokens: jax.Array,
+    positions: jax.Array,
+    cache: KVCache,
+    slot: jax.Array,
+    first_slot: jax.Array,
+    *,
+    block: int,
+    interpret: bool = False,
+) -> tuple[jax.Array, KVCache]:
+    """``decode_step`` whose attention is the ragged decode kernel (``kernels.ragged_decode``): each row
+    reads only the cache blocks of its valid slots ``[first_slot, slot]`` (sliding-window layers: from
+    ``slot - sliding_window + 1`` at the earliest), whatever the cache's allocated length, and no per-layer
+    slice of the cache is materialised (the kernel takes the layer index).
+
+    Args:
+      model, weights, tokens, positions: as in ``decode_step``.
+      cache: ``[L, B, K, S, Dh]`` with ``S`` a multiple of ``block``, in the caller's loop carry.
+      slot: scalar int32, the slot written (the last valid one of every row).
+      first_slot: ``[B]`` int32, each row's first real prompt slot (rows are left-padded).
+      block, interpret: the kernel's slots per grid step; Pallas interpret mode (CPU tests).
+
+    Returns:
+      float32 next-token logits ``[B, V]`` and the updated cache.
+    """
+    cfg = model.config
+    dt = model.dtype
+    b = tokens.shape[0]
+    k_, dh = cfg.num_kv_heads, cfg.head_dim
+    g = cfg.num_heads // k_
+    cos, sin = _rope_cos_sin_1(cfg, positions, dt)
+    ends = jnp.broadcast_to(slot, (b,)).astype(jnp.int32)
+    if cfg.sliding_window is None:
+        near = first_slot
+    else:  # keys fewer than sliding_window slots back (layers.window_mask)
+        near = jnp.maximum(first_slot, slot - cfg.sliding_window + 1)
+    sliding_flags = jnp.asarray(cfg.sliding_layers or (False,) * cfg.num_layers)
+    zero = jnp.zeros((), jnp.int32)
+    mesh = jax.sharding.get_abstract_mesh()
+    kv_spec = None if mesh.empty else logical_to_spec(CACHE_AXES, cache.k.shape, mesh)
+    x = model._embed(tokens[:, None])[:, 0]  # [B, D]
+
+    def layer(carry, xs):
+        x, ck, cv = carry
+        p, i, sliding = xs
+        q, k, v = _position_qkv(cfg, p, x, cos, sin)
+        start = (i, zero, zero, slot, zero)
+        ck = jax.lax.dynamic_update_slice(ck, k[None, :, :, None, :].astype(ck.dtype), start)
+        cv = jax.lax.dynamic_update_slice(cv, v[None, :, :, None, :].astype(cv.dtype), start)
+        starts = jnp.where(sliding, near, first_slot)
+        attn = kernels.ragged_decode(
+            q.reshape(b, k_, g, dh), ck, cv, i, starts, ends, cfg.attn_scale, cfg.attn_softcap,
+            mesh=mesh, kv_spec=kv_spec, block=block, interpret=interpret,
+        )  # fmt: skip  # [B, K, G, Dh]
+        x = x + post_norm(cfg, p, "post_attn_norm", _out_proj(cfg, p, attn.reshape(b, -1)))
         x = _mlp_residual(cfg, p, x)
         return (x, ck, cv), None
 

@@ -10,7 +10,10 @@ bucket.
    cache, the last tokens and the output buffers (the cache is updated in place: passing it through scan
    inputs/outputs copied it 4x per step, shared/NOTES.md). The loop is split into a few segments, each
    attending only to the cache prefix filled by its end (a static length per segment); every segment stops
-   as soon as all rows have finished or ``max_new_tokens`` is reached.
+   as soon as all rows have finished or ``max_new_tokens`` is reached. On TPU the decode step's attention is
+   instead the ragged decode kernel (``jrft.models.ragged_decode``, chosen by
+   ``kernels.decode_attention_impl``): the cache is allocated once for the whole length (no segment copies)
+   and each step reads only the blocks of each row's filled slots, in one loop.
 
 Rows stop at the first token in ``stop_token_ids`` (that token is part of the completion, as in transformers);
 after it they emit ``pad_token_id`` with mask 0. Log-probs are float32, under the same
@@ -49,10 +52,18 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jrft.models import kernels
 from jrft.models.decoder import CACHE_AXES, KVCache, init_cache
 from jrft.models.lora import LoRAParam
 from jrft.parallel.sharding import LOGICAL_RULES, logical_axes_of, logical_to_spec, with_logical_constraint
-from jrft.sampling.decode import decode_step, decode_step_unrolled, fuse_decode_weights, prefill, split_layers
+from jrft.sampling.decode import (
+    decode_step,
+    decode_step_ranged,
+    decode_step_unrolled,
+    fuse_decode_weights,
+    prefill,
+    split_layers,
+)
 from jrft.sampling.logits import SamplingParams, select_next
 
 FINISH_STOP = 0  # ended with a stop token
@@ -124,6 +135,8 @@ class _ProgramKey:
     fuse: bool
     layout: str
     gather_weights: bool = False
+    decode_attention: kernels.AttentionChoice | None = None  # None: the XLA step, not logged (CPU)
+    interpret: bool = False  # the ragged decode kernel in Pallas interpret mode (CPU tests)
 
 
 def _structure(params: SamplingParams) -> SamplingParams:
@@ -202,6 +215,59 @@ def _unrolled_step(model, weights, cache: KVCache) -> _Step:
 _STEPS: dict[str, Callable[..., _Step]] = {"scan": _scan_step, "unrolled": _unrolled_step}
 
 
+def _ragged_step(model, weights, cache: KVCache, first_slot: jax.Array, interpret: bool) -> _Step:
+    """Stacked weights and ONE cache allocated for the whole length, attended through the ragged decode
+    kernel (rows' valid slots ``[first_slot, slot]``): nothing to grow, so no segment copies."""
+
+    def run(tok, pos, cache, slot, key_valid):
+        del key_valid  # the kernel takes slot ranges
+        return decode_step_ranged(
+            model,
+            weights,
+            tok,
+            pos,
+            cache,
+            slot,
+            first_slot,
+            block=_kernel_block(interpret),
+            interpret=interpret,
+        )
+
+    def grow(cache, extra):
+        raise AssertionError("the ragged decode step's cache is allocated whole: one segment, never grown")
+
+    return _Step(cache, run, grow)
+
+
+def _kernel_block(interpret: bool) -> int:
+    """Cache slots per grid step of the ragged kernel: small in interpret mode, so that tiny test caches
+    span several blocks."""
+    return 16 if interpret else kernels.DECODE_BLOCK
+
+
+def _decode_cache_length(key: _ProgramKey, tp: int) -> int:
+    """Slots of the cache the decode loop starts with: the first segment's end (the XLA step grows it), or
+    the whole length rounded up to the kernel's block (the ragged kernel's cache, allocated once)."""
+    if not _ragged(key):
+        return tp + key.segments[0]
+    block = _kernel_block(key.interpret)
+    return -(-(tp + key.new_bucket) // block) * block
+
+
+def _ragged(key: _ProgramKey) -> bool:
+    return key.decode_attention is not None and key.decode_attention.impl == kernels.RAGGED_DECODE
+
+
+def _log_decode_attention(key: _ProgramKey, model, rows: int, slots: int) -> None:
+    """Names the decode step's attention in the start-up log and ``jrft compile`` (``kernels.recording``)."""
+    if key.decode_attention is None:
+        return
+    cfg = model.config
+    q = jax.ShapeDtypeStruct((rows, 1, cfg.num_heads, cfg.head_dim), model.dtype)
+    k = jax.ShapeDtypeStruct((rows, cfg.num_kv_heads, slots, cfg.head_dim), jnp.dtype(key.cache_dtype))
+    kernels.log_choice(key.decode_attention, q, k)
+
+
 class _Counter:
     """Counts traces; hashable by identity, so it can be a static jit argument."""
 
@@ -221,20 +287,30 @@ def _program(
     g, n = key.num_samples, key.new_bucket
     rows, s_total = bp * g, tp + n
 
-    # The cache grows segment by segment (one copy per segment) so that attention always reads a whole,
-    # exactly filled-to-bucket array: a static slice of a bigger cache was materialised every layer and step.
-    cache = init_cache(cfg, bp, tp + key.segments[0], jnp.dtype(key.cache_dtype))
+    # XLA step: the cache grows segment by segment (one copy per segment) so that attention always reads a
+    # whole, exactly filled-to-bucket array (a static slice of a bigger cache was materialised every layer
+    # and step). Ragged kernel: one cache for the whole length; the prompts' part is filled, then padded.
+    ragged = _ragged(key)
+    s_decode = _decode_cache_length(key, tp)
+    cache = init_cache(cfg, bp, tp if ragged else s_decode, jnp.dtype(key.cache_dtype))
     cache = KVCache(*(with_logical_constraint(c, CACHE_AXES) for c in cache))
     logits, cache = prefill(model, tokens, mask, cache)  # [Bp, V]
     # one prefill per prompt; its cache and logits serve all G samples
     cache = KVCache(*(with_logical_constraint(jnp.repeat(c, g, axis=1), CACHE_AXES) for c in cache))
+    if ragged:
+        extra = s_decode - tp
+        cache = KVCache(*(with_logical_constraint(_pad_slots(c, extra, 3), CACHE_AXES) for c in cache))
+    _log_decode_attention(key, model, rows, s_decode)
     logits = jnp.repeat(logits, g, axis=0)  # [R, V]
     mask_r = jnp.repeat(mask, g, axis=0).astype(bool)  # [R, Tp]
     n_real = jnp.sum(mask_r, axis=-1, dtype=jnp.int32)  # [R]: position of the first generated token
     prompt_valid = jnp.pad(mask_r, ((0, 0), (0, n)))  # [R, S], generated slots filled in per step below
     slots = jnp.arange(s_total, dtype=jnp.int32)
     weights = fuse_decode_weights(model, key.fuse)
-    step = _STEPS[key.layout](model, weights, cache)
+    if ragged:
+        step = _ragged_step(model, weights, cache, tp - n_real, key.interpret)
+    else:
+        step = _STEPS[key.layout](model, weights, cache)
 
     def constrain(x):
         return with_logical_constraint(x, ("batch",) + (None,) * (x.ndim - 1))
@@ -262,7 +338,10 @@ def _program(
         def body(c, s_att=s_att):
             t, tok, finished, cache, out = c
             slot = tp + t - 1  # where the previous token's k/v go
-            key_valid = jnp.where(slots[:s_att] < tp, prompt_valid[:, :s_att], slots[:s_att] <= slot)
+            if ragged:  # the kernel takes each row's slot range instead
+                key_valid = None
+            else:
+                key_valid = jnp.where(slots[:s_att] < tp, prompt_valid[:, :s_att], slots[:s_att] <= slot)
             logits, cache = step.run(tok, n_real + t - 1, cache, slot, key_valid)
             tok, lp = select_next(jax.random.fold_in(rng, t), logits, key.sampling, values)
             out, finished = _record(out, t, tok, lp, finished, stop_ids, pad_id)
@@ -375,6 +454,7 @@ class Sampler:
         fuse_projections: bool | None = None,
         layout: str | None = None,
         gather_weights: bool = False,
+        decode_attention: str | None = None,
     ) -> GenerationResult:
         """See ``jrft.sampling.generate``."""
         graphdef, state = model if isinstance(model, tuple) else nnx.split(model)
@@ -391,6 +471,7 @@ class Sampler:
             fuse_projections=fuse_projections,
             layout=layout,
             gather_weights=gather_weights,
+            decode_attention=decode_attention,
         )
         stops = _stop_array(stop_token_ids)
         b = tokens.shape[0]
@@ -456,6 +537,7 @@ class Sampler:
         fuse_projections: bool | None = None,
         layout: str | None = None,
         gather_weights: bool = False,
+        decode_attention: str | None = None,
     ):
         """The generate program for ``batch`` prompts of ``prompt_length`` tokens, lowered without running it
         (AOT compilation, ``jrft compile``): the same program, key and argument shardings as :meth:`generate`
@@ -475,6 +557,7 @@ class Sampler:
             fuse_projections=fuse_projections,
             layout=layout,
             gather_weights=gather_weights,
+            decode_attention=decode_attention,
         )
         bp, tpb = _padded_shape(batch, prompt_length, _batch_shards(mesh))
         rows = NamedSharding(mesh, logical_to_spec(("batch", None), (bp, tpb), mesh))
@@ -512,11 +595,13 @@ def _program_key(
     fuse_projections,
     layout,
     gather_weights=False,
+    decode_attention=None,
 ) -> _ProgramKey:
     """The static part of the generate program (checked): layout and projection fusion default by the
     program's platform (unrolled and fused on CPU, scanned on accelerators)."""
     on_cpu = platform == "cpu"
-    layout = layout or ("unrolled" if on_cpu else "scan")
+    # the ragged kernel reads the stacked cache: the scan layout, also when requested on CPU
+    layout = layout or ("unrolled" if on_cpu and decode_attention != kernels.RAGGED_DECODE else "scan")
     fuse_projections = on_cpu if fuse_projections is None else fuse_projections
     if layout not in _STEPS:
         raise ValueError(f"generate: layout must be one of {sorted(_STEPS)}, got {layout!r}")
@@ -527,16 +612,44 @@ def _program_key(
     nb = bucket_length(max_new_tokens, 32)
     cache_dtype = graphdef_dtype(model) if cache_dtype is None else cache_dtype
     cache = jnp.dtype(cache_dtype).name
+    choice = _decode_choice(model, platform, layout, decode_attention)
+    ragged = choice is not None and choice.impl == kernels.RAGGED_DECODE
     return _ProgramKey(
         num_samples,
         nb,
-        _segments(nb),
+        (nb,) if ragged else _segments(nb),
         _structure(params),
         cache,
         fuse_projections,
         layout,
         bool(gather_weights),
+        choice,
+        ragged and platform != "tpu",
     )
+
+
+def _decode_choice(model, platform: str, layout: str, requested: str | None):
+    """The decode step's attention (``kernels.decode_attention_impl`` unless ``requested``), or None for the
+    XLA step on CPU (which is neither logged nor changed: the default there). Returns an
+    ``kernels.AttentionChoice`` or None."""
+    if requested not in (None, kernels.XLA, kernels.RAGGED_DECODE):
+        raise ValueError(
+            f"generate: decode_attention must be None, {kernels.XLA!r} or {kernels.RAGGED_DECODE!r}, "
+            f"got {requested!r}"
+        )
+    if requested == kernels.RAGGED_DECODE:
+        if layout != "scan":
+            raise ValueError(f"generate: decode_attention={requested!r} needs layout='scan', got {layout!r}")
+        return kernels.AttentionChoice(kernels.RAGGED_DECODE, "requested (decode_attention)")
+    if requested == kernels.XLA:
+        return None if platform == "cpu" else kernels.AttentionChoice(kernels.XLA, "requested")
+    if platform == "cpu":
+        return None
+    cfg = (nnx.merge(*model) if isinstance(model, tuple) else model).config
+    choice = kernels.decode_attention_impl(
+        platform, q_heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, layout=layout
+    )
+    return kernels.forced(choice)
 
 
 def graphdef_dtype(model) -> jnp.dtype:
@@ -622,6 +735,7 @@ def generate(
     fuse_projections: bool | None = None,
     layout: str | None = None,
     gather_weights: bool = False,
+    decode_attention: str | None = None,
     sampler: Sampler | None = None,
 ) -> GenerationResult:
     """Samples ``num_samples`` completions of each left-padded prompt with a KV cache.
@@ -648,6 +762,10 @@ def generate(
       gather_weights: gather the fsdp-sharded parameters whole (tensor split kept), in the compute dtype,
         once at the start of the call (``gather_decode_weights``): fastest decode, at the price of one
         whole copy per device while it runs. Off: they stay sharded and the compiler gathers as it likes.
+      decode_attention: the decode step's attention: None (by platform: the ragged decode kernel on TPU,
+        ``kernels.decode_attention_impl``; ``JRFT_ATTENTION=xla`` forces the XLA step), ``"xla"`` (the XLA
+        step over a cache grown segment by segment) or ``"ragged-decode"`` (the Pallas kernel over one
+        preallocated cache; in Pallas interpret mode off TPU, for tests).
       sampler: whose compiled programs and counters to use (default: the process-wide ``DEFAULT_SAMPLER``).
 
     Returns:
@@ -672,4 +790,5 @@ def generate(
         fuse_projections=fuse_projections,
         layout=layout,
         gather_weights=gather_weights,
+        decode_attention=decode_attention,
     )

@@ -426,9 +426,26 @@ def _sampler_bytes(config: RunConfig, model_cfg, mesh_shape, *, platform: str, g
         weights = whole
     else:
         weights = 2 * whole // max(model_cfg.num_layers, 1)
-    # 3 caches at the peak (measured on the TPU compiler, Llama-3 1B and 8B): the sampler grows its cache
-    # segment by segment, and the last growth holds the old cache, the grown one and the loop's copy
-    return est.params + est.optimizer + est.reference + 3 * est.kv_cache + weights
+    # XLA decode step: 3 caches at the peak (measured on the TPU compiler, Llama-3 1B and 8B): the sampler
+    # grows its cache segment by segment, and the last growth holds the old cache, the grown one and the
+    # loop's copy. Ragged decode kernel (TPU): one cache allocated whole, laid out slots-minor when head_dim
+    # is under 128 lanes, so without the lane padding ``estimate_for`` counts (scripts/decode_memory.py).
+    caches = 3 * est.kv_cache
+    if _ragged_decode(model_cfg, platform):
+        lanes = -(-model_cfg.head_dim // 128) * 128 if platform == "tpu" else model_cfg.head_dim
+        caches = est.kv_cache * model_cfg.head_dim // lanes
+    return est.params + est.optimizer + est.reference + caches + weights
+
+
+def _ragged_decode(model_cfg, platform: str) -> bool:
+    """Whether the sampler's decode step uses the ragged decode kernel (``kernels.decode_attention_impl``
+    for the scan layout an accelerator gets, unless ``JRFT_ATTENTION=xla``)."""
+    from jrft.models import kernels
+
+    choice = kernels.decode_attention_impl(
+        platform, q_heads=model_cfg.num_heads, kv_heads=model_cfg.num_kv_heads, layout="scan"
+    )
+    return kernels.forced(choice).impl == kernels.RAGGED_DECODE
 
 
 def memory_summary(config: RunConfig, mesh: Mesh, state) -> str:
