@@ -164,3 +164,25 @@ def test_report_drops_empty_kl_and_puts_sft_and_grpo_accuracy_on_one_clock(tmp_p
     np.testing.assert_allclose(g_min, [1.0, (60 + 30) / 60])  # step 0 = the SFT model, at GRPO's start
     np.testing.assert_allclose(g_acc, [20.0, 50.0])
     assert open(report.plot(result, str(tmp_path / "r.png")), "rb").read(4) == b"\x89PNG"
+
+
+def test_on_policy_pairs_replace_rejected_with_the_policys_first_wrong_draw(tiny, monkeypatch):
+    from jrft.demo import preferences
+
+    problems = synthetic.AdditionTask(num_digits=2).sample(3, split="train", seed=1)
+    rows = synthetic.preference_rows(problems, seed=1)
+    right = [p.completion for p in problems]
+    wrong_format = "<answer>1</answer>"
+    draws = [[right[0], right[0]], [right[1], wrong_format], ["<think>x</think><answer>0</answer>", right[2]]]
+    monkeypatch.setattr(preferences, "sampled_completions", lambda *a, **k: draws)
+    out, stats = preferences.on_policy_pairs(None, None, rows, num_samples=2, max_new_tokens=8, batch_size=4)
+    assert out[0] == rows[0]  # every draw right: the synthetic rejection stays
+    assert out[1]["rejected"] == wrong_format and out[1]["rejected_kind"] == "policy"
+    assert out[2]["rejected"] == draws[2][0] and out[2]["chosen"] == rows[2]["chosen"]
+    assert stats == {"sample_accuracy": 4 / 6, "policy_rejected_fraction": 2 / 3}
+    with pytest.raises(ValueError, match="no <answer> tag"):
+        preferences.answer_of("<think>1</think>")
+    monkeypatch.undo()
+    tok, model = tiny  # the real sampler: G draws per prompt, a random model gets them wrong
+    out, stats = preferences.on_policy_pairs(model, tok, rows, num_samples=3, max_new_tokens=8, batch_size=2)
+    assert stats["sample_accuracy"] == 0.0 and all(r["rejected_kind"] == "policy" for r in out)
