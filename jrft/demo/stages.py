@@ -221,6 +221,8 @@ def grpo_config(cfg: DemoConfig, out: str, paths: dict[str, str], model_path: st
             f"grpo.max_new_tokens={g.max_new_tokens}",
             f"grpo.temperature={g.temperature}",
             f"grpo.beta={g.beta}",
+            f"grpo.dynamic_sampling={str(g.dynamic_sampling).lower()}",
+            f"grpo.max_sampling_rounds={g.max_sampling_rounds}",
             "grpo.epsilon_low=0.2",
             "grpo.epsilon_high=0.2",
             "grpo.loss_aggregation=dapo",
