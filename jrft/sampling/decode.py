@@ -29,7 +29,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jrft.models import kernels
 from jrft.models.decoder import CACHE_AXES, KVCache, post_norm
 from jrft.models.layers import (
     ACTIVATIONS,
@@ -286,10 +285,10 @@ def decode_step_ranged(
     block: int,
     interpret: bool = False,
 ) -> tuple[jax.Array, KVCache]:
-    """``decode_step`` whose attention is the ragged decode kernel (``kernels.ragged_decode``): each row
-    reads only the cache blocks of its valid slots ``[first_slot, slot]`` (sliding-window layers: from
-    ``slot - sliding_window + 1`` at the earliest), whatever the cache's allocated length, and no per-layer
-    slice of the cache is materialised (the kernel takes the layer index).
+    """``decode_step`` whose attention is the ragged decode kernel (``ragged_decode_attention``, per shard
+    under the abstract mesh): each row reads only the cache blocks of its valid slots ``[first_slot, slot]``
+    (sliding-window layers: from ``slot - sliding_window + 1`` at the earliest), whatever the cache's
+    allocated length, and no per-layer slice of the cache is materialised (the kernel takes the layer index).
 
     Args:
       model, weights, tokens, positions: as in ``decode_step``.
@@ -301,6 +300,8 @@ def decode_step_ranged(
     Returns:
       float32 next-token logits ``[B, V]`` and the updated cache.
     """
+    from jrft.models.ragged_decode import ragged_decode_attention  # Pallas TPU: imported when used
+
     cfg = model.config
     dt = model.dtype
     b = tokens.shape[0]
@@ -322,7 +323,7 @@ def decode_step_ranged(
         q, k, v = _position_qkv(cfg, p, x, cos, sin)
         ck, cv = _write_position(ck, cv, k, v, (i, zero, zero, slot, zero))
         starts = jnp.where(sliding, near, first_slot)
-        attn = kernels.ragged_decode(
+        attn = ragged_decode_attention(
             q.reshape(b, k_, g, dh), ck, cv, i, starts, ends, cfg.attn_scale, cfg.attn_softcap,
             mesh=mesh, kv_spec=kv_spec, block=block, interpret=interpret,
         )  # fmt: skip  # [B, K, G, Dh]
