@@ -212,11 +212,27 @@ def _next_logits(model, x: jax.Array) -> jax.Array:
     return model.logits_from_hidden(model._final(x)[:, None])[:, 0]
 
 
-def _scan_layers(model, layer, weights: dict[str, jax.Array], tokens: jax.Array, cache: KVCache):
-    """Embeds ``tokens [B]`` and scans ``layer((x, ck, cv), (p, i, sliding))`` over the stacked ``weights``,
-    layer indices and sliding-window flags, with the stacked ``cache`` in the carry. Returns float32
-    next-token logits ``[B, V]`` and the updated cache."""
+def _scan_layers(
+    model, weights, tokens, positions, cache: KVCache, slot, attend
+) -> tuple[jax.Array, KVCache]:
+    """One token per row through the stacked layers, the stacked ``cache`` in the scan's carry: per layer the
+    attention inputs (``_position_qkv``), the new k/v written at ``slot``, the attention branch
+    ``attend(p, q, ck, cv, i, sliding) -> [B, D]`` (layer ``i``'s weights ``p``, ``q [B, H, Dh]``, the
+    whole cache; output projection included, post-norm not), then the MLP. Arguments as in ``decode_step``.
+    Returns float32 next-token logits ``[B, V]`` and the updated cache."""
     cfg = model.config
+    cos, sin = _rope_cos_sin_1(cfg, positions, model.dtype)
+    zero = jnp.zeros((), jnp.int32)
+
+    def layer(carry, xs):
+        x, ck, cv = carry
+        p, i, sliding = xs
+        q, k, v = _position_qkv(cfg, p, x, cos, sin)
+        ck, cv = _write_position(ck, cv, k, v, (i, zero, zero, slot, zero))
+        x = x + post_norm(cfg, p, "post_attn_norm", attend(p, q, ck, cv, i, sliding))
+        x = _mlp_residual(cfg, p, x)
+        return (x, ck, cv), None
+
     x = model._embed(tokens[:, None])[:, 0]  # [B, D]
     ck = with_logical_constraint(cache.k, CACHE_AXES)
     cv = with_logical_constraint(cache.v, CACHE_AXES)
@@ -254,23 +270,16 @@ def decode_step(
     dt = model.dtype
     b, s_att = key_valid.shape
     k_, dh = cfg.num_kv_heads, cfg.head_dim
-    cos, sin = _rope_cos_sin_1(cfg, positions, dt)
     bias_full, bias_sliding = _key_biases(cfg, key_valid, slot)  # [B, 1, 1, s_att]
     zero = jnp.zeros((), jnp.int32)
 
-    def layer(carry, xs):
-        x, ck, cv = carry
-        p, i, sliding = xs
+    def attend(p, q, ck, cv, i, sliding):  # the first s_att slots of layer i
         bias = bias_full if bias_sliding is None else jnp.where(sliding, bias_sliding, bias_full)
-        q, k, v = _position_qkv(cfg, p, x, cos, sin)
-        ck, cv = _write_position(ck, cv, k, v, (i, zero, zero, slot, zero))
         k_att = jax.lax.dynamic_slice(ck, (i, zero, zero, zero, zero), (1, b, k_, s_att, dh))[0].astype(dt)
         v_att = jax.lax.dynamic_slice(cv, (i, zero, zero, zero, zero), (1, b, k_, s_att, dh))[0].astype(dt)
-        x = x + post_norm(cfg, p, "post_attn_norm", _attend_1(cfg, p, q, k_att, v_att, bias))
-        x = _mlp_residual(cfg, p, x)
-        return (x, ck, cv), None
+        return _attend_1(cfg, p, q, k_att, v_att, bias)
 
-    return _scan_layers(model, layer, weights, tokens, cache)
+    return _scan_layers(model, weights, tokens, positions, cache, slot, attend)
 
 
 def decode_step_ranged(
@@ -303,35 +312,26 @@ def decode_step_ranged(
     from jrft.models.ragged_decode import ragged_decode_attention  # Pallas TPU: imported when used
 
     cfg = model.config
-    dt = model.dtype
     b = tokens.shape[0]
     k_, dh = cfg.num_kv_heads, cfg.head_dim
     g = cfg.num_heads // k_
-    cos, sin = _rope_cos_sin_1(cfg, positions, dt)
     ends = jnp.broadcast_to(slot, (b,)).astype(jnp.int32)
     if cfg.sliding_window is None:
         near = first_slot
     else:  # keys fewer than sliding_window slots back (layers.window_mask)
         near = jnp.maximum(first_slot, slot - cfg.sliding_window + 1)
-    zero = jnp.zeros((), jnp.int32)
     mesh = jax.sharding.get_abstract_mesh()
     kv_spec = None if mesh.empty else logical_to_spec(CACHE_AXES, cache.k.shape, mesh)
 
-    def layer(carry, xs):
-        x, ck, cv = carry
-        p, i, sliding = xs
-        q, k, v = _position_qkv(cfg, p, x, cos, sin)
-        ck, cv = _write_position(ck, cv, k, v, (i, zero, zero, slot, zero))
+    def attend(p, q, ck, cv, i, sliding):
         starts = jnp.where(sliding, near, first_slot)
         attn = ragged_decode_attention(
             q.reshape(b, k_, g, dh), ck, cv, i, starts, ends, cfg.attn_scale, cfg.attn_softcap,
             mesh=mesh, kv_spec=kv_spec, block=block, interpret=interpret,
         )  # fmt: skip  # [B, K, G, Dh]
-        x = x + post_norm(cfg, p, "post_attn_norm", _out_proj(cfg, p, attn.reshape(b, -1)))
-        x = _mlp_residual(cfg, p, x)
-        return (x, ck, cv), None
+        return _out_proj(cfg, p, attn.reshape(b, -1))
 
-    return _scan_layers(model, layer, weights, tokens, cache)
+    return _scan_layers(model, weights, tokens, positions, cache, slot, attend)
 
 
 # --- unrolled layers over per-layer weights and caches (the CPU fast path) ----------------------------------
