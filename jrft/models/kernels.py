@@ -1,7 +1,7 @@
 """Which attention implementation a program uses, chosen by the platform of the mesh's devices, and the
-accelerator wrappers: Pallas splash attention on TPU, cuDNN through ``jax.nn.dot_product_attention`` on GPU,
-and for the sampler's decode step on TPU the ragged decode kernel (``jrft.models.ragged_decode``), which
-reads only the filled blocks of a preallocated cache.
+accelerator wrappers: Pallas splash attention on TPU, cuDNN through ``jax.nn.dot_product_attention`` on GPU.
+For the sampler's decode step on TPU it picks the ragged decode kernel, which reads only the filled blocks
+of a preallocated cache (``jrft.models.ragged_decode``, which also runs it per shard under a mesh).
 
 The blocked XLA path in ``layers.attention`` stays the CPU path (and every fallback). Selection happens at
 trace time from static facts only (platform, dtype, shapes, soft-cap, whether the mask's key validity and
@@ -281,53 +281,6 @@ def splash_attention(
         per_shard, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, batch, batch), out_specs=q_spec,
         check_vma=False,
     )(q, k, v, seg, valid)  # fmt: skip
-
-
-# --- TPU: the ragged decode kernel -----------------------------------------------------------------------
-
-
-def ragged_decode(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    layer: jax.Array,
-    starts: jax.Array,
-    ends: jax.Array,
-    scale: float,
-    softcap: float | None = None,
-    *,
-    mesh=None,
-    kv_spec: PartitionSpec | None = None,
-    block: int = DECODE_BLOCK,
-    interpret: bool = False,
-) -> jax.Array:
-    """``ragged_decode.ragged_decode_attention``, per shard under ``jax.shard_map`` when a mesh is given.
-
-    Args:
-      q: ``[B, K, G, Dh]``; k, v: ``[L, B, K, S, Dh]`` the stacked cache; layer: scalar int;
-      starts, ends: ``[B]`` each row's first and last valid slot; scale, softcap: as in ``layers.attention``.
-      mesh, kv_spec: the mesh and the cache's partition spec (rows over the batch axes, kv heads over
-        tensor); q, starts and ends are split the same way (a Pallas call has no partitioning rule).
-      block, interpret: as in ``ragged_decode_attention``.
-
-    Returns:
-      ``[B, K, G, Dh]`` in ``q.dtype``.
-    """
-    from jrft.models.ragged_decode import ragged_decode_attention
-
-    def per_shard(q, k, v, layer, starts, ends):
-        return ragged_decode_attention(
-            q, k, v, layer, starts, ends, scale, softcap, block=block, interpret=interpret
-        )
-
-    if mesh is None or mesh.empty:
-        return per_shard(q, k, v, layer, starts, ends)
-    q_spec = PartitionSpec(kv_spec[1], kv_spec[2], None, None)
-    rows = PartitionSpec(kv_spec[1])
-    return jax.shard_map(
-        per_shard, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec(), rows, rows),
-        out_specs=q_spec, check_vma=False,
-    )(q, k, v, layer, starts, ends)  # fmt: skip
 
 
 # --- GPU: cuDNN through jax.nn.dot_product_attention ----------------------------------------------

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import PartitionSpec
 
 LANES = 128  # running max / sum kept lane-replicated, as TPU vregs want
 _NT = (((1,), (1,)), ((), ()))  # contract both operands' last dims: [G, Dh] x [S, Dh] -> [G, S]
@@ -112,6 +113,8 @@ def ragged_decode_attention(
     block: int = 256,
     slots_minor: bool | None = None,
     interpret: bool = False,
+    mesh=None,
+    kv_spec: PartitionSpec | None = None,
 ) -> jax.Array:
     """One query per row against cache layer ``layer``, keys ``[starts[b], ends[b]]`` only.
 
@@ -127,10 +130,27 @@ def ragged_decode_attention(
         tile); the kernel then reads it in that orientation and the transposed view costs no copy, where the
         row-major orientation made XLA copy the whole cache into the kernel's layout on every call.
       interpret: Pallas interpret mode (CPU tests).
+      mesh, kv_spec: run per shard under ``jax.shard_map`` over ``mesh`` (None or empty: unsharded), the
+        cache split by its partition spec ``kv_spec`` (rows over the batch axes, kv heads over tensor); q,
+        starts and ends are split the same way (a Pallas call has no partitioning rule).
 
     Returns:
       ``[B, K, G, Dh]`` in ``q.dtype`` (a row with no valid key gives 0).
     """
+    if mesh is not None and not mesh.empty:
+
+        def per_shard(q, k, v, layer, starts, ends):
+            return ragged_decode_attention(
+                q, k, v, layer, starts, ends, scale, softcap, block=block, slots_minor=slots_minor,
+                interpret=interpret,
+            )  # fmt: skip
+
+        q_spec = PartitionSpec(kv_spec[1], kv_spec[2], None, None)
+        rows = PartitionSpec(kv_spec[1])
+        return jax.shard_map(
+            per_shard, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec(), rows, rows),
+            out_specs=q_spec, check_vma=False,
+        )(q, k, v, layer, starts, ends)  # fmt: skip
     _, b, kv, s, dh = k.shape
     g = q.shape[2]
     if s % block:

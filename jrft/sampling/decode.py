@@ -29,7 +29,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jrft.models import kernels
 from jrft.models.decoder import CACHE_AXES, KVCache, post_norm
 from jrft.models.layers import (
     ACTIVATIONS,
@@ -197,6 +196,52 @@ def _mlp_residual(cfg, p, x: jax.Array) -> jax.Array:
     return x + post_norm(cfg, p, "post_mlp_norm", _mm(p, _gated_mlp(cfg, p, h), "w_down"))
 
 
+def _write_position(ck: jax.Array, cv: jax.Array, k: jax.Array, v: jax.Array, start: tuple):
+    """The caches ``ck, cv`` (stacked ``[L, B, K, S, Dh]`` or one layer's ``[B, K, S, Dh]``) with one
+    position's ``k, v [B, K, Dh]`` written at the cache index ``start`` (in place in a loop carry)."""
+
+    def put(cache, x):
+        x = jnp.expand_dims(x, (*range(cache.ndim - 4), -2))  # [1, B, K, 1, Dh] or [B, K, 1, Dh]
+        return jax.lax.dynamic_update_slice(cache, x.astype(cache.dtype), start)
+
+    return put(ck, k), put(cv, v)
+
+
+def _next_logits(model, x: jax.Array) -> jax.Array:
+    """The last layer's output ``x [B, D]`` -> float32 next-token logits ``[B, V]`` (final norm, LM head)."""
+    return model.logits_from_hidden(model._final(x)[:, None])[:, 0]
+
+
+def _scan_layers(
+    model, weights, tokens, positions, cache: KVCache, slot, attend
+) -> tuple[jax.Array, KVCache]:
+    """One token per row through the stacked layers, the stacked ``cache`` in the scan's carry: per layer the
+    attention inputs (``_position_qkv``), the new k/v written at ``slot``, the attention branch
+    ``attend(p, q, ck, cv, i, sliding) -> [B, D]`` (layer ``i``'s weights ``p``, ``q [B, H, Dh]``, the
+    whole cache; output projection included, post-norm not), then the MLP. Arguments as in ``decode_step``.
+    Returns float32 next-token logits ``[B, V]`` and the updated cache."""
+    cfg = model.config
+    cos, sin = _rope_cos_sin_1(cfg, positions, model.dtype)
+    zero = jnp.zeros((), jnp.int32)
+
+    def layer(carry, xs):
+        x, ck, cv = carry
+        p, i, sliding = xs
+        q, k, v = _position_qkv(cfg, p, x, cos, sin)
+        ck, cv = _write_position(ck, cv, k, v, (i, zero, zero, slot, zero))
+        x = x + post_norm(cfg, p, "post_attn_norm", attend(p, q, ck, cv, i, sliding))
+        x = _mlp_residual(cfg, p, x)
+        return (x, ck, cv), None
+
+    x = model._embed(tokens[:, None])[:, 0]  # [B, D]
+    ck = with_logical_constraint(cache.k, CACHE_AXES)
+    cv = with_logical_constraint(cache.v, CACHE_AXES)
+    sliding_flags = jnp.asarray(cfg.sliding_layers or (False,) * cfg.num_layers)
+    xs = (weights, jnp.arange(cfg.num_layers, dtype=jnp.int32), sliding_flags)
+    (x, ck, cv), _ = jax.lax.scan(layer, (x, ck, cv), xs)
+    return _next_logits(model, x), KVCache(ck, cv)
+
+
 def decode_step(
     model,
     weights: dict[str, jax.Array],
@@ -225,32 +270,16 @@ def decode_step(
     dt = model.dtype
     b, s_att = key_valid.shape
     k_, dh = cfg.num_kv_heads, cfg.head_dim
-    cos, sin = _rope_cos_sin_1(cfg, positions, dt)
     bias_full, bias_sliding = _key_biases(cfg, key_valid, slot)  # [B, 1, 1, s_att]
-    sliding_flags = jnp.asarray(cfg.sliding_layers or (False,) * cfg.num_layers)
     zero = jnp.zeros((), jnp.int32)
-    x = model._embed(tokens[:, None])[:, 0]  # [B, D]
 
-    def layer(carry, xs):
-        x, ck, cv = carry
-        p, i, sliding = xs
+    def attend(p, q, ck, cv, i, sliding):  # the first s_att slots of layer i
         bias = bias_full if bias_sliding is None else jnp.where(sliding, bias_sliding, bias_full)
-        q, k, v = _position_qkv(cfg, p, x, cos, sin)
-        start = (i, zero, zero, slot, zero)
-        ck = jax.lax.dynamic_update_slice(ck, k[None, :, :, None, :].astype(ck.dtype), start)
-        cv = jax.lax.dynamic_update_slice(cv, v[None, :, :, None, :].astype(cv.dtype), start)
         k_att = jax.lax.dynamic_slice(ck, (i, zero, zero, zero, zero), (1, b, k_, s_att, dh))[0].astype(dt)
         v_att = jax.lax.dynamic_slice(cv, (i, zero, zero, zero, zero), (1, b, k_, s_att, dh))[0].astype(dt)
-        x = x + post_norm(cfg, p, "post_attn_norm", _attend_1(cfg, p, q, k_att, v_att, bias))
-        x = _mlp_residual(cfg, p, x)
-        return (x, ck, cv), None
+        return _attend_1(cfg, p, q, k_att, v_att, bias)
 
-    ck = with_logical_constraint(cache.k, CACHE_AXES)
-    cv = with_logical_constraint(cache.v, CACHE_AXES)
-    xs = (weights, jnp.arange(cfg.num_layers, dtype=jnp.int32), sliding_flags)
-    (x, ck, cv), _ = jax.lax.scan(layer, (x, ck, cv), xs)
-    logits = model.logits_from_hidden(model._final(x)[:, None])[:, 0]  # [B, V]
-    return logits, KVCache(ck, cv)
+    return _scan_layers(model, weights, tokens, positions, cache, slot, attend)
 
 
 def decode_step_ranged(
@@ -265,10 +294,10 @@ def decode_step_ranged(
     block: int,
     interpret: bool = False,
 ) -> tuple[jax.Array, KVCache]:
-    """``decode_step`` whose attention is the ragged decode kernel (``kernels.ragged_decode``): each row
-    reads only the cache blocks of its valid slots ``[first_slot, slot]`` (sliding-window layers: from
-    ``slot - sliding_window + 1`` at the earliest), whatever the cache's allocated length, and no per-layer
-    slice of the cache is materialised (the kernel takes the layer index).
+    """``decode_step`` whose attention is the ragged decode kernel (``ragged_decode_attention``, per shard
+    under the abstract mesh): each row reads only the cache blocks of its valid slots ``[first_slot, slot]``
+    (sliding-window layers: from ``slot - sliding_window + 1`` at the earliest), whatever the cache's
+    allocated length, and no per-layer slice of the cache is materialised (the kernel takes the layer index).
 
     Args:
       model, weights, tokens, positions: as in ``decode_step``.
@@ -280,45 +309,29 @@ def decode_step_ranged(
     Returns:
       float32 next-token logits ``[B, V]`` and the updated cache.
     """
+    from jrft.models.ragged_decode import ragged_decode_attention  # Pallas TPU: imported when used
+
     cfg = model.config
-    dt = model.dtype
     b = tokens.shape[0]
     k_, dh = cfg.num_kv_heads, cfg.head_dim
     g = cfg.num_heads // k_
-    cos, sin = _rope_cos_sin_1(cfg, positions, dt)
     ends = jnp.broadcast_to(slot, (b,)).astype(jnp.int32)
     if cfg.sliding_window is None:
         near = first_slot
     else:  # keys fewer than sliding_window slots back (layers.window_mask)
         near = jnp.maximum(first_slot, slot - cfg.sliding_window + 1)
-    sliding_flags = jnp.asarray(cfg.sliding_layers or (False,) * cfg.num_layers)
-    zero = jnp.zeros((), jnp.int32)
     mesh = jax.sharding.get_abstract_mesh()
     kv_spec = None if mesh.empty else logical_to_spec(CACHE_AXES, cache.k.shape, mesh)
-    x = model._embed(tokens[:, None])[:, 0]  # [B, D]
 
-    def layer(carry, xs):
-        x, ck, cv = carry
-        p, i, sliding = xs
-        q, k, v = _position_qkv(cfg, p, x, cos, sin)
-        start = (i, zero, zero, slot, zero)
-        ck = jax.lax.dynamic_update_slice(ck, k[None, :, :, None, :].astype(ck.dtype), start)
-        cv = jax.lax.dynamic_update_slice(cv, v[None, :, :, None, :].astype(cv.dtype), start)
+    def attend(p, q, ck, cv, i, sliding):
         starts = jnp.where(sliding, near, first_slot)
-        attn = kernels.ragged_decode(
+        attn = ragged_decode_attention(
             q.reshape(b, k_, g, dh), ck, cv, i, starts, ends, cfg.attn_scale, cfg.attn_softcap,
             mesh=mesh, kv_spec=kv_spec, block=block, interpret=interpret,
         )  # fmt: skip  # [B, K, G, Dh]
-        x = x + post_norm(cfg, p, "post_attn_norm", _out_proj(cfg, p, attn.reshape(b, -1)))
-        x = _mlp_residual(cfg, p, x)
-        return (x, ck, cv), None
+        return _out_proj(cfg, p, attn.reshape(b, -1))
 
-    ck = with_logical_constraint(cache.k, CACHE_AXES)
-    cv = with_logical_constraint(cache.v, CACHE_AXES)
-    xs = (weights, jnp.arange(cfg.num_layers, dtype=jnp.int32), sliding_flags)
-    (x, ck, cv), _ = jax.lax.scan(layer, (x, ck, cv), xs)
-    logits = model.logits_from_hidden(model._final(x)[:, None])[:, 0]  # [B, V]
-    return logits, KVCache(ck, cv)
+    return _scan_layers(model, weights, tokens, positions, cache, slot, attend)
 
 
 # --- unrolled layers over per-layer weights and caches (the CPU fast path) ----------------------------------
@@ -358,12 +371,9 @@ def decode_step_unrolled(
         bias = bias_sliding if sliding and bias_sliding is not None else bias_full
         q, k, v = _position_qkv(cfg, p, x, cos, sin)
         # write first, then read: with region-analysis copy insertion XLA:CPU updates the carry in place
-        start = (zero, zero, slot, zero)
-        ck = jax.lax.dynamic_update_slice(ck, k[:, :, None, :].astype(ck.dtype), start)
-        cv = jax.lax.dynamic_update_slice(cv, v[:, :, None, :].astype(cv.dtype), start)
+        ck, cv = _write_position(ck, cv, k, v, (zero, zero, slot, zero))
         new_ks.append(ck)
         new_vs.append(cv)
         x = x + post_norm(cfg, p, "post_attn_norm", _attend_1(cfg, p, q, ck.astype(dt), cv.astype(dt), bias))
         x = _mlp_residual(cfg, p, x)
-    logits = model.logits_from_hidden(model._final(x)[:, None])[:, 0]  # [B, V]
-    return logits, tuple(new_ks), tuple(new_vs)
+    return _next_logits(model, x), tuple(new_ks), tuple(new_vs)

@@ -434,131 +434,30 @@ class Sampler:
     def stats(self) -> SamplerStats:
         return SamplerStats(self._counter.n, self._calls, tuple(self._buckets))
 
-    def generate(
-        self,
-        model,
-        prompt_tokens,
-        prompt_mask,
-        *,
-        max_new_tokens: int,
-        num_samples: int = 1,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        min_p: float | None = None,
-        stop_token_ids: Sequence[int] | int | None = (),
-        rng: jax.Array | int | None = None,
-        pad_token_id: int = 0,
-        cache_dtype=None,
-        mesh: Mesh | None = None,
-        fuse_projections: bool | None = None,
-        layout: str | None = None,
-        gather_weights: bool = False,
-        decode_attention: str | None = None,
-    ) -> GenerationResult:
-        """See ``jrft.sampling.generate``."""
-        graphdef, state = model if isinstance(model, tuple) else nnx.split(model)
-        platform = program_platform(mesh, state)
-        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
-        tokens, mask = _check_prompts(prompt_tokens, prompt_mask)
-        key = _program_key(
-            (graphdef, state),
-            platform,
-            params,
-            max_new_tokens=max_new_tokens,
-            num_samples=num_samples,
-            cache_dtype=cache_dtype,
-            fuse_projections=fuse_projections,
-            layout=layout,
-            gather_weights=gather_weights,
-            decode_attention=decode_attention,
-        )
-        stops = _stop_array(stop_token_ids)
-        b = tokens.shape[0]
-        tok_p, mask_p = _pad_to_buckets(tokens, mask, _batch_shards(mesh), pad_token_id)
-        bp, tpb = tok_p.shape
-        if rng is None:
-            rng = jax.random.key(0)
-        elif isinstance(rng, int):
-            rng = jax.random.key(rng)
-        args = (tok_p, mask_p)
-        ctx = contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
-        with ctx:
-            if mesh is not None:
-                spec = logical_to_spec(("batch", None), (bp, tpb), mesh)
-                args = tuple(jax.device_put(a, NamedSharding(mesh, spec)) for a in args)
-                rep = NamedSharding(mesh, PartitionSpec())
-                stops, rng = jax.device_put(stops, rep), jax.device_put(rng, rep)
-            outs = self.program(platform)(
-                graphdef,
-                key,
-                self._counter,
-                state,
-                *args,
-                stops,
-                params.dynamic_values(),
-                jnp.int32(max_new_tokens),
-                jnp.int32(pad_token_id),
-                rng,
-            )
+    def generate(self, model, prompt_tokens, prompt_mask, **options) -> GenerationResult:
+        """``jrft.sampling.generate(model, prompt_tokens, prompt_mask, sampler=self, **options)``."""
+        return generate(model, prompt_tokens, prompt_mask, sampler=self, **options)
+
+    def _run(self, platform: str, key: _ProgramKey, graphdef, state, tokens, *args):
+        """Runs the program for ``key`` on padded ``tokens`` ``[Bp, Tpb]`` and the program's other dynamic
+        arguments (under the caller's mesh), and counts the call and its bucket."""
+        outs = self.program(platform)(graphdef, key, self._counter, state, tokens, *args)
         self._calls += 1
-        bucket = (bp, tpb, key.new_bucket, num_samples)
+        bucket = (*tokens.shape, key.new_bucket, key.num_samples)
         if bucket not in self._buckets:
             self._buckets.append(bucket)
-        out_tok, out_mask, out_lp, lengths, reason, steps = outs
-        r, n = b * num_samples, max_new_tokens
-        return GenerationResult(
-            tokens=out_tok[:r, :n],
-            mask=out_mask[:r, :n],
-            logprobs=out_lp[:r, :n],
-            lengths=lengths[:r],
-            finish_reason=reason[:r],
-            prompt_tokens=jnp.asarray(np.repeat(tokens, num_samples, axis=0)),
-            prompt_mask=jnp.asarray(np.repeat(mask, num_samples, axis=0)),
-            decode_steps=int(steps),
-            num_samples=num_samples,
-            stats=self.stats,
-        )
+        return outs
 
-    def lower(
-        self,
-        model,
-        batch: int,
-        prompt_length: int,
-        *,
-        max_new_tokens: int,
-        mesh: Mesh,
-        num_samples: int = 1,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        min_p: float | None = None,
-        cache_dtype=None,
-        fuse_projections: bool | None = None,
-        layout: str | None = None,
-        gather_weights: bool = False,
-        decode_attention: str | None = None,
-    ):
+    def lower(self, model, batch: int, prompt_length: int, *, mesh: Mesh, **options):
         """The generate program for ``batch`` prompts of ``prompt_length`` tokens, lowered without running it
         (AOT compilation, ``jrft compile``): the same program, key and argument shardings as :meth:`generate`
         (prompts padded to their buckets), for ``model = (graphdef, state)`` whose state may be
-        ``ShapeDtypeStruct``s with shardings (e.g. for the devices of a TPU topology). Returns a
-        ``jax.stages.Lowered``."""
+        ``ShapeDtypeStruct``s with shardings (e.g. for the devices of a TPU topology). ``options``: those
+        of :func:`generate` that pick the program (``max_new_tokens``, required; ``num_samples``,
+        ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``cache_dtype``, ``fuse_projections``, ``layout``,
+        ``gather_weights``, ``decode_attention``). Returns a ``jax.stages.Lowered``."""
         graphdef, state = model
-        platform = program_platform(mesh, state)
-        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
-        key = _program_key(
-            (graphdef, state),
-            platform,
-            params,
-            max_new_tokens=max_new_tokens,
-            num_samples=num_samples,
-            cache_dtype=cache_dtype,
-            fuse_projections=fuse_projections,
-            layout=layout,
-            gather_weights=gather_weights,
-            decode_attention=decode_attention,
-        )
+        platform, params, key = _program_key(model, mesh, **options)
         bp, tpb = _padded_shape(batch, prompt_length, _batch_shards(mesh))
         rows = NamedSharding(mesh, logical_to_spec(("batch", None), (bp, tpb), mesh))
         rep = NamedSharding(mesh, PartitionSpec())
@@ -586,19 +485,26 @@ class Sampler:
 
 def _program_key(
     model,
-    platform: str,
-    params,
+    mesh: Mesh | None,
     *,
     max_new_tokens,
-    num_samples,
-    cache_dtype,
-    fuse_projections,
-    layout,
+    num_samples=1,
+    temperature=1.0,
+    top_k=None,
+    top_p=None,
+    min_p=None,
+    cache_dtype=None,
+    fuse_projections=None,
+    layout=None,
     gather_weights=False,
     decode_attention=None,
-) -> _ProgramKey:
-    """The static part of the generate program (checked): layout and projection fusion default by the
-    program's platform (unrolled and fused on CPU, scanned on accelerators)."""
+) -> tuple[str, SamplingParams, _ProgramKey]:
+    """The generate program for ``model`` (a ``(graphdef, state)`` pair) and these options of
+    :func:`generate`: its platform (``program_platform``), sampling parameters and static part (checked).
+    Layout and projection fusion default by the program's platform (unrolled and fused on CPU, scanned on
+    accelerators)."""
+    platform = program_platform(mesh, model[1])
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     on_cpu = platform == "cpu"
     # the ragged kernel reads the stacked cache: the scan layout, also when requested on CPU
     layout = layout or ("unrolled" if on_cpu and decode_attention != kernels.RAGGED_DECODE else "scan")
@@ -614,17 +520,21 @@ def _program_key(
     cache = jnp.dtype(cache_dtype).name
     choice = _decode_choice(model, platform, layout, decode_attention)
     ragged = choice is not None and choice.impl == kernels.RAGGED_DECODE
-    return _ProgramKey(
-        num_samples,
-        nb,
-        (nb,) if ragged else _segments(nb),
-        _structure(params),
-        cache,
-        fuse_projections,
-        layout,
-        bool(gather_weights),
-        choice,
-        ragged and platform != "tpu",
+    return (
+        platform,
+        params,
+        _ProgramKey(
+            num_samples,
+            nb,
+            (nb,) if ragged else _segments(nb),
+            _structure(params),
+            cache,
+            fuse_projections,
+            layout,
+            bool(gather_weights),
+            choice,
+            ragged and platform != "tpu",
+        ),
     )
 
 
@@ -772,23 +682,63 @@ def generate(
       A ``GenerationResult`` with ``.tokens``, ``.mask``, ``.logprobs``, ``.lengths``, ``.finish_reason``
       (``[B*G, Tn]`` / ``[B*G]``).
     """
-    return (sampler or DEFAULT_SAMPLER).generate(
-        model,
-        prompt_tokens,
-        prompt_mask,
+    sampler = sampler or DEFAULT_SAMPLER
+    graphdef, state = model if isinstance(model, tuple) else nnx.split(model)
+    tokens, mask = _check_prompts(prompt_tokens, prompt_mask)
+    platform, params, key = _program_key(
+        (graphdef, state),
+        mesh,
         max_new_tokens=max_new_tokens,
         num_samples=num_samples,
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
         min_p=min_p,
-        stop_token_ids=stop_token_ids,
-        rng=rng,
-        pad_token_id=pad_token_id,
         cache_dtype=cache_dtype,
-        mesh=mesh,
         fuse_projections=fuse_projections,
         layout=layout,
         gather_weights=gather_weights,
         decode_attention=decode_attention,
+    )
+    stops = _stop_array(stop_token_ids)
+    b = tokens.shape[0]
+    tok_p, mask_p = _pad_to_buckets(tokens, mask, _batch_shards(mesh), pad_token_id)
+    bp, tpb = tok_p.shape
+    if rng is None:
+        rng = jax.random.key(0)
+    elif isinstance(rng, int):
+        rng = jax.random.key(rng)
+    args = (tok_p, mask_p)
+    ctx = contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
+    with ctx:
+        if mesh is not None:
+            spec = logical_to_spec(("batch", None), (bp, tpb), mesh)
+            args = tuple(jax.device_put(a, NamedSharding(mesh, spec)) for a in args)
+            rep = NamedSharding(mesh, PartitionSpec())
+            stops, rng = jax.device_put(stops, rep), jax.device_put(rng, rep)
+        outs = sampler._run(
+            platform,
+            key,
+            graphdef,
+            state,
+            *args,
+            stops,
+            params.dynamic_values(),
+            jnp.int32(max_new_tokens),
+            jnp.int32(pad_token_id),
+            rng,
+        )
+    out_tok, out_mask, out_lp, lengths, reason, steps = outs
+    r, n = b * num_samples, max_new_tokens
+    return GenerationResult(
+        tokens=out_tok[:r, :n],
+        mask=out_mask[:r, :n],
+        logprobs=out_lp[:r, :n],
+        lengths=lengths[:r],
+        finish_reason=reason[:r],
+        prompt_tokens=jnp.asarray(np.repeat(tokens, num_samples, axis=0)),
+        prompt_mask=jnp.asarray(np.repeat(mask, num_samples, axis=0)),
+        decode_steps=int(steps),
+        num_samples=num_samples,
+        stats=sampler.stats,
     )
