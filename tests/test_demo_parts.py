@@ -173,13 +173,13 @@ def test_on_policy_pairs_replace_rejected_with_the_policys_first_wrong_draw(tiny
     rows = synthetic.preference_rows(problems, seed=1)
     right = [p.completion for p in problems]
     wrong_format = "<answer>1</answer>"
-    draws = [[right[0], right[0]], [right[1], wrong_format], ["<think>x</think><answer>0</answer>", right[2]]]
+    draws = [[right[0], ""], [right[1], wrong_format], ["<think>x</think><answer>0</answer>", right[2]]]
     monkeypatch.setattr(preferences, "sampled_completions", lambda *a, **k: draws)
     out, stats = preferences.on_policy_pairs(None, None, rows, num_samples=2, max_new_tokens=8, batch_size=4)
-    assert out[0] == rows[0]  # every draw right: the synthetic rejection stays
+    assert out[0] == rows[0]  # no non-empty wrong draw: the synthetic rejection stays
     assert out[1]["rejected"] == wrong_format and out[1]["rejected_kind"] == "policy"
     assert out[2]["rejected"] == draws[2][0] and out[2]["chosen"] == rows[2]["chosen"]
-    assert stats == {"sample_accuracy": 4 / 6, "policy_rejected_fraction": 2 / 3}
+    assert stats == {"sample_accuracy": 3 / 6, "policy_rejected_fraction": 2 / 3}
     with pytest.raises(ValueError, match="no <answer> tag"):
         preferences.answer_of("<think>1</think>")
     monkeypatch.undo()

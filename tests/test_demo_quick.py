@@ -59,6 +59,12 @@ def test_quick_rlhf_demo_trains_the_reward_model(tmp_path, capsys):
     assert "rm_score" in result["before"]
     assert (out / "reward" / "export" / "config.json").is_file()
     assert rc == 0 and "rm_score" in result["after"]
+    # the reward model's pairs reject the SFT policy's own draws where it erred
+    rows = [
+        json.loads(line) for line in (out / "data" / "pref_train_on_policy.jsonl").read_text().splitlines()
+    ]
+    assert 0.0 <= result["before"]["sft_sample_accuracy"] <= 1.0
+    assert any(r["rejected_kind"] == "policy" for r in rows) and "on-policy pairs" in result["seconds"]
 
 
 def test_bad_override_is_reported_with_its_key(capsys):

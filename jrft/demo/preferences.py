@@ -41,7 +41,7 @@ def on_policy_pairs(
     seed: int = 0,
 ) -> tuple[list[dict], dict[str, float]]:
     """``rows`` (``prompt, chosen, rejected[, rejected_kind]``) with each rejected answer replaced by the
-    policy's first wrong or malformed draw (``rejected_kind: "policy"``) where it made one.
+    policy's first wrong or malformed non-empty draw (``rejected_kind: "policy"``) where it made one.
 
     Returns the new rows and stats: the policy's sample accuracy and the fraction of rows replaced.
     """
@@ -64,7 +64,7 @@ def on_policy_pairs(
     good = good.reshape(len(rows), num_samples)
     out = []
     for row, group, ok in zip(rows, draws, good, strict=True):
-        wrong = [c for c, k in zip(group, ok, strict=True) if not k]
+        wrong = [c for c, k in zip(group, ok, strict=True) if not k and c.strip()]  # empty: not a completion
         row = dict(row)
         if wrong:
             row.update(rejected=wrong[0], rejected_kind="policy")

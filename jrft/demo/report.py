@@ -32,6 +32,7 @@ METRIC_LABELS = {
     "preference_accuracy": "held-out preference acc. (log p)",
     "implicit_reward_accuracy": "held-out DPO implicit-reward acc.",
     "rm_preference_accuracy": "reward model held-out pref. acc.",
+    "rm_policy_pair_accuracy": "reward model acc., policy's mistakes",
     "rm_score": "reward-model score (greedy)",
 }
 

@@ -129,9 +129,14 @@ class RewardStage:
     batch_size: int = 32
     lr: float = 3e-4
     warmup_steps: int = 20
+    # Draws of the SFT policy per preference prompt (temperature 1): its first wrong or malformed draw
+    # replaces the hand-made rejected answer (jrft.demo.preferences), so the reward model learns the
+    # mistakes PPO will make, not only the corruptions of jrft.data.synthetic. 0 = hand-made pairs only.
+    on_policy_samples: int = 2
 
     def __post_init__(self):
         check_positive(self, "steps", "batch_size", "lr")
+        check_nonnegative(self, "on_policy_samples")
 
 
 @dataclass(frozen=True)

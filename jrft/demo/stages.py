@@ -450,6 +450,43 @@ def _rm_accuracy(reward_model, tokenizer, pairs) -> float:
     return float(np.mean(chosen > rejected))
 
 
+def _on_policy_pair_files(cfg: DemoConfig, paths, policy, tokenizer, result: DemoResult, log) -> dict:
+    """Preference files whose rejected answers are the SFT policy's own mistakes where it made one (train:
+    the reward model learns from them; held out: ``rm_policy_pair_accuracy``, the reward model's accuracy
+    where PPO searches). Returns ``paths`` with ``pref_train`` and ``pref_policy_heldout`` set."""
+    from jrft.data.synthetic import write_jsonl
+    from jrft.demo.preferences import on_policy_pairs
+
+    def pairs_from(key: str, salt: int):
+        return on_policy_pairs(
+            policy,
+            tokenizer,
+            read_jsonl(paths[key]),
+            num_samples=cfg.reward.on_policy_samples,
+            max_new_tokens=cfg.eval.max_new_tokens,
+            batch_size=cfg.eval.batch_size,
+            seed=cfg.seed + salt,
+        )
+
+    train, stats = pairs_from("pref_train", 0)
+    heldout, _ = pairs_from("pref_heldout", 1)
+    data = os.path.dirname(paths["pref_train"])
+    paths = {
+        **paths,
+        "pref_train": write_jsonl(train, os.path.join(data, "pref_train_on_policy.jsonl")),
+        "pref_policy_heldout": write_jsonl(
+            [r for r in heldout if r.get("rejected_kind") == "policy"],
+            os.path.join(data, "pref_heldout_policy.jsonl"),
+        ),
+    }
+    result.before["sft_sample_accuracy"] = stats["sample_accuracy"]
+    log(
+        f"   SFT policy draws: {stats['sample_accuracy']:.1%} correct; "
+        f"{stats['policy_rejected_fraction']:.1%} of the reward model's pairs now reject its own mistake"
+    )
+    return paths
+
+
 def run_rlhf_demo(cfg: DemoConfig, result: DemoResult, paths, tokenizer, log, progress) -> None:
 
     from jrft.models import from_pretrained
@@ -459,6 +496,9 @@ def run_rlhf_demo(cfg: DemoConfig, result: DemoResult, paths, tokenizer, log, pr
     heldout = read_jsonl(paths["prompts_heldout"])
     pairs = read_jsonl(paths["pref_heldout"])
     sft_model = _sft(cfg, result.output_dir, paths, result, log, progress)
+    if cfg.reward.on_policy_samples:
+        with _Timer(result, "on-policy pairs", log):
+            paths = _on_policy_pair_files(cfg, paths, _load(sft_model), tokenizer, result, log)
     with _Timer(result, "reward model", log):
         # before training: the SFT model with a freshly initialised scalar head
         untrained = from_pretrained(sft_model, scalar_head=True, seed=cfg.seed)
@@ -478,6 +518,14 @@ def run_rlhf_demo(cfg: DemoConfig, result: DemoResult, paths, tokenizer, log, pr
 
     with _Timer(result, "eval before", log):
         rm_acc = _rm_accuracy(reward_model, tokenizer, pairs)
+        if paths.get("pref_policy_heldout"):
+            policy_pairs = read_jsonl(paths["pref_policy_heldout"])
+            if policy_pairs:
+                result.after["rm_policy_pair_accuracy"] = _rm_accuracy(reward_model, tokenizer, policy_pairs)
+                log(
+                    f"   reward model on held-out pairs that reject the SFT policy's own mistakes: "
+                    f"{result.after['rm_policy_pair_accuracy']:.1%} (n={len(policy_pairs)})"
+                )
         rm_score, ev = score(sft_model)
         result.before.update(rm_score=rm_score, **ev.as_metrics())
         result.after["rm_preference_accuracy"] = rm_acc
