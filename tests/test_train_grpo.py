@@ -130,6 +130,7 @@ def test_sharded_grpo_round_equals_single_device(tiny_task, reward_file, tmp_pat
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # a learning run (~10 s); the default suite keeps its plumbing tests
 def test_grpo_on_gemma2_raises_the_reward(tiny_task, reward_file, tmp_path):
     """A Gemma 2 policy (sliding window, soft-capping, post norms) through the whole round: sampler, KL to
     the reference, update, export."""

@@ -192,6 +192,7 @@ def test_listwise_grad_accumulation_equals_the_full_batch(tiny_task, ranked):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # a learning run (~10 s); the default suite keeps its plumbing tests
 def test_listwise_reward_model_learns_a_ranking(tiny_task, ranked, tmp_path):
     cfg = _config(tiny_task, ranked, tmp_path / "listwise", "train.steps=40", "train.eval_every=40")
     result = run_offline(cfg, progress=False)

@@ -116,6 +116,7 @@ def test_sft_model_reproduces_heldout_completions_greedily(assets, tmp_path):
     assert exact >= 0.9, list(zip(heldout, completions, strict=True))
 
 
+@pytest.mark.slow  # a learning run (~10 s); the default suite keeps its plumbing tests
 def test_reward_model_learns_preferences(assets, tmp_path):
     out = tmp_path / "rm"
     cfg = _config(assets, "reward", out, "train.steps=100", "train.eval_every=100", "optim.lr=1e-3")
