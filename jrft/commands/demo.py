@@ -9,7 +9,8 @@ with torch, transformers), then write a report: ``report.png`` (loss, reward, KL
 
 ``--objective dpo``: SFT, then DPO on synthetic preference pairs (chosen = correct trace, rejected = a wrong
 or malformed one); reports held-out preference accuracy before/after. ``--objective rlhf``: SFT, a reward
-model on the same pairs, then PPO against it; reports the reward model's score before/after.
+model on the same pairs with the SFT policy's own mistakes as rejected answers where it made one, then PPO
+against it; reports the reward model's score before/after.
 """
 
 from __future__ import annotations
