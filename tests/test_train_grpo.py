@@ -62,6 +62,7 @@ def _rows(out):
     return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"eval/' not in line]
 
 
+@pytest.mark.slow  # a learning run; the default suite keeps its plumbing tests
 def test_grpo_raises_the_reward(tiny_task, reward_file, tmp_path):
     out = tmp_path / "grpo"
     run_config(_config(tiny_task, reward_file, out, "train.steps=30"), progress=False)

@@ -46,6 +46,7 @@ def _metrics(out):
     return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
 
 
+@pytest.mark.slow  # a learning run; the default suite keeps its plumbing tests
 def test_sft_learns_the_trace_format_and_exports(assets, tmp_path):
     out = tmp_path / "sft"
     result = run_offline(_config(assets, "sft", out, "train.steps=60", "train.eval_every=60"), progress=False)
@@ -125,6 +126,7 @@ def test_reward_model_learns_preferences(assets, tmp_path):
     assert result.eval_metrics["accuracy"] >= 0.9, result.eval_metrics
 
 
+@pytest.mark.slow  # a learning run; the default suite keeps its plumbing tests
 def test_dpo_raises_margins_and_preference_accuracy(assets, tmp_path):
     out = tmp_path / "dpo"
     cfg = _config(
