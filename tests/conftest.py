@@ -81,3 +81,18 @@ def param_arrays(state) -> list:
     import numpy as np
 
     return [np.asarray(x) for x in jax.tree.leaves(state.params)]
+
+
+def tiny_lora_llama_hf():
+    """The small Llama of the LoRA tests (4 query heads, 2 kv heads, head dim 8): an HF config."""
+    from jrft.models.testing import tiny_hf_config
+
+    return tiny_hf_config(
+        "llama",
+        vocab_size=32,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+    )

@@ -8,23 +8,15 @@ import os
 import jax
 import numpy as np
 import pytest
+from conftest import tiny_lora_llama_hf
 
 from jrft.config import ConfigError, load_config
 from jrft.models import Decoder, ModelConfig, from_pretrained, save_pretrained
 from jrft.models.lora import LoRASpec
-from jrft.models.testing import tiny_hf_config
 from jrft.train.runs import run_config
 from jrft.train.runs.setup import setup_run
 
-CFG = tiny_hf_config(
-    "llama",
-    vocab_size=32,
-    hidden_size=32,
-    intermediate_size=64,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-)
+CFG = tiny_lora_llama_hf()
 TOKENS = np.random.default_rng(0).integers(1, 32, size=(2, 12)).astype(np.int32)
 
 

@@ -6,27 +6,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import tiny_lora_llama_hf
 from flax import nnx
 
 from jrft.models import Decoder, ModelConfig, from_pretrained, save_pretrained
 from jrft.models.lora import LoRAParam, LoRASpec, merged_layer_arrays, zero_adapters
-from jrft.models.testing import tiny_hf_config
 from jrft.sampling import generate
 from jrft.train.objectives import sft
 from jrft.train.state import create_train_state
 from jrft.train.step import jit_step, make_train_step
 
-CFG = ModelConfig.from_hf(
-    tiny_hf_config(
-        "llama",
-        vocab_size=32,
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-    )
-)
+CFG = ModelConfig.from_hf(tiny_lora_llama_hf())
 SPEC = LoRASpec(rank=4, scale=2.0)
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(1, 32, size=(2, 12)), jnp.int32)
 

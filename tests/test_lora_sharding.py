@@ -4,26 +4,16 @@ adapters equals the single-device one."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+from conftest import tiny_lora_llama_hf
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from jrft.models import Decoder, ModelConfig
 from jrft.models.lora import LoRAParam, LoRASpec
-from jrft.models.testing import tiny_hf_config
 from jrft.parallel import make_mesh, shard_model
 from jrft.parallel.sharding import state_shardings
 
-CFG = ModelConfig.from_hf(
-    tiny_hf_config(
-        "llama",
-        vocab_size=32,
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-    )
-)
+CFG = ModelConfig.from_hf(tiny_lora_llama_hf())
 
 
 def _model():
