@@ -28,6 +28,26 @@ def test_settings_overrides_quick_and_errors(tmp_path):
         load_demo_config(bad)
 
 
+def test_lora_settings_reach_the_stage_after_sft_only(tmp_path):
+    from jrft.demo.stages import grpo_config, lora_overrides, preference_config, sft_config
+
+    paths = {k: str(tmp_path / f"{k}.jsonl") for k in ("sft_train", "prompts_train", "pref_train")}
+    paths["base"] = str(tmp_path / "base")
+    off = load_demo_config()
+    assert lora_overrides(off) == [] and grpo_config(off, str(tmp_path), paths, "m").lora.rank == 0
+    on = load_demo_config(overrides=["lora.enabled=true", "lora.rank=4", "lora.lr=2e-3"])
+    grpo = grpo_config(on, str(tmp_path), paths, "m")
+    assert (grpo.lora.rank, grpo.lora.alpha, grpo.optim.lr) == (4, 32.0, 2e-3)
+    dpo = preference_config(on, str(tmp_path), paths, "m", "dpo")
+    assert (dpo.lora.rank, dpo.optim.lr) == (4, 2e-3)
+    # the reward model and SFT stay full fine-tuning, at their own learning rates
+    assert preference_config(on, str(tmp_path), paths, "m", "reward").lora.rank == 0
+    sft = sft_config(on, str(tmp_path), paths)
+    assert sft.lora.rank == 0 and sft.optim.lr == on.sft.lr
+    with pytest.raises(ConfigError, match=r"lora\.rank: must be positive"):
+        load_demo_config(overrides=["lora.rank=0"])
+
+
 @pytest.fixture(scope="module")
 def tiny():
     from jrft.models import Decoder, ModelConfig
@@ -164,6 +184,24 @@ def test_report_drops_empty_kl_and_puts_sft_and_grpo_accuracy_on_one_clock(tmp_p
     np.testing.assert_allclose(g_min, [1.0, (60 + 30) / 60])  # step 0 = the SFT model, at GRPO's start
     np.testing.assert_allclose(g_acc, [20.0, 50.0])
     assert open(report.plot(result, str(tmp_path / "r.png")), "rb").read(4) == b"\x89PNG"
+
+
+def test_rlhf_report_says_when_ppo_raised_the_score_but_exact_match_fell(tmp_path):
+    ppo = tmp_path / "ppo.jsonl"
+    ppo.write_text("".join(json.dumps({"step": s, "kl_mean": 0.01 * s}) + "\n" for s in (1, 2)))
+    result = DemoResult(
+        objective="rlhf",
+        output_dir=str(tmp_path),
+        before={"rm_score": -1.5, "accuracy": 0.40},
+        after={"rm_score": 0.2, "accuracy": 0.25},
+        metrics_files={"ppo": str(ppo)},
+    )
+    note = report.reward_hacking_note(result)
+    assert "exact match FELL (40.0% -> 25.0%)" in note and "0.020 nats/token" in note
+    assert note in report.table(result)
+    result.after["accuracy"] = 0.45
+    assert "FELL" not in report.reward_hacking_note(result) and "40.0% -> 45.0%" in report.table(result)
+    assert report.reward_hacking_note(DemoResult(objective="grpo", output_dir="", before={}, after={})) == ""
 
 
 def test_on_policy_pairs_replace_rejected_with_the_policys_first_wrong_draw(tiny, monkeypatch):

@@ -67,6 +67,23 @@ def test_quick_rlhf_demo_trains_the_reward_model(tmp_path, capsys):
     assert any(r["rejected_kind"] == "policy" for r in rows) and "on-policy pairs" in result["seconds"]
 
 
+def test_quick_grpo_demo_with_lora_trains_adapters_only(tmp_path, capsys):
+    out = tmp_path / "lora"
+    assert main(["--quick", "--no-progress", "--lora", "lora.rank=2", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "--lora (rank 2:" in text and "adapter parameters" in text
+    result = json.loads((out / "result.json").read_text())
+    # quick model: 1 layer, hidden 32, 2 heads x 16, intermediate 64: r x (in + out) per projection
+    assert result["lora_rank"] == 2 and result["adapter_params"] == 2 * (4 * 64 + 3 * 96)
+    # the GRPO checkpoint holds the adapters, not the base; the export is the merged model
+    meta = json.loads((out / "grpo" / "checkpoints" / "2" / "meta" / "metadata").read_text())
+    assert meta["lora_base"]["path"] == str(out / "sft" / "export")
+    export = out / "grpo" / "export"
+    assert (export / "config.json").is_file() and (export / "adapter" / "adapter_config.json").is_file()
+    if importlib.util.find_spec("torch") is not None:
+        assert "max |logit diff|" in result["load_check"]["transformers"]
+
+
 def test_bad_override_is_reported_with_its_key(capsys):
     assert main(["--quick", "grpo.lrr=1"]) == 2
     assert "grpo.lrr: unknown key" in capsys.readouterr().err

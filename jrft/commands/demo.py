@@ -23,6 +23,8 @@ Settings come from configs/demo.yaml when it exists (or --config), then --quick,
   jrft demo                          # SFT -> GRPO, ~5-10 minutes on 2 CPU cores, report in runs/demo/
   jrft demo --quick                  # the same stages at toy sizes (plumbing only, no learning)
   jrft demo --objective dpo          # SFT -> DPO on preference pairs
+  jrft demo --objective tools        # SFT -> multi-turn GRPO with a calc tool (a*b=)
+  jrft demo --lora                   # the stage after SFT trains LoRA adapters (lora.rank, lora.lr, ...)
   jrft demo grpo.steps=100 seed=1    # overrides (see configs/demo.yaml for every key)
 """
 
@@ -37,11 +39,16 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the demo settings")
-    parser.add_argument("--objective", choices=("grpo", "dpo", "rlhf"), default=None, help="default: grpo")
+    parser.add_argument(
+        "--objective", choices=("grpo", "dpo", "rlhf", "tools"), default=None, help="default: grpo"
+    )
     parser.add_argument("--out", default=None, help="output directory (default: runs/demo)")
     parser.add_argument("--seed", type=int, default=None, help="seed of everything random (default: 0)")
     parser.add_argument(
         "--config", default=None, help=f"demo settings YAML (default: {DEFAULT_CONFIG} if present)"
+    )
+    parser.add_argument(
+        "--lora", action="store_true", help="LoRA adapters on the stage after SFT (settings: lora.* keys)"
     )
     parser.add_argument("--quick", action="store_true", help="toy sizes: checks the plumbing in < 1 minute")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -62,13 +69,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{k}={v}"
         for k, v in (("objective", args.objective), ("output_dir", args.out), ("seed", args.seed))
         if v is not None
-    ]
+    ] + (["lora.enabled=true"] if args.lora else [])
     try:
         cfg = load_demo_config(path, [*flags, *args.overrides], quick=args.quick)
     except ConfigError as e:
         print(f"jrft demo: {e}", file=sys.stderr)
         return 2
-    quick = ", quick" if args.quick else ""
+    quick = (", quick" if args.quick else "") + (f", LoRA rank {cfg.lora.rank}" if cfg.lora.enabled else "")
     print(f"jrft demo --objective {cfg.objective} (seed {cfg.seed}{quick}) -> {cfg.output_dir}")
     result = run_demo(cfg, progress=not args.no_progress, log=lambda m: print(m, flush=True))
     text, _ = write_report(result)

@@ -19,12 +19,18 @@ PANELS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("SFT loss", "sft", ("loss",)),
     ("GRPO reward (mean)", "grpo", ("rewards/mean",)),
     ("GRPO KL to the SFT model", "grpo", ("kl_mean",)),
+    ("GRPO trajectories calling a tool (train)", "grpo", ("agent/tool_call_rate",)),
+    ("GRPO failed tool calls / calls (train)", "grpo", ("agent/tool_failure_rate",)),
+    ("held-out trajectories calling a tool", "grpo", ("eval/tool_call_rate",)),
     ("DPO loss", "dpo", ("loss",)),
     ("DPO reward accuracy (train)", "dpo", ("rewards/accuracies",)),
     ("reward model loss", "reward", ("loss",)),
     ("PPO reward-model score", "ppo", ("rm_score/mean", "score/mean")),
     ("PPO KL to the SFT model", "ppo", ("kl_mean",)),
 )
+
+# The stage whose held-out evaluations the timeline shows, by objective.
+RL_STAGE = {"tools": "grpo", "rlhf": "ppo"}
 
 METRIC_LABELS = {
     "accuracy": "held-out exact match",
@@ -34,6 +40,8 @@ METRIC_LABELS = {
     "rm_preference_accuracy": "reward model held-out pref. acc.",
     "rm_policy_pair_accuracy": "reward model acc., policy's mistakes",
     "rm_score": "reward-model score (greedy)",
+    "tool_call_rate": "held-out tool-call rate",
+    "tool_failure_rate": "held-out failed calls / calls",
 }
 
 
@@ -84,7 +92,7 @@ def accuracy_timeline(result: DemoResult) -> list[tuple[str, list[float], list[f
             ]
         lines.append(("SFT", [(offset + t) / 60 for t in times], [100 * e[1] for e in result.sft_evals]))
     if result.evals:
-        rl = result.objective
+        rl = RL_STAGE.get(result.objective, result.objective)
         offset = _start_of(result, rl)
         during = _eval_times(result.metrics_files.get(rl, ""))
         times = [0.0, *during] if len(during) == len(result.evals) - 1 else None
@@ -141,12 +149,22 @@ def plot(result: DemoResult, path: str) -> str:
         ax.grid(alpha=0.3)
     for ax in flat[n:]:
         ax.axis("off")
-    fig.suptitle(f"jrft demo --objective {result.objective}")
+    fig.suptitle(heading(result))
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def heading(result: DemoResult) -> str:
+    """``jrft demo --objective X`` plus the adapters of the stage after SFT when it ran with ``--lora``."""
+    text = f"jrft demo --objective {result.objective}"
+    if result.lora_rank:
+        share = result.adapter_params / max(result.num_params, 1)
+        adapters = f"{result.adapter_params:,} adapter parameters, {share:.0%} of the model"
+        text += f" --lora (rank {result.lora_rank}: {adapters})"
+    return text
 
 
 def _fmt(key: str, value: float | None) -> str:
@@ -173,9 +191,31 @@ def table(result: DemoResult) -> str:
             f"(after = mean of the last {n} held-out evaluations; final one: "
             f"{_fmt('accuracy', result.after.get('final_accuracy'))} exact match)"
         )
+    verdict = reward_hacking_note(result)
+    if verdict:
+        lines.append(verdict)
     lines.append("")
     lines.append("time per stage: " + ", ".join(f"{k} {v:.0f}s" for k, v in result.seconds.items()))
     return "\n".join(lines)
+
+
+def reward_hacking_note(result: DemoResult) -> str:
+    """For the RLHF demo: whether PPO raised the reward-model score while held-out exact match fell (the
+    policy exploiting the reward model), with the last logged KL to the SFT model; empty otherwise."""
+    b, a = result.before, result.after
+    if result.objective != "rlhf" or not {"rm_score", "accuracy"} <= set(b) & set(a):
+        return ""
+    kl = read_curve(result.metrics_files.get("ppo", ""), ("kl_mean",))
+    kl_text = f"; KL to the SFT model at the end {kl[2][-1]:.3f} nats/token (KL panel)" if kl else ""
+    if a["rm_score"] > b["rm_score"] and a["accuracy"] < b["accuracy"]:
+        return (
+            f"PPO raised the reward-model score ({b['rm_score']:.3f} -> {a['rm_score']:.3f}) while held-out "
+            f"exact match FELL ({100 * b['accuracy']:.1f}% -> {100 * a['accuracy']:.1f}%): the policy found "
+            f"answers the reward model over-rates{kl_text}"
+        )
+    return f"PPO: reward-model score {b['rm_score']:.3f} -> {a['rm_score']:.3f}, exact match " + (
+        f"{100 * b['accuracy']:.1f}% -> {100 * a['accuracy']:.1f}%{kl_text}"
+    )
 
 
 def samples(result: DemoResult) -> str:
@@ -195,6 +235,7 @@ def write_report(result: DemoResult) -> tuple[str, str]:
     the PNG path."""
     png = plot(result, os.path.join(result.output_dir, "report.png"))
     parts = [
+        *([heading(result)] if result.lora_rank else []),
         table(result),
         "",
         "sample completions (greedy, held out):",
@@ -208,5 +249,5 @@ def write_report(result: DemoResult) -> tuple[str, str]:
         parts.extend(f"         {v}" for v in result.load_check.values())
     text = "\n".join(parts)
     with open(os.path.join(result.output_dir, "report.md"), "w", encoding="utf-8") as f:
-        f.write(f"# jrft demo --objective {result.objective}\n\n![curves](report.png)\n\n```\n{text}\n```\n")
+        f.write(f"# {heading(result)}\n\n![curves](report.png)\n\n```\n{text}\n```\n")
     return text, png

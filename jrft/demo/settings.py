@@ -153,6 +153,58 @@ class PPOStage:
 
 
 @dataclass(frozen=True)
+class ToolsStage:
+    """``--objective tools`` (jrft.demo.tools_demo): ``a*b=`` with a ``calc`` tool. SFT takes ``sft.*`` and
+    GRPO ``grpo.*`` (lr, G, temperature, beta, max_sampling_rounds, eval_last) except what is set here."""
+
+    digits_a: int = 3
+    digits_b: int = 3
+    # SFT conversations; a tool_fraction of them call the tool, the rest answer directly (and the model
+    # cannot learn to multiply from them: those answers teach only the format).
+    num_sft: int = 200
+    tool_fraction: float = 0.5
+    num_rl_prompts: int = 4000
+    num_heldout: int = 500
+    sft_steps: int = 300
+    # Held-out evaluation (multi-turn, greedy, with the tool) during SFT every this many steps (0: none).
+    eval_every_sft: int = 0
+    grpo_steps: int = 60
+    prompts_per_step: int = 16
+    warmup_steps: int = 10
+    dynamic_sampling: bool = True
+    # Model turns per trajectory (a call, then the answer) and the token budget of the whole continuation
+    # (model and tool tokens: a call is ~70 character tokens here).
+    max_turns: int = 2
+    max_new_tokens: int = 96
+    eval_every: int = 10
+
+    def __post_init__(self):
+        check_field(
+            1 <= self.digits_a <= 6 and 1 <= self.digits_b <= 6, "digits_a", "digits must be in [1, 6]"
+        )
+        check_positive(self, "num_sft", "num_rl_prompts", "num_heldout", "sft_steps", "grpo_steps")
+        check_positive(self, "prompts_per_step", "max_turns", "max_new_tokens")
+        check_field(0.0 <= self.tool_fraction <= 1.0, "tool_fraction", "must be in [0, 1]")
+        check_nonnegative(self, "eval_every_sft", "eval_every", "warmup_steps")
+
+
+@dataclass(frozen=True)
+class LoRAStage:
+    """LoRA adapters (jrft's ``lora:`` section) on the stage after SFT: GRPO, DPO or PPO (the reward model
+    and the SFT of the model built from scratch stay full fine-tuning). Off unless ``enabled``
+    (``jrft demo --lora``); then ``rank``/``alpha`` go to every projection and ``lr`` replaces the stage's
+    learning rate (adapters start at B = 0 and need a larger step than full fine-tuning)."""
+
+    enabled: bool = False
+    rank: int = 16
+    alpha: float = 32.0
+    lr: float = 1e-3
+
+    def __post_init__(self):
+        check_positive(self, "rank", "alpha", "lr")
+
+
+@dataclass(frozen=True)
 class EvalSettings:
     # Prompts per greedy generate call (the last chunk is padded, so one compiled shape).
     batch_size: int = 256
@@ -180,6 +232,8 @@ class DemoConfig:
     dpo: DPOStage = field(default_factory=DPOStage)
     reward: RewardStage = field(default_factory=RewardStage)
     ppo: PPOStage = field(default_factory=PPOStage)
+    tools: ToolsStage = field(default_factory=ToolsStage)
+    lora: LoRAStage = field(default_factory=LoRAStage)
     eval: EvalSettings = field(default_factory=EvalSettings)
 
     def __post_init__(self):
@@ -189,7 +243,7 @@ class DemoConfig:
         check_nonnegative(self, "seed")
 
 
-OBJECTIVES = ("grpo", "dpo", "rlhf")
+OBJECTIVES = ("grpo", "dpo", "rlhf", "tools")
 
 # ``--quick``: the same stages at toy sizes, to check the plumbing in well under a minute (no learning).
 QUICK_OVERRIDES: tuple[str, ...] = (
@@ -219,6 +273,14 @@ QUICK_OVERRIDES: tuple[str, ...] = (
     "reward.batch_size=8",
     "ppo.steps=2",
     "ppo.prompts_per_step=4",
+    "tools.num_sft=32",
+    "tools.num_rl_prompts=64",
+    "tools.num_heldout=16",
+    "tools.sft_steps=4",
+    "tools.grpo_steps=2",
+    "tools.prompts_per_step=4",
+    "tools.eval_every=1",
+    "tools.dynamic_sampling=false",  # the untrained toy model earns no reward: no group would be kept
     "eval.batch_size=16",
     "eval.max_new_tokens=40",
     "eval.num_samples=2",

@@ -37,9 +37,12 @@ class DemoResult:
       before, after: metric name -> value (accuracy, format_rate, preference_accuracy, rm_score, ...).
       metrics_files: stage name -> its metrics.jsonl.
       samples_before, samples_after: ``(prompt, completion, answer)`` greedy samples.
-      evals: ``(step, accuracy, format_rate)`` held-out evaluations during RL (step 0 = the SFT model).
+      evals: ``(step, accuracy, format_rate)`` held-out evaluations during RL (step 0 = the SFT model);
+        ``--objective tools`` has the tool-call rate in place of the format rate.
       sft_evals: the same during SFT (every ``sft.eval_every`` steps).
       export_dir: the final model in transformers format; load_check: what loading it showed.
+      num_params: the model's parameters; lora_rank, adapter_params: the adapters of the stage after SFT
+        (0 and 0 without ``--lora``).
     """
 
     objective: str
@@ -55,6 +58,8 @@ class DemoResult:
     export_dir: str = ""
     load_check: dict[str, str] = dataclasses.field(default_factory=dict)
     num_params: int = 0
+    lora_rank: int = 0
+    adapter_params: int = 0
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -79,23 +84,12 @@ class _Timer:
 # --- stage 1: tokenizer, model, task files ---------------------------------------------------------------
 
 
-def build(cfg: DemoConfig, out: str) -> dict[str, str]:
-    """The arithmetic tokenizer and a tiny Llama initialised from scratch (saved in transformers format under
-    ``out/base``), and the task files under ``out/data``. Returns name -> path (``base`` and the files)."""
-    from flax import nnx
+def new_model_config(cfg: DemoConfig, tokenizer):
+    """The tiny Llama of ``cfg.model`` over ``tokenizer``'s vocabulary (its special ids in config.json)."""
+    from jrft.models import ModelConfig
 
-    from jrft.data.synthetic import (
-        AdditionTask,
-        arithmetic_tokenizer,
-        preference_rows,
-        write_jsonl,
-        write_task_files,
-    )
-    from jrft.models import Decoder, ModelConfig, save_pretrained
-
-    tokenizer = arithmetic_tokenizer()
     m = cfg.model
-    config = ModelConfig(
+    return ModelConfig(
         family="llama",
         vocab_size=len(tokenizer),
         hidden_size=m.hidden_size,
@@ -111,7 +105,24 @@ def build(cfg: DemoConfig, out: str) -> dict[str, str]:
             for name in ("bos", "eos", "pad")
         ),
     )
-    model = Decoder(config, rngs=nnx.Rngs(cfg.seed))
+
+
+def build(cfg: DemoConfig, out: str) -> dict[str, str]:
+    """The arithmetic tokenizer and a tiny Llama initialised from scratch (saved in transformers format under
+    ``out/base``), and the task files under ``out/data``. Returns name -> path (``base`` and the files)."""
+    from flax import nnx
+
+    from jrft.data.synthetic import (
+        AdditionTask,
+        arithmetic_tokenizer,
+        preference_rows,
+        write_jsonl,
+        write_task_files,
+    )
+    from jrft.models import Decoder, save_pretrained
+
+    tokenizer = arithmetic_tokenizer()
+    model = Decoder(new_model_config(cfg, tokenizer), rngs=nnx.Rngs(cfg.seed))
     paths = {"base": save_pretrained(model, os.path.join(out, "base"), tokenizer)}
     t = cfg.task
     task = AdditionTask(num_digits=t.num_digits)
@@ -139,6 +150,15 @@ def num_params(path: str) -> int:
     return int(sum(v.size for v in tensors.values()))
 
 
+def adapter_params(cfg: DemoConfig, base: str) -> int:
+    """How many parameters the ``--lora`` adapters (rank ``lora.rank`` on all seven projections) train."""
+    from jrft.models import ModelConfig
+    from jrft.models.lora import LoRASpec, adapter_param_count
+
+    spec = LoRASpec(rank=cfg.lora.rank, scale=cfg.lora.alpha / cfg.lora.rank)
+    return adapter_param_count(ModelConfig.from_hf(base), spec)
+
+
 def read_jsonl(path: str) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -164,6 +184,15 @@ def stage_config(cfg: DemoConfig, out: str, stage: str, model_path: str, overrid
             *overrides,
         ],
     )
+
+
+def lora_overrides(cfg: DemoConfig) -> list[str]:
+    """The ``lora:`` section and learning rate of a stage trained with adapters (``jrft demo --lora``); empty
+    when LoRA is off. Placed after the stage's own settings, so its ``optim.lr`` wins."""
+    lo = cfg.lora
+    if not lo.enabled:
+        return []
+    return [f"lora.rank={lo.rank}", f"lora.alpha={lo.alpha}", f"optim.lr={lo.lr}"]
 
 
 def _rewards_yaml(cfg: DemoConfig) -> str:
@@ -228,6 +257,7 @@ def grpo_config(cfg: DemoConfig, out: str, paths: dict[str, str], model_path: st
             "grpo.loss_aggregation=dapo",
             f"grpo.reward_functions={_rewards_yaml(cfg)}",
             f"grpo.log_completions_every={max(g.eval_every, 1)}",
+            *lora_overrides(cfg),
         ],
     )
 
@@ -236,7 +266,7 @@ def preference_config(
     cfg: DemoConfig, out: str, paths: dict[str, str], model_path: str, objective: str
 ) -> RunConfig:
     s = cfg.dpo if objective == "dpo" else cfg.reward
-    extra = [f"dpo.beta={cfg.dpo.beta}"] if objective == "dpo" else []
+    extra = [f"dpo.beta={cfg.dpo.beta}", *lora_overrides(cfg)] if objective == "dpo" else []
     return stage_config(
         cfg,
         out,
@@ -284,6 +314,7 @@ def ppo_config(cfg: DemoConfig, out: str, paths: dict[str, str], model_path: str
             f"ppo.max_new_tokens={p.max_new_tokens}",
             f"ppo.kl_coef={p.kl_coef}",
             f"ppo.reward_model={rm_path}",
+            *lora_overrides(cfg),
         ],
     )
 
@@ -558,16 +589,22 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, log: Callable[[str], Non
     os.makedirs(out, exist_ok=True)
     result = DemoResult(objective=cfg.objective, output_dir=out)
     t0 = time.perf_counter()
+    builder, runner = build, RUNNERS.get(cfg.objective)
+    if cfg.objective == "tools":  # its own task, tokenizer and stages (imports this module)
+        from jrft.demo.tools_demo import build as builder
+        from jrft.demo.tools_demo import run_tools_demo as runner
     with _Timer(result, "build", log):
-        paths = build(cfg, out)
+        paths = builder(cfg, out)
         tokenizer = AutoTokenizer.from_pretrained(paths["base"])
         result.num_params = num_params(paths["base"])
+        if cfg.lora.enabled:
+            result.lora_rank, result.adapter_params = cfg.lora.rank, adapter_params(cfg, paths["base"])
         log(
             f"   tokenizer: {len(tokenizer)} tokens; model: llama, {result.num_params / 1e6:.2f}M parameters "
             f"(saved in transformers format: {paths['base']}); task files in {os.path.join(out, 'data')}"
         )
     try:
-        RUNNERS[cfg.objective](cfg, result, paths, tokenizer, log, progress)
+        runner(cfg, result, paths, tokenizer, log, progress)
     finally:
         result.seconds["total"] = time.perf_counter() - t0
         with open(os.path.join(out, "result.json"), "w", encoding="utf-8") as f:
