@@ -1,7 +1,7 @@
 """Runs ``jrft demo`` on several seeds and prints one table: held-out exact match before/after, gain, minutes.
 
-    PYTHONPATH=. .venv/bin/python scripts/demo_seeds.py --seeds 0-9 [--objective grpo] [--out runs/seeds]
-        [--curve] [key=value ...]
+    PYTHONPATH=. .venv/bin/python scripts/demo_seeds.py --seeds 0-9 [--objective grpo|rlhf|tools]
+        [--out runs/seeds] [--curve] [key=value ...]
 
 Each seed runs in its own process (``jrft demo --seed N --out OUT/seedN --no-progress``, one after another,
 so the minutes are wall time of one demo on this machine); the overrides go to every run (e.g.
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="key=value demo settings for every seed")
     parser.add_argument("--seeds", default="0-2")
-    parser.add_argument("--objective", default="grpo", choices=("grpo", "rlhf"))
+    parser.add_argument("--objective", default="grpo", choices=("grpo", "rlhf", "tools"))
     parser.add_argument("--out", default="runs/seeds")
     parser.add_argument("--curve", action="store_true", help="print each seed's held-out accuracy curve")
     parser.add_argument("--rerun", action="store_true", help="rerun seeds that already have a result")
@@ -72,6 +72,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.objective == "rlhf":
             line += f"  rm score {r['before']['rm_score']:.3f} -> {r['after']['rm_score']:.3f}"
+        if args.objective == "tools":
+            b, a = r["before"], r["after"]
+            line += (
+                f"  tool calls {100 * b['tool_call_rate']:.1f}% -> {100 * a['tool_call_rate']:.1f}%, "
+                f"failed {100 * b['tool_failure_rate']:.1f}% -> {100 * a['tool_failure_rate']:.1f}%"
+            )
         print(line, flush=True)
         if args.curve and r.get("evals"):
             print("      curve: " + " ".join(f"{s}:{100 * a:.1f}" for s, a, _ in r["evals"]), flush=True)

@@ -21,7 +21,6 @@ PANELS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("GRPO KL to the SFT model", "grpo", ("kl_mean",)),
     ("GRPO trajectories calling a tool (train)", "grpo", ("agent/tool_call_rate",)),
     ("GRPO failed tool calls / calls (train)", "grpo", ("agent/tool_failure_rate",)),
-    ("held-out trajectories calling a tool", "grpo", ("eval/tool_call_rate",)),
     ("DPO loss", "dpo", ("loss",)),
     ("DPO reward accuracy (train)", "dpo", ("rewards/accuracies",)),
     ("reward model loss", "reward", ("loss",)),
@@ -112,6 +111,9 @@ def _panels(result: DemoResult) -> list[tuple[str, str, list, list]]:
         if curve is None or (curve[0] == "kl_mean" and not any(curve[2])):
             continue
         panels.append((title, *curve))
+    if result.objective == "tools" and result.evals:  # (step, accuracy, tool-call rate), step 0 = SFT
+        steps, rates = [e[0] for e in result.evals], [e[2] for e in result.evals]
+        panels.append(("held-out trajectories calling a tool", "tool-call rate", steps, rates))
     return panels
 
 

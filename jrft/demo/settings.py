@@ -168,7 +168,8 @@ class ToolsStage:
     sft_steps: int = 300
     # Held-out evaluation (multi-turn, greedy, with the tool) during SFT every this many steps (0: none).
     eval_every_sft: int = 0
-    grpo_steps: int = 60
+    # Held-out accuracy rose 38% -> 79% in 10 steps and plateaued at ~83% from step 20 (seed 0, 60 steps).
+    grpo_steps: int = 30
     prompts_per_step: int = 16
     warmup_steps: int = 10
     dynamic_sampling: bool = True
@@ -176,7 +177,7 @@ class ToolsStage:
     # (model and tool tokens: a call is ~70 character tokens here).
     max_turns: int = 2
     max_new_tokens: int = 96
-    eval_every: int = 10
+    eval_every: int = 5
 
     def __post_init__(self):
         check_field(

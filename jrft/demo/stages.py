@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -201,7 +201,8 @@ def _rewards_yaml(cfg: DemoConfig) -> str:
     return f"[{accuracy}, {{name: format, weight: {cfg.grpo.format_weight}}}]"
 
 
-def sft_config(cfg: DemoConfig, out: str, paths: dict[str, str]) -> RunConfig:
+def sft_config(cfg: DemoConfig, out: str, paths: dict[str, str], extra: Sequence[str] = ()) -> RunConfig:
+    """The SFT stage; ``extra`` overrides come last (another task's format, lengths and steps)."""
     s = cfg.sft
     return stage_config(
         cfg,
@@ -221,11 +222,15 @@ def sft_config(cfg: DemoConfig, out: str, paths: dict[str, str]) -> RunConfig:
             f"train.batch_size={s.batch_size}",
             f"train.log_every={s.log_every}",
             f"train.eval_every={s.eval_every}",
+            *extra,
         ],
     )
 
 
-def grpo_config(cfg: DemoConfig, out: str, paths: dict[str, str], model_path: str) -> RunConfig:
+def grpo_config(
+    cfg: DemoConfig, out: str, paths: dict[str, str], model_path: str, extra: Sequence[str] = ()
+) -> RunConfig:
+    """The GRPO stage; ``extra`` overrides come before the LoRA ones (another task: sizes, rewards, tools)."""
     g = cfg.grpo
     return stage_config(
         cfg,
@@ -257,6 +262,7 @@ def grpo_config(cfg: DemoConfig, out: str, paths: dict[str, str], model_path: st
             "grpo.loss_aggregation=dapo",
             f"grpo.reward_functions={_rewards_yaml(cfg)}",
             f"grpo.log_completions_every={max(g.eval_every, 1)}",
+            *extra,
             *lora_overrides(cfg),
         ],
     )

@@ -19,17 +19,10 @@ import jax
 import numpy as np
 
 from jrft.config import RunConfig
+from jrft.demo import stages
 from jrft.demo.evaluate import EXACT_MATCH
 from jrft.demo.settings import DemoConfig
-from jrft.demo.stages import (
-    DemoResult,
-    _evals_from,
-    _Timer,
-    check_export,
-    lora_overrides,
-    read_jsonl,
-    stage_config,
-)
+from jrft.demo.stages import DemoResult, _evals_from, _Timer, check_export, read_jsonl
 from jrft.demo.tools_task import CALC_SPEC, MultiplicationTask, tools_tokenizer, write_tool_task_files
 
 
@@ -146,62 +139,42 @@ def build(cfg: DemoConfig, out: str) -> dict[str, str]:
 
 
 def sft_config(cfg: DemoConfig, out: str, paths: dict[str, str]) -> RunConfig:
-    s, t = cfg.sft, cfg.tools
-    return stage_config(
+    """The demo's SFT stage on the tool task's conversations."""
+    t = cfg.tools
+    return stages.sft_config(
         cfg,
         out,
-        "sft",
-        paths["base"],
+        paths,
         [
-            "objective=sft",
-            f"data.train={paths['sft_train']}",
             "data.format=messages",
             f"data.max_length={t.max_new_tokens + 32}",
-            "data.buckets=16",
-            f"optim.lr={s.lr}",
-            f"optim.warmup_steps={s.warmup_steps}",
-            "optim.schedule=cosine",
             f"train.steps={t.sft_steps}",
-            f"train.batch_size={s.batch_size}",
-            f"train.log_every={s.log_every}",
             f"train.eval_every={t.eval_every_sft}",
         ],
     )
 
 
 def grpo_config(cfg: DemoConfig, out: str, paths: dict[str, str], model_path: str) -> RunConfig:
-    g, t = cfg.grpo, cfg.tools
+    """The demo's GRPO stage with the calc tool, multi-turn, rewarded for a correct final answer only."""
+    t = cfg.tools
     accuracy = "{name: accuracy, weight: 1.0, kwargs: {extract: [answer_tag], symbolic: false}}"
-    return stage_config(
+    return stages.grpo_config(
         cfg,
         out,
-        "grpo",
+        paths,
         model_path,
         [
-            "objective=grpo",
-            f"data.train={paths['prompts_train']}",
-            "data.format=prompt_only",
-            "data.max_prompt_length=32",
             f"data.max_length={t.max_new_tokens + 32}",
-            f"optim.lr={g.lr}",
             f"optim.warmup_steps={t.warmup_steps}",
-            "optim.schedule=constant",
             f"train.steps={t.grpo_steps}",
             f"train.batch_size={t.prompts_per_step}",
-            "train.log_every=1",
             f"train.eval_every={t.eval_every}",
-            f"grpo.num_generations={g.num_generations}",
             f"grpo.max_new_tokens={t.max_new_tokens}",
-            f"grpo.temperature={g.temperature}",
-            f"grpo.beta={g.beta}",
             f"grpo.dynamic_sampling={str(t.dynamic_sampling).lower()}",
-            f"grpo.max_sampling_rounds={g.max_sampling_rounds}",
-            "grpo.loss_aggregation=dapo",
             f"grpo.reward_functions=[{accuracy}]",
             f"grpo.tools=[{{spec: '{CALC_SPEC}'}}]",
             f"grpo.max_turns={t.max_turns}",
             f"grpo.log_completions_every={max(t.eval_every, 1)}",
-            *lora_overrides(cfg),
         ],
     )
 
