@@ -96,7 +96,7 @@ def step(news: list[int], prompts: int) -> None:
     from jrft.models.decoder import CACHE_AXES, KVCache
     from jrft.models.ragged_decode import blocks_read
     from jrft.parallel.sharding import logical_to_spec
-    from jrft.sampling.decode import decode_step, decode_step_ranged, fuse_decode_weights
+    from jrft.sampling.decode import decode_step, fuse_decode_weights, ranged_decode_step
     from jrft.sampling.generate import gather_decode_weights
     from jrft.train.runs.setup import optimizer_from_config
 
@@ -120,7 +120,7 @@ def step(news: list[int], prompts: int) -> None:
             model = nnx.merge(graphdef, params, rest)
             w = fuse_decode_weights(model, False)
             if ragged:
-                return decode_step_ranged(model, w, tok, pos, cache, slot, first, block=kernels.DECODE_BLOCK)
+                return ranged_decode_step(model, w, first, block=kernels.DECODE_BLOCK)(tok, pos, cache, slot)
             slots = jnp.arange(s)
             key_valid = (slots[None] >= first[:, None]) & (slots[None] <= slot)  # [B, S]
             return decode_step(model, w, tok, pos, cache, slot, key_valid)

@@ -1,6 +1,8 @@
 """SFT, reward-model and DPO training end to end on a tiny model trained from scratch on the synthetic
 addition task: each objective's metric must really move."""
 
+import dataclasses
+import inspect
 import json
 import os
 
@@ -44,6 +46,20 @@ def _config(assets, objective, out, *extra):
 
 def _metrics(out):
     return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def test_loss_options_are_section_fields_and_every_loss_keyword():
+    """Each name of LOSS_OPTIONS is a field of the objective's config section, and together with
+    logits_chunk_size they are all of its make_loss_fn's keywords (a new keyword is wired or fails here)."""
+    from jrft.config import RunConfig
+    from jrft.train.objectives import dpo, kto
+    from jrft.train.runs.offline import LOSS_OPTIONS
+
+    for objective, module in (("dpo", dpo), ("kto", kto)):
+        fields = {f.name for f in dataclasses.fields(getattr(RunConfig(), objective))}
+        keywords = set(inspect.signature(module.make_loss_fn).parameters) - {"logits_chunk_size"}
+        assert set(LOSS_OPTIONS[objective]) <= fields
+        assert set(LOSS_OPTIONS[objective]) == keywords
 
 
 @pytest.mark.slow  # a learning run; the default suite keeps its plumbing tests

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 HELP_EPILOG = """\
@@ -98,25 +99,10 @@ def _print_config(objective: str, args) -> int:
     return 0
 
 
-def sft(argv: list[str]) -> int:
-    return run("sft", argv)
-
-
-def reward(argv: list[str]) -> int:
-    return run("reward", argv)
-
-
-def dpo(argv: list[str]) -> int:
-    return run("dpo", argv)
-
-
-def kto(argv: list[str]) -> int:
-    return run("kto", argv)
-
-
-def grpo(argv: list[str]) -> int:
-    return run("grpo", argv)
-
-
-def ppo(argv: list[str]) -> int:
-    return run("ppo", argv)
+# The commands cli.COMMANDS names: ``jrft <objective> ARGV`` is ``run(objective, ARGV)``.
+sft = functools.partial(run, "sft")
+reward = functools.partial(run, "reward")
+dpo = functools.partial(run, "dpo")
+kto = functools.partial(run, "kto")
+grpo = functools.partial(run, "grpo")
+ppo = functools.partial(run, "ppo")

@@ -120,12 +120,20 @@ class BatchIterator:
         return self
 
     def __next__(self) -> dict:
-        units = self.next_units()
-        length = bucket_length(
-            max(self.unit_length(self.examples, u) for u in units), self.buckets, self.max_length
-        )
+        return self.collate_units(self.next_units())
+
+    def local_units(self, units: list[list[int]]) -> list[list[int]]:
+        """This process's contiguous slice of the global batch ``units``."""
         start = self.process_index * self.local_batch_size
-        local = units[start : start + self.local_batch_size]
+        return units[start : start + self.local_batch_size]
+
+    def collate_units(self, units: list[list[int]]) -> dict:
+        """This process's rows of the global batch ``units`` as padded arrays, padded to the bucket of the
+        longest row of the *global* batch (every process builds the same shape). Empty units are filler
+        rows (all padding)."""
+        longest = max(self.unit_length(self.examples, u) for u in units if u)
+        length = bucket_length(longest, self.buckets, self.max_length)
+        local = self.local_units(units)
         self.shapes_seen.add((len(local), length))
         return self.collate(self.examples, local, length, self.pad_id)
 
@@ -162,28 +170,25 @@ class BatchIterator:
 def eval_batches(
     examples: Sequence[dict],
     *,
-    kind: str,
-    batch_size: int,
-    pad_id: int = 0,
-    buckets: int | Sequence[int] = 64,
-    max_length: int | None = None,
     process_index: int = 0,
     process_count: int = 1,
     max_batches: int | None = None,
+    **layout: Any,
 ) -> Iterator[dict]:
-    """One ordered pass for evaluation. The last batch is filled with empty rows; ``valid [B]`` marks the
-    real ones. Each process gets its slice of every global batch, as in :class:`BatchIterator`."""
-    unit_length, collate = BATCH_KINDS[kind]
-    local = batch_size // process_count
-    n = len(examples)
-    for b, start in enumerate(range(0, n, batch_size)):
+    """One ordered pass for evaluation, batched as :class:`BatchIterator` batches (``layout``: its ``kind``,
+    ``batch_size``, ``pad_id``, ``buckets``, ``max_length``). The last batch is filled with empty rows;
+    ``valid [B]`` marks the real ones. Each process gets its slice of every global batch."""
+    if not examples:
+        return
+    batcher = BatchIterator(
+        examples, shuffle=False, process_index=process_index, process_count=process_count, **layout
+    )
+    n, size = len(examples), batcher.batch_size
+    for b, start in enumerate(range(0, n, size)):
         if max_batches is not None and b >= max_batches:
             return
-        units: list[list[int]] = [[i] for i in range(start, min(start + batch_size, n))]
-        units += [[] for _ in range(batch_size - len(units))]
-        real = [u for u in units if u]
-        length = bucket_length(max(unit_length(examples, u) for u in real), buckets, max_length)
-        mine = units[process_index * local : (process_index + 1) * local]
-        batch = collate(examples, mine, length, pad_id)
-        batch["valid"] = np.asarray([1 if u else 0 for u in mine], np.int32)
+        units: list[list[int]] = [[i] for i in range(start, min(start + size, n))]
+        units += [[] for _ in range(size - len(units))]
+        batch = batcher.collate_units(units)
+        batch["valid"] = np.asarray([1 if u else 0 for u in batcher.local_units(units)], np.int32)
         yield batch

@@ -373,32 +373,20 @@ class Decoder(nnx.Module):
         x, _ = jax.lax.scan(remat(layer, self.remat), self._embed(tokens), xs, unroll=self.scan_unroll)
         return self._final(x)
 
-    def __call__(
-        self,
-        tokens: jax.Array,
-        attention_mask: jax.Array | None = None,
-        positions: jax.Array | None = None,
-        *,
-        segment_ids: jax.Array | None = None,
-        return_hidden: bool = False,
-    ):
+    # The heads below take :meth:`hidden`'s arguments (``tokens, attention_mask, positions, *,
+    # segment_ids``) and pass them on as given.
+
+    def __call__(self, *inputs: jax.Array | None, return_hidden: bool = False, **options: jax.Array | None):
         """Float32 logits ``[B, T, V]`` (and the final hidden states ``[B, T, D]`` if ``return_hidden``)."""
-        hidden = self.hidden(tokens, attention_mask, positions, segment_ids=segment_ids)
+        hidden = self.hidden(*inputs, **options)
         logits = self.logits_from_hidden(hidden)
         return (logits, hidden) if return_hidden else logits
 
-    def score(
-        self,
-        tokens: jax.Array,
-        attention_mask: jax.Array | None = None,
-        positions: jax.Array | None = None,
-        *,
-        segment_ids: jax.Array | None = None,
-    ) -> jax.Array:
+    def score(self, *inputs: jax.Array | None, **options: jax.Array | None) -> jax.Array:
         """Per-position scalars ``[B, T]`` float32 from the scalar head (reward: take the last real token)."""
         if self.scalar_head is None:
             raise ValueError("Decoder.score: this model has no scalar head (build it with scalar_head=True)")
-        return self.scalar_head(self.hidden(tokens, attention_mask, positions, segment_ids=segment_ids))
+        return self.scalar_head(self.hidden(*inputs, **options))
 
     # -- KV-cache forward (prefill and decode) ----------------------------------------------------
 

@@ -21,7 +21,7 @@ from jrft.rewards.extract import (
     parse_number,
     reference_answer,
 )
-from jrft.rewards.protocol import column, completion_text
+from jrft.rewards.protocol import column, completion_text, freeze_names
 
 
 @functools.lru_cache(maxsize=1)
@@ -93,10 +93,7 @@ class AccuracyReward:
     name: str = "accuracy"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "extract", tuple(self.extract))
-        unknown = [m for m in self.extract if m not in EXTRACTORS]
-        if unknown:
-            raise ValueError(f"accuracy.extract: unknown extractor(s) {unknown}; known: {sorted(EXTRACTORS)}")
+        freeze_names(self, "extract", EXTRACTORS, "extractor(s)")
         if self.tolerance < 0:
             raise ValueError(f"accuracy.tolerance must be >= 0, got {self.tolerance}")
 

@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from jrft.rewards.protocol import column, completion_text, normalize_unicode
+from jrft.rewards.protocol import column, completion_text, freeze_names, normalize_unicode
 
 _BRACKET_RE = re.compile(r"\[\^?(\d+(?:\s*[-–,]\s*\^?\d+)*)\](?!\()")
 _URL_RE = re.compile(r"https?://[^\s<>\"'\])]+")
@@ -84,12 +84,7 @@ class CitationReward:
     name: str = "citations"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "styles", tuple(self.styles))
-        unknown = [s for s in self.styles if s not in CITATION_STYLES]
-        if unknown or not self.styles:
-            raise ValueError(
-                f"citations.styles: unknown or empty {list(self.styles)}; known: {sorted(CITATION_STYLES)}"
-            )
+        freeze_names(self, "styles", CITATION_STYLES, "style(s)", empty_ok=False)
         if self.min_count < 1:
             raise ValueError(f"citations.min_count must be >= 1, got {self.min_count}")
 

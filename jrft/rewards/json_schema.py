@@ -46,6 +46,25 @@ def _check_type(v: Any, s: dict, path: str) -> list[str]:
     return [f"{path}: expected type {' or '.join(names)}, got {type(v).__name__}"]
 
 
+# The size bounds ``min<Name>`` / ``max<Name>``: how a size below / above them is reported, and its unit.
+_SIZE_WORDS = {
+    "Properties": ("fewer than", "more than", "properties"),
+    "Items": ("fewer than", "more than", "items"),
+    "Length": ("shorter than", "longer than", "characters"),
+}
+
+
+def _check_size(n: int, s: dict, path: str, name: str) -> list[str]:
+    """The bounds ``min<name>`` and ``max<name>`` (a key of :data:`_SIZE_WORDS`) of a size ``n``."""
+    low, high, unit = _SIZE_WORDS[name]
+    errors = []
+    if n < s.get(f"min{name}", 0):
+        errors.append(f"{path}: {low} {s[f'min{name}']} {unit}")
+    if f"max{name}" in s and n > s[f"max{name}"]:
+        errors.append(f"{path}: {high} {s[f'max{name}']} {unit}")
+    return errors
+
+
 def _check_object(v: Any, s: dict, path: str) -> list[str]:
     if not isinstance(v, dict):
         return []
@@ -58,11 +77,7 @@ def _check_object(v: Any, s: dict, path: str) -> list[str]:
             errors.append(f"{path}: unexpected property {key!r}")
         elif isinstance(s.get("additionalProperties"), dict):
             errors += validate(value, s["additionalProperties"], f"{path}.{key}")
-    if len(v) < s.get("minProperties", 0):
-        errors.append(f"{path}: fewer than {s['minProperties']} properties")
-    if "maxProperties" in s and len(v) > s["maxProperties"]:
-        errors.append(f"{path}: more than {s['maxProperties']} properties")
-    return errors
+    return errors + _check_size(len(v), s, path, "Properties")
 
 
 def _check_array(v: Any, s: dict, path: str) -> list[str]:
@@ -72,10 +87,7 @@ def _check_array(v: Any, s: dict, path: str) -> list[str]:
     if "items" in s:
         for i, item in enumerate(v):
             errors += validate(item, s["items"], f"{path}[{i}]")
-    if len(v) < s.get("minItems", 0):
-        errors.append(f"{path}: fewer than {s['minItems']} items")
-    if "maxItems" in s and len(v) > s["maxItems"]:
-        errors.append(f"{path}: more than {s['maxItems']} items")
+    errors += _check_size(len(v), s, path, "Items")
     if s.get("uniqueItems") and len({json.dumps(x, sort_keys=True) for x in v}) < len(v):
         errors.append(f"{path}: items are not unique")
     return errors
@@ -84,11 +96,7 @@ def _check_array(v: Any, s: dict, path: str) -> list[str]:
 def _check_string(v: Any, s: dict, path: str) -> list[str]:
     if not isinstance(v, str):
         return []
-    errors = []
-    if len(v) < s.get("minLength", 0):
-        errors.append(f"{path}: shorter than {s['minLength']} characters")
-    if "maxLength" in s and len(v) > s["maxLength"]:
-        errors.append(f"{path}: longer than {s['maxLength']} characters")
+    errors = _check_size(len(v), s, path, "Length")
     if "pattern" in s and not re.search(s["pattern"], v):
         errors.append(f"{path}: does not match pattern {s['pattern']!r}")
     return errors

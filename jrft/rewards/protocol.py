@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import unicodedata
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Protocol
 
 Completion = str | list[dict[str, Any]]
@@ -171,3 +171,17 @@ def column(columns: Mapping[str, Any], name: str, reward: str) -> list[Any]:
     if name not in columns:
         raise KeyError(f"reward {reward!r} needs dataset column {name!r}; columns given: {sorted(columns)}")
     return list(columns[name])
+
+
+def freeze_names(
+    reward: Any, field: str, known: Collection[str], what: str, *, empty_ok: bool = True
+) -> None:
+    """Stores the field ``field`` of the frozen dataclass ``reward`` (names given as any sequence, e.g. a
+    YAML list) as a tuple, after checking that each is one of ``known`` and, unless ``empty_ok``, that there
+    is at least one; the ValueError names the field (``<reward.name>.<field>``), the names and ``what``."""
+    names = tuple(getattr(reward, field))
+    unknown = [n for n in names if n not in known]
+    if unknown or not (names or empty_ok):
+        problem = f"unknown {what} {unknown}" if unknown else f"no {what}"
+        raise ValueError(f"{reward.name}.{field}: {problem}; known: {sorted(known)}")
+    object.__setattr__(reward, field, names)

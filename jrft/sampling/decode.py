@@ -10,7 +10,7 @@ on CPU is dominated by per-op overhead, not FLOPs (see shared/NOTES.md), and thr
 * 2-D activations ``[B, D]`` throughout (a decode step has T = 1);
 * attention reads only the filled bucket of the cache (``decode_step``: the first ``s_att`` slots of the
   stacked cache; ``decode_step_unrolled``: whole per-layer arrays that the caller grows bucket by bucket;
-  ``decode_step_ranged``, on TPU: a Pallas kernel that fetches only the blocks of each row's valid slots
+  ``ranged_decode_step``, on TPU: a Pallas kernel that fetches only the blocks of each row's valid slots
   from one preallocated cache).
 
 It uses the model's own building blocks (``rms_norm``, RoPE frequencies, embedding, final norm, LM head) and
@@ -25,6 +25,8 @@ S cache slots, V vocab. Cache layout ``[L, B, K, S, Dh]`` (``jrft.models.KVCache
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -282,56 +284,51 @@ def decode_step(
     return _scan_layers(model, weights, tokens, positions, cache, slot, attend)
 
 
-def decode_step_ranged(
-    model,
-    weights: dict[str, jax.Array],
-    tokens: jax.Array,
-    positions: jax.Array,
-    cache: KVCache,
-    slot: jax.Array,
-    first_slot: jax.Array,
-    *,
-    block: int,
-    interpret: bool = False,
-) -> tuple[jax.Array, KVCache]:
+def ranged_decode_step(
+    model, weights: dict[str, jax.Array], first_slot: jax.Array, *, block: int, interpret: bool = False
+) -> Callable[..., tuple[jax.Array, KVCache]]:
     """``decode_step`` whose attention is the ragged decode kernel (``ragged_decode_attention``, per shard
-    under the abstract mesh): each row reads only the cache blocks of its valid slots ``[first_slot, slot]``
-    (sliding-window layers: from ``slot - sliding_window + 1`` at the earliest), whatever the cache's
-    allocated length, and no per-layer slice of the cache is materialised (the kernel takes the layer index).
+    under the abstract mesh), for one decode loop: ``step(tokens, positions, cache, slot) -> (logits, cache)``
+    reads, in each row, only the cache blocks of its valid slots ``[first_slot, slot]`` (sliding-window
+    layers: from ``slot - sliding_window + 1`` at the earliest), whatever the cache's allocated length, and
+    no per-layer slice of the cache is materialised (the kernel takes the layer index).
 
     Args:
-      model, weights, tokens, positions: as in ``decode_step``.
-      cache: ``[L, B, K, S, Dh]`` with ``S`` a multiple of ``block``, in the caller's loop carry.
-      slot: scalar int32, the slot written (the last valid one of every row).
+      model, weights: as in ``decode_step``.
       first_slot: ``[B]`` int32, each row's first real prompt slot (rows are left-padded).
       block, interpret: the kernel's slots per grid step; Pallas interpret mode (CPU tests).
 
-    Returns:
-      float32 next-token logits ``[B, V]`` and the updated cache.
+    The step's ``tokens``, ``positions`` are as in ``decode_step``; ``cache`` is ``[L, B, K, S, Dh]`` with
+    ``S`` a multiple of ``block``, in the caller's loop carry; ``slot`` the slot written (the last valid one
+    of every row). It returns float32 next-token logits ``[B, V]`` and the updated cache.
     """
     from jrft.models.ragged_decode import ragged_decode_attention  # Pallas TPU: imported when used
 
     cfg = model.config
-    b = tokens.shape[0]
     k_, dh = cfg.num_kv_heads, cfg.head_dim
     g = cfg.num_heads // k_
-    ends = jnp.broadcast_to(slot, (b,)).astype(jnp.int32)
-    if cfg.sliding_window is None:
-        near = first_slot
-    else:  # keys fewer than sliding_window slots back (layers.window_mask)
-        near = jnp.maximum(first_slot, slot - cfg.sliding_window + 1)
-    mesh = jax.sharding.get_abstract_mesh()
-    kv_spec = None if mesh.empty else logical_to_spec(CACHE_AXES, cache.k.shape, mesh)
 
-    def attend(p, q, ck, cv, i, sliding):
-        starts = jnp.where(sliding, near, first_slot)
-        attn = ragged_decode_attention(
-            q.reshape(b, k_, g, dh), ck, cv, i, starts, ends, cfg.attn_scale, cfg.attn_softcap,
-            mesh=mesh, kv_spec=kv_spec, block=block, interpret=interpret,
-        )  # fmt: skip  # [B, K, G, Dh]
-        return _out_proj(cfg, p, attn.reshape(b, -1))
+    def step(tokens: jax.Array, positions: jax.Array, cache: KVCache, slot: jax.Array):
+        b = tokens.shape[0]
+        ends = jnp.broadcast_to(slot, (b,)).astype(jnp.int32)
+        if cfg.sliding_window is None:
+            near = first_slot
+        else:  # keys fewer than sliding_window slots back (layers.window_mask)
+            near = jnp.maximum(first_slot, slot - cfg.sliding_window + 1)
+        mesh = jax.sharding.get_abstract_mesh()
+        kv_spec = None if mesh.empty else logical_to_spec(CACHE_AXES, cache.k.shape, mesh)
 
-    return _scan_layers(model, weights, tokens, positions, cache, slot, attend)
+        def attend(p, q, ck, cv, i, sliding):
+            starts = jnp.where(sliding, near, first_slot)
+            attn = ragged_decode_attention(
+                q.reshape(b, k_, g, dh), ck, cv, i, starts, ends, cfg.attn_scale, cfg.attn_softcap,
+                mesh=mesh, kv_spec=kv_spec, block=block, interpret=interpret,
+            )  # fmt: skip  # [B, K, G, Dh]
+            return _out_proj(cfg, p, attn.reshape(b, -1))
+
+        return _scan_layers(model, weights, tokens, positions, cache, slot, attend)
+
+    return step
 
 
 # --- unrolled layers over per-layer weights and caches (the CPU fast path) ----------------------------------

@@ -58,10 +58,10 @@ from jrft.models.lora import LoRAParam
 from jrft.parallel.sharding import LOGICAL_RULES, logical_axes_of, logical_to_spec, with_logical_constraint
 from jrft.sampling.decode import (
     decode_step,
-    decode_step_ranged,
     decode_step_unrolled,
     fuse_decode_weights,
     prefill,
+    ranged_decode_step,
     split_layers,
 )
 from jrft.sampling.logits import SamplingParams, select_next
@@ -219,19 +219,11 @@ def _ragged_step(model, weights, cache: KVCache, first_slot: jax.Array, interpre
     """Stacked weights and ONE cache allocated for the whole length, attended through the ragged decode
     kernel (rows' valid slots ``[first_slot, slot]``): nothing to grow, so no segment copies."""
 
+    step = ranged_decode_step(model, weights, first_slot, block=_kernel_block(interpret), interpret=interpret)
+
     def run(tok, pos, cache, slot, key_valid):
         del key_valid  # the kernel takes slot ranges
-        return decode_step_ranged(
-            model,
-            weights,
-            tok,
-            pos,
-            cache,
-            slot,
-            first_slot,
-            block=_kernel_block(interpret),
-            interpret=interpret,
-        )
+        return step(tok, pos, cache, slot)
 
     def grow(cache, extra):
         raise AssertionError("the ragged decode step's cache is allocated whole: one segment, never grown")

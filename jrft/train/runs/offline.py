@@ -29,6 +29,26 @@ from jrft.train.runs.export import loop_and_export
 from jrft.train.runs.setup import memory_summary, setup_run
 from jrft.train.step import jit_step, make_train_step
 
+# The fields of an objective's config section that its ``make_loss_fn`` takes under the same name (the
+# others are set in offline_loss: logits_chunk_size from train, reward's center_coefficient -> center_coef).
+LOSS_OPTIONS: dict[str, tuple[str, ...]] = {
+    "dpo": (
+        "beta",
+        "loss_type",
+        "label_smoothing",
+        "simpo_gamma",
+        "orpo_lambda",
+        "sft_weight",
+        "discopop_tau",
+    ),
+    "kto": ("beta", "desirable_weight", "undesirable_weight"),
+}
+
+
+def _loss_options(config: RunConfig, objective: str) -> dict[str, Any]:
+    section = getattr(config, objective)
+    return {name: getattr(section, name) for name in LOSS_OPTIONS[objective]}
+
 
 def offline_loss(config: RunConfig) -> tuple[Callable, Callable]:
     """``(normalizers, loss_fn)`` of the config's offline objective (``jrft.train.step``'s contract), for
@@ -42,26 +62,8 @@ def offline_loss(config: RunConfig) -> tuple[Callable, Callable]:
             return reward.ranking_normalizers, reward.make_listwise_loss_fn(center_coef=c.center_coefficient)
         return pairs.normalizers, reward.make_loss_fn(center_coef=c.center_coefficient)
     if config.objective == "kto":
-        k = config.kto
-        loss_fn = kto.make_loss_fn(
-            beta=k.beta,
-            desirable_weight=k.desirable_weight,
-            undesirable_weight=k.undesirable_weight,
-            logits_chunk_size=chunk,
-        )
-        return kto.normalizers, loss_fn
-    c = config.dpo
-    loss_fn = dpo.make_loss_fn(
-        beta=c.beta,
-        loss_type=c.loss_type,
-        label_smoothing=c.label_smoothing,
-        simpo_gamma=c.simpo_gamma,
-        orpo_lambda=c.orpo_lambda,
-        sft_weight=c.sft_weight,
-        logits_chunk_size=chunk,
-        discopop_tau=c.discopop_tau,
-    )
-    return pairs.normalizers, loss_fn
+        return kto.normalizers, kto.make_loss_fn(**_loss_options(config, "kto"), logits_chunk_size=chunk)
+    return pairs.normalizers, dpo.make_loss_fn(**_loss_options(config, "dpo"), logits_chunk_size=chunk)
 
 
 def _sft(config: RunConfig, graphdef, state) -> Objective:

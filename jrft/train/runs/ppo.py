@@ -8,7 +8,6 @@ config -> :func:`~jrft.train.runs.setup.setup_run` (the policy) + the value mode
 from __future__ import annotations
 
 import jax
-from flax import nnx
 
 from jrft.config import RunConfig
 from jrft.train.loop import LoopResult
@@ -16,13 +15,12 @@ from jrft.train.placement import place_state
 from jrft.train.ppo_round import PPORound, PPOState, policy_export_model
 from jrft.train.reference import FrozenModel
 from jrft.train.runs.export import loop_and_export
+from jrft.train.runs.rl import policy_eval_fn, prompts_and_options, round_step
 from jrft.train.runs.setup import (
     build_model,
     memory_summary,
     optimizer_from_config,
     reward_runner_from_config,
-    rl_eval_fn,
-    round_options,
     setup_run,
     total_updates,
 )
@@ -36,8 +34,6 @@ def run_ppo(config: RunConfig, *, progress: bool = True, runner=None, model_eval
     ``train.eval_every`` steps and at the end, as in ``run_grpo``; its metrics are logged with an ``eval/``
     prefix.
     """
-    from jrft.data import pad_token_id, train_iterator_from_config
-
     c = config.ppo
     if config.train.batch_size % c.num_mini_batches:
         raise ValueError(
@@ -73,46 +69,22 @@ def run_ppo(config: RunConfig, *, progress: bool = True, runner=None, model_eval
             mesh=mesh,
             dtype=config.model.dtype,
         )
-    prompts = train_iterator_from_config(
-        config, run.train_ds, process_index=jax.process_index(), process_count=jax.process_count()
-    )
-    options = round_options(
-        config,
-        run.mesh,
-        state_sharding=shardings,
-        num_mini_batches=c.num_mini_batches,
-        pad_token_id=pad_token_id(run.tokenizer),
+    prompts, options = prompts_and_options(
+        config, run, state_sharding=shardings, num_mini_batches=c.num_mini_batches
     )
     graphdefs, optimizers = (run.graphdef, value_graphdef), (run.tx, value_tx)
     round_fn = PPORound(c, *graphdefs, state, optimizers, run.tokenizer, runner, reward_model, options)
-
-    rows, per_round = max(len(run.train_ds), 1), total_updates(config) // config.train.steps
-
-    def step_fn(state, batch):
-        if runner is not None:  # TRL's trainer_state for the reward functions: steps done, epochs so far
-            done = int(state.policy.step) // per_round
-            getattr(runner, "set_trainer_state", lambda **_: None)(
-                global_step=done, epoch=done * config.train.batch_size / rows, max_steps=config.train.steps
-            )
-        state, metrics = round_fn(state, batch)
-        return state, {**metrics, "lr": run.schedule(max(int(state.policy.step) - 1, 0))}
-
-    held_out = rl_eval_fn(
-        config, run, c, run.graphdef, lambda s: (s.policy.params, s.policy.rest), num_generations=1
+    step_fn = round_step(config, run, round_fn, runner, policy_of=lambda s: s.policy)
+    eval_fn = policy_eval_fn(
+        config, run, c, policy_of=lambda s: s.policy, num_generations=1, model_eval_fn=model_eval_fn
     )
-
-    def eval_state(state):
-        metrics = held_out(state) if held_out is not None else {}
-        if model_eval_fn is not None:
-            metrics.update(model_eval_fn(nnx.merge(run.graphdef, state.policy.params, state.policy.rest)))
-        return metrics
 
     return loop_and_export(
         run,
         step_fn,
         state,
         prompts,
-        eval_fn=None if model_eval_fn is None and held_out is None else eval_state,
+        eval_fn=eval_fn,
         bar_keys=("score/mean", "kl_mean", "clip_frac", "value_loss"),
         progress=progress,
         summary=run.train_ds.summary() + "\n" + memory_summary(config, mesh, run.state),
