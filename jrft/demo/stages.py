@@ -107,11 +107,20 @@ def new_model_config(cfg: DemoConfig, tokenizer):
     )
 
 
+def save_new_model(cfg: DemoConfig, tokenizer, out: str) -> str:
+    """The tiny Llama of ``cfg.model`` initialised from ``cfg.seed``, saved with ``tokenizer`` in transformers
+    format under ``out/base``; returns that directory."""
+    from flax import nnx
+
+    from jrft.models import Decoder, save_pretrained
+
+    model = Decoder(new_model_config(cfg, tokenizer), rngs=nnx.Rngs(cfg.seed))
+    return save_pretrained(model, os.path.join(out, "base"), tokenizer)
+
+
 def build(cfg: DemoConfig, out: str) -> dict[str, str]:
     """The arithmetic tokenizer and a tiny Llama initialised from scratch (saved in transformers format under
     ``out/base``), and the task files under ``out/data``. Returns name -> path (``base`` and the files)."""
-    from flax import nnx
-
     from jrft.data.synthetic import (
         AdditionTask,
         arithmetic_tokenizer,
@@ -119,23 +128,18 @@ def build(cfg: DemoConfig, out: str) -> dict[str, str]:
         write_jsonl,
         write_task_files,
     )
-    from jrft.models import Decoder, save_pretrained
 
-    tokenizer = arithmetic_tokenizer()
-    model = Decoder(new_model_config(cfg, tokenizer), rngs=nnx.Rngs(cfg.seed))
-    paths = {"base": save_pretrained(model, os.path.join(out, "base"), tokenizer)}
     t = cfg.task
     task = AdditionTask(num_digits=t.num_digits)
-    paths.update(
-        write_task_files(
-            os.path.join(out, "data"),
-            num_train=t.num_sft,
-            num_heldout=t.num_heldout,
-            num_rl_prompts=t.num_rl_prompts,
-            seed=cfg.seed,
-            task=task,
-        )
+    files = write_task_files(
+        os.path.join(out, "data"),
+        num_train=t.num_sft,
+        num_heldout=t.num_heldout,
+        num_rl_prompts=t.num_rl_prompts,
+        seed=cfg.seed,
+        task=task,
     )
+    paths = {"base": save_new_model(cfg, arithmetic_tokenizer(), out), **files}
     # Preference pairs on problems of the RL pool (the same draw write_task_files made), replacing the
     # default file, which has one pair per labelled SFT problem only.
     pool = task.sample(t.num_sft + t.num_rl_prompts, split="train", seed=cfg.seed)[t.num_sft :]

@@ -115,27 +115,17 @@ def evaluate_with_tools(
 
 def build(cfg: DemoConfig, out: str) -> dict[str, str]:
     """The tokenizer and a tiny Llama from scratch (``out/base``), and the task files (``out/data``)."""
-    from flax import nnx
-
-    from jrft.demo.stages import new_model_config
-    from jrft.models import Decoder, save_pretrained
-
-    tokenizer = tools_tokenizer()
-    model = Decoder(new_model_config(cfg, tokenizer), rngs=nnx.Rngs(cfg.seed))
-    paths = {"base": save_pretrained(model, os.path.join(out, "base"), tokenizer)}
     t = cfg.tools
-    paths.update(
-        write_tool_task_files(
-            os.path.join(out, "data"),
-            num_sft=t.num_sft,
-            num_rl_prompts=t.num_rl_prompts,
-            num_heldout=t.num_heldout,
-            tool_fraction=t.tool_fraction,
-            seed=cfg.seed,
-            task=MultiplicationTask(digits_a=t.digits_a, digits_b=t.digits_b),
-        )
+    files = write_tool_task_files(
+        os.path.join(out, "data"),
+        num_sft=t.num_sft,
+        num_rl_prompts=t.num_rl_prompts,
+        num_heldout=t.num_heldout,
+        tool_fraction=t.tool_fraction,
+        seed=cfg.seed,
+        task=MultiplicationTask(digits_a=t.digits_a, digits_b=t.digits_b),
     )
-    return paths
+    return {"base": stages.save_new_model(cfg, tools_tokenizer(), out), **files}
 
 
 def sft_config(cfg: DemoConfig, out: str, paths: dict[str, str]) -> RunConfig:
