@@ -585,38 +585,3 @@ def run_rlhf_demo(cfg: DemoConfig, result: DemoResult, paths, tokenizer, log, pr
         result.samples_after = ev.samples
     with _Timer(result, "export check", log):
         result.load_check = check_export(result.export_dir, tokenizer, prompts[:4])
-
-
-RUNNERS: dict[str, Callable] = {"grpo": run_grpo_demo, "dpo": run_dpo_demo, "rlhf": run_rlhf_demo}
-
-
-def run_demo(cfg: DemoConfig, *, progress: bool = True, log: Callable[[str], None] = print) -> DemoResult:
-    """Runs the whole demo for ``cfg.objective``; returns what the report needs (also written as
-    ``<output_dir>/result.json``)."""
-    from transformers import AutoTokenizer
-
-    out = os.path.abspath(cfg.output_dir)
-    os.makedirs(out, exist_ok=True)
-    result = DemoResult(objective=cfg.objective, output_dir=out)
-    t0 = time.perf_counter()
-    builder, runner = build, RUNNERS.get(cfg.objective)
-    if cfg.objective == "tools":  # its own task, tokenizer and stages (imports this module)
-        from jrft.demo.tools_demo import build as builder
-        from jrft.demo.tools_demo import run_tools_demo as runner
-    with _Timer(result, "build", log):
-        paths = builder(cfg, out)
-        tokenizer = AutoTokenizer.from_pretrained(paths["base"])
-        result.num_params = num_params(paths["base"])
-        if cfg.lora.enabled:
-            result.lora_rank, result.adapter_params = cfg.lora.rank, adapter_params(cfg, paths["base"])
-        log(
-            f"   tokenizer: {len(tokenizer)} tokens; model: llama, {result.num_params / 1e6:.2f}M parameters "
-            f"(saved in transformers format: {paths['base']}); task files in {os.path.join(out, 'data')}"
-        )
-    try:
-        runner(cfg, result, paths, tokenizer, log, progress)
-    finally:
-        result.seconds["total"] = time.perf_counter() - t0
-        with open(os.path.join(out, "result.json"), "w", encoding="utf-8") as f:
-            json.dump(result.to_json(), f, indent=1)
-    return result
