@@ -138,12 +138,14 @@ class LoRAConfig:
     # a LoRA SFT before DPO. Its r, lora_alpha, use_rslora and adapted modules fill rank, alpha, use_rslora
     # and target_modules where those are left at their defaults; set otherwise, they must agree with it.
     init_from: str | None = None
-    # QLoRA-style storage of the frozen base (Dettmers et al. 2023, arXiv:2305.14314): "int8" keeps the
-    # layers' seven projections in int8 with one float32 scale per output channel, dequantized one layer
-    # at a time inside the forward (base weights ~1/2 of bf16, ~1/4 of float32); "none" keeps
-    # model.param_dtype. Embeddings, LM head and norms are not quantized. Needs rank > 0 (only a frozen base
-    # may be quantized); the export is the dequantized base plus the adapters.
-    base_quantization: Literal["none", "int8"] = "none"
+    # QLoRA storage of the frozen base (Dettmers et al. 2023, arXiv:2305.14314), so that a bigger base fits:
+    # "nf4" is QLoRA's 4-bit NormalFloat (blocks of 64 inputs, one float32 absmax each, two codes per
+    # byte: ~0.56 byte per weight, ~1/3.5 of bf16; no double quantization); "int8" keeps one float32 scale
+    # per output channel (~1/2 of bf16; closer to the float logits); "none" keeps model.param_dtype. The
+    # layers' seven projections are dequantized one layer at a time inside the forward; embeddings, LM head
+    # and norms are not quantized. Needs rank > 0 (only a frozen base may be quantized); the export is the
+    # dequantized base plus the adapters.
+    base_quantization: Literal["none", "int8", "nf4"] = "none"
 
     def __post_init__(self):
         if self.init_from:

@@ -137,12 +137,12 @@ def low_rank(h: jax.Array, adapter: tuple[jax.Array, jax.Array]) -> jax.Array:
 def merged_layer_arrays(model) -> dict[str, jax.Array]:
     """``model.layers.arrays`` with each adapted weight replaced by ``W + scale * A B`` (param dtype, the
     weight's own shape): a transient copy of the adapted weights (for the sampler's decode step and export).
-    int8 weights (``base_quantization``) come dequantized, their scales dropped. Without adapters or
-    quantization: the base arrays themselves."""
-    from jrft.models.quant import INT8_WEIGHTS, dequantize_stacked
+    Quantized weights (``base_quantization`` int8 or nf4) come dequantized, their scales dropped. Without
+    adapters or quantization: the base arrays themselves."""
+    from jrft.models.quant import QUANT_WEIGHTS, dequantize_stacked
 
     p = model.layers.arrays(model.config)
-    for w, n_in in INT8_WEIGHTS.items():
+    for w, n_in in QUANT_WEIGHTS.items():
         if f"{w}_scale" in p:
             p[w] = dequantize_stacked(p[w], p.pop(f"{w}_scale"), n_in, model.param_dtype)
     if getattr(model, "lora", None) is None:
