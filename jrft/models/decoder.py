@@ -311,9 +311,10 @@ class Decoder(nnx.Module):
             x = x * jnp.asarray(math.sqrt(self.config.hidden_size), self.param_dtype).astype(self.dtype)
         return with_logical_constraint(x, ACT_BTD)
 
-    def _adapters(self) -> dict[str, tuple[jax.Array, jax.Array]]:
-        """The stacked adapters in the compute dtype, scanned beside the layer weights (empty: none)."""
-        return {} if self.lora is None else self.lora.arrays(self.dtype)
+    def _adapters(self, dropout_key: jax.Array | None = None) -> dict[str, tuple[jax.Array, ...]]:
+        """The stacked adapters in the compute dtype, scanned beside the layer weights (empty: none); with a
+        ``dropout_key``, their per-layer dropout keys (``jrft.models.lora.LoRAStack.arrays``)."""
+        return {} if self.lora is None else self.lora.arrays(self.dtype, dropout_key)
 
     def _final(self, x: jax.Array) -> jax.Array:
         return rms_norm(x, self.final_norm[...], self.config.rms_norm_eps, self.config.norm_plus_one)
@@ -336,6 +337,7 @@ class Decoder(nnx.Module):
         positions: jax.Array | None = None,
         *,
         segment_ids: jax.Array | None = None,
+        dropout_key: jax.Array | None = None,
     ) -> jax.Array:
         """Final hidden states ``[B, T, D]`` (after the final norm, compute dtype), without the LM head.
 
@@ -345,6 +347,8 @@ class Decoder(nnx.Module):
           positions: ``[B, T]`` int position ids; default derived from the mask (``positions_from_mask``).
           segment_ids: ``[B, T]`` ints for packed rows: a token attends only within its segment (and
             positions, when derived, restart per segment).
+          dropout_key: a training forward's key: LoRA adapters with ``dropout > 0`` drop their inputs with
+            masks drawn from it (``None``, the default: no dropout; evaluation, reference and sampler).
         """
         cfg = self.config
         b, t = tokens.shape
@@ -372,7 +376,7 @@ class Decoder(nnx.Module):
             )
             return _attn_out_and_mlp(cfg, p, x, attn, ad), None
 
-        xs = (self.layers.arrays(cfg), self._adapters(), _sliding_flags(cfg))
+        xs = (self.layers.arrays(cfg), self._adapters(dropout_key), _sliding_flags(cfg))
         x, _ = jax.lax.scan(remat(layer, self.remat), self._embed(tokens), xs, unroll=self.scan_unroll)
         return self._final(x)
 
@@ -384,9 +388,13 @@ class Decoder(nnx.Module):
         *,
         segment_ids: jax.Array | None = None,
         return_hidden: bool = False,
+        dropout_key: jax.Array | None = None,
     ):
-        """Float32 logits ``[B, T, V]`` (and the final hidden states ``[B, T, D]`` if ``return_hidden``)."""
-        hidden = self.hidden(tokens, attention_mask, positions, segment_ids=segment_ids)
+        """Float32 logits ``[B, T, V]`` (and the final hidden states ``[B, T, D]`` if ``return_hidden``).
+        ``dropout_key``: see :meth:`hidden`."""
+        hidden = self.hidden(
+            tokens, attention_mask, positions, segment_ids=segment_ids, dropout_key=dropout_key
+        )
         logits = self.logits_from_hidden(hidden)
         return (logits, hidden) if return_hidden else logits
 
@@ -397,11 +405,14 @@ class Decoder(nnx.Module):
         positions: jax.Array | None = None,
         *,
         segment_ids: jax.Array | None = None,
+        dropout_key: jax.Array | None = None,
     ) -> jax.Array:
-        """Per-position scalars ``[B, T]`` float32 from the scalar head (reward: take the last real token)."""
+        """Per-position scalars ``[B, T]`` float32 from the scalar head (reward: take the last real token).
+        ``dropout_key``: see :meth:`hidden`."""
         if self.scalar_head is None:
             raise ValueError("Decoder.score: this model has no scalar head (build it with scalar_head=True)")
-        return self.scalar_head(self.hidden(tokens, attention_mask, positions, segment_ids=segment_ids))
+        kw = dict(segment_ids=segment_ids, dropout_key=dropout_key)
+        return self.scalar_head(self.hidden(tokens, attention_mask, positions, **kw))
 
     # -- KV-cache forward (prefill and decode) ----------------------------------------------------
 

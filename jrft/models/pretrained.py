@@ -590,7 +590,7 @@ def peft_adapter_tensors(model: Decoder) -> tuple[dict, list[tuple[str, np.ndarr
         "task_type": "CAUSAL_LM",
         "r": spec.rank,
         "lora_alpha": spec.scale * spec.rank,
-        "lora_dropout": 0.0,
+        "lora_dropout": spec.dropout,
         "target_modules": list(spec.modules),
         "use_rslora": False,
         "bias": "none",
