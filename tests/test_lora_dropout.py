@@ -104,6 +104,13 @@ def test_evaluation_never_drops():
     assert loss_of(0.3) == loss_of(0.0)
 
 
+def test_the_peft_adapter_export_records_the_rate():
+    from jrft.models.pretrained import peft_adapter_tensors
+
+    config, _ = peft_adapter_tensors(_model(0.1))
+    assert config["lora_dropout"] == 0.1
+
+
 def test_config_accepts_rates_in_0_1():
     assert load_config(None, ["lora.rank=4", "lora.dropout=0.05"]).lora.dropout == 0.05
     for bad in ("1.0", "-0.1"):
