@@ -34,7 +34,6 @@ import numpy as np
 
 # The quantizable weights and how many of their dims after ``layers`` are the matmul's input side.
 QUANT_WEIGHTS = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1, "w_down": 1}
-INT8_WEIGHTS = QUANT_WEIGHTS  # the name before nf4
 BASE_QUANTIZATIONS = ("none", "int8", "nf4")
 
 # Input-dimension values per nf4 absmax scale (QLoRA's block size).
@@ -207,10 +206,3 @@ def quantized_counts(cfg, quantization: str) -> tuple[int, int, int]:
     if quantization == "nf4":
         return weights, weights // 2, L * sum(-(-i // NF4_BLOCK) * o for i, o in ins_outs)
     raise ValueError(f"unknown base quantization {quantization!r}; known: {BASE_QUANTIZATIONS}")
-
-
-def int8_counts(cfg) -> tuple[int, int]:
-    """``(weights, scales)``: how many base parameters a model of ``cfg`` stores in int8 and how many float32
-    scales go with them."""
-    weights, _, scales = quantized_counts(cfg, "int8")
-    return weights, scales
