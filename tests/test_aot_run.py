@@ -129,11 +129,26 @@ def test_bad_input_exits_2(capsys):
 
 LORA_CASES = [
     ("dpo", [], {"dpo/train_step"}),  # the reference is the base with the adapters off, inside the step
+    # an nf4 base (packed codes and block scales in the state's rest, dequantized per layer in the scan) and
+    # LoRA dropout (masks drawn from the step's key inside the scan)
+    pytest.param(
+        "dpo",
+        ["lora.base_quantization=nf4", "lora.dropout=0.05"],
+        {"dpo/train_step"},
+        id="dpo-nf4-dropout",
+    ),
     pytest.param(
         "grpo",
         ["grpo.beta=0.04", "grpo.num_generations=4"],
         {"grpo/generate", "grpo/update", "grpo/reference_logps"},
         marks=pytest.mark.slow,  # 21 s on a 2-core machine
+    ),
+    pytest.param(
+        "grpo",
+        ["grpo.beta=0.04", "grpo.num_generations=4", "lora.base_quantization=nf4"],
+        {"grpo/generate", "grpo/update", "grpo/reference_logps"},
+        marks=pytest.mark.slow,
+        id="grpo-nf4",
     ),
 ]
 

@@ -22,7 +22,7 @@ def test_names_regex_and_scale():
     [
         ("lora.rank=-1", "lora.rank"),
         ("lora.alpha=0", "lora.alpha"),
-        ("lora.dropout=0.1", "lora.dropout"),
+        ("lora.dropout=1.0", "lora.dropout"),
         ("lora.target_modules=[q_proj, qq_proj]", "lora.target_modules"),
         ("lora.target_modules=(", "lora.target_modules"),
         ("lora.init=ones", "lora.init"),

@@ -180,9 +180,11 @@ def test_ppo_with_lora_trains_adapters_and_the_value_head(tiny_task, reward_file
     np.testing.assert_array_equal(np.asarray(rest_wq), np.asarray(base.layers.wq[...]))
 
 
-def test_dpo_with_lora_resumes_exactly(tiny_task, tmp_path):
+@pytest.mark.parametrize("dropout", ["0.0", "0.1"])
+def test_dpo_with_lora_resumes_exactly(tiny_task, tmp_path, dropout):
     """Checkpoints hold the LoRA state (adapters, their optimizer state, the base in ``rest``); a run stopped
-    at step 4 and resumed to 6 ends where the uninterrupted 6-step run ends."""
+    at step 4 and resumed to 6 ends where the uninterrupted 6-step run ends (with ``lora.dropout`` too: its
+    masks come from the state's rng and step)."""
 
     def config(out, steps):
         overrides = [
@@ -199,6 +201,7 @@ def test_dpo_with_lora_resumes_exactly(tiny_task, tmp_path):
             "train.save_every=2",
             f"train.steps={steps}",
             *LORA,
+            f"lora.dropout={dropout}",
         ]
         return load_config(None, overrides)
 

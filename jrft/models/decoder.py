@@ -40,7 +40,7 @@ from jrft.models.layers import (
     window_mask,
 )
 from jrft.models.lora import LoRASpec, LoRAStack, low_rank
-from jrft.models.quant import INT8_WEIGHTS, dequantize, quantize_int8, scale_axes
+from jrft.models.quant import FORMATS, QUANT_WEIGHTS, dequantize, scale_axes
 from jrft.parallel.sharding import with_logical_constraint
 
 ACT_BTD = ("batch", "seq", "act_embed")
@@ -103,26 +103,28 @@ def _param(spec: ParamSpec, key: jax.Array, dtype, std: float = 0.02) -> nnx.Par
 
 
 class LayerStack(nnx.Module):
-    """Holds the stacked per-layer parameters (see ``layer_param_specs``) as attributes. With
-    ``quantization="int8"`` the projections (``jrft.models.quant.INT8_WEIGHTS``) are int8 with a float32
-    ``<name>_scale [L, *out]`` beside each (``jrft.models.quant``; only for a frozen base under LoRA)."""
+    """Holds the stacked per-layer parameters (see ``layer_param_specs``) as attributes. With ``quantization``
+    ``"int8"`` or ``"nf4"`` the projections (``jrft.models.quant.QUANT_WEIGHTS``) hold that format's codes
+    with a float32 ``<name>_scale`` beside each (``jrft.models.quant``; only for a frozen base under LoRA)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype, quantization: str | None = None):
-        self.quantized = quantization == "int8"
+        self.quantization = quantization
+        self.quantized = quantization is not None
         for name, spec in layer_param_specs(cfg).items():
             param = _param(spec, rngs.params(), param_dtype)
-            if self.quantized and name in INT8_WEIGHTS:
-                q, scale = quantize_int8(param.get_value(), INT8_WEIGHTS[name])
+            if self.quantized and name in QUANT_WEIGHTS:
+                n_in = QUANT_WEIGHTS[name]
+                q, scale = FORMATS[quantization].quantize(param.get_value(), n_in)
                 param = nnx.Param(q, out_sharding=spec.axes, eager_sharding=False)
-                axes = scale_axes(spec.axes, INT8_WEIGHTS[name])
+                axes = scale_axes(spec.axes, n_in, quantization)
                 setattr(self, f"{name}_scale", nnx.Param(scale, out_sharding=axes, eager_sharding=False))
             setattr(self, name, param)
 
     def arrays(self, cfg: ModelConfig) -> dict[str, jax.Array]:
-        """The stacked arrays by name (int8 weights with their ``<name>_scale`` when quantized)."""
+        """The stacked arrays by name (quantized weights with their ``<name>_scale`` when quantized)."""
         names = list(layer_param_specs(cfg))
         if self.quantized:
-            names += [f"{w}_scale" for w in INT8_WEIGHTS]
+            names += [f"{w}_scale" for w in QUANT_WEIGHTS]
         return {name: getattr(self, name)[...] for name in names}
 
 
@@ -236,8 +238,8 @@ def _sliding_flags(cfg: ModelConfig) -> jax.Array:
 
 
 def _cast(p: dict[str, jax.Array], dtype) -> dict[str, jax.Array]:
-    """One layer's weights in the compute dtype; int8 weights dequantized with their scales (here, inside
-    the scanned body: one layer's float copy at a time)."""
+    """One layer's weights in the compute dtype; quantized weights (int8, nf4) dequantized with their scales
+    (here, inside the scanned body: one layer's float copy at a time)."""
     out = {}
     for k, v in p.items():
         if k.endswith("_scale"):
@@ -245,7 +247,7 @@ def _cast(p: dict[str, jax.Array], dtype) -> dict[str, jax.Array]:
         if k.endswith("norm"):  # norm weights stay in param dtype: rms_norm applies them as transformers does
             out[k] = v
         elif f"{k}_scale" in p:
-            out[k] = dequantize(v, p[f"{k}_scale"], dtype)
+            out[k] = dequantize(v, p[f"{k}_scale"], QUANT_WEIGHTS[k], dtype)
         else:
             out[k] = v.astype(dtype)
     return out
@@ -264,8 +266,9 @@ class Decoder(nnx.Module):
       scan_unroll: ``unroll`` of the layer scan (1 keeps compile time lowest).
       lora: low-rank adapters on the projections (``jrft.models.lora.LoRASpec``), held in ``self.lora``;
         ``None``: none (the model is exactly the base model).
-      base_quantization: ``"int8"`` stores the layers' projections in int8 with per-channel scales
-        (``jrft.models.quant``), for a frozen base under LoRA; ``None``: the parameter dtype.
+      base_quantization: ``"int8"`` (per-channel scales) or ``"nf4"`` (4-bit NormalFloat, blockwise scales)
+        stores the layers' projections quantized (``jrft.models.quant``), for a frozen base under LoRA;
+        ``None`` or ``"none"``: the parameter dtype.
     """
 
     def __init__(
@@ -308,9 +311,10 @@ class Decoder(nnx.Module):
             x = x * jnp.asarray(math.sqrt(self.config.hidden_size), self.param_dtype).astype(self.dtype)
         return with_logical_constraint(x, ACT_BTD)
 
-    def _adapters(self) -> dict[str, tuple[jax.Array, jax.Array]]:
-        """The stacked adapters in the compute dtype, scanned beside the layer weights (empty: none)."""
-        return {} if self.lora is None else self.lora.arrays(self.dtype)
+    def _adapters(self, dropout_key: jax.Array | None = None) -> dict[str, tuple[jax.Array, ...]]:
+        """The stacked adapters in the compute dtype, scanned beside the layer weights (empty: none); with a
+        ``dropout_key``, their per-layer dropout keys (``jrft.models.lora.LoRAStack.arrays``)."""
+        return {} if self.lora is None else self.lora.arrays(self.dtype, dropout_key)
 
     def _final(self, x: jax.Array) -> jax.Array:
         return rms_norm(x, self.final_norm[...], self.config.rms_norm_eps, self.config.norm_plus_one)
@@ -333,6 +337,7 @@ class Decoder(nnx.Module):
         positions: jax.Array | None = None,
         *,
         segment_ids: jax.Array | None = None,
+        dropout_key: jax.Array | None = None,
     ) -> jax.Array:
         """Final hidden states ``[B, T, D]`` (after the final norm, compute dtype), without the LM head.
 
@@ -342,6 +347,8 @@ class Decoder(nnx.Module):
           positions: ``[B, T]`` int position ids; default derived from the mask (``positions_from_mask``).
           segment_ids: ``[B, T]`` ints for packed rows: a token attends only within its segment (and
             positions, when derived, restart per segment).
+          dropout_key: a training forward's key: LoRA adapters with ``dropout > 0`` drop their inputs with
+            masks drawn from it (``None``, the default: no dropout; evaluation, reference and sampler).
         """
         cfg = self.config
         b, t = tokens.shape
@@ -369,12 +376,12 @@ class Decoder(nnx.Module):
             )
             return _attn_out_and_mlp(cfg, p, x, attn, ad), None
 
-        xs = (self.layers.arrays(cfg), self._adapters(), _sliding_flags(cfg))
+        xs = (self.layers.arrays(cfg), self._adapters(dropout_key), _sliding_flags(cfg))
         x, _ = jax.lax.scan(remat(layer, self.remat), self._embed(tokens), xs, unroll=self.scan_unroll)
         return self._final(x)
 
     # The heads below take :meth:`hidden`'s arguments (``tokens, attention_mask, positions, *,
-    # segment_ids``) and pass them on as given.
+    # segment_ids, dropout_key``) and pass them on as given.
 
     def __call__(self, *inputs: jax.Array | None, return_hidden: bool = False, **options: jax.Array | None):
         """Float32 logits ``[B, T, V]`` (and the final hidden states ``[B, T, D]`` if ``return_hidden``)."""

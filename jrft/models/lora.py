@@ -39,6 +39,10 @@ MODULE_WEIGHTS = {
 }
 
 
+# Folded into a train step's key before LoRA dropout draws from it (the step's key serves other draws too).
+_DROPOUT_SALT = 0x4C6F5241  # "LoRA"
+
+
 class LoRAParam(nnx.Param):
     """An adapter matrix: the only trainable variables of a model that has adapters."""
 
@@ -47,19 +51,23 @@ class LoRAParam(nnx.Param):
 class LoRASpec:
     """What adapters a ``Decoder`` holds: ``rank`` r > 0, ``scale`` (alpha / r or alpha / sqrt(r)),
     ``modules`` (names out of ``MODULE_WEIGHTS``), ``init`` of A (``default``: Kaiming-uniform as in PEFT,
-    bound 1 / sqrt(in); ``gaussian``: std 1 / r). B is always zero at start."""
+    bound 1 / sqrt(in); ``gaussian``: std 1 / r). B is always zero at start. ``dropout``: the rate at which
+    training forwards (those given a ``dropout_key``) drop the adapter path's input."""
 
     rank: int
     scale: float
     modules: tuple[str, ...] = tuple(MODULE_WEIGHTS)
     init: str = "default"
+    dropout: float = 0.0
 
     @classmethod
     def from_config(cls, lora) -> LoRASpec | None:
         """From a ``jrft.config.LoRAConfig``; ``None`` when its rank is 0 (no adapters)."""
         if lora.rank == 0:
             return None
-        return cls(rank=lora.rank, scale=lora.scale, modules=lora.modules, init=lora.init)
+        return cls(
+            rank=lora.rank, scale=lora.scale, modules=lora.modules, init=lora.init, dropout=lora.dropout
+        )
 
 
 def adapter_shapes(
@@ -119,30 +127,46 @@ class LoRAStack(nnx.Module):
     def weights(self) -> tuple[str, ...]:
         return tuple(MODULE_WEIGHTS[m] for m in self.spec.modules)
 
-    def arrays(self, dtype) -> dict[str, tuple[jax.Array, jax.Array]]:
-        """``{weight: (A, scale * B)}`` in ``dtype``, for the scanned layer body (:func:`low_rank`)."""
+    def arrays(self, dtype, dropout_key: jax.Array | None = None) -> dict[str, tuple[jax.Array, ...]]:
+        """``{weight: (A, scale * B)}`` in ``dtype``, for the scanned layer body (:func:`low_rank`). With a
+        ``dropout_key`` (a training forward) and ``spec.dropout > 0``: ``(A, scale * B, keys [L], keep [L])``,
+        one key per layer and weight and the keep probability ``1 - dropout``."""
         s = self.spec.scale
-        return {
+        out = {
             w: (getattr(self, f"{w}_a")[...].astype(dtype), (s * getattr(self, f"{w}_b")[...]).astype(dtype))
             for w in self.weights()
         }
+        if dropout_key is None or self.spec.dropout == 0:
+            return out
+        dropout_key = jax.random.fold_in(dropout_key, _DROPOUT_SALT)  # apart from the step's other draws
+        for i, (w, (a, b)) in enumerate(out.items()):
+            layers = a.shape[0]
+            keys = jax.random.split(jax.random.fold_in(dropout_key, i), layers)  # [L]
+            out[w] = (a, b, keys, jnp.full((layers,), 1.0 - self.spec.dropout, jnp.float32))
+        return out
 
 
-def low_rank(h: jax.Array, adapter: tuple[jax.Array, jax.Array]) -> jax.Array:
-    """The adapter path ``(h A)(scale B)`` of one layer: ``h [N, in]`` -> ``[N, out]``."""
-    a, b = adapter
+def low_rank(h: jax.Array, adapter: tuple[jax.Array, ...]) -> jax.Array:
+    """The adapter path ``(h A)(scale B)`` of one layer: ``h [N, in]`` -> ``[N, out]``; with a dropout key
+    and keep probability in ``adapter`` (a training forward), ``h`` is first dropped elementwise and the kept
+    values scaled by ``1 / keep`` (PEFT's ``B(A(dropout(x)))``; inverted dropout)."""
+    a, b, *drop = adapter
+    if drop:
+        key, keep = drop
+        kept = jax.random.bernoulli(key, keep, h.shape)  # [N, in]
+        h = jnp.where(kept, h / keep.astype(h.dtype), jnp.zeros((), h.dtype))
     return (h @ a) @ b  # [N, r] then [N, out]
 
 
 def merged_layer_arrays(model) -> dict[str, jax.Array]:
     """``model.layers.arrays`` with each adapted weight replaced by ``W + scale * A B`` (param dtype, the
     weight's own shape): a transient copy of the adapted weights (for the sampler's decode step and export).
-    int8 weights (``base_quantization``) come dequantized, their scales dropped. Without adapters or
-    quantization: the base arrays themselves."""
-    from jrft.models.quant import INT8_WEIGHTS, dequantize_stacked
+    Quantized weights (``base_quantization`` int8 or nf4) come dequantized, their scales dropped. Without
+    adapters or quantization: the base arrays themselves."""
+    from jrft.models.quant import QUANT_WEIGHTS, dequantize_stacked
 
     p = model.layers.arrays(model.config)
-    for w, n_in in INT8_WEIGHTS.items():
+    for w, n_in in QUANT_WEIGHTS.items():
         if f"{w}_scale" in p:
             p[w] = dequantize_stacked(p[w], p.pop(f"{w}_scale"), n_in, model.param_dtype)
     if getattr(model, "lora", None) is None:

@@ -31,10 +31,10 @@ from safetensors.numpy import save_file
 
 from jrft.config import PEFT_WEIGHTS
 from jrft.models.config import FAMILIES, ModelConfig
-from jrft.models.decoder import Decoder
+from jrft.models.decoder import Decoder, layer_param_specs
 from jrft.models.lora import LoRAParam, LoRASpec, merged_layer_arrays
 from jrft.models.lora import host_init as lora_host_init
-from jrft.models.quant import INT8_WEIGHTS, quantize_int8
+from jrft.models.quant import FORMATS, QUANT_WEIGHTS
 from jrft.parallel.distributed import host_array
 from jrft.parallel.sharding import AxisRule, logical_axes_of, logical_to_spec
 
@@ -340,8 +340,9 @@ def from_pretrained(
         checkpoint's; A from ``seed``).
       lora_init: a PEFT LoRA adapter directory whose ``adapter_model.safetensors`` gives the adapters' A and B
         instead (its rank and modules must be ``lora``'s; ``jrft.config.peft_adapter_settings`` reads them).
-      base_quantization: ``"int8"`` quantizes the layers' projections per output channel as they are read
-        (``jrft.models.quant``; for a frozen base under LoRA).
+      base_quantization: ``"int8"`` (per output channel) or ``"nf4"`` (4-bit NormalFloat, blocks of 64
+        inputs) quantizes the layers' projections as they are read (``jrft.models.quant``; for a frozen base
+        under LoRA).
 
     Raises:
       FileNotFoundError: no config.json / no safetensors. ValueError: unsupported model_type.
@@ -373,14 +374,20 @@ def from_pretrained(
         fresh.add("lm_head")
     adapters = {name for name, _ in flat if name.startswith("lora/")}
     fresh |= adapters
-    scales = {name for name, _ in flat if name.endswith("_scale")}  # int8 base: made with their weights
+    scales = {name for name, _ in flat if name.endswith("_scale")}  # quantized base: made with their weights
     fresh |= scales
     table = hf_tensor_table(config)
+    specs = layer_param_specs(config)
+
+    def read_shape(name: str, var) -> tuple[int, ...]:  # a quantized weight is read in its float shape
+        quantized = f"{name}_scale" in scales
+        return specs[name.removeprefix("layers/")].shape if quantized else var.get_value().shape
+
     expected = {
         hf_name: hf_shape
         for name, var in flat
         if name not in fresh
-        for hf_name, hf_shape in _tensor_names(table, name, var.get_value().shape)
+        for hf_name, hf_shape in _tensor_names(table, name, read_shape(name, var))
     }
     np_dtype = np.dtype(jnp.dtype(param_dtype))
     with contextlib.ExitStack() as stack:
@@ -395,7 +402,7 @@ def from_pretrained(
 
         values = {}
         for name, var in flat:
-            shape = var.get_value().shape
+            shape = read_shape(name, var)
             if name in scales:
                 continue
             if name in adapters and lora_init is not None:
@@ -414,7 +421,8 @@ def from_pretrained(
                 else:
                     host[...] = _to_jrft(_read(template), shape, n_in)
             if f"{name}_scale" in scales:
-                host, scale = quantize_int8(host, INT8_WEIGHTS[name.removeprefix("layers/")])
+                quantize = FORMATS[base_quantization].quantize
+                host, scale = quantize(host, QUANT_WEIGHTS[name.removeprefix("layers/")])
                 scale_var = dict(flat)[f"{name}_scale"]
                 values[f"{name}_scale"] = _place(scale, _sharding_for(scale_var, mesh, rules))
             values[name] = _place(host, _sharding_for(var, mesh, rules))
@@ -513,7 +521,7 @@ def _hf_tensors(model: Decoder, dtype) -> list[tuple[str, np.ndarray]]:
     base = nnx.All(nnx.Param, nnx.Not(LoRAParam))
     for path_key, var in nnx.to_flat_state(nnx.state(model, base)):
         name = _path_str(path_key)
-        if name.endswith("_scale"):  # int8 base: merged holds the weights dequantized
+        if name.endswith("_scale"):  # quantized base: merged holds the weights dequantized
             continue
         template, n_in = table[name]
         layer_name = name.removeprefix("layers/")
@@ -582,7 +590,7 @@ def peft_adapter_tensors(model: Decoder) -> tuple[dict, list[tuple[str, np.ndarr
         "task_type": "CAUSAL_LM",
         "r": spec.rank,
         "lora_alpha": spec.scale * spec.rank,
-        "lora_dropout": 0.0,
+        "lora_dropout": spec.dropout,
         "target_modules": list(spec.modules),
         "use_rslora": False,
         "bias": "none",

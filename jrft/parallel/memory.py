@@ -2,8 +2,9 @@
 
 Counts, per device, for a model of ``ModelConfig`` on a ``(data, fsdp, tensor)`` mesh:
   params      every parameter, split over fsdp x tensor (the rules table shards matrices over both);
-              with LoRA, the base plus the adapters (an int8 base: 1 byte per projection weight plus a
-              float32 scale per output channel);
+              with LoRA, the base plus the adapters (a quantized base: 1 byte per projection weight in
+              int8, 0.5 in nf4, plus their float32 scales: one per output channel in int8, one per block
+              of 64 inputs in nf4);
   grads       the same again (one gradient per parameter, in the parameter dtype); with LoRA, the
               adapters' only (the base is never differentiated);
   optimizer   AdamW's two moments (``optimizer_copies`` = 2) in ``opt_dtype``, of the trained parameters
@@ -112,8 +113,7 @@ def estimate_memory(
     platform: str = "cpu",
     completion_logps: bool = False,
     adapter_params: int = 0,
-    int8_weights: int = 0,
-    int8_scales: int = 0,
+    quantized: tuple[int, int, int] = (0, 0, 0),
 ) -> MemoryEstimate:
     """Per-device bytes for ``config`` (a ``jrft.models.ModelConfig``) on a ``(data, fsdp, tensor)`` mesh.
 
@@ -125,8 +125,9 @@ def estimate_memory(
     a cross-entropy over the sequence; on TPU its buffers differ (measured: see the comments below).
     ``adapter_params`` > 0: LoRA with that many adapter parameters (``jrft.models.lora.adapter_param_count``),
     the only ones trained: they add to ``params`` and alone have gradients and optimizer moments.
-    ``int8_weights`` of the base's parameters are stored in int8 with ``int8_scales`` float32 scales
-    (``lora.base_quantization``, ``jrft.models.quant.int8_counts``).
+    ``quantized``: ``(weights, code bytes, scales)``: that many of the base's parameters are stored in that
+    many bytes of codes plus that many float32 scales (``lora.base_quantization``,
+    ``jrft.models.quant.quantized_counts``).
     """
     data, fsdp, tensor = mesh_shape
     if remat not in REMAT_ACTIVATION_FACTORS:
@@ -134,7 +135,8 @@ def estimate_memory(
     n = config.num_params() if callable(getattr(config, "num_params", None)) else config.num_params
     shards = fsdp * tensor
     trained = adapter_params or n
-    stored = (n - int8_weights + adapter_params) * param_bytes + int8_weights + 4 * int8_scales
+    q_weights, q_bytes, q_scales = quantized
+    stored = (n - q_weights + adapter_params) * param_bytes + q_bytes + 4 * q_scales
     params = stored // shards
     grads = trained * param_bytes // shards if training else 0
     optimizer = trained * opt_bytes * optimizer_copies // shards if training else 0

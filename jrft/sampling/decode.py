@@ -41,6 +41,7 @@ from jrft.models.layers import (
     window_mask,
 )
 from jrft.models.lora import merged_layer_arrays
+from jrft.models.quant import dequantize, is_quantized
 from jrft.parallel.sharding import logical_to_spec, with_logical_constraint
 
 
@@ -70,12 +71,13 @@ def fuse_decode_weights(model, fuse: bool = True) -> dict[str, jax.Array]:
     L, D = cfg.num_layers, cfg.hidden_size
     dtype = model.dtype
 
-    def cast(x):  # an int8 base (unfused) stays int8, cast per layer in _mm, its scales beside
-        return x if x.dtype == jnp.int8 else x.astype(dtype)
+    def cast(x):  # a quantized base (unfused) stays as stored, dequantized per layer in _mm, scales beside
+        return x if is_quantized(x) else x.astype(dtype)
 
-    # norms stay in param dtype, like the model (fused: merged_layer_arrays dequantized an int8 base)
+    # norms stay in param dtype, like the model (fused: merged_layer_arrays dequantized a quantized base)
     out = {k: v for k, v in p.items() if k.endswith("norm")}
-    flat = {k: cast(p[k].reshape(L, D, -1)) for k in ("wq", "wk", "wv")}
+    # [L, in, out] (reshaped by out: nf4 codes hold in / 2 rows)
+    flat = {k: cast(p[k].reshape(L, -1, p[k].shape[-2] * p[k].shape[-1])) for k in ("wq", "wk", "wv")}
     if fuse:
         out["wqkv"] = jnp.concatenate([flat["wq"], flat["wk"], flat["wv"]], axis=-1)
         out["w_gate_up"] = jnp.concatenate([p["w_gate"], p["w_up"]], axis=-1).astype(dtype)
@@ -95,16 +97,19 @@ def fuse_decode_weights(model, fuse: bool = True) -> dict[str, jax.Array]:
     if not fuse and getattr(model, "lora", None) is not None:
         for w, (a, b) in model.lora.arrays(dtype).items():
             out[f"lora_{w}_a"], out[f"lora_{w}_b"] = a, b
-    for w in (k for k in p if k.endswith("_scale")):  # an int8 base, unfused
-        out[w] = p[w].reshape(L, -1).astype(dtype)  # [L, out]
+    for w in (k for k in p if k.endswith("_scale")):  # a quantized base, unfused
+        n_out = out[w.removesuffix("_scale")].shape[-1]
+        out[w] = p[w].reshape(L, -1, n_out).astype(dtype)  # [L, blocks, out] (int8: one block)
     return out
 
 
 def _mm(p, h: jax.Array, w: str) -> jax.Array:
-    """``h [B, in] @ p[w]`` (times the per-channel scale of an int8 weight) plus the unmerged LoRA path
-    ``(h A)(scale B)`` when ``p`` carries one."""
-    if f"{w}_scale" in p:  # int8: cast this layer's weight here, scale per output channel: (h q) s = h (q s)
-        y = (h @ p[w].astype(h.dtype)) * p[f"{w}_scale"]
+    """``h [B, in] @ p[w]`` (a quantized weight dequantized here, one layer's at a time) plus the unmerged
+    LoRA path ``(h A)(scale B)`` when ``p`` carries one."""
+    if f"{w}_scale" in p and p[w].dtype == jnp.int8:  # cast here, scale per output channel: (h q) s = h (q s)
+        y = (h @ p[w].astype(h.dtype)) * p[f"{w}_scale"]  # scale [1, out]
+    elif f"{w}_scale" in p:  # nf4: codes [in / 2, out], scale [blocks, out]
+        y = h @ dequantize(p[w], p[f"{w}_scale"], 1, h.dtype)
     else:
         y = h @ p[w]
     a = p.get(f"lora_{w}_a")

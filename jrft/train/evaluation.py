@@ -45,7 +45,7 @@ def make_eval_fn(graphdef, objective: Objective, batches_fn: Callable[[], Iterat
     def evaluate(params, rest, batch):
         norms = objective.normalizers(batch)
         model = nnx.merge(graphdef, params, rest)
-        loss, metrics = objective.loss_fn(model, batch, norms, jax.random.key(0))
+        loss, metrics = objective.loss_fn(model, batch, norms, None)  # no key: no dropout
         metrics = {"loss": loss, **metrics}
         first = next(iter(norms))
         return metrics, {k: norms[objective.eval_weights.get(k, first)] for k in metrics}

@@ -115,18 +115,21 @@ def shifted_token_logps(
     segment_ids: jax.Array | None = None,
     temperature: float = 1.0,
     chunk_size: int = 0,
+    dropout_key: jax.Array | None = None,
 ) -> jax.Array:
     """``log p(tokens[:, t+1] | tokens[:, :t+1])`` for every ``t``: ``[B, T - 1]`` float32.
 
     ``temperature`` divides the logits first (GRPO/PPO score completions under the sampling temperature).
     ``chunk_size > 0`` never materialises the full ``[B, T, V]`` logits (see the module docstring).
+    ``dropout_key``: a training forward's (LoRA dropout; ``jrft.models.Decoder.hidden``).
     """
+    kw = dict(segment_ids=segment_ids, dropout_key=dropout_key)
     if chunk_size > 0:
-        hidden = model.hidden(tokens, attention_mask, positions, segment_ids=segment_ids)  # [B, T, D]
+        hidden = model.hidden(tokens, attention_mask, positions, **kw)  # [B, T, D]
         return chunked_token_logps(
             model, hidden[:, :-1], tokens[:, 1:], chunk_size=chunk_size, temperature=temperature
         )
-    logits = model(tokens, attention_mask=attention_mask, positions=positions, segment_ids=segment_ids)
+    logits = model(tokens, attention_mask=attention_mask, positions=positions, **kw)
     logits = logits[:, :-1].astype(jnp.float32)  # [B, T-1, V]
     if temperature != 1.0:
         logits = logits / temperature
@@ -137,31 +140,37 @@ def sequence_logps(model, tokens, attention_mask, loss_mask, **kwargs) -> tuple[
     """Summed log-prob of the tokens where ``loss_mask[:, 1:]`` is 1, and their count: ``([B], [B])``.
 
     ``kwargs`` go to :func:`shifted_token_logps` (``positions``, ``segment_ids``, ``temperature``,
-    ``chunk_size``)."""
+    ``chunk_size``, ``dropout_key``)."""
     mask = loss_mask[:, 1:].astype(jnp.float32)
     logps = shifted_token_logps(model, tokens, attention_mask, **kwargs)
     return jnp.sum(logps * mask, axis=-1), jnp.sum(mask, axis=-1)
 
 
 def pair_sequence_logps(
-    model, batch: Mapping[str, jax.Array], *, chunk_size: int = 0
+    model, batch: Mapping[str, jax.Array], *, chunk_size: int = 0, dropout_key: jax.Array | None = None
 ) -> dict[str, jax.Array]:
     """Chosen and rejected completions scored in ONE forward pass (concatenated on the batch axis).
 
     Expects ``chosen_tokens``, ``chosen_attention_mask``, ``chosen_loss_mask`` and the ``rejected_*``
     twins, each ``[B, T]`` (padded to the same T), or the packed rows of :func:`jrft.train.packing.pack_pairs`
     (summed per sequence from the packed rows). Returns ``chosen_logps``, ``rejected_logps``,
-    ``chosen_lengths``, ``rejected_lengths``: ``[B]`` each. ``chunk_size``: see :func:`shifted_token_logps`.
+    ``chosen_lengths``, ``rejected_lengths``: ``[B]`` each. ``chunk_size``, ``dropout_key``: see
+    :func:`shifted_token_logps`.
     """
     if "pack_sequence" in batch:
-        return packed_pair_logps(model, batch, chunk_size=chunk_size)
+        return packed_pair_logps(model, batch, chunk_size=chunk_size, dropout_key=dropout_key)
     n = batch["chosen_tokens"].shape[0]
 
     def both(key):
         return jnp.concatenate([batch[f"chosen_{key}"], batch[f"rejected_{key}"]], axis=0)  # [2B, T]
 
     logps, lengths = sequence_logps(
-        model, both("tokens"), both("attention_mask"), both("loss_mask"), chunk_size=chunk_size
+        model,
+        both("tokens"),
+        both("attention_mask"),
+        both("loss_mask"),
+        chunk_size=chunk_size,
+        dropout_key=dropout_key,
     )
     return {
         "chosen_logps": logps[:n],
@@ -171,7 +180,9 @@ def pair_sequence_logps(
     }
 
 
-def packed_pair_logps(model, batch: Mapping[str, jax.Array], *, chunk_size: int = 0) -> dict[str, jax.Array]:
+def packed_pair_logps(
+    model, batch: Mapping[str, jax.Array], *, chunk_size: int = 0, dropout_key: jax.Array | None = None
+) -> dict[str, jax.Array]:
     """:func:`pair_sequence_logps` on a packed pair batch (:func:`jrft.train.packing.pack_pairs`): the
     summed log-probs and token counts of the chosen and rejected sequences, ``[B]`` each."""
     tokens = batch["packed_tokens"]
@@ -182,6 +193,7 @@ def packed_pair_logps(model, batch: Mapping[str, jax.Array], *, chunk_size: int 
         positions=batch["packed_positions"],
         segment_ids=batch["packed_segment_ids"],
         chunk_size=chunk_size,
+        dropout_key=dropout_key,
     )  # [R, L-1]: position t predicts token t + 1
     mask = batch["packed_loss_mask"][:, 1:].astype(jnp.float32)
     n = batch["valid"].shape[0]  # pairs here: the whole batch's, or a micro-batch's
@@ -210,7 +222,9 @@ def completion_slice(x: jax.Array, tc: int) -> jax.Array:
     return x[:, -tc - 1 : -1]
 
 
-def completion_states(model, batch: Mapping[str, jax.Array], *, hidden=None) -> tuple[jax.Array, jax.Array]:
+def completion_states(
+    model, batch: Mapping[str, jax.Array], *, hidden=None, dropout_key: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
     """``([N, Tc, D] states, [N, Tc] targets)``: the final hidden states that predict (and evaluate) the
     completion tokens of rollout rows, and those tokens.
 
@@ -218,14 +232,14 @@ def completion_states(model, batch: Mapping[str, jax.Array], *, hidden=None) -> 
     (``pack_index`` and the packed arrays of :func:`jrft.train.packing.pack_rollout`: the trunk runs on the
     packed rows and the states are gathered back into this padded completion layout), and
     ``completion_mask`` (``[N, Tc]``). ``hidden`` (``[N, T, D]``, padded rows only) reuses final hidden
-    states already computed."""
+    states already computed. ``dropout_key``: a training forward's (LoRA dropout)."""
     if "pack_index" in batch:
         from jrft.train.packing import completion_hidden_packed
 
-        return completion_hidden_packed(model, batch)
+        return completion_hidden_packed(model, batch, dropout_key=dropout_key)
     tokens, tc = batch["tokens"], batch["completion_mask"].shape[1]
     if hidden is None:
-        hidden = model.hidden(tokens, batch["attention_mask"])  # [N, T, D]
+        hidden = model.hidden(tokens, batch["attention_mask"], dropout_key=dropout_key)  # [N, T, D]
     return completion_slice(hidden, tc), tokens[:, -tc:]
 
 
@@ -237,6 +251,7 @@ def completion_logps(
     chunk_size: int = 0,
     hidden=None,
     states: tuple[jax.Array, jax.Array] | None = None,
+    dropout_key: jax.Array | None = None,
 ) -> jax.Array:
     """``[N, Tc]`` float32 log-probs of the completion tokens of rollout rows (GRPO, PPO).
 
@@ -244,8 +259,10 @@ def completion_logps(
     (the sampling temperature); the LM head runs on the completion positions only (over chunks of
     ``chunk_size`` positions when > 0). ``hidden`` (``[N, T, D]``) or ``states`` (what
     :func:`completion_states` returned) reuse a forward already computed (PPO's value head shares it).
+    ``dropout_key``: a training forward's (LoRA dropout).
     """
-    states = completion_states(model, batch, hidden=hidden) if states is None else states
+    if states is None:
+        states = completion_states(model, batch, hidden=hidden, dropout_key=dropout_key)
     return hidden_token_logps(model, *states, temperature=temperature, chunk_size=chunk_size)
 
 

@@ -192,16 +192,19 @@ def pack_rollout(
     return out
 
 
-def completion_hidden_packed(model, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+def completion_hidden_packed(
+    model, batch: Mapping[str, jax.Array], *, dropout_key: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
     """``([N, Tc, D] hidden, [N, Tc] targets)`` of packed rollout rows: the trunk runs on the packed rows,
     then the states that predict each completion token (and the tokens themselves) are gathered back into
-    the padded completion layout."""
+    the padded completion layout. ``dropout_key``: a training forward's (LoRA dropout)."""
     tokens = batch["packed_tokens"]  # [R, L]
     hidden = model.hidden(
         tokens,
         batch["packed_attention_mask"],
         batch["packed_positions"],
         segment_ids=batch["packed_segment_ids"],
+        dropout_key=dropout_key,
     )  # [R, L, D]
     r, length, d = hidden.shape
     index = batch["pack_index"]  # [N, Tc]

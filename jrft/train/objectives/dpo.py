@@ -82,8 +82,7 @@ def make_loss_fn(
     )
 
     def loss_fn(model, batch, norms, key):
-        del key
-        out = pair_sequence_logps(model, batch, chunk_size=logits_chunk_size)
+        out = pair_sequence_logps(model, batch, chunk_size=logits_chunk_size, dropout_key=key)
         losses, chosen_rewards, rejected_rewards = pair_loss(out, batch, hyper)
         if sft_weight:
             losses = losses - sft_weight * out["chosen_logps"] / jnp.maximum(out["chosen_lengths"], 1.0)

@@ -38,8 +38,8 @@ def make_loss_fn(
     sapo_temperature_neg: float = 1.05,
 ):
     def loss_fn(model, batch, norms, key):
-        del key
-        logps = completion_logps(model, batch, temperature=temperature, chunk_size=logits_chunk_size)
+        kw = dict(temperature=temperature, chunk_size=logits_chunk_size, dropout_key=key)
+        logps = completion_logps(model, batch, **kw)
         loss, metrics = grpo_loss(
             logps,
             batch.get("old_logps"),

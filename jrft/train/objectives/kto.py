@@ -44,8 +44,7 @@ def make_loss_fn(
     sees (the micro-batch under accumulation, as TRL's per-device estimate)."""
 
     def loss_fn(model, batch, norms, key):
-        del key
-        out = pair_sequence_logps(model, batch, chunk_size=logits_chunk_size)
+        out = pair_sequence_logps(model, batch, chunk_size=logits_chunk_size, dropout_key=key)
         valid = valid_rows(batch)
         label = batch["label"].astype(jnp.float32)
         kl = kto_kl_estimate(out["rejected_logps"], batch["ref_rejected_logps"], where=valid)

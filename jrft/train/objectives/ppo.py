@@ -102,8 +102,8 @@ def make_loss_fn(
     )
 
     def loss_fn(model, batch, norms, key):
-        del key
-        states = completion_states(model, batch)  # one trunk forward for both terms (padded or packed rows)
+        # one trunk forward for both terms (padded or packed rows)
+        states = completion_states(model, batch, dropout_key=key)
         loss, metrics = 0.0, {}
         for name in terms:
             term_loss, term_metrics = TERMS[name](model, states, batch, norms, hp)

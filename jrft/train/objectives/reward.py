@@ -26,26 +26,28 @@ def last_token_index(attention_mask: jax.Array) -> jax.Array:
     return t - 1 - jnp.argmax(attention_mask[:, ::-1] > 0, axis=-1)
 
 
-def sequence_rewards(model, tokens: jax.Array, attention_mask: jax.Array) -> jax.Array:
-    """``[B]`` float32 rewards: the scalar head at each row's last real token."""
-    scores = model.score(tokens, attention_mask=attention_mask)  # [B, T]
+def sequence_rewards(
+    model, tokens: jax.Array, attention_mask: jax.Array, dropout_key: jax.Array | None = None
+) -> jax.Array:
+    """``[B]`` float32 rewards: the scalar head at each row's last real token (``dropout_key``: a training
+    forward's, for LoRA dropout)."""
+    scores = model.score(tokens, attention_mask=attention_mask, dropout_key=dropout_key)  # [B, T]
     idx = last_token_index(attention_mask)
     return jnp.take_along_axis(scores.astype(jnp.float32), idx[:, None], axis=-1)[:, 0]
 
 
-def pair_rewards(model, batch) -> tuple[jax.Array, jax.Array]:
+def pair_rewards(model, batch, dropout_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Chosen and rejected rewards ``([B], [B])`` from one forward pass over both."""
     n = batch["chosen_tokens"].shape[0]
     tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]], axis=0)
     mask = jnp.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]], axis=0)
-    rewards = sequence_rewards(model, tokens, mask)
+    rewards = sequence_rewards(model, tokens, mask, dropout_key)
     return rewards[:n], rewards[n:]
 
 
 def make_loss_fn(*, center_coef: float = 0.0):
     def loss_fn(model, batch, norms, key):
-        del key
-        chosen, rejected = pair_rewards(model, batch)
+        chosen, rejected = pair_rewards(model, batch, key)
         losses = bradley_terry_loss(chosen, rejected, margin=batch.get("margin"), center_coef=center_coef)
         valid = valid_rows(batch)
 
@@ -72,13 +74,13 @@ def ranking_normalizers(batch):
     }
 
 
-def ranking_scores(model, batch) -> jax.Array:
+def ranking_scores(model, batch, dropout_key: jax.Array | None = None) -> jax.Array:
     """``[B, K]`` rewards of every item of every ranking from ONE forward pass over ``[B * K, T]`` rows."""
     b, k, t = batch["tokens"].shape
     tokens = batch["tokens"].reshape(b * k, t)  # [B*K, T]
     mask = batch["attention_mask"].reshape(b * k, t)
     # Filler items (all-zero masks) score the head at position T-1 of padding; they are masked out below.
-    return sequence_rewards(model, tokens, mask).reshape(b, k)  # [B, K]
+    return sequence_rewards(model, tokens, mask, dropout_key).reshape(b, k)  # [B, K]
 
 
 def ranking_accuracies(scores: jax.Array, ranking: jax.Array, item_mask: jax.Array):
@@ -108,8 +110,7 @@ def make_listwise_loss_fn(*, center_coef: float = 0.0):
     """
 
     def loss_fn(model, batch, norms, key):
-        del key
-        scores = ranking_scores(model, batch)  # [B, K]
+        scores = ranking_scores(model, batch, key)  # [B, K]
         item_mask = batch["item_mask"]
         ranking = batch["ranking"].astype(jnp.int32)
         losses = plackett_luce_loss(scores, ranking, mask=item_mask)  # [B]

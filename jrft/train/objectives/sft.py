@@ -17,7 +17,7 @@ def normalizers(batch):
     return {"tokens": jnp.maximum(jnp.sum(mask), 1.0)}
 
 
-def _chunked_loss(model, batch, norms, chunk_size):
+def _chunked_loss(model, batch, norms, chunk_size, dropout_key):
     """The same token-mean cross-entropy and accuracy as ``sft_loss``, without the full ``[B, T, V]``
     logits (``jrft.train.logprobs.chunked_token_logps``)."""
     hidden = model.hidden(
@@ -25,6 +25,7 @@ def _chunked_loss(model, batch, norms, chunk_size):
         batch["attention_mask"],
         batch.get("positions"),
         segment_ids=batch.get("segment_ids"),
+        dropout_key=dropout_key,
     )  # [B, T, D]
     targets, keep = batch["tokens"][:, 1:], batch["loss_mask"][:, 1:] > 0
     logps, correct = chunked_token_logps(
@@ -47,15 +48,15 @@ def make_loss_fn(*, reduction: str = "token", logits_chunk_size: int = 0):
         raise ValueError(f"logits_chunk_size must be >= 0, got {logits_chunk_size}")
 
     def loss_fn(model, batch, norms, key):
-        del key
         if logits_chunk_size:
-            loss, metrics = _chunked_loss(model, batch, norms, logits_chunk_size)
+            loss, metrics = _chunked_loss(model, batch, norms, logits_chunk_size, key)
         else:
             logits = model(
                 batch["tokens"],
                 attention_mask=batch["attention_mask"],
                 positions=batch.get("positions"),
                 segment_ids=batch.get("segment_ids"),
+                dropout_key=key,
             )
             targets, mask = batch["tokens"][:, 1:], batch["loss_mask"][:, 1:]
             loss, metrics = sft_loss(

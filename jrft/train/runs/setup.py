@@ -338,12 +338,11 @@ def estimate_for(
     two sequences) of ``seq_len`` tokens (default ``data.max_length``), ``cache_rows`` x ``cache_len`` KV
     cache. With LoRA (``lora.rank > 0``) gradients and optimizer moments are the adapters' only."""
     from jrft.models.lora import LoRASpec, adapter_param_count
-    from jrft.models.quant import int8_counts
+    from jrft.models.quant import quantized_counts
     from jrft.parallel.memory import estimate_memory
 
     nbytes = lambda name: jnp.dtype(name).itemsize  # noqa: E731
     spec = LoRASpec.from_config(config.lora)
-    int8 = int8_counts(model_cfg) if config.lora.base_quantization == "int8" else (0, 0)
     micro = config.train.micro_batch_size or rows
     # chosen and rejected (KTO: the completion and its KL pair) in one forward
     pairs = 2 if config.objective in ("dpo", "reward", "kto") else 1
@@ -365,8 +364,7 @@ def estimate_for(
         platform=platform,
         completion_logps=completion_logps,
         adapter_params=adapter_param_count(model_cfg, spec) if spec is not None else 0,
-        int8_weights=int8[0],
-        int8_scales=int8[1],
+        quantized=quantized_counts(model_cfg, config.lora.base_quantization),
     )
 
 
@@ -415,11 +413,11 @@ def _sampler_bytes(config: RunConfig, model_cfg, mesh_shape, *, platform: str, g
     _, fsdp, tensor = mesh_shape
     compute = jnp.dtype(config.model.dtype).itemsize
     whole = model_cfg.num_params * compute // tensor
-    if config.lora.base_quantization == "int8":  # gathered as stored: int8 projections, their scales
-        from jrft.models.quant import int8_counts
+    if config.lora.base_quantization != "none":  # gathered as stored: the projections' codes, their scales
+        from jrft.models.quant import quantized_counts
 
-        weights, scales = int8_counts(model_cfg)
-        whole = ((model_cfg.num_params - weights) * compute + weights + scales * compute) // tensor
+        weights, code_bytes, scales = quantized_counts(model_cfg, config.lora.base_quantization)
+        whole = ((model_cfg.num_params - weights) * compute + code_bytes + scales * compute) // tensor
     if fsdp == 1:
         weights = 0
     elif gathered:
