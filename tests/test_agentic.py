@@ -100,6 +100,22 @@ def ones_in_turns(completions, **kwargs):
     return [t.count("1") / max(len(t), 1) for t in texts]
 
 
+class EndsOn12:
+    """'go' after each of the model's turns up to 3 turns; an episode of a prompt starting with '12' ends
+    after its first turn (in the two-process test, process 1's rows finish while process 0's go on)."""
+
+    def reset(self, row):
+        self.prompt, self.turns = row["prompt"], 0
+        return [{"role": "user", "content": row["prompt"]}]
+
+    def step(self, text):
+        self.turns += 1
+        reward = text.count("1") / max(len(text), 1)
+        if self.prompt.startswith("12") or self.turns >= 3:
+            return None, reward, True
+        return [{"role": "user", "content": "go"}], reward, False
+
+
 class CountingGame:
     """Says 'go' after each of the model's first two turns; the reward of a turn is its fraction of '1's."""
 
@@ -509,7 +525,7 @@ grpo:
 """
 
 
-@pytest.mark.slow  # two processes plus the one-process run
+@pytest.mark.slow  # ~65 s on 2 cores: two processes plus the one-process run
 def test_two_process_multi_turn_grpo_equals_one_process(task, tmp_path):
     """GRPO with a tool on 2 processes (4 CPU devices each, a global data=2 x fsdp=4 mesh, the real CLI):
     each process steps its own trajectories (its tool calls parsed and run on that process) while both join
@@ -570,3 +586,76 @@ def test_two_process_multi_turn_grpo_equals_one_process(task, tmp_path):
         np.testing.assert_allclose(b["reward"], a["reward"], rtol=1e-6)
     # and process 0 parsed turns of those rows only
     assert set(two_parsed[0]) <= {t["model"] for row in tables[1] for t in row["turns"]}
+
+
+ROLLOUT_WORKER = """
+import json, sys
+import jax
+import numpy as np
+from jrft.parallel import initialize_distributed, make_mesh
+
+initialize_distributed()  # from the JRFT_* variables
+from transformers import AutoTokenizer
+
+from jrft.agentic import load_environment
+from jrft.agentic.rollout import AgentSettings, sample_multiturn
+from jrft.models import from_pretrained
+from jrft.train.rollout import SamplingSettings
+
+model_dir, code, out = sys.argv[1:4]
+mesh = make_mesh(data=2, fsdp=4)
+tok = AutoTokenizer.from_pretrained(model_dir)
+prompt = ["6*7=", "12*3="][jax.process_index()]  # this process's rows of the global batch
+batch = {"prompts": [prompt], "columns": {"answer": ["?"]}}
+agent = AgentSettings(load_environment(code + ":EndsOn12"), max_turns=3)
+settings = SamplingSettings(4, 96, 1.0, None, None, tok.pad_token_id)
+model = from_pretrained(model_dir, mesh=mesh)
+r = sample_multiturn(model, batch, tok, settings, agent, rng=jax.random.key(7), mesh=mesh)
+np.savez(out + ".npz", tokens=r.tokens, completion_mask=r.completion_mask, sampler_logps=r.sampler_logps,
+         env_rewards=r.env_rewards)
+with open(out + ".json", "w") as f:
+    json.dump({"turns": r.turns, "agent_metrics": r.agent_metrics}, f)
+"""
+
+
+@pytest.mark.slow  # ~55 s on 2 cores: two processes starting and compiling the session's turns
+def test_two_process_rollout_rows_equal_one_process_rows_while_a_process_idles(task, tmp_path):
+    """``sample_multiturn`` on 2 processes (a global 2 x 4 mesh): process 1's episodes all end after one turn
+    while process 0's go on, so process 1 joins the later turns of the global session with no live row; each
+    process's trajectories equal the one-process rollout's same rows (tokens, masks, sampler log-probs,
+    turns) and both report the one-process agent metrics."""
+    import sys
+
+    from conftest import FAST_COMPILE
+    from test_distributed_grpo import _run_two_processes
+    from transformers import AutoTokenizer
+
+    from jrft.models import from_pretrained
+    from jrft.parallel import make_mesh
+
+    script = tmp_path / "worker.py"
+    script.write_text(ROLLOUT_WORKER)
+    outs = [str(tmp_path / f"rollout{pid}") for pid in range(2)]
+    flags = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4 " + FAST_COMPILE}
+    cmd = [sys.executable, str(script), str(task["model_dir"]), task["code"]]
+    _run_two_processes(tmp_path, lambda pid: [*cmd, outs[pid]], extra_env=flags)
+
+    mesh = make_mesh(data=2, fsdp=4)
+    batch = {"prompts": ["6*7=", "12*3="], "columns": {"answer": ["?", "?"]}}
+    agent = AgentSettings(load_environment(f"{task['code']}:EndsOn12"), max_turns=3)
+    tok = AutoTokenizer.from_pretrained(task["model_dir"])  # as the workers load it
+    settings = SamplingSettings(4, 96, 1.0, None, None, tok.pad_token_id)
+    model = from_pretrained(task["model_dir"], mesh=mesh)
+    one = sample_multiturn(model, batch, tok, settings, agent, rng=jax.random.key(7), mesh=mesh)
+    assert [len(t) for t in one.turns[4:]] == [1] * 4  # process 1's episodes: one turn each
+    assert max(len(t) for t in one.turns[:4]) > 1  # process 0's went on: process 1 idled
+    for pid in range(2):
+        arrays = np.load(outs[pid] + ".npz")
+        logs = json.loads(open(outs[pid] + ".json").read())
+        rows = slice(4 * pid, 4 * pid + 4)
+        np.testing.assert_array_equal(arrays["tokens"], one.tokens[rows])
+        np.testing.assert_array_equal(arrays["completion_mask"], one.completion_mask[rows])
+        np.testing.assert_allclose(arrays["sampler_logps"], one.sampler_logps[rows], atol=1e-6)
+        np.testing.assert_allclose(arrays["env_rewards"], one.env_rewards[rows])
+        assert logs["turns"] == one.turns[rows]
+        assert logs["agent_metrics"] == pytest.approx(one.agent_metrics)
