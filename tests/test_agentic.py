@@ -78,6 +78,44 @@ def saw_the_tool(completions, **kwargs):
     return [float(any(m["role"] == "tool" and m["content"] == "42" for m in c)) for c in completions]
 
 
+def calls_on_a_one(text):
+    """Calls multiply in the turns that hold a '1' (trajectories differ in turns and calls); each call of the
+    parser is logged per JAX process, with the text, next to this file."""
+    import json
+    import os
+
+    import jax
+
+    from jrft.agentic import ToolCall
+
+    log = os.path.join(os.path.dirname(__file__), f"parsed{jax.process_index()}.jsonl")
+    with open(log, "a") as f:
+        f.write(json.dumps(text) + "\\n")
+    return [ToolCall("multiply", {"a": 6, "b": 7})] if "1" in text else []
+
+
+def ones_in_turns(completions, **kwargs):
+    """Fraction of '1' characters in the model's turns: a reward spread within groups."""
+    texts = ["".join(m["content"] for m in c if m["role"] == "assistant") for c in completions]
+    return [t.count("1") / max(len(t), 1) for t in texts]
+
+
+class EndsOn12:
+    """'go' after each of the model's turns up to 3 turns; an episode of a prompt starting with '12' ends
+    after its first turn (in the two-process test, process 1's rows finish while process 0's go on)."""
+
+    def reset(self, row):
+        self.prompt, self.turns = row["prompt"], 0
+        return [{"role": "user", "content": row["prompt"]}]
+
+    def step(self, text):
+        self.turns += 1
+        reward = text.count("1") / max(len(text), 1)
+        if self.prompt.startswith("12") or self.turns >= 3:
+            return None, reward, True
+        return [{"role": "user", "content": "go"}], reward, False
+
+
 class CountingGame:
     """Says 'go' after each of the model's first two turns; the reward of a turn is its fraction of '1's."""
 
@@ -465,3 +503,159 @@ def test_tool_schemas_reach_the_template_and_tool_messages_render_through_it(tas
         assert extra == encode(tok, "<|user|><tool_response>42</tool_response><eos><|assistant|>")
     finally:
         box.close()
+
+
+MULTIHOST_CONFIG = """\
+objective: grpo
+seed: 0
+model: {{path: {model}}}
+data: {{train: {prompts}, format: prompt_only}}
+optim: {{lr: 3.0e-3, schedule: constant, warmup_steps: 0}}
+train: {{steps: 2, batch_size: 4, log_every: 1, save_every: 0}}
+mesh: {{data: 2, fsdp: 4, tensor: 1}}
+grpo:
+  num_generations: 2
+  max_new_tokens: 48
+  max_turns: 2
+  beta: 0.04
+  log_completions_every: 1
+  tools: [{{spec: '{code}:multiply'}}]
+  tool_parser: '{code}:calls_on_a_one'
+  reward_functions: [{{spec: '{code}:ones_in_turns', process: false}}]
+"""
+
+
+@pytest.mark.slow  # ~65 s on 2 cores: two processes plus the one-process run
+def test_two_process_multi_turn_grpo_equals_one_process(task, tmp_path):
+    """GRPO with a tool on 2 processes (4 CPU devices each, a global data=2 x fsdp=4 mesh, the real CLI):
+    each process steps its own trajectories (its tool calls parsed and run on that process) while both join
+    every turn of the global KV session, and the run gives the one-process curves on the same 8-device mesh
+    (to 1e-5) with the same trajectories."""
+    import sys
+
+    from conftest import FAST_COMPILE
+    from test_distributed_grpo import _rows, _run_two_processes
+
+    from jrft.config import load_config
+    from jrft.train.runs import run_config
+
+    config_path = tmp_path / "grpo.yaml"
+    config_path.write_text(
+        MULTIHOST_CONFIG.format(model=task["model_dir"], prompts=task["prompts"], code=task["code"])
+    )
+    parsed = [task["root"] / f"parsed{pid}.jsonl" for pid in range(2)]
+
+    def texts(path):  # the turns one process parsed (and answered with its own tool workers)
+        lines = [json.loads(x) for x in open(path)] if path.exists() else []
+        path.unlink(missing_ok=True)
+        return lines
+
+    one_out, two_out = tmp_path / "one_process", tmp_path / "two_processes"
+    run_config(load_config(config_path, [f"output_dir={one_out}"]), progress=False)
+    one_parsed = texts(parsed[0])
+    cli = [
+        sys.executable,
+        "-m",
+        "jrft.cli",
+        "grpo",
+        str(config_path),
+        f"output_dir={two_out}",
+        "--no-progress",
+    ]
+    flags = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4 " + FAST_COMPILE}  # as this process's
+    _run_two_processes(tmp_path, lambda pid: cli, extra_env=flags)
+    two_parsed = [texts(p) for p in parsed]
+
+    one, two = _rows(one_out), _rows(two_out)
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2]
+    keys = ["loss", "rewards/mean", "rewards/std", "kl_mean", "grad_norm", "completion_length"]
+    keys += ["agent/turns_mean", "agent/tool_call_rate", "agent/tool_calls_per_turn", "agent/tool_failures"]
+    for key in keys:
+        a, b = [r[key] for r in one], [r[key] for r in two]
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5, err_msg=key)
+    assert len({r["rewards/mean"] for r in one}) > 1  # the run moved
+    assert any(r["agent/tool_call_rate"] > 0 for r in one)  # the tool ran
+    # each process parsed (and ran the tools of) only its own rows' turns: together, the one-process run's
+    assert all(two_parsed) and sorted(two_parsed[0] + two_parsed[1]) == sorted(one_parsed)
+    # process 0's trajectories (the table's rows: its first 2 x G) are the one-process run's same rows
+    tables = [[json.loads(x) for x in open(out / "completions.jsonl")] for out in (one_out, two_out)]
+    assert len(tables[0]) == len(tables[1]) == 2 * 2 * 2
+    for a, b in zip(*tables, strict=True):
+        for key in ("round", "prompt", "completion", "turns"):
+            assert b[key] == a[key], key
+        np.testing.assert_allclose(b["reward"], a["reward"], rtol=1e-6)
+    # and process 0 parsed turns of those rows only
+    assert set(two_parsed[0]) <= {t["model"] for row in tables[1] for t in row["turns"]}
+
+
+ROLLOUT_WORKER = """
+import json, sys
+import jax
+import numpy as np
+from jrft.parallel import initialize_distributed, make_mesh
+
+initialize_distributed()  # from the JRFT_* variables
+from transformers import AutoTokenizer
+
+from jrft.agentic import load_environment
+from jrft.agentic.rollout import AgentSettings, sample_multiturn
+from jrft.models import from_pretrained
+from jrft.train.rollout import SamplingSettings
+
+model_dir, code, out = sys.argv[1:4]
+mesh = make_mesh(data=2, fsdp=4)
+tok = AutoTokenizer.from_pretrained(model_dir)
+prompt = ["6*7=", "12*3="][jax.process_index()]  # this process's rows of the global batch
+batch = {"prompts": [prompt], "columns": {"answer": ["?"]}}
+agent = AgentSettings(load_environment(code + ":EndsOn12"), max_turns=3)
+settings = SamplingSettings(4, 96, 1.0, None, None, tok.pad_token_id)
+model = from_pretrained(model_dir, mesh=mesh)
+r = sample_multiturn(model, batch, tok, settings, agent, rng=jax.random.key(7), mesh=mesh)
+np.savez(out + ".npz", tokens=r.tokens, completion_mask=r.completion_mask, sampler_logps=r.sampler_logps,
+         env_rewards=r.env_rewards)
+with open(out + ".json", "w") as f:
+    json.dump({"turns": r.turns, "agent_metrics": r.agent_metrics}, f)
+"""
+
+
+@pytest.mark.slow  # ~55 s on 2 cores: two processes starting and compiling the session's turns
+def test_two_process_rollout_rows_equal_one_process_rows_while_a_process_idles(task, tmp_path):
+    """``sample_multiturn`` on 2 processes (a global 2 x 4 mesh): process 1's episodes all end after one turn
+    while process 0's go on, so process 1 joins the later turns of the global session with no live row; each
+    process's trajectories equal the one-process rollout's same rows (tokens, masks, sampler log-probs,
+    turns) and both report the one-process agent metrics."""
+    import sys
+
+    from conftest import FAST_COMPILE
+    from test_distributed_grpo import _run_two_processes
+    from transformers import AutoTokenizer
+
+    from jrft.models import from_pretrained
+    from jrft.parallel import make_mesh
+
+    script = tmp_path / "worker.py"
+    script.write_text(ROLLOUT_WORKER)
+    outs = [str(tmp_path / f"rollout{pid}") for pid in range(2)]
+    flags = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4 " + FAST_COMPILE}
+    cmd = [sys.executable, str(script), str(task["model_dir"]), task["code"]]
+    _run_two_processes(tmp_path, lambda pid: [*cmd, outs[pid]], extra_env=flags)
+
+    mesh = make_mesh(data=2, fsdp=4)
+    batch = {"prompts": ["6*7=", "12*3="], "columns": {"answer": ["?", "?"]}}
+    agent = AgentSettings(load_environment(f"{task['code']}:EndsOn12"), max_turns=3)
+    tok = AutoTokenizer.from_pretrained(task["model_dir"])  # as the workers load it
+    settings = SamplingSettings(4, 96, 1.0, None, None, tok.pad_token_id)
+    model = from_pretrained(task["model_dir"], mesh=mesh)
+    one = sample_multiturn(model, batch, tok, settings, agent, rng=jax.random.key(7), mesh=mesh)
+    assert [len(t) for t in one.turns[4:]] == [1] * 4  # process 1's episodes: one turn each
+    assert max(len(t) for t in one.turns[:4]) > 1  # process 0's went on: process 1 idled
+    for pid in range(2):
+        arrays = np.load(outs[pid] + ".npz")
+        logs = json.loads(open(outs[pid] + ".json").read())
+        rows = slice(4 * pid, 4 * pid + 4)
+        np.testing.assert_array_equal(arrays["tokens"], one.tokens[rows])
+        np.testing.assert_array_equal(arrays["completion_mask"], one.completion_mask[rows])
+        np.testing.assert_allclose(arrays["sampler_logps"], one.sampler_logps[rows], atol=1e-6)
+        np.testing.assert_allclose(arrays["env_rewards"], one.env_rewards[rows])
+        assert logs["turns"] == one.turns[rows]
+        assert logs["agent_metrics"] == pytest.approx(one.agent_metrics)

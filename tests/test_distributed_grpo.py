@@ -135,9 +135,9 @@ def _rows(out) -> list[dict]:
     return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
 
 
-def _run_two_processes(tmp_path, make_cmd, timeout: float = 300) -> None:
+def _run_two_processes(tmp_path, make_cmd, timeout: float = 300, extra_env=None) -> None:
     """Starts ``make_cmd(pid)`` as processes 0 and 1 of a loopback job (4 CPU devices each, JRFT_* variables,
-    as a launcher would set them) and waits for both to succeed."""
+    as a launcher would set them; ``extra_env`` added) and waits for both to succeed."""
     port = _free_port()
     procs, logs = [], []
     try:
@@ -151,6 +151,7 @@ def _run_two_processes(tmp_path, make_cmd, timeout: float = 300) -> None:
                 JRFT_NUM_PROCESSES="2",
                 JRFT_PROCESS_ID=str(pid),
             )
+            env.update(extra_env or {})
             logs.append(open(tmp_path / f"log{pid}.txt", "w"))
             procs.append(subprocess.Popen(make_cmd(pid), env=env, stdout=logs[-1], stderr=subprocess.STDOUT))
         deadline = time.monotonic() + timeout

@@ -2,7 +2,8 @@
 
 Each process joins through ``initialize_distributed`` (process 0 by arguments, process 1 by JRFT_* environment
 variables), builds the global (2, 4) mesh over all 8 devices and checks a sharded matmul, a psum across both
-processes and ``process_allgather`` against NumPy. The worker writes its results as JSON; the test compares.
+processes, ``process_allgather`` and ``gather_lists`` (ragged rows) against NumPy. The worker writes its
+results as JSON; the test compares.
 """
 
 import json
@@ -28,7 +29,7 @@ WORKER = textwrap.dedent(
     import numpy as np
     from jax.experimental import multihost_utils
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from jrft.parallel.distributed import initialize_distributed, is_main_process
+    from jrft.parallel.distributed import gather_lists, initialize_distributed, is_main_process
 
     pid, port, out, mode = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
     pre_main = is_main_process()  # before initialisation: must not start the backend
@@ -58,13 +59,14 @@ WORKER = textwrap.dedent(
     local_totals = [float(s.data.reshape(-1)[0]) for s in total.addressable_shards]
 
     gathered = multihost_utils.process_allgather(jnp.array([jax.process_index(), 10 + jax.process_index()]))
+    ragged = gather_lists([[pid] * (1 + 2 * pid), []])  # token rows of different lengths per process
     with open(out, "w") as f:
         json.dump({
             "process_id": info.process_id, "num_processes": info.num_processes, "cluster": info.cluster,
             "local_devices": info.local_device_count, "global_devices": info.global_device_count,
             "idempotent": again is info, "is_main": is_main_process(), "pre_main": pre_main,
             "y": np.asarray(y_all).tolist(), "psum": local_totals, "gathered": np.asarray(gathered).tolist(),
-            "n_addressable": len(y.addressable_shards),
+            "n_addressable": len(y.addressable_shards), "ragged": ragged,
         }, f)
     """
 )
@@ -129,3 +131,4 @@ def test_two_process_loopback(tmp_path, mode):
         np.testing.assert_allclose(np.array(r["y"]), expected_y, rtol=1e-5, atol=1e-5)
         assert r["psum"] == [28.0] * 4
         assert r["gathered"] == [[0, 10], [1, 11]]
+        assert r["ragged"] == [[0], [], [1, 1, 1], []]

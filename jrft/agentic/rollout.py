@@ -25,6 +25,17 @@ go on; its environment answers once the turn's longest row is done) and finished
 
 Limits per trajectory: ``max_turns`` model turns and ``max_new_tokens`` continuation tokens in all (model
 and environment tokens); a trajectory cut by the budget is ``truncated``.
+
+Multi-host (``jax.process_count() > 1``): each process holds, steps and returns the trajectories of ITS
+prompts (its rows of the global prompt batch, x G: whole groups), so tools and environments run on the host
+that owns the row. The KV session is one global program over the rows of all processes (process ``p``'s
+rows at ``[p * n, (p + 1) * n)``, as the single-turn sampler's): before each turn the processes gather every
+row's environment tokens, activity flags and budgets (``gather_lists``, ``gather_rows``), all call the same
+turn, and each keeps its own rows' samples. Every process takes part in every turn while ANY process has a
+live row (a process whose rows are all done sends inactive rows, which sample nothing), so all make the same
+calls with the same global shapes; widths of the assembled rows and the agent metrics are global too. Each
+row then samples exactly what it samples in a one-process run on the same mesh (random draws depend on the
+row's global index). The re-prefill mode (``kv_cache=False``) runs on one process only.
 """
 
 from __future__ import annotations
@@ -39,6 +50,7 @@ import jax
 import numpy as np
 
 from jrft.agentic.environment import ToolEnvironment, run_tool_turns
+from jrft.parallel.distributed import gather_lists, gather_rows
 from jrft.sampling import FINISH_STOP, bucket_length, generate
 from jrft.sampling.session import Session
 from jrft.train.rollout import Rollout, SamplingSettings
@@ -147,20 +159,22 @@ def _model_turn(model, trajs, active, settings, tokenizer, rng, turn, mesh, g, s
 
 def _sample_session(session, trajs, active, budget) -> list[tuple[list[int], list[float], bool]]:
     """The turn from the session's KV cache: each active row's unsent environment tokens are appended as
-    one prefill chunk, then it samples (``jrft.sampling.session``)."""
-    rows = len(trajs)
-    chunks, flags, budgets = [[] for _ in range(rows)], [False] * rows, [1] * rows
+    one prefill chunk, then it samples (``jrft.sampling.session``). Multi-host: the session's rows are those
+    of every process (gathered here; this process's start at ``process_index * n``)."""
+    n = len(trajs)
+    chunks, flags, budgets = [[] for _ in range(n)], np.zeros(n, bool), np.ones(n, np.int64)
     for i, b in zip(active, budget, strict=True):
         chunks[i], flags[i], budgets[i] = trajs[i].unsent, True, b
         trajs[i].unsent = []
-    out = session.turn(chunks, flags, budgets)
+    out = session.turn(gather_lists(chunks), gather_rows(flags), gather_rows(budgets))
+    rows = [jax.process_index() * n + i for i in active]
     return [
         (
-            out.tokens[i, : out.lengths[i]].tolist(),
-            out.logprobs[i, : out.lengths[i]].tolist(),
-            bool(out.stopped[i]),
+            out.tokens[r, : out.lengths[r]].tolist(),
+            out.logprobs[r, : out.lengths[r]].tolist(),
+            bool(out.stopped[r]),
         )
-        for i in active
+        for r in rows
     ]
 
 
@@ -261,8 +275,11 @@ def sample_multiturn(
     log (model text, tool calls, environment messages, step rewards) and ``rollout.env_rewards [N]`` the
     summed environment rewards (NaN where none was given).
     """
-    if jax.process_count() > 1:
-        raise NotImplementedError("multi-turn rollouts run on one process only (multi-host: not built)")
+    if jax.process_count() > 1 and not agent.kv_cache:
+        raise NotImplementedError(
+            "multi-host multi-turn rollouts continue from the KV session (AgentSettings(kv_cache=True)); "
+            "the re-prefill mode runs on one process only"
+        )
     t0 = time.perf_counter()
     g, tools = settings.num_generations, agent.tool_schemas
     trajs = []
@@ -272,12 +289,16 @@ def sample_multiturn(
         text = render(tokenizer, messages, tools, add_generation_prompt=True)
         ids = encode(tokenizer, text)
         trajs.append(_Trajectory(ids, [], messages, env, unsent=list(ids)))
+    # multi-host: the session spans the rows of all processes, which must hold as many rows each
+    counts = gather_rows(np.asarray([[len(trajs), max(len(t.prompt_ids) for t in trajs)]]))  # [P, 2]
+    if np.any(counts[:, 0] != len(trajs)):
+        raise ValueError(f"multi-turn rollouts need as many rows on every process, got {counts[:, 0]}")
     session = None
     if agent.kv_cache:
-        longest = max(len(t.prompt_ids) for t in trajs)
+        longest = int(counts[:, 1].max())
         session = Session(
             model,
-            len(trajs),
+            int(counts[:, 0].sum()),
             longest + 2 * settings.max_new_tokens + 64,  # past it, the session rebuilds its cache
             max_new_tokens=settings.max_new_tokens,
             temperature=settings.temperature,
@@ -290,7 +311,8 @@ def sample_multiturn(
         )
     for turn in range(agent.max_turns):
         active = [i for i, t in enumerate(trajs) if not t.done]
-        if not active:
+        # every process joins the turn while any has a live row: the session is one global program
+        if not gather_rows(np.asarray([len(active)])).any():
             break
         _model_turn(model, trajs, active, settings, tokenizer, rng, turn, mesh, g, session)
         last = turn == agent.max_turns - 1
@@ -305,8 +327,10 @@ def sample_multiturn(
 
 def _assemble(trajs: list[_Trajectory], prompt_batch, settings: SamplingSettings) -> Rollout:
     n, pad = len(trajs), settings.pad_token_id
-    tp = max(len(t.prompt_ids) for t in trajs)
-    tc = min(bucket_length(max(max(len(t.ids) for t in trajs), 1), 32), settings.max_new_tokens)
+    # the widths from the rows of all processes: one global batch shape
+    local = [max(len(t.prompt_ids) for t in trajs), max(max(len(t.ids) for t in trajs), 1)]
+    tp, longest = (int(x) for x in gather_rows(np.asarray([local])).max(axis=0))
+    tc = min(bucket_length(longest, 32), settings.max_new_tokens)
     tokens = np.full((n, tp + tc), pad, np.int32)
     attention = np.zeros((n, tp + tc), np.int32)
     completion_mask = np.zeros((n, tc), np.int32)
@@ -335,18 +359,25 @@ def _assemble(trajs: list[_Trajectory], prompt_batch, settings: SamplingSettings
 
 
 def _metrics(trajs: list[_Trajectory]) -> dict[str, float]:
-    turns = [len(t.turns) for t in trajs]
-    calls = [len(log.get("tool_calls", ())) for t in trajs for log in t.turns]
-    failed = [log.get("failed_calls", 0) for t in trajs for log in t.turns]
-    called = [any(log.get("tool_calls") for log in t.turns) for t in trajs]
-    model_turns = max(sum(turns), 1)
+    """The agent metrics over the trajectories of all processes (collective)."""
+    per = [
+        [
+            len(t.turns),
+            sum(len(log.get("tool_calls", ())) for log in t.turns),
+            sum(log.get("failed_calls", 0) for log in t.turns),
+            any(log.get("tool_calls") for log in t.turns),
+            sum("environment_error" in log for log in t.turns),
+        ]
+        for t in trajs
+    ]
+    turns, calls, failed, called, errors = gather_rows(np.asarray(per, np.float64)).T  # [5, P * n]
     return {
         "agent/turns_mean": float(np.mean(turns)),
-        "agent/tool_calls_per_turn": float(sum(calls)) / model_turns,
+        "agent/tool_calls_per_turn": float(calls.sum()) / max(float(turns.sum()), 1.0),
         "agent/tool_call_rate": float(np.mean(called)),  # trajectories with at least one call
-        "agent/tool_failures": float(sum(failed)),
-        "agent/tool_failure_rate": float(sum(failed)) / max(sum(calls), 1),
-        "agent/environment_errors": float(sum("environment_error" in log for t in trajs for log in t.turns)),
+        "agent/tool_failures": float(failed.sum()),
+        "agent/tool_failure_rate": float(failed.sum()) / max(float(calls.sum()), 1.0),
+        "agent/environment_errors": float(errors.sum()),
     }
 
 
@@ -372,7 +403,9 @@ def score_multiturn(rollout: Rollout, runner) -> Rollout:
         metrics.update(result.metrics)
     else:
         base = np.full(rollout.num_rows, np.nan)
-    if env is not None and not np.all(np.isnan(env)):
+    # decided over all processes' rows: every process must report the same functions (their stats are
+    # gathered by name afterwards, jrft.train.rollout.global_reward_metrics)
+    if env is not None and not np.all(np.isnan(gather_rows(env))):
         both = np.stack([base, env])
         rewards = np.where(np.all(np.isnan(both), axis=0), np.nan, np.nansum(both, axis=0))
         rollout.per_function["environment"] = env

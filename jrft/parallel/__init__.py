@@ -5,6 +5,7 @@ beside these.)
 """
 
 from jrft.parallel.distributed import MainProcessFilter as MainProcessFilter
+from jrft.parallel.distributed import gather_lists as gather_lists
 from jrft.parallel.distributed import gather_rows as gather_rows
 from jrft.parallel.distributed import host_array as host_array
 from jrft.parallel.distributed import host_local_rows as host_local_rows

@@ -463,6 +463,22 @@ def gather_rows(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(gathered).view(x.dtype).reshape(-1, *x.shape[1:])
 
 
+def gather_lists(rows: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Ragged integer rows (token ids) of this process -> those of all processes in process order (every
+    process gets the same list; each must pass the same number of rows). The identity, as lists, in a
+    single-process run. Two collectives: the rows' lengths, then the rows padded to the longest."""
+    import jax
+
+    if jax.process_count() == 1:
+        return [list(r) for r in rows]
+    lengths = gather_rows(np.asarray([len(r) for r in rows], np.int64))  # [P * n]
+    padded = np.zeros((len(rows), max(int(lengths.max(initial=0)), 1)), np.int64)
+    for i, r in enumerate(rows):
+        padded[i, : len(r)] = r
+    everyone = gather_rows(padded)
+    return [everyone[i, :n].tolist() for i, n in enumerate(lengths)]
+
+
 def local_rows(x: np.ndarray) -> np.ndarray:
     """This process's contiguous slice of a ``[P * n, ...]`` global host array (the inverse of
     :func:`gather_rows`)."""

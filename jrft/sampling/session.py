@@ -22,6 +22,12 @@ the cache grows when even that would not fit) and goes on. Layout: stacked layer
 (``decode_step``); the decode loop runs in segments, as ``generate``'s, each attending to a static prefix of
 slots covering what it can fill (the turn's first free slot rounded up to 128, plus the segment's end: one
 program per such base), holes masked.
+
+Multi-host: a session is one global program over the rows of all processes under the global mesh (the cache's
+rows sharded over the mesh's batch axes). Every process calls :meth:`Session.turn` with the same chunks,
+flags and budgets for ALL rows (``jrft.agentic.rollout`` gathers them) and gets back every row's samples, so
+the host bookkeeping (sequences, rebuilds) is the same everywhere and each row samples what it samples in a
+one-process run on the same mesh.
 """
 
 from __future__ import annotations
@@ -35,8 +41,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 
-from jrft.models.decoder import init_cache
+from jrft.models.decoder import CACHE_AXES, KVCache, init_cache
+from jrft.parallel.distributed import host_array
+from jrft.parallel.sharding import logical_to_spec
 from jrft.sampling.decode import decode_step, fuse_decode_weights
 from jrft.sampling.generate import (
     _compiler_options,
@@ -112,6 +121,14 @@ def _turn_program(graphdef, key: _TurnKey, state, cache, valid, pos, fill, chunk
     return cache, valid, pos, fill, out_tok, out_lp, out_mask, count, stopped & active
 
 
+def _zeros(shape: tuple[int, ...], dtype, axes: Sequence[str | None], mesh) -> jax.Array:
+    """Zeros of ``shape`` placed over ``mesh`` by logical ``axes``, built shard by shard on the host: no
+    device holds (and no process allocates) more than its own shards."""
+    sharding = NamedSharding(mesh, logical_to_spec(axes, shape, mesh))
+    zero = np.zeros((), jnp.dtype(dtype))
+    return jax.make_array_from_callback(shape, sharding, lambda index: np.broadcast_to(zero, shape)[index])
+
+
 @dataclasses.dataclass
 class TurnResult:
     """One turn's samples, host arrays: ``tokens``/``logprobs`` ``[R, N]`` (row ``r``'s first ``lengths[r]``
@@ -158,7 +175,12 @@ class Session:
         self._reset()
 
     def _reset(self) -> None:
-        self.cache = init_cache(self.config, self.rows, self.slots, self.dtype)
+        if self.mesh is None:
+            self.cache = init_cache(self.config, self.rows, self.slots, self.dtype)
+        else:  # rows over the mesh's batch axes, as the program keeps them; each process fills its own shards
+            c = self.config
+            shape = (c.num_layers, self.rows, c.num_kv_heads, self.slots, c.head_dim)  # init_cache's
+            self.cache = KVCache(*(_zeros(shape, self.dtype, CACHE_AXES, self.mesh) for _ in range(2)))
         self.valid = jnp.zeros((self.rows, self.slots), bool)
         self.pos = jnp.zeros((self.rows,), jnp.int32)
         self.fill = 0
@@ -216,9 +238,10 @@ class Session:
         with ctx:
             outs = self._program(self.platform)(self.graphdef, key, *args)
         self.cache, self.valid, self.pos, fill, out_tok, out_lp, out_mask, count, stopped = outs
-        self.fill = int(fill)
+        self.fill = int(host_array(fill))
         self.turns += 1
-        tok, lp, lengths, stopped = (np.asarray(jax.device_get(x)) for x in (out_tok, out_lp, count, stopped))
+        # multi-host: every process gets every row (collective gathers; rows span processes)
+        tok, lp, lengths, stopped = (host_array(x) for x in (out_tok, out_lp, count, stopped))
         self.pending = [[] for _ in range(self.rows)]
         for r in range(self.rows):
             n = int(lengths[r])

@@ -6,7 +6,8 @@ and reference live in this one process and share the parameters: no weight trans
 
 Multi-host: each process holds its rows of the global prompt batch; the sampler runs once over the global
 batch and each process keeps, decodes and scores its own completions (whole groups, see
-``jrft.train.rollout``). Rewards are gathered so that advantages (including ``scale_rewards: batch``) and
+``jrft.train.rollout``; multi-turn: one global KV session, each process stepping its own trajectories, see
+``jrft.agentic.rollout``). Rewards are gathered so that advantages (including ``scale_rewards: batch``) and
 logged metrics are those of the global batch, the same numbers as a one-process run of the same config;
 the update is fed global arrays. DAPO dynamic sampling agrees across processes through gathered counts: all
 take the same number of sampling rounds and keep the same number of groups.

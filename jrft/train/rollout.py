@@ -264,6 +264,7 @@ def global_reward_metrics(rollout: Rollout, group_size: int) -> dict[str, float]
     out.update(reward_stats("rewards", rewards, none_key="frac_nan"))
     if "rewards/frac_zero_std_groups" in local and rewards.size:
         out["rewards/frac_zero_std_groups"] = float(np.mean(~group_has_signal(rewards, group_size)))
+    out.update(rollout.agent_metrics)  # multi-turn: already over all processes' trajectories
     return out
 
 
