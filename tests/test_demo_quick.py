@@ -67,6 +67,7 @@ def test_quick_rlhf_demo_trains_the_reward_model(tmp_path, capsys):
     assert any(r["rejected_kind"] == "policy" for r in rows) and "on-policy pairs" in result["seconds"]
 
 
+@pytest.mark.slow  # ~10 s; LoRA runs: test_lora_runs; the demo's LoRA settings: test_demo_parts
 def test_quick_grpo_demo_with_lora_trains_adapters_only(tmp_path, capsys):
     out = tmp_path / "lora"
     assert main(["--quick", "--no-progress", "--lora", "lora.rank=2", "--out", str(out)]) == 0
