@@ -8,7 +8,7 @@ import pytest
 from jrft.data import build_dataset
 from jrft.data.synthetic import (
     ALPHABET,
-    REJECTION_KINDS,
+    DEFAULT_REJECTION_KINDS,
     TAGS,
     AdditionTask,
     addition_trace,
@@ -70,7 +70,7 @@ def test_preference_rows_reject_wrong_or_broken_answers():
     problems = AdditionTask().sample(300, seed=0)
     rows = preference_rows(problems, seed=0)
     assert len(rows) == 300
-    assert {r["rejected_kind"] for r in rows} == set(REJECTION_KINDS)  # every kind occurs
+    assert {r["rejected_kind"] for r in rows} == set(DEFAULT_REJECTION_KINDS)  # every default kind occurs
     for p, r in zip(problems, rows, strict=True):
         assert r["chosen"] == p.completion and r["rejected"] != r["chosen"]
         correct = extract_answer(r["rejected"]) == p.answer
@@ -81,6 +81,37 @@ def test_preference_rows_reject_wrong_or_broken_answers():
             assert not is_well_formatted(r["rejected"])
     only = preference_rows(problems[:20], seed=0, kinds=["no_think"])
     assert all(r["rejected"] == f"<answer>{p.answer}</answer>" for p, r in zip(problems, only, strict=False))
+
+
+@pytest.mark.parametrize("kind", ["miscopied_operand", "wrong_column_sum"])
+def test_single_step_slips_give_a_consistent_trace_with_a_wrong_answer(kind):
+    """One step is wrong (an operand digit or a column sum); every later step and the answer follow from
+    the written steps, so only a reader who checks that step against the prompt can tell."""
+    problems = AdditionTask().sample(200, seed=1)
+    rows = preference_rows(problems, seed=1, kinds=[kind])
+    for p, r in zip(problems, rows, strict=True):
+        rejected = r["rejected"]
+        assert r["rejected_kind"] == kind and is_well_formatted(rejected)
+        assert extract_answer(rejected) != p.answer
+        think = rejected.split("<think>")[1].split("</think>")[0]
+        steps = [tuple(map(int, m.groups())) for m in map(STEP.fullmatch, think.split(","))]
+        carry, answer = 0, 0
+        for k, (_, _, c, s) in enumerate(steps):
+            assert c == carry  # carries follow the written sums
+            answer += (s % 10) * 10**k
+            carry = s // 10
+        assert int(extract_answer(rejected)) == answer + carry * 10 ** len(steps)
+        columns = [((p.a // 10**k) % 10, (p.b // 10**k) % 10) for k in range(3)]
+        copied = [(x, y) for x, y, _, _ in steps]
+        wrong_sums = [k for k, (x, y, c, s) in enumerate(steps) if s != x + y + c]
+        if kind == "miscopied_operand":  # one operand digit differs, every sum is right for what was written
+            digits = [d for col in columns for d in col]
+            assert sum(a != b for a, b in zip(digits, [d for c in copied for d in c], strict=True)) == 1
+            assert wrong_sums == []
+        else:  # the operands are copied right, exactly one column sum is off (by 1 or 2)
+            assert copied == columns and len(wrong_sums) == 1
+            x, y, c, s = steps[wrong_sums[0]]
+            assert abs(s - (x + y + c)) in (1, 2)
 
 
 def test_tokenizer_has_one_token_per_symbol_and_tag():

@@ -22,6 +22,8 @@ def test_settings_overrides_quick_and_errors(tmp_path):
         load_demo_config(overrides=["objective=ppo"])
     with pytest.raises(ConfigError, match=r"grpo\.num_generations: must be >= 2"):
         load_demo_config(overrides=["grpo.num_generations=1"])
+    with pytest.raises(ConfigError, match=r"ppo\.mini_batches: must divide prompts_per_step=128, got 3"):
+        load_demo_config(overrides=["ppo.mini_batches=3"])
     bad = tmp_path / "demo.yaml"
     bad.write_text("sft:\n  stepz: 3\n")
     with pytest.raises(ConfigError, match=r"demo\.yaml: sft\.stepz: unknown key"):
@@ -46,6 +48,21 @@ def test_lora_settings_reach_the_stage_after_sft_only(tmp_path):
     assert sft.lora.rank == 0 and sft.optim.lr == on.sft.lr
     with pytest.raises(ConfigError, match=r"lora\.rank: must be positive"):
         load_demo_config(overrides=["lora.rank=0"])
+
+
+def test_ppo_stage_takes_the_demo_settings_and_extra_overrides(tmp_path):
+    from jrft.demo.stages import ppo_config, rewards_yaml
+
+    paths = {"prompts_train": str(tmp_path / "prompts_train.jsonl")}
+    cfg = load_demo_config(overrides=["ppo.prompts_per_step=64", "ppo.mini_batches=2", "ppo.lr=3e-5"])
+    ppo = ppo_config(cfg, str(tmp_path), paths, "policy", "rm")
+    assert (ppo.train.batch_size, ppo.ppo.num_mini_batches, ppo.optim.lr) == (64, 2, 3e-5)
+    assert ppo.ppo.reward_model == "rm" and ppo.ppo.reward_functions == ()
+    # the probe's control: the checker instead of the reward model
+    checker = ["ppo.reward_model=null", f"ppo.reward_functions={rewards_yaml(cfg)}"]
+    ppo = ppo_config(cfg, str(tmp_path), paths, "policy", "rm", checker)
+    assert ppo.ppo.reward_model is None
+    assert [f.name for f in ppo.ppo.reward_functions] == ["accuracy", "format"]
 
 
 @pytest.fixture(scope="module")

@@ -159,13 +159,53 @@ def _truncated(p: Problem, rng: np.random.Generator) -> str:
     return think[:cut]
 
 
+def _trace_from_columns(columns: list[tuple[int, int]], num_digits: int, first_sum: dict[int, int]) -> str:
+    """The trace of adding the column digits ``(x, y)`` (units first) with carries, where ``first_sum[k]``
+    replaces column k's sum; later columns carry from the sums as written, and the answer is what the
+    written sums spell (a consistent-looking trace)."""
+    steps, carry, answer = [], 0, 0
+    for k, (x, y) in enumerate(columns):
+        s = first_sum.get(k, x + y + carry)
+        steps.append((x, y, carry, s))
+        answer += (s % 10) * 10**k
+        carry = s // 10
+    return format_trace(steps, answer + carry * 10**num_digits)
+
+
+def _miscopied_operand(p: Problem, rng: np.random.Generator) -> str:
+    """One digit of an operand copied wrong into the trace; everything after it follows from the wrong digit
+    (a policy's typical slip: the arithmetic is right, the input is not)."""
+    columns = [(x, y) for x, y, _, _ in addition_steps(p.a, p.b, p.num_digits)]
+    k, which = int(rng.integers(0, p.num_digits)), int(rng.integers(0, 2))
+    x, y = columns[k]
+    old = (x, y)[which]
+    new = (old + int(rng.integers(1, 10))) % 10
+    columns[k] = (new, y) if which == 0 else (x, new)
+    return _trace_from_columns(columns, p.num_digits, {})
+
+
+def _wrong_column_sum(p: Problem, rng: np.random.Generator) -> str:
+    """One column's sum off by 1 or 2; carries and the answer follow from the written sum."""
+    steps = addition_steps(p.a, p.b, p.num_digits)
+    k = int(rng.integers(0, p.num_digits))
+    s = steps[k][3]
+    choices = [s + d for d in (-2, -1, 1, 2) if 0 <= s + d <= 19]
+    columns = [(x, y) for x, y, _, _ in steps]
+    return _trace_from_columns(columns, p.num_digits, {k: int(rng.choice(choices))})
+
+
 REJECTION_KINDS: dict[str, Callable[[Problem, np.random.Generator], str | None]] = {
     "dropped_carry": _dropped_carry,
     "wrong_digit": _wrong_digit,
     "no_answer_tags": _no_answer_tags,
     "no_think": _no_think,
     "truncated": _truncated,
+    "miscopied_operand": _miscopied_operand,
+    "wrong_column_sum": _wrong_column_sum,
 }
+# What preference_rows draws from by default; the two slips of a single step (a miscopied operand digit, a
+# wrong column sum, each followed consistently to a wrong answer) are opt-in by name (``kinds=``).
+DEFAULT_REJECTION_KINDS = ("dropped_carry", "wrong_digit", "no_answer_tags", "no_think", "truncated")
 
 
 # --- rows and writers -----------------------------------------------------------------------------------
@@ -182,8 +222,9 @@ def prompt_rows(problems: Iterable[Problem]) -> list[dict]:
 def preference_rows(
     problems: Iterable[Problem], *, seed: int = 0, kinds: Iterable[str] | None = None
 ) -> list[dict]:
-    """Chosen = the correct trace; rejected = a corruption drawn from ``kinds`` (default: all)."""
-    names = list(kinds) if kinds is not None else list(REJECTION_KINDS)
+    """Chosen = the correct trace; rejected = a corruption drawn from ``kinds`` (default:
+    ``DEFAULT_REJECTION_KINDS``)."""
+    names = list(kinds) if kinds is not None else list(DEFAULT_REJECTION_KINDS)
     for name in names:
         if name not in REJECTION_KINDS:
             raise ValueError(f"unknown rejection kind {name!r}; expected one of {sorted(REJECTION_KINDS)}")

@@ -199,7 +199,7 @@ def lora_overrides(cfg: DemoConfig) -> list[str]:
     return [f"lora.rank={lo.rank}", f"lora.alpha={lo.alpha}", f"optim.lr={lo.lr}"]
 
 
-def _rewards_yaml(cfg: DemoConfig) -> str:
+def rewards_yaml(cfg: DemoConfig) -> str:
     """Correctness (exact match inside <answer>) + weighted strict format: the reward built-ins."""
     accuracy = "{name: accuracy, weight: 1.0, kwargs: {extract: [answer_tag], symbolic: false}}"
     return f"[{accuracy}, {{name: format, weight: {cfg.grpo.format_weight}}}]"
@@ -264,7 +264,7 @@ def grpo_config(
             "grpo.epsilon_low=0.2",
             "grpo.epsilon_high=0.2",
             "grpo.loss_aggregation=dapo",
-            f"grpo.reward_functions={_rewards_yaml(cfg)}",
+            f"grpo.reward_functions={rewards_yaml(cfg)}",
             f"grpo.log_completions_every={max(g.eval_every, 1)}",
             *extra,
             *lora_overrides(cfg),
@@ -301,7 +301,16 @@ def preference_config(
     )
 
 
-def ppo_config(cfg: DemoConfig, out: str, paths: dict[str, str], model_path: str, rm_path: str) -> RunConfig:
+def ppo_config(
+    cfg: DemoConfig,
+    out: str,
+    paths: dict[str, str],
+    model_path: str,
+    rm_path: str,
+    extra: Sequence[str] = (),
+) -> RunConfig:
+    """The PPO stage against the reward model at ``rm_path``; ``extra`` overrides come before the LoRA ones
+    (scripts/rlhf_probe.py: the checker as the reward, held-out evaluation)."""
     p = cfg.ppo
     return stage_config(
         cfg,
@@ -321,9 +330,11 @@ def ppo_config(cfg: DemoConfig, out: str, paths: dict[str, str], model_path: str
             f"train.steps={p.steps}",
             f"train.batch_size={p.prompts_per_step}",
             "train.log_every=1",
+            f"ppo.num_mini_batches={p.mini_batches}",
             f"ppo.max_new_tokens={p.max_new_tokens}",
             f"ppo.kl_coef={p.kl_coef}",
             f"ppo.reward_model={rm_path}",
+            *extra,
             *lora_overrides(cfg),
         ],
     )
