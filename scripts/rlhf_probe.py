@@ -7,7 +7,8 @@ Reads a finished ``jrft demo --objective rlhf --out RUN`` directory (``base/``, 
 1. On ``--prompts`` held-out preference prompts, ``--samples`` draws of the SFT policy each (temperature 1):
    their accuracy, the reward model's within-prompt pairwise accuracy (a correct draw scored above a wrong
    draw of the same prompt: what PPO's update direction depends on), and best-of-n (the draw the reward
-   model scores highest, right or wrong) against the greedy answer.
+   model scores highest, right or wrong) against the greedy answer (the demo's own ranking lines,
+   ``jrft.demo.stages.rank_sft_draws``).
 2. With ``--ppo model`` or ``--ppo checker``: PPO from the SFT checkpoint with the demo's ``ppo:`` settings
    (``key=value`` demo overrides apply) and held-out exact match every ``--eval-every`` steps. ``checker``
    swaps the reward model for the demo's GRPO reward functions (exact answer + format): a control that
@@ -23,57 +24,15 @@ import json
 import os
 import time
 
-import numpy as np
 
-
-def reward_model_on_samples(
-    run: str, cfg, tokenizer, *, num_prompts: int, num_samples: int, reward_model: str | None = None
-) -> dict:
-    """The reward model's ranking of the SFT policy's draws (part 1 of the module docstring)."""
-    from jrft.demo.evaluate import EXACT_MATCH, reward_scores, sampled_completions
-    from jrft.demo.preferences import answer_of
-    from jrft.demo.stages import _load, _task_eval, read_jsonl
+def reward_model_on_samples(run: str, cfg, tokenizer, *, reward_model: str | None = None) -> dict:
+    """The reward model's ranking of the SFT policy's draws (part 1), as the demo reports it."""
+    from jrft.demo.stages import _load, rank_sft_draws, read_jsonl
     from jrft.models import from_pretrained
 
-    rows = read_jsonl(os.path.join(run, "data", "pref_heldout.jsonl"))[:num_prompts]
-    prompts = [r["prompt"] for r in rows]
-    policy = _load(os.path.join(run, "sft", "export"))
-    draws = sampled_completions(
-        policy,
-        tokenizer,
-        prompts,
-        max_new_tokens=cfg.eval.max_new_tokens,
-        batch_size=cfg.eval.batch_size,
-        num_samples=num_samples,
-        temperature=1.0,
-        seed=cfg.seed + 5,
-    )
-    flat = [c for group in draws for c in group]
-    answers = [answer_of(r["chosen"]) for r in rows for _ in range(num_samples)]
-    right = (np.asarray(EXACT_MATCH(completions=flat, answer=answers)) > 0).reshape(-1, num_samples)
-    reward_model = from_pretrained(reward_model or os.path.join(run, "reward", "export"), scalar_head=True)
-    repeated = [p for p in prompts for _ in range(num_samples)]
-    scores = np.asarray(reward_scores(reward_model, tokenizer, repeated, flat)).reshape(-1, num_samples)
-    wins = [
-        scores[i, a] > scores[i, b]
-        for i in range(len(rows))
-        for a in np.flatnonzero(right[i])
-        for b in np.flatnonzero(~right[i])
-    ]
-    greedy_rows = [{"prompt": r["prompt"], "answer": answer_of(r["chosen"])} for r in rows]
-    greedy = _task_eval(cfg, policy, tokenizer, greedy_rows)
-    mean_prompt = scores.mean(axis=1, keepdims=True)
-    return {
-        "prompts": len(rows),
-        "samples_per_prompt": num_samples,
-        "sample_accuracy": float(right.mean()),
-        "within_prompt_pairs": len(wins),
-        "within_prompt_pairwise_accuracy": float(np.mean(wins)) if wins else float("nan"),
-        "best_of_n_accuracy": float(right[np.arange(len(rows)), scores.argmax(axis=1)].mean()),
-        "greedy_accuracy": greedy.accuracy,
-        "score_variance_between_prompts": float(mean_prompt.var()),
-        "score_variance_within_prompts": float(((scores - mean_prompt) ** 2).mean()),
-    }
+    pairs = read_jsonl(os.path.join(run, "data", "pref_heldout.jsonl"))
+    rm = from_pretrained(reward_model or os.path.join(run, "reward", "export"), scalar_head=True)
+    return rank_sft_draws(cfg, rm, _load(os.path.join(run, "sft", "export")), tokenizer, pairs)
 
 
 def ppo_curve(
@@ -131,12 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     from jrft.demo.settings import load_demo_config
     from jrft.demo.stages import tokenizer_of
 
-    cfg = load_demo_config(None, args.overrides)
+    cfg = load_demo_config(
+        None, [f"reward.rank_prompts={args.prompts}", f"reward.rank_samples={args.samples}", *args.overrides]
+    )
     tokenizer = tokenizer_of({"base": os.path.join(args.run, "base")})
     t0 = time.time()
-    stats = reward_model_on_samples(
-        args.run, cfg, tokenizer, num_prompts=args.prompts, num_samples=args.samples
-    )
+    stats = reward_model_on_samples(args.run, cfg, tokenizer, reward_model=args.rm)
     print(json.dumps(stats, indent=1))
     if args.ppo:
         out = args.out or os.path.join(args.run, f"probe_ppo_{args.ppo}")

@@ -221,6 +221,35 @@ def test_rlhf_report_says_when_ppo_raised_the_score_but_exact_match_fell(tmp_pat
     assert report.reward_hacking_note(DemoResult(objective="grpo", output_dir="", before={}, after={})) == ""
 
 
+def test_rank_draws_against_a_loop_over_pairs():
+    from jrft.demo.preferences import rank_draws
+
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(40, 6)).round(1)  # ties: a tie is not a win
+    correct = rng.random((40, 6)) < 0.4
+    greedy = rng.random(40) < 0.5
+    wins = pairs = 0
+    for i in range(40):
+        for a in range(6):
+            for b in range(6):
+                if correct[i, a] and not correct[i, b]:
+                    pairs += 1
+                    wins += scores[i, a] > scores[i, b]
+    got = rank_draws(scores, correct, greedy)
+    assert got["within_prompt_pairs"] == pairs
+    assert got["within_prompt_pairwise_accuracy"] == pytest.approx(wins / pairs)
+    best = [correct[i, int(np.argmax(scores[i]))] for i in range(40)]
+    assert got["best_of_n_accuracy"] == pytest.approx(np.mean(best))
+    assert got["sample_accuracy"] == pytest.approx(correct.mean())
+    assert got["greedy_accuracy"] == pytest.approx(greedy.mean())
+    # a reward model that puts every correct draw first
+    perfect = rank_draws(correct.astype(float), correct)
+    assert perfect["within_prompt_pairwise_accuracy"] == 1.0 and "greedy_accuracy" not in perfect
+    assert perfect["best_of_n_accuracy"] == pytest.approx(correct.any(axis=1).mean())
+    with pytest.raises(ValueError, match=r"must both be \[prompts, G\]"):
+        rank_draws(scores[0], correct[0])
+
+
 def test_on_policy_pairs_replace_rejected_with_the_policys_first_wrong_draw(tiny, monkeypatch):
     from jrft.demo import preferences
 

@@ -65,6 +65,11 @@ def test_quick_rlhf_demo_trains_the_reward_model(tmp_path, capsys):
     ]
     assert 0.0 <= result["before"]["sft_sample_accuracy"] <= 1.0
     assert any(r["rejected_kind"] == "policy" for r in rows) and "on-policy pairs" in result["seconds"]
+    # the reward model ranked the SFT policy's own draws (reward.rank_samples) before PPO
+    for key in ("rm_draw_pairwise_accuracy", "rm_best_of_n_accuracy", "rank_greedy_accuracy"):
+        value = result["after"][key]
+        assert value != value or 0.0 <= value <= 1.0  # NaN: no prompt had both a right and a wrong draw
+    assert "its top-scored draw is correct" in capsys.readouterr().out
 
 
 @pytest.mark.slow  # ~10 s; LoRA runs: test_lora_runs; the demo's LoRA settings: test_demo_parts

@@ -71,3 +71,32 @@ def on_policy_pairs(
         out.append(row)
     replaced = float(np.mean([r.get("rejected_kind") == "policy" for r in out]))
     return out, {"sample_accuracy": float(good.mean()), "policy_rejected_fraction": replaced}
+
+
+def rank_draws(
+    scores: np.ndarray, correct: np.ndarray, greedy_correct: np.ndarray | None = None
+) -> dict[str, float]:
+    """How well a reward model ranks a policy's own draws: ``scores`` and ``correct`` are ``[prompts, G]``
+    (the reward model's score and the checker's verdict of each draw); ``greedy_correct`` ``[prompts]``.
+
+    Returns ``within_prompt_pairwise_accuracy`` (a correct draw scored above a wrong draw of the same prompt,
+    over all such pairs: the direction of PPO's update), ``best_of_n_accuracy`` (the top-scored draw is
+    correct: what maximising the score buys), ``sample_accuracy`` and, given ``greedy_correct``,
+    ``greedy_accuracy``. Best-of-n below greedy means the reward model's favourites are worse than the
+    policy's own first choice: optimising it lowers exact match.
+    """
+    scores, correct = np.asarray(scores, np.float64), np.asarray(correct, bool)
+    if scores.shape != correct.shape or scores.ndim != 2:
+        raise ValueError(f"scores {scores.shape} and correct {correct.shape} must both be [prompts, G]")
+    # pairs (i, a, b) with a correct and b wrong: sum over prompts of (#correct x #wrong)
+    wins = (scores[:, :, None] > scores[:, None, :]) & correct[:, :, None] & ~correct[:, None, :]
+    num_pairs = int((correct.sum(1) * (~correct).sum(1)).sum())
+    stats = {
+        "sample_accuracy": float(correct.mean()),
+        "within_prompt_pairs": float(num_pairs),
+        "within_prompt_pairwise_accuracy": float(wins.sum() / num_pairs) if num_pairs else float("nan"),
+        "best_of_n_accuracy": float(correct[np.arange(len(scores)), scores.argmax(axis=1)].mean()),
+    }
+    if greedy_correct is not None:
+        stats["greedy_accuracy"] = float(np.mean(greedy_correct))
+    return stats

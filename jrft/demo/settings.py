@@ -133,10 +133,15 @@ class RewardStage:
     # replaces the hand-made rejected answer (jrft.demo.preferences), so the reward model learns the
     # mistakes PPO will make, not only the corruptions of jrft.data.synthetic. 0 = hand-made pairs only.
     on_policy_samples: int = 2
+    # The trained reward model ranks rank_samples draws (temperature 1) of the SFT policy on rank_prompts
+    # held-out preference prompts: pairwise accuracy within a prompt, and whether its top-scored draw beats
+    # the greedy answer (jrft.demo.preferences.rank_draws). 0 = skip.
+    rank_samples: int = 8
+    rank_prompts: int = 300
 
     def __post_init__(self):
-        check_positive(self, "steps", "batch_size", "lr")
-        check_nonnegative(self, "on_policy_samples")
+        check_positive(self, "steps", "batch_size", "lr", "rank_prompts")
+        check_nonnegative(self, "on_policy_samples", "rank_samples")
 
 
 @dataclass(frozen=True)
@@ -280,6 +285,8 @@ QUICK_OVERRIDES: tuple[str, ...] = (
     "dpo.batch_size=8",
     "reward.steps=3",
     "reward.batch_size=8",
+    "reward.rank_samples=2",
+    "reward.rank_prompts=8",
     "ppo.steps=2",
     "ppo.prompts_per_step=4",
     "ppo.mini_batches=1",

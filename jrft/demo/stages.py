@@ -502,6 +502,34 @@ def _rm_accuracy(reward_model, tokenizer, pairs) -> float:
     return float(np.mean(chosen > rejected))
 
 
+def rank_sft_draws(cfg: DemoConfig, reward_model, policy, tokenizer, pairs: list[dict]) -> dict[str, float]:
+    """The reward model on ``reward.rank_samples`` draws of the SFT policy per held-out preference prompt
+    (``jrft.demo.preferences.rank_draws``), with the policy's greedy answers on the same prompts."""
+    from jrft.demo.evaluate import EXACT_MATCH, sampled_completions
+    from jrft.demo.preferences import answer_of, rank_draws
+
+    rows = pairs[: cfg.reward.rank_prompts]
+    prompts, answers = [r["prompt"] for r in rows], [answer_of(r["chosen"]) for r in rows]
+    g = cfg.reward.rank_samples
+    draws = sampled_completions(
+        policy,
+        tokenizer,
+        prompts,
+        max_new_tokens=cfg.eval.max_new_tokens,
+        batch_size=cfg.eval.batch_size,
+        num_samples=g,
+        temperature=1.0,
+        seed=cfg.seed + 5,
+    )
+    flat = [c for group in draws for c in group]
+    correct = np.asarray(EXACT_MATCH(completions=flat, answer=[a for a in answers for _ in range(g)])) > 0
+    scores = reward_scores(reward_model, tokenizer, [p for p in prompts for _ in range(g)], flat)
+    rows = [{"prompt": p, "answer": a} for p, a in zip(prompts, answers, strict=True)]
+    greedy = _task_eval(cfg, policy, tokenizer, rows)
+    greedy_correct = np.asarray(EXACT_MATCH(completions=list(greedy.completions), answer=answers)) > 0
+    return rank_draws(np.asarray(scores).reshape(-1, g), correct.reshape(-1, g), greedy_correct)
+
+
 def _on_policy_pair_files(cfg: DemoConfig, paths, policy, tokenizer, result: DemoResult, log) -> dict:
     """Preference files whose rejected answers are the SFT policy's own mistakes where it made one (train:
     the reward model learns from them; held out: ``rm_policy_pair_accuracy``, the reward model's accuracy
@@ -578,6 +606,21 @@ def run_rlhf_demo(cfg: DemoConfig, result: DemoResult, paths, tokenizer, log, pr
                     f"   reward model on held-out pairs that reject the SFT policy's own mistakes: "
                     f"{result.after['rm_policy_pair_accuracy']:.1%} (n={len(policy_pairs)})"
                 )
+        if cfg.reward.rank_samples:
+            ranking = rank_sft_draws(cfg, reward_model, _load(sft_model), tokenizer, pairs)
+            result.after.update(
+                rm_draw_pairwise_accuracy=ranking["within_prompt_pairwise_accuracy"],
+                rm_best_of_n_accuracy=ranking["best_of_n_accuracy"],
+                rank_greedy_accuracy=ranking["greedy_accuracy"],
+            )
+            verdict = "below" if ranking["best_of_n_accuracy"] < ranking["greedy_accuracy"] else "at or above"
+            log(
+                f"   reward model on {cfg.reward.rank_samples} SFT draws of each of "
+                f"{min(len(pairs), cfg.reward.rank_prompts)} held-out prompts: a correct draw scores above "
+                f"a wrong one {ranking['within_prompt_pairwise_accuracy']:.1%} of the time; its top-scored "
+                f"draw is correct {ranking['best_of_n_accuracy']:.1%} vs greedy "
+                f"{ranking['greedy_accuracy']:.1%} ({verdict} greedy)"
+            )
         rm_score, ev = score(sft_model)
         result.before.update(rm_score=rm_score, **ev.as_metrics())
         result.after["rm_preference_accuracy"] = rm_acc
