@@ -357,6 +357,7 @@ def _metrics(out):
     return [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl")) if '"eval/' not in x]
 
 
+@pytest.mark.slow  # ~15 s; GRPO with tools runs in the default suite in test_demo_tools' quick demo
 def test_grpo_run_with_tools_logs_turns_and_counts_failures(task, tmp_path):
     from jrft.train.runs import run_config
 

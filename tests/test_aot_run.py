@@ -135,6 +135,7 @@ LORA_CASES = [
         "dpo",
         ["lora.base_quantization=nf4", "lora.dropout=0.05"],
         {"dpo/train_step"},
+        marks=pytest.mark.slow,  # ~10 s; nf4 runs (CPU) in test_lora_quant, dropout in test_lora_runs
         id="dpo-nf4-dropout",
     ),
     pytest.param(

@@ -110,6 +110,7 @@ def test_adapter_that_does_not_fit_the_model_names_the_file(peft_adapter, tmp_pa
     assert "up_proj.lora_B.weight' has shape (64, 4), expected (48, 4)" in str(e.value)
 
 
+@pytest.mark.slow  # ~10 s: a LoRA run, export, and a second run from it
 def test_run_starts_from_an_exported_adapter(tiny_task, tmp_path):
     """SFT with LoRA for a few steps, then a second run from its export/adapter/: the first forward equals
     the exported (merged) model's logits, and the run trains on from there."""

@@ -66,6 +66,7 @@ def _check_only_adapters_trained(state, tiny_task, out):
     assert not np.allclose(np.asarray(exported.layers.wq[...]), np.asarray(base.layers.wq[...]))
 
 
+@pytest.mark.slow  # ~10 s; DPO with LoRA runs in the default suite in test_dpo_with_lora_resumes_exactly
 def test_dpo_with_lora(tiny_task, tmp_path):
     out = tmp_path / "dpo"
     overrides = [
@@ -112,6 +113,7 @@ def test_dpo_reference_holds_no_second_base(tiny_task, tmp_path, rank, added):
     assert _base_copies(tiny_task) - before == added  # full fine-tuning: the reference's copy
 
 
+@pytest.mark.slow  # ~16 s; LoRA RL rounds run in the default suite through test_ppo_with_lora_*
 def test_grpo_with_lora_and_kl(tiny_task, reward_file, tmp_path, monkeypatch):
     out = tmp_path / "grpo"
     counts = tmp_path / "counts.txt"
@@ -180,7 +182,7 @@ def test_ppo_with_lora_trains_adapters_and_the_value_head(tiny_task, reward_file
     np.testing.assert_array_equal(np.asarray(rest_wq), np.asarray(base.layers.wq[...]))
 
 
-@pytest.mark.parametrize("dropout", ["0.0", "0.1"])
+@pytest.mark.parametrize("dropout", [pytest.param("0.0", marks=pytest.mark.slow), "0.1"])  # 0.1 covers 0.0
 def test_dpo_with_lora_resumes_exactly(tiny_task, tmp_path, dropout):
     """Checkpoints hold the LoRA state (adapters, their optimizer state, the base in ``rest``); a run stopped
     at step 4 and resumed to 6 ends where the uninterrupted 6-step run ends (with ``lora.dropout`` too: its

@@ -45,7 +45,7 @@ def test_adapter_specs_and_sharded_forward_equals_single_device():
     np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("quant", ["int8", "nf4"])
+@pytest.mark.parametrize("quant", ["int8", pytest.param("nf4", marks=pytest.mark.slow)])  # one shared path
 def test_quantized_base_shards_and_its_forward_equals_single_device(quant):
     """A quantized base places its codes like the float weights (nf4's packed input dim still over fsdp) and
     the sharded forward, with LoRA dropout too (a training forward's key), equals the single-device one."""

@@ -45,6 +45,7 @@ def _live_bytes() -> int:
     return sum(x.nbytes for x in jax.live_arrays() if not x.is_deleted())
 
 
+@pytest.mark.slow  # ~14 s: two DPO runs; precompute mode stays in the default suite (tests below, KTO)
 def test_precomputed_reference_equals_live_reference(tiny_task, tmp_path):
     runs, live_bytes = {}, {}
     for name, flag in (("live", "false"), ("pre", "true")):

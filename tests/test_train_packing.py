@@ -215,7 +215,10 @@ def _pairs(b=6, t=16, seed=4):
     return out
 
 
-@pytest.mark.parametrize("loss_type, grad_accum", [("sigmoid", 1), ("ipo", 2), ("simpo", 3), ("orpo", 2)])
+@pytest.mark.parametrize(
+    "loss_type, grad_accum",
+    [("sigmoid", 1), ("ipo", 2), pytest.param("simpo", 3, marks=pytest.mark.slow), ("orpo", 2)],
+)  # simpo (~8 s) in the slow suite: orpo covers the reference-free packed path
 def test_dpo_packed_equals_padded(loss_type, grad_accum):
     graphdef, params, rest = _model()
     batch = _pairs()
