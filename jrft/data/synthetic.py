@@ -159,39 +159,32 @@ def _truncated(p: Problem, rng: np.random.Generator) -> str:
     return think[:cut]
 
 
-def _trace_from_columns(columns: list[tuple[int, int]], num_digits: int, first_sum: dict[int, int]) -> str:
-    """The trace of adding the column digits ``(x, y)`` (units first) with carries, where ``first_sum[k]``
-    replaces column k's sum; later columns carry from the sums as written, and the answer is what the
-    written sums spell (a consistent-looking trace)."""
-    steps, carry, answer = [], 0, 0
-    for k, (x, y) in enumerate(columns):
-        s = first_sum.get(k, x + y + carry)
-        steps.append((x, y, carry, s))
-        answer += (s % 10) * 10**k
-        carry = s // 10
-    return format_trace(steps, answer + carry * 10**num_digits)
-
-
 def _miscopied_operand(p: Problem, rng: np.random.Generator) -> str:
     """One digit of an operand copied wrong into the trace; everything after it follows from the wrong digit
-    (a policy's typical slip: the arithmetic is right, the input is not)."""
-    columns = [(x, y) for x, y, _, _ in addition_steps(p.a, p.b, p.num_digits)]
+    (a policy's typical slip: the arithmetic is right, the input is not): the correct trace of the problem
+    with that digit changed."""
     k, which = int(rng.integers(0, p.num_digits)), int(rng.integers(0, 2))
-    x, y = columns[k]
-    old = (x, y)[which]
-    new = (old + int(rng.integers(1, 10))) % 10
-    columns[k] = (new, y) if which == 0 else (x, new)
-    return _trace_from_columns(columns, p.num_digits, {})
+    operand = (p.a, p.b)[which]
+    old = (operand // 10**k) % 10
+    changed = operand + ((old + int(rng.integers(1, 10))) % 10 - old) * 10**k
+    a, b = (changed, p.b) if which == 0 else (p.a, changed)
+    return addition_trace(a, b, p.num_digits)
 
 
 def _wrong_column_sum(p: Problem, rng: np.random.Generator) -> str:
-    """One column's sum off by 1 or 2; carries and the answer follow from the written sum."""
-    steps = addition_steps(p.a, p.b, p.num_digits)
+    """One column's sum off by 1 or 2; later columns carry from the sums as written, and the answer is what
+    the written sums spell (a consistent-looking trace)."""
+    correct = addition_steps(p.a, p.b, p.num_digits)
     k = int(rng.integers(0, p.num_digits))
-    s = steps[k][3]
-    choices = [s + d for d in (-2, -1, 1, 2) if 0 <= s + d <= 19]
-    columns = [(x, y) for x, y, _, _ in steps]
-    return _trace_from_columns(columns, p.num_digits, {k: int(rng.choice(choices))})
+    s = correct[k][3]
+    wrong = int(rng.choice([s + d for d in (-2, -1, 1, 2) if 0 <= s + d <= 19]))
+    steps, carry, answer = [], 0, 0
+    for j, (x, y, _, _) in enumerate(correct):
+        s = wrong if j == k else x + y + carry
+        steps.append((x, y, carry, s))
+        answer += (s % 10) * 10**j
+        carry = s // 10
+    return format_trace(steps, answer + carry * 10**p.num_digits)
 
 
 REJECTION_KINDS: dict[str, Callable[[Problem, np.random.Generator], str | None]] = {

@@ -524,8 +524,8 @@ def rank_sft_draws(cfg: DemoConfig, reward_model, policy, tokenizer, pairs: list
     flat = [c for group in draws for c in group]
     correct = np.asarray(EXACT_MATCH(completions=flat, answer=[a for a in answers for _ in range(g)])) > 0
     scores = reward_scores(reward_model, tokenizer, [p for p in prompts for _ in range(g)], flat)
-    rows = [{"prompt": p, "answer": a} for p, a in zip(prompts, answers, strict=True)]
-    greedy = _task_eval(cfg, policy, tokenizer, rows)
+    answer_rows = [{"prompt": p, "answer": a} for p, a in zip(prompts, answers, strict=True)]
+    greedy = _task_eval(cfg, policy, tokenizer, answer_rows)
     greedy_correct = np.asarray(EXACT_MATCH(completions=list(greedy.completions), answer=answers)) > 0
     return rank_draws(np.asarray(scores).reshape(-1, g), correct.reshape(-1, g), greedy_correct)
 
