@@ -75,6 +75,19 @@ def tiny_task(tmp_path_factory):
     }
 
 
+@pytest.fixture(scope="session")
+def tiny_sft(tiny_task):
+    """The overrides every short SFT run on ``tiny_task`` shares (the model, its SFT rows, their lengths);
+    a test adds its output_dir, steps, batch size, LoRA settings, ..."""
+    return [
+        "objective=sft",
+        f"model.path={tiny_task['model']}",
+        f"data.train={tiny_task['sft_train']}",
+        "data.buckets=32",
+        "data.max_length=64",
+    ]
+
+
 def param_arrays(state) -> list:
     """Every parameter of a train state as host numpy arrays (for comparisons between runs)."""
     import jax

@@ -111,16 +111,12 @@ def test_adapter_that_does_not_fit_the_model_names_the_file(peft_adapter, tmp_pa
 
 
 @pytest.mark.slow  # ~10 s: a LoRA run, export, and a second run from it
-def test_run_starts_from_an_exported_adapter(tiny_task, tmp_path):
+def test_run_starts_from_an_exported_adapter(tiny_sft, tmp_path):
     """SFT with LoRA for a few steps, then a second run from its export/adapter/: the first forward equals
     the exported (merged) model's logits, and the run trains on from there."""
     first = tmp_path / "first"
     common = [
-        "objective=sft",
-        f"model.path={tiny_task['model']}",
-        f"data.train={tiny_task['sft_train']}",
-        "data.buckets=32",
-        "data.max_length=64",
+        *tiny_sft,
         "mesh.data=1",
         "optim.lr=1e-2",
         "train.batch_size=8",

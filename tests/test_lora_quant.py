@@ -200,7 +200,7 @@ def test_config_needs_lora_and_estimate_counts_stored_bytes(quant):
 
 
 @pytest.mark.parametrize("quant", FORMATS)
-def test_lora_run_over_a_quantized_base(tiny_task, tmp_path, quant):
+def test_lora_run_over_a_quantized_base(tiny_task, tiny_sft, tmp_path, quant):
     """SFT with LoRA over the quantized base: the trained parameters are the adapters only, the base stays
     as loaded (int8 / nf4 codes) in the state's rest (and out of the checkpoint), the loss falls, the
     export is the dequantized base with the adapters merged and loads as a plain float model."""
@@ -208,12 +208,8 @@ def test_lora_run_over_a_quantized_base(tiny_task, tmp_path, quant):
 
     out = tmp_path / "run"
     overrides = [
-        "objective=sft",
+        *tiny_sft,
         f"output_dir={out}",
-        f"model.path={tiny_task['model']}",
-        f"data.train={tiny_task['sft_train']}",
-        "data.buckets=32",
-        "data.max_length=64",
         "mesh.data=1",
         "optim.lr=1e-2",
         "train.batch_size=8",

@@ -18,17 +18,13 @@ def test_measured_peak_is_host_rss_on_cpu():
 
 
 @pytest.fixture(scope="module")
-def short_sft(tiny_task, tmp_path_factory):
+def short_sft(tiny_sft, tmp_path_factory):
     out = tmp_path_factory.mktemp("short_sft")
     config = load_config(
         None,
         [
-            "objective=sft",
+            *tiny_sft,
             f"output_dir={out}",
-            f"model.path={tiny_task['model']}",
-            f"data.train={tiny_task['sft_train']}",
-            "data.buckets=32",
-            "data.max_length=64",
             "optim.lr=1e-3",
             "optim.warmup_steps=4",
             "train.steps=2",

@@ -8,17 +8,13 @@ from jrft.config import load_config
 from jrft.train.runs.offline import run_offline
 
 
-def test_export_of_the_final_checkpoint_equals_the_runs_own_export(tiny_task, tmp_path, capsys):
+def test_export_of_the_final_checkpoint_equals_the_runs_own_export(tiny_sft, tmp_path, capsys):
     out = tmp_path / "run"
     cfg = load_config(
         None,
         [
-            "objective=sft",
+            *tiny_sft,
             f"output_dir={out}",
-            f"model.path={tiny_task['model']}",
-            f"data.train={tiny_task['sft_train']}",
-            "data.buckets=32",
-            "data.max_length=64",
             "train.steps=3",
             "train.batch_size=8",
             "train.save_every=0",
@@ -38,7 +34,7 @@ def test_export_of_the_final_checkpoint_equals_the_runs_own_export(tiny_task, tm
     assert "no checkpoint" in capsys.readouterr().err
 
 
-def test_export_refuses_a_checkpoint_with_non_finite_weights(tiny_task, tmp_path, capsys):
+def test_export_refuses_a_checkpoint_with_non_finite_weights(tiny_sft, tmp_path, capsys):
     import jax
     import jax.numpy as jnp
 
@@ -48,12 +44,8 @@ def test_export_refuses_a_checkpoint_with_non_finite_weights(tiny_task, tmp_path
     cfg = load_config(
         None,
         [
-            "objective=sft",
+            *tiny_sft,
             f"output_dir={out}",
-            f"model.path={tiny_task['model']}",
-            f"data.train={tiny_task['sft_train']}",
-            "data.buckets=32",
-            "data.max_length=64",
             "train.steps=1",
             "train.batch_size=8",
             "train.save_every=0",
