@@ -530,9 +530,21 @@ class RewardConfig:
     # Coefficient of the (r_chosen + r_rejected)^2 penalty that keeps rewards centred
     # (Eisenstein et al. 2023).
     center_coefficient: float = 0.0
+    # > 0: the reward is the head's score + this x the completion's summed log-prob under the model's own LM
+    # head, trained jointly by the same loss (saved with the model: config.json jrft_reward_likelihood_coef;
+    # PPO and reward functions score with it). The language model already ranks answers by likelihood.
+    likelihood_coef: float = 0.0
+    # > 0 (pairs only): adds this x the chosen answer's mean per-token negative log-likelihood to the loss, a
+    # text-generation regulariser that keeps the reward model a language model (GRM, arXiv 2406.10216).
+    sft_coef: float = 0.0
 
     def __post_init__(self):
-        check_nonnegative(self, "center_coefficient")
+        check_nonnegative(self, "center_coefficient", "likelihood_coef", "sft_coef")
+        check_field(
+            self.sft_coef == 0 or self.loss == "bradley_terry",
+            "sft_coef",
+            "the chosen answers' log-likelihood term applies to bradley_terry pairs, not listwise rankings",
+        )
         check_field(
             self.margin_column is None or self.loss == "bradley_terry",
             "margin_column",

@@ -131,11 +131,14 @@ def test_reward_model_export_is_the_reward_with_a_value_head(tiny_task, tmp_path
             "train.batch_size=8",
             "train.steps=3",
             "train.save_every=0",
+            "reward.likelihood_coef=0.5",  # the score adds 0.5 x the completion's log-prob
         ],
     )
     run_offline(rm_cfg, progress=False)
     rm_path = str(rm_out / "export")
     assert "score.weight" in load_file(os.path.join(rm_path, "model.safetensors"))
+    with open(os.path.join(rm_path, "config.json")) as f:
+        assert json.load(f)["jrft_reward_likelihood_coef"] == 0.5  # PPO's scorer reads it from here
 
     out = tmp_path / "ppo_head"
     cfg = _config(

@@ -189,22 +189,30 @@ def preference_accuracy(model, tokenizer, rows: Sequence[Mapping[str, str]], *, 
     return float(np.mean(c > r))
 
 
-# The reward model's score at each row's last real token: the trainer's own function, jitted once here.
-_last_scores = jax.jit(sequence_rewards)
+# The reward model's score of each row: the trainer's own function, jitted once here.
+@jax.jit
+def _scores(reward_model, tokens, mask, completion):
+    return sequence_rewards(reward_model, tokens, mask, completion_mask=completion)
 
 
 def reward_scores(
     reward_model, tokenizer, prompts: Sequence[str], completions: Sequence[str], batch_size: int = 128
 ) -> np.ndarray:
-    """The reward model's score ``[N]`` of each ``[bos] prompt completion [eos]``."""
+    """The reward model's score ``[N]`` of each ``[bos] prompt completion [eos]`` (a likelihood-scoring
+    reward model also sums the log-probs of ``completion [eos]``)."""
     eos = [tokenizer.eos_token_id]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    seqs = [
-        prompt_ids(tokenizer, p) + list(tokenizer(c, add_special_tokens=False)["input_ids"]) + eos
-        for p, c in zip(prompts, completions, strict=True)
-    ]
+    seqs, marks = [], []
+    for p, c in zip(prompts, completions, strict=True):
+        prompt, completion = (
+            prompt_ids(tokenizer, p),
+            list(tokenizer(c, add_special_tokens=False)["input_ids"]),
+        )
+        seqs.append(prompt + completion + eos)
+        marks.append([0] * len(prompt) + [1] * (len(completion) + 1))
     out = []
     for lo, hi in _chunks(len(seqs), batch_size):
         tokens, mask = _pad_right(seqs[lo:hi], pad)
-        out.append(np.asarray(_last_scores(reward_model, tokens, mask)))
+        completion_mask, _ = _pad_right(marks[lo:hi], 0)
+        out.append(np.asarray(_scores(reward_model, tokens, mask, completion_mask)))
     return np.concatenate(out)

@@ -138,10 +138,15 @@ class RewardStage:
     # the greedy answer (jrft.demo.preferences.rank_draws). 0 = skip.
     rank_samples: int = 8
     rank_prompts: int = 300
+    # reward.likelihood_coef of the reward model's run: its score adds this x the answer's summed log-prob
+    # under its own language model (jrft.train.objectives.reward.sequence_rewards). 0 = the scalar head only.
+    likelihood_coef: float = 0.0
+    # reward.sft_coef: the chosen answers' negative log-likelihood joins the loss (keeps its LM a generator).
+    sft_coef: float = 0.0
 
     def __post_init__(self):
         check_positive(self, "steps", "batch_size", "lr", "rank_prompts")
-        check_nonnegative(self, "on_policy_samples", "rank_samples")
+        check_nonnegative(self, "on_policy_samples", "rank_samples", "likelihood_coef", "sft_coef")
 
 
 @dataclass(frozen=True)

@@ -276,7 +276,13 @@ def preference_config(
     cfg: DemoConfig, out: str, paths: dict[str, str], model_path: str, objective: str
 ) -> RunConfig:
     s = cfg.dpo if objective == "dpo" else cfg.reward
-    extra = [f"dpo.beta={cfg.dpo.beta}", *lora_overrides(cfg)] if objective == "dpo" else []
+    if objective == "dpo":
+        extra = [f"dpo.beta={cfg.dpo.beta}", *lora_overrides(cfg)]
+    else:
+        extra = [
+            f"reward.likelihood_coef={cfg.reward.likelihood_coef}",
+            f"reward.sft_coef={cfg.reward.sft_coef}",
+        ]
     return stage_config(
         cfg,
         out,

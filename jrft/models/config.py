@@ -47,6 +47,7 @@ _MODELLED_KEYS = {
     "transformers_version",
     "torch_dtype",
     "dtype",
+    "jrft_reward_likelihood_coef",
 }
 
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -89,6 +90,10 @@ class ModelConfig:
     final_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
     sliding_window: int | None = None  # keys at most this many slots back (exclusive), on sliding layers
     sliding_layers: tuple[bool, ...] = ()  # per layer: True = sliding-window attention
+    # Reward models: the score is the scalar head at the last token + this x the summed log-prob of the
+    # completion under the model's own LM head (jrft.train.objectives.reward.sequence_rewards); 0 = head only.
+    # Saved as config.json's ``jrft_reward_likelihood_coef`` (absent when 0).
+    reward_likelihood_coef: float = 0.0
     # Unmodelled config.json entries, (key, json-encoded value) pairs, written back by to_hf().
     hf_extra: tuple[tuple[str, str], ...] = ()
 
@@ -113,6 +118,10 @@ class ModelConfig:
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(
                 f"ModelConfig.hidden_act: unsupported {self.hidden_act!r}; supported: {ACTIVATIONS}"
+            )
+        if not self.reward_likelihood_coef >= 0:
+            raise ValueError(
+                f"ModelConfig.reward_likelihood_coef must be >= 0, got {self.reward_likelihood_coef}"
             )
 
     @property
@@ -192,6 +201,8 @@ class ModelConfig:
             tie_word_embeddings=self.tie_embeddings,
             hidden_act=self.hidden_act,
         )
+        if self.reward_likelihood_coef:
+            out["jrft_reward_likelihood_coef"] = self.reward_likelihood_coef
         family.write(self, out)
         return out
 
@@ -242,6 +253,7 @@ def _common_from_hf(cfg: dict[str, Any], **family_fields) -> ModelConfig:
         tie_embeddings=bool(cfg.get("tie_word_embeddings", family_fields.pop("default_tie", False))),
         hidden_act=act,
         hf_extra=tuple(sorted((k, json.dumps(v)) for k, v in extra.items())),
+        reward_likelihood_coef=float(cfg.get("jrft_reward_likelihood_coef", 0.0)),
         **_rope_from_hf(cfg),
         **family_fields,
     )

@@ -323,6 +323,7 @@ def from_pretrained(
     lora: LoRASpec | None = None,
     lora_init: str | os.PathLike | None = None,
     base_quantization: str | None = None,
+    reward_likelihood_coef: float | None = None,
 ) -> Decoder:
     """Loads a transformers checkpoint into a ``Decoder``.
 
@@ -343,6 +344,8 @@ def from_pretrained(
       base_quantization: ``"int8"`` (per output channel) or ``"nf4"`` (4-bit NormalFloat, blocks of 64
         inputs) quantizes the layers' projections as they are read (``jrft.models.quant``; for a frozen base
         under LoRA).
+      reward_likelihood_coef: sets ``ModelConfig.reward_likelihood_coef`` (a reward model's score adds this x
+        the completion's log-prob; None: the checkpoint's ``jrft_reward_likelihood_coef``, else 0).
 
     Raises:
       FileNotFoundError: no config.json / no safetensors. ValueError: unsupported model_type.
@@ -350,6 +353,8 @@ def from_pretrained(
     """
     directory = _resolve_dir(path)
     config = ModelConfig.from_hf(directory)
+    if reward_likelihood_coef is not None:
+        config = config.replace(reward_likelihood_coef=float(reward_likelihood_coef))
     files = _weight_files(directory)
     abstract = nnx.eval_shape(
         lambda: Decoder(
@@ -371,6 +376,12 @@ def from_pretrained(
     if scalar_head and "score.weight" not in files:
         fresh.add("scalar_head/kernel")
     if scalar_head and not config.tie_embeddings and "lm_head.weight" not in files:
+        if config.reward_likelihood_coef:
+            raise CheckpointError(
+                f"{directory}: reward_likelihood_coef={config.reward_likelihood_coef} scores with the LM "
+                "head, but the checkpoint has no lm_head.weight (a ...ForSequenceClassification export of an "
+                "untied model); train the reward model from a causal LM checkpoint"
+            )
         fresh.add("lm_head")
     adapters = {name for name, _ in flat if name.startswith("lora/")}
     fresh |= adapters

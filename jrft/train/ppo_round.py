@@ -150,7 +150,7 @@ class PPORound:
         self.reward_model = None
         if reward_model is not None:
             rm_graphdef, self.reward_model = reward_model
-            self.score_fn = ppo.make_score_fn(rm_graphdef)
+            self.score_fn = ppo.make_score_fn(rm_graphdef, logits_chunk_size=o.logits_chunk_size)
         self.rounds = 0
         self.ref_logp_calls = 0  # kl_coef = 0 must never compute reference log-probs (tested)
 
@@ -251,13 +251,14 @@ class PPORound:
         batch = device_batch({"completion_mask": rollout.completion_mask}, self.mesh)
         padded = None  # the padded rows, for the reward model's scores
         if self.reward_model is not None:
-            padded = (
-                inputs.full()
-                if not self.options.pack_rows
-                else device_batch(
-                    {"tokens": rollout.tokens, "attention_mask": rollout.attention_mask}, self.mesh
-                )
-            )
+            # completion_mask over the whole row: a likelihood-scoring reward model sums the completion's
+            # log-probs (model tokens only; tool results in multi-turn rollouts are 0)
+            rows = {"completion_mask": rollout.row_completion_mask()}
+            if self.options.pack_rows:
+                rows.update(tokens=rollout.tokens, attention_mask=rollout.attention_mask)
+            padded = device_batch(rows, self.mesh)
+            if not self.options.pack_rows:
+                padded = {**inputs.full(), **padded}
         scores, parts, metrics = self._scores(rollout, padded)
         batch["scores"] = device_batch({"scores": scores.astype(np.float32)}, self.mesh)["scores"]
         t1 = time.perf_counter()

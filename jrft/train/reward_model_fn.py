@@ -4,8 +4,9 @@ hold ``{reward_model: path, weight: w}`` next to rule-based functions.
 The model is a jrft reward model (``jrft reward`` export) or a transformers ``...ForSequenceClassification``
 with one label, loaded with its scalar head; its score is the head at the last real token of ``prompt +
 completion`` tokenized with the reward model's own tokenizer (its chat template for conversations;
-``[bos] prompt completion [eos]`` for text, as ``jrft reward`` trained it). It runs on the device, in a
-thread of the reward runner (never a worker process: it holds device arrays).
+``[bos] prompt completion [eos]`` for text, as ``jrft reward`` trained it), plus, for a reward model saved
+with ``jrft_reward_likelihood_coef`` (``reward.likelihood_coef``), that times the completion's log-prob. It
+runs on the device, in a thread of the reward runner (never a worker process: it holds device arrays).
 """
 
 from __future__ import annotations
@@ -44,25 +45,28 @@ class RewardModelFunction:
         self.bos, self.eos = ([] if bos is None else [int(bos)]), ([] if eos is None else [int(eos)])
         self.pad = int(getattr(tokenizer, "pad_token_id", None) or (eos if eos is not None else 0))
 
-    def _ids(self, prompt: Any, completion: Any) -> list[int]:
+    def _ids(self, prompt: Any, completion: Any) -> tuple[list[int], list[int]]:
+        """Token ids of the row and its completion mask (1 on the completion's tokens, eos included)."""
         if isinstance(prompt, list):  # a conversation: the reward model's chat template
             messages = prompt + (completion if isinstance(completion, list) else [
                 {"role": "assistant", "content": completion}
             ])  # fmt: skip
-            tokens, _ = encode_chat(self.tokenizer, messages, first_trained=len(prompt))
-            return [int(t) for t in tokens]
+            tokens, trained = encode_chat(self.tokenizer, messages, first_trained=len(prompt))
+            return [int(t) for t in tokens], [int(m) for m in trained]
         text = completion if isinstance(completion, str) else str(completion)
         ids = self.tokenizer([prompt, text], add_special_tokens=False)["input_ids"]
-        return self.bos + list(ids[0]) + list(ids[1]) + self.eos
+        head, tail = self.bos + list(ids[0]), list(ids[1]) + self.eos
+        return head + tail, [0] * len(head) + [1] * len(tail)
 
     def __call__(self, *, prompts: Sequence[Any], completions: Sequence[Any], **_: Any) -> list[float]:
         rows = [self._ids(p, c) for p, c in zip(prompts, completions, strict=True)]
-        length = bucket_length(max(len(r) for r in rows), self.buckets)
+        length = bucket_length(max(len(r) for r, _ in rows), self.buckets)
         tokens = np.full((len(rows), length), self.pad, np.int32)
         mask = np.zeros((len(rows), length), np.int32)
-        for i, r in enumerate(rows):
-            tokens[i, : len(r)], mask[i, : len(r)] = r, 1
-        host = {"tokens": tokens, "attention_mask": mask}
+        completion = np.zeros((len(rows), length), np.int32)
+        for i, (r, c) in enumerate(rows):
+            tokens[i, : len(r)], mask[i, : len(r)], completion[i, : len(c)] = r, 1, c
+        host = {"tokens": tokens, "attention_mask": mask, "completion_mask": completion}
         if self.mesh is None:
             scores = self.frozen.call(self.score_fn, host)
         else:

@@ -74,6 +74,12 @@ class Rollout:
     def num_rows(self) -> int:
         return int(self.tokens.shape[0])
 
+    def row_completion_mask(self) -> np.ndarray:
+        """``completion_mask`` over whole rows: ``[N, Tp + Tc]``, 0 on the prompt slots (what a reward model
+        that scores the completion's likelihood needs beside ``tokens``)."""
+        prompt = np.zeros((self.num_rows, self.prompt_length), self.completion_mask.dtype)
+        return np.concatenate([prompt, self.completion_mask], axis=1)
+
     def select_groups(self, keep: np.ndarray, group_size: int) -> Rollout:
         """The rollout restricted to the groups where ``keep [P]`` is true (rows stay contiguous)."""
         rows = np.repeat(np.asarray(keep, bool), group_size)

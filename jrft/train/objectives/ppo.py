@@ -114,13 +114,22 @@ def make_loss_fn(
     return loss_fn
 
 
-def make_score_fn(graphdef: nnx.GraphDef):
-    """Jitted ``(params, rest, batch) -> [N]``: a reward model's score at each row's last real token."""
+def make_score_fn(graphdef: nnx.GraphDef, *, logits_chunk_size: int = 0):
+    """Jitted ``(params, rest, batch) -> [N]``: a reward model's score of each row (``tokens``,
+    ``attention_mask`` and, for a likelihood-scoring reward model, ``completion_mask``: ``[N, T]``;
+    :func:`jrft.train.objectives.reward.sequence_rewards`)."""
     from jrft.train.objectives.reward import sequence_rewards
 
-    return frozen_forward(
-        graphdef, lambda model, b: sequence_rewards(model, b["tokens"], b["attention_mask"])
-    )
+    def score(model, b):
+        return sequence_rewards(
+            model,
+            b["tokens"],
+            b["attention_mask"],
+            completion_mask=b.get("completion_mask"),
+            logits_chunk_size=logits_chunk_size,
+        )
+
+    return frozen_forward(graphdef, score)
 
 
 def explained_variance(values, returns, mask) -> jax.Array:

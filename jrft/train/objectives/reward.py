@@ -1,7 +1,10 @@
 """Reward model: decoder + scalar head trained with Bradley–Terry on (chosen, rejected) pairs, or listwise
 (Plackett–Luce) on whole rankings.
 
-The reward of a sequence is the head's output at its last real token.
+The reward of a sequence is the head's output at its last real token; a reward model whose
+``ModelConfig.reward_likelihood_coef`` is ``c > 0`` adds ``c x`` the completion's summed log-prob under its
+own LM head (:func:`sequence_rewards`), so Bradley-Terry trains the language model's likelihood of the
+answer too.
 
 * Pairs (:func:`make_loss_fn`): batch keys as for DPO (``chosen_tokens``, ``chosen_attention_mask``,
   ``rejected_*``: ``[B, T]``), optional ``margin`` ``[B]``.
@@ -17,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jrft.losses import bradley_terry_loss, plackett_luce_loss
+from jrft.train.logprobs import hidden_token_logps
 from jrft.train.objectives.pairs import valid_rows
 
 
@@ -26,28 +30,104 @@ def last_token_index(attention_mask: jax.Array) -> jax.Array:
     return t - 1 - jnp.argmax(attention_mask[:, ::-1] > 0, axis=-1)
 
 
-def sequence_rewards(
-    model, tokens: jax.Array, attention_mask: jax.Array, dropout_key: jax.Array | None = None
-) -> jax.Array:
-    """``[B]`` float32 rewards: the scalar head at each row's last real token (``dropout_key``: a training
-    forward's, for LoRA dropout)."""
-    scores = model.score(tokens, attention_mask=attention_mask, dropout_key=dropout_key)  # [B, T]
+def reward_parts(
+    model,
+    tokens: jax.Array,
+    attention_mask: jax.Array,
+    dropout_key: jax.Array | None = None,
+    *,
+    completion_mask: jax.Array | None = None,
+    logits_chunk_size: int = 0,
+    with_likelihood: bool = False,
+) -> tuple[jax.Array, jax.Array | None]:
+    """``(head [B], likelihood [B] or None)`` from one trunk forward: the scalar head at each row's last real
+    token, and the summed log-prob of the completion tokens under the model's own LM head (computed when
+    ``with_likelihood`` or the model's ``config.reward_likelihood_coef`` is > 0).
+
+    Args:
+      model: a ``jrft.models.Decoder`` with a scalar head.
+      tokens, attention_mask: ``[B, T]`` prompt + completion rows (left or right padding).
+      dropout_key: a training forward's (LoRA dropout).
+      completion_mask: ``[B, T]`` 1 on the completion's tokens (each is scored given everything before it);
+        required for the likelihood.
+      logits_chunk_size: > 0 computes the log-probs that many positions at a time (never all ``[B, T, V]``).
+    """
+    hidden = model.hidden(tokens, attention_mask, dropout_key=dropout_key)  # [B, T, D]
+    scores = model.scalar_head(hidden)  # [B, T]
     idx = last_token_index(attention_mask)
-    return jnp.take_along_axis(scores.astype(jnp.float32), idx[:, None], axis=-1)[:, 0]
+    head = jnp.take_along_axis(scores.astype(jnp.float32), idx[:, None], axis=-1)[:, 0]
+    coef = model.config.reward_likelihood_coef
+    if not (coef or with_likelihood):
+        return head, None
+    if completion_mask is None:
+        raise ValueError(
+            f"sequence_rewards: this reward model adds {coef} x the completion's log-prob "
+            "(reward_likelihood_coef) and needs a completion_mask [B, T]"
+        )
+    logps = hidden_token_logps(model, hidden[:, :-1], tokens[:, 1:], chunk_size=logits_chunk_size)
+    return head, jnp.sum(logps * completion_mask[:, 1:].astype(jnp.float32), axis=-1)
 
 
-def pair_rewards(model, batch, dropout_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """Chosen and rejected rewards ``([B], [B])`` from one forward pass over both."""
+def sequence_rewards(
+    model,
+    tokens: jax.Array,
+    attention_mask: jax.Array,
+    dropout_key: jax.Array | None = None,
+    *,
+    completion_mask: jax.Array | None = None,
+    logits_chunk_size: int = 0,
+) -> jax.Array:
+    """``[B]`` float32 rewards: the scalar head at each row's last real token, plus, for a model with
+    ``config.reward_likelihood_coef = c > 0``, ``c x`` the summed log-prob of the completion tokens under the
+    model's own LM head (arguments as :func:`reward_parts`; ``completion_mask`` is needed when ``c > 0``)."""
+    head, likelihood = reward_parts(
+        model,
+        tokens,
+        attention_mask,
+        dropout_key,
+        completion_mask=completion_mask,
+        logits_chunk_size=logits_chunk_size,
+    )
+    return head if likelihood is None else head + model.config.reward_likelihood_coef * likelihood
+
+
+def pair_rewards(
+    model, batch, dropout_key: jax.Array | None = None, *, logits_chunk_size: int = 0, with_nll: bool = False
+):
+    """Chosen and rejected rewards ``([B], [B])`` from one forward pass over both (the ``*_loss_mask`` rows
+    mark each completion, for a likelihood-scoring reward model); ``with_nll``: also the chosen answers'
+    mean per-token negative log-likelihood ``[B]``."""
     n = batch["chosen_tokens"].shape[0]
-    tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]], axis=0)
-    mask = jnp.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]], axis=0)
-    rewards = sequence_rewards(model, tokens, mask, dropout_key)
-    return rewards[:n], rewards[n:]
+    both = {
+        key: jnp.concatenate([batch[f"chosen_{key}"], batch[f"rejected_{key}"]], axis=0)
+        for key in ("tokens", "attention_mask", "loss_mask")
+    }
+    head, likelihood = reward_parts(
+        model,
+        both["tokens"],
+        both["attention_mask"],
+        dropout_key,
+        completion_mask=both["loss_mask"],
+        logits_chunk_size=logits_chunk_size,
+        with_likelihood=with_nll,
+    )
+    coef = model.config.reward_likelihood_coef
+    rewards = head + coef * likelihood if coef else head
+    if not with_nll:
+        return rewards[:n], rewards[n:]
+    count = jnp.maximum(jnp.sum(batch["chosen_loss_mask"][:, 1:], axis=-1), 1).astype(jnp.float32)
+    return rewards[:n], rewards[n:], -likelihood[:n] / count
 
 
-def make_loss_fn(*, center_coef: float = 0.0):
+def make_loss_fn(*, center_coef: float = 0.0, sft_coef: float = 0.0, logits_chunk_size: int = 0):
+    """Bradley-Terry on (chosen, rejected) rewards (:func:`jrft.losses.bradley_terry_loss`), plus
+    ``sft_coef x`` the chosen answer's mean per-token negative log-likelihood under the model's LM head (a
+    text-generation regulariser of the reward model, GRM: Yang et al. 2024, arXiv 2406.10216); mean over the
+    global batch's real pairs."""
+
     def loss_fn(model, batch, norms, key):
-        chosen, rejected = pair_rewards(model, batch, key)
+        out = pair_rewards(model, batch, key, logits_chunk_size=logits_chunk_size, with_nll=sft_coef > 0)
+        chosen, rejected = out[0], out[1]
         losses = bradley_terry_loss(chosen, rejected, margin=batch.get("margin"), center_coef=center_coef)
         valid = valid_rows(batch)
 
@@ -60,6 +140,9 @@ def make_loss_fn(*, center_coef: float = 0.0):
             "rewards/rejected": mean(rejected),
             "rewards/margins": mean(chosen - rejected),
         }
+        if sft_coef > 0:
+            metrics["nll_chosen"] = mean(out[2])
+            losses = losses + sft_coef * out[2]
         return mean(losses), metrics
 
     return loss_fn
@@ -74,13 +157,22 @@ def ranking_normalizers(batch):
     }
 
 
-def ranking_scores(model, batch, dropout_key: jax.Array | None = None) -> jax.Array:
+def ranking_scores(
+    model, batch, dropout_key: jax.Array | None = None, *, logits_chunk_size: int = 0
+) -> jax.Array:
     """``[B, K]`` rewards of every item of every ranking from ONE forward pass over ``[B * K, T]`` rows."""
     b, k, t = batch["tokens"].shape
-    tokens = batch["tokens"].reshape(b * k, t)  # [B*K, T]
-    mask = batch["attention_mask"].reshape(b * k, t)
+    rows = {key: batch[key].reshape(b * k, t) for key in ("tokens", "attention_mask", "loss_mask")}
     # Filler items (all-zero masks) score the head at position T-1 of padding; they are masked out below.
-    return sequence_rewards(model, tokens, mask, dropout_key).reshape(b, k)  # [B, K]
+    rewards = sequence_rewards(
+        model,
+        rows["tokens"],
+        rows["attention_mask"],
+        dropout_key,
+        completion_mask=rows["loss_mask"],
+        logits_chunk_size=logits_chunk_size,
+    )
+    return rewards.reshape(b, k)  # [B, K]
 
 
 def ranking_accuracies(scores: jax.Array, ranking: jax.Array, item_mask: jax.Array):
@@ -100,7 +192,7 @@ def ranking_accuracies(scores: jax.Array, ranking: jax.Array, item_mask: jax.Arr
     return correct.astype(jnp.float32), top1.astype(jnp.float32)
 
 
-def make_listwise_loss_fn(*, center_coef: float = 0.0):
+def make_listwise_loss_fn(*, center_coef: float = 0.0, logits_chunk_size: int = 0):
     """Plackett–Luce negative log-likelihood of each ranking (Plackett 1975; Zhu et al. 2023, arXiv
     2301.11270), mean over the global batch's rankings; plus ``center_coef x (sum of the ranking's
     rewards)^2`` (for K = 2 exactly Bradley–Terry's centring term).
@@ -110,7 +202,7 @@ def make_listwise_loss_fn(*, center_coef: float = 0.0):
     """
 
     def loss_fn(model, batch, norms, key):
-        scores = ranking_scores(model, batch, key)  # [B, K]
+        scores = ranking_scores(model, batch, key, logits_chunk_size=logits_chunk_size)  # [B, K]
         item_mask = batch["item_mask"]
         ranking = batch["ranking"].astype(jnp.int32)
         losses = plackett_luce_loss(scores, ranking, mask=item_mask)  # [B]

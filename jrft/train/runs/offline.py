@@ -59,8 +59,12 @@ def offline_loss(config: RunConfig) -> tuple[Callable, Callable]:
     if config.objective == "reward":
         c = config.reward
         if c.loss == "listwise":  # whole rankings [B, K, T], Plackett-Luce
-            return reward.ranking_normalizers, reward.make_listwise_loss_fn(center_coef=c.center_coefficient)
-        return pairs.normalizers, reward.make_loss_fn(center_coef=c.center_coefficient)
+            return reward.ranking_normalizers, reward.make_listwise_loss_fn(
+                center_coef=c.center_coefficient, logits_chunk_size=chunk
+            )
+        return pairs.normalizers, reward.make_loss_fn(
+            center_coef=c.center_coefficient, sft_coef=c.sft_coef, logits_chunk_size=chunk
+        )
     if config.objective == "kto":
         return kto.normalizers, kto.make_loss_fn(**_loss_options(config, "kto"), logits_chunk_size=chunk)
     return pairs.normalizers, dpo.make_loss_fn(**_loss_options(config, "dpo"), logits_chunk_size=chunk)

@@ -54,6 +54,12 @@ def build_model(config: RunConfig, mesh: Mesh, *, scalar_head: bool = False, pat
         lora=LoRASpec.from_config(config.lora) if path is None else None,
         lora_init=config.lora.init_from if path is None and config.lora.rank > 0 else None,
         base_quantization=config.lora.base_quantization if path is None else None,
+        # a reward model in training scores as its run says; one loaded by path as it was saved
+        reward_likelihood_coef=(
+            config.reward.likelihood_coef
+            if scalar_head and path is None and config.objective == "reward"
+            else None
+        ),
     )
 
 
