@@ -69,7 +69,12 @@ def test_quick_rlhf_demo_trains_the_reward_model(tmp_path, capsys):
     for key in ("rm_draw_pairwise_accuracy", "rm_best_of_n_accuracy", "rank_greedy_accuracy"):
         value = result["after"][key]
         assert value != value or 0.0 <= value <= 1.0  # NaN: no prompt had both a right and a wrong draw
-    assert "its top-scored draw is correct" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "its top-scored draw is correct" in text
+    # the demo's reward model scores with its language model too, which decodes the task itself
+    with open(out / "reward" / "export" / "config.json") as f:
+        assert json.load(f)["jrft_reward_likelihood_coef"] == 1.0
+    assert 0.0 <= result["after"]["rm_lm_accuracy"] <= 1.0 and "the reward model's own language model" in text
 
 
 @pytest.mark.slow  # ~10 s; LoRA runs: test_lora_runs; the demo's LoRA settings: test_demo_parts

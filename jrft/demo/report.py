@@ -41,6 +41,7 @@ METRIC_LABELS = {
     "rm_draw_pairwise_accuracy": "RM: correct SFT draw > wrong",
     "rm_best_of_n_accuracy": "RM's top-scored SFT draw correct",
     "rank_greedy_accuracy": "SFT greedy, same prompts",
+    "rm_lm_accuracy": "RM's own LM, greedy exact match",
     "rm_score": "reward-model score (greedy)",
     "tool_call_rate": "held-out tool-call rate",
     "tool_failure_rate": "held-out failed calls / calls",

@@ -139,10 +139,12 @@ class RewardStage:
     rank_samples: int = 8
     rank_prompts: int = 300
     # reward.likelihood_coef of the reward model's run: its score adds this x the answer's summed log-prob
-    # under its own language model (jrft.train.objectives.reward.sequence_rewards). 0 = the scalar head only.
-    likelihood_coef: float = 0.0
-    # reward.sft_coef: the chosen answers' negative log-likelihood joins the loss (keeps its LM a generator).
-    sft_coef: float = 0.0
+    # under its own language model (jrft.train.objectives.reward.sequence_rewards). 0 = the scalar head only:
+    # it ranks the SFT policy's own draws badly (best-of-8 below greedy); PPO lowers exact match against it.
+    likelihood_coef: float = 1.0
+    # reward.sft_coef: the chosen answers' negative log-likelihood joins the loss (keeps its LM a generator;
+    # without it the likelihood term alone ranks well but its LM decodes garbage, which PPO then chases).
+    sft_coef: float = 1.0
 
     def __post_init__(self):
         check_positive(self, "steps", "batch_size", "lr", "rank_prompts")

@@ -587,7 +587,9 @@ def run_rlhf_demo(cfg: DemoConfig, result: DemoResult, paths, tokenizer, log, pr
             paths = _on_policy_pair_files(cfg, paths, _load(sft_model), tokenizer, result, log)
     with _Timer(result, "reward model", log):
         # before training: the SFT model with a freshly initialised scalar head
-        untrained = from_pretrained(sft_model, scalar_head=True, seed=cfg.seed)
+        untrained = from_pretrained(
+            sft_model, scalar_head=True, seed=cfg.seed, reward_likelihood_coef=cfg.reward.likelihood_coef
+        )
         result.before["rm_preference_accuracy"] = _rm_accuracy(untrained, tokenizer, pairs)
         del untrained
         config = preference_config(cfg, result.output_dir, paths, sft_model, "reward")
@@ -626,6 +628,13 @@ def run_rlhf_demo(cfg: DemoConfig, result: DemoResult, paths, tokenizer, log, pr
                 f"a wrong one {ranking['within_prompt_pairwise_accuracy']:.1%} of the time; its top-scored "
                 f"draw is correct {ranking['best_of_n_accuracy']:.1%} vs greedy "
                 f"{ranking['greedy_accuracy']:.1%} ({verdict} greedy)"
+            )
+        if cfg.reward.likelihood_coef or cfg.reward.sft_coef:
+            # what the reward model's language model knows: its own greedy answers (PPO's target, in effect)
+            result.after["rm_lm_accuracy"] = _task_eval(cfg, _load(rm_path), tokenizer, heldout).accuracy
+            log(
+                f"   the reward model's own language model, decoding greedily: held-out exact match "
+                f"{result.after['rm_lm_accuracy']:.1%} (it learned from the chosen answers of its pairs)"
             )
         rm_score, ev = score(sft_model)
         result.before.update(rm_score=rm_score, **ev.as_metrics())
