@@ -88,7 +88,13 @@ def sequence_rewards(
         completion_mask=completion_mask,
         logits_chunk_size=logits_chunk_size,
     )
-    return head if likelihood is None else head + model.config.reward_likelihood_coef * likelihood
+    return _total(model, head, likelihood)
+
+
+def _total(model, head: jax.Array, likelihood: jax.Array | None) -> jax.Array:
+    """``head + reward_likelihood_coef x likelihood`` (the head alone when the coefficient is 0)."""
+    coef = model.config.reward_likelihood_coef
+    return head + coef * likelihood if coef else head
 
 
 def pair_rewards(
@@ -111,8 +117,7 @@ def pair_rewards(
         logits_chunk_size=logits_chunk_size,
         with_likelihood=with_nll,
     )
-    coef = model.config.reward_likelihood_coef
-    rewards = head + coef * likelihood if coef else head
+    rewards = _total(model, head, likelihood)
     if not with_nll:
         return rewards[:n], rewards[n:]
     count = jnp.maximum(jnp.sum(batch["chosen_loss_mask"][:, 1:], axis=-1), 1).astype(jnp.float32)
