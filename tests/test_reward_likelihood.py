@@ -5,6 +5,7 @@ travels with the export and every scorer (PPO, reward functions, the demo) appli
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -20,10 +21,15 @@ def _log_softmax(x):
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
+@jax.jit
+def _logits_and_heads(model, tokens, attention):
+    return model(tokens, attention_mask=attention), model.score(tokens, attention_mask=attention)
+
+
 def _numpy_rewards(model, tokens, attention, completion, coef):
     """head at the last real token + coef x sum over completion tokens t of log p(tokens[t] | tokens[:t])."""
-    logits = np.asarray(model(tokens, attention_mask=attention), np.float64)  # [B, T, V]
-    heads = np.asarray(model.score(tokens, attention_mask=attention), np.float64)  # [B, T]
+    logits, heads = _logits_and_heads(model, tokens, attention)
+    logits, heads = np.asarray(logits, np.float64), np.asarray(heads, np.float64)  # [B, T, V], [B, T]
     logp = _log_softmax(logits)
     out = []
     for b in range(tokens.shape[0]):
@@ -108,40 +114,18 @@ def test_the_coefficient_is_saved_in_config_json():
         base.replace(reward_likelihood_coef=-1.0)
 
 
-def test_trained_reward_model_scores_with_its_coefficient_everywhere(tiny_task, tmp_path):
-    """`jrft reward` with reward.likelihood_coef (and sft_coef): the export carries the coefficient; the
-    reward-function wrapper and the demo's scorer give the hand-computed score of [bos] prompt completion
-    [eos]."""
+def test_saved_reward_model_scores_with_its_coefficient_everywhere(tiny_task, tmp_path):
+    """A reward model saved with the coefficient (``jrft reward`` exports it so: test_train_ppo) keeps it in
+    config.json; the reward-function wrapper and the demo's scorer give the hand-computed score of
+    [bos] prompt completion [eos]."""
     from transformers import AutoTokenizer
 
-    from jrft.config import load_config
     from jrft.demo.evaluate import reward_scores
+    from jrft.models import save_pretrained
     from jrft.train.reward_model_fn import load_reward_model_function
-    from jrft.train.runs.offline import run_offline
 
-    out = tmp_path / "rm"
-    cfg = load_config(
-        None,
-        [
-            "objective=reward",
-            f"output_dir={out}",
-            f"model.path={tiny_task['model']}",
-            f"data.train={tiny_task['pref_train']}",
-            "data.buckets=32",
-            "data.max_length=64",
-            "optim.lr=1e-3",
-            "train.batch_size=8",
-            "train.steps=2",
-            "train.save_every=0",
-            "reward.likelihood_coef=0.5",
-            "reward.sft_coef=0.1",
-            "train.log_every=1",
-        ],
-    )
-    run_offline(cfg, progress=False)
-    with open(out / "metrics.jsonl") as f:
-        assert all(json.loads(line)["nll_chosen"] > 0 for line in f)  # the run's loss has the NLL term
-    path = str(out / "export")
+    saved = from_pretrained(tiny_task["model"], scalar_head=True, seed=3, reward_likelihood_coef=0.5)
+    path = str(save_pretrained(saved, tmp_path / "rm", AutoTokenizer.from_pretrained(tiny_task["model"])))
     with open(os.path.join(path, "config.json")) as f:
         assert json.load(f)["jrft_reward_likelihood_coef"] == 0.5
     model = from_pretrained(path, scalar_head=True)

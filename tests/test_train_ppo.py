@@ -131,10 +131,14 @@ def test_reward_model_export_is_the_reward_with_a_value_head(tiny_task, tmp_path
             "train.batch_size=8",
             "train.steps=3",
             "train.save_every=0",
+            "train.log_every=1",
             "reward.likelihood_coef=0.5",  # the score adds 0.5 x the completion's log-prob
+            "reward.sft_coef=0.1",  # + 0.1 x the chosen answers' NLL in the loss
         ],
     )
     run_offline(rm_cfg, progress=False)
+    with open(rm_out / "metrics.jsonl") as f:
+        assert all(json.loads(line)["nll_chosen"] > 0 for line in f)  # the run's loss has the NLL term
     rm_path = str(rm_out / "export")
     assert "score.weight" in load_file(os.path.join(rm_path, "model.safetensors"))
     with open(os.path.join(rm_path, "config.json")) as f:

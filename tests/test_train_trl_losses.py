@@ -67,7 +67,8 @@ def test_grpo_trl_loss_types_run(tiny_task, tmp_path, extra):
     assert table and all(isinstance(r["ones"], int) for r in table)
 
 
-@pytest.mark.parametrize("loss_type", ["aot", "discopop"])
+# discopop (~7 s) in the slow suite: its loss is tested against NumPy (test_losses_dpo), aot runs the path
+@pytest.mark.parametrize("loss_type", ["aot", pytest.param("discopop", marks=pytest.mark.slow)])
 def test_dpo_trl_loss_types_run(tiny_task, tmp_path, loss_type):
     out = tmp_path / loss_type
     config = load_config(
