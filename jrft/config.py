@@ -945,6 +945,11 @@ class RunConfig:
                 "ppo.reward_model",
                 "PPO needs a reward: set ppo.reward_model and/or ppo.reward_functions",
             )
+            check_field(
+                self.train.batch_size % self.ppo.num_mini_batches == 0,
+                "ppo.num_mini_batches",
+                f"must divide train.batch_size={self.train.batch_size}",
+            )
         if self.objective == "grpo":
             check_field(
                 len(self.grpo.reward_functions) > 0 or self.grpo.environment is not None,

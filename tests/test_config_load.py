@@ -83,6 +83,12 @@ def test_inline_rows_and_reward_functions():
     assert rf[1].as_runner_spec() == {"name": "m:f", "weight": 1.0}
 
 
+def test_ppo_mini_batches_must_divide_the_batch_at_load():
+    with pytest.raises(ConfigError, match=r"ppo\.num_mini_batches.*must divide train\.batch_size=16"):
+        load_config(ROOT / "configs/ppo.yaml", ["ppo.num_mini_batches=3"])
+    assert load_config(ROOT / "configs/ppo.yaml", ["ppo.num_mini_batches=4"]).ppo.num_mini_batches == 4
+
+
 @pytest.mark.parametrize(
     "override, key",
     [

@@ -34,12 +34,7 @@ def run_ppo(config: RunConfig, *, progress: bool = True, runner=None, model_eval
     ``train.eval_every`` steps and at the end, as in ``run_grpo``; its metrics are logged with an ``eval/``
     prefix.
     """
-    c = config.ppo
-    if config.train.batch_size % c.num_mini_batches:
-        raise ValueError(
-            f"ppo.num_mini_batches={c.num_mini_batches} must divide "
-            f"train.batch_size={config.train.batch_size}"
-        )
+    c = config.ppo  # RunConfig checked that num_mini_batches divides train.batch_size
     head = c.value_model == "head"
     run = setup_run(config, scalar_head=head)
     mesh = run.mesh
