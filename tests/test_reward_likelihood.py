@@ -56,6 +56,18 @@ def _rows():
     return tokens, attention, completion
 
 
+def _pair_batch(chosen, rejected):
+    """A preference batch of :func:`_rows`: the ``chosen`` rows against the ``rejected`` rows."""
+    tokens, attention, completion = _rows()
+    batch = {}
+    for side, rows in (("chosen", chosen), ("rejected", rejected)):
+        batch.update({
+            f"{side}_tokens": tokens[rows], f"{side}_attention_mask": attention[rows],
+            f"{side}_loss_mask": completion[rows],
+        })  # fmt: skip
+    return batch
+
+
 def test_score_is_head_plus_coef_times_completion_logprob(likelihood_model):
     tokens, attention, completion = _rows()
     want = _numpy_rewards(likelihood_model, tokens, attention, completion, 0.7)
@@ -87,12 +99,7 @@ def test_head_only_model_ignores_the_completion_mask(tiny_task):
 def test_pair_rewards_and_ppo_scores_use_each_rows_completion(likelihood_model):
     tokens, attention, completion = _rows()
     want = _numpy_rewards(likelihood_model, tokens, attention, completion, 0.7)
-    batch = {}
-    for side, rows in (("chosen", slice(0, 2)), ("rejected", slice(1, 3))):
-        batch.update({
-            f"{side}_tokens": tokens[rows], f"{side}_attention_mask": attention[rows],
-            f"{side}_loss_mask": completion[rows],
-        })  # fmt: skip
+    batch = _pair_batch(slice(0, 2), slice(1, 3))
     chosen, rejected = pair_rewards(likelihood_model, batch)
     np.testing.assert_allclose(chosen, want[:2], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(rejected, want[1:], rtol=1e-5, atol=1e-5)
@@ -157,12 +164,7 @@ def test_sft_coef_adds_the_chosen_answers_mean_token_nll(likelihood_model):
     from jrft.train.objectives.reward import make_loss_fn
 
     tokens, attention, completion = _rows()
-    batch = {}
-    for side, rows in (("chosen", [0, 2, 1]), ("rejected", [1, 0, 2])):
-        batch.update({
-            f"{side}_tokens": tokens[rows], f"{side}_attention_mask": attention[rows],
-            f"{side}_loss_mask": completion[rows],
-        })  # fmt: skip
+    batch = _pair_batch([0, 2, 1], [1, 0, 2])
     rewards = _numpy_rewards(likelihood_model, tokens, attention, completion, 0.7)
     likelihood = (_numpy_rewards(likelihood_model, tokens, attention, completion, 1.0)
                   - _numpy_rewards(likelihood_model, tokens, attention, completion, 0.0))  # fmt: skip

@@ -144,21 +144,26 @@ def _pad_right(seqs: Sequence[Sequence[int]], pad: int, multiple: int = 16) -> t
     return tokens, mask
 
 
-def _encode_pairs(tokenizer, rows: Sequence[Mapping[str, str]]):
-    """``(tokens, attention_mask, completion_mask)`` ``[2N, T]``: N chosen rows then N rejected rows, each
-    ``[bos] prompt completion [eos]`` with the completion (and eos) marked."""
+def _encode(tokenizer, prompts: Sequence[str], completions: Sequence[str]):
+    """``(tokens, attention_mask, completion_mask)`` ``[N, T]``: each row ``[bos] prompt completion [eos]``,
+    right-padded, with the completion (and eos) marked."""
     eos = [tokenizer.eos_token_id]
     seqs, marks = [], []
-    for key in ("chosen", "rejected"):
-        for r in rows:
-            p = prompt_ids(tokenizer, r["prompt"])
-            c = list(tokenizer(r[key], add_special_tokens=False)["input_ids"]) + eos
-            seqs.append(p + c)
-            marks.append([0] * len(p) + [1] * len(c))
+    for prompt, completion in zip(prompts, completions, strict=True):
+        p = prompt_ids(tokenizer, prompt)
+        c = list(tokenizer(completion, add_special_tokens=False)["input_ids"]) + eos
+        seqs.append(p + c)
+        marks.append([0] * len(p) + [1] * len(c))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     tokens, mask = _pad_right(seqs, pad)
-    completion, _ = _pad_right(marks, 0)
-    return tokens, mask, completion
+    completion_mask, _ = _pad_right(marks, 0)
+    return tokens, mask, completion_mask
+
+
+def _encode_pairs(tokenizer, rows: Sequence[Mapping[str, str]]):
+    """:func:`_encode` of ``[2N, T]`` rows: N chosen rows then N rejected rows."""
+    prompts = [r["prompt"] for r in rows]
+    return _encode(tokenizer, prompts + prompts, [r["chosen"] for r in rows] + [r["rejected"] for r in rows])
 
 
 @jax.jit
@@ -200,19 +205,10 @@ def reward_scores(
 ) -> np.ndarray:
     """The reward model's score ``[N]`` of each ``[bos] prompt completion [eos]`` (a likelihood-scoring
     reward model also sums the log-probs of ``completion [eos]``)."""
-    eos = [tokenizer.eos_token_id]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    seqs, marks = [], []
-    for p, c in zip(prompts, completions, strict=True):
-        prompt, completion = (
-            prompt_ids(tokenizer, p),
-            list(tokenizer(c, add_special_tokens=False)["input_ids"]),
-        )
-        seqs.append(prompt + completion + eos)
-        marks.append([0] * len(prompt) + [1] * (len(completion) + 1))
+    if len(prompts) != len(completions):
+        raise ValueError(f"reward_scores: {len(prompts)} prompts but {len(completions)} completions")
     out = []
-    for lo, hi in _chunks(len(seqs), batch_size):
-        tokens, mask = _pad_right(seqs[lo:hi], pad)
-        completion_mask, _ = _pad_right(marks[lo:hi], 0)
-        out.append(np.asarray(_scores(reward_model, tokens, mask, completion_mask)))
+    for lo, hi in _chunks(len(prompts), batch_size):
+        tokens, mask, completion = _encode(tokenizer, prompts[lo:hi], completions[lo:hi])
+        out.append(np.asarray(_scores(reward_model, tokens, mask, completion)))
     return np.concatenate(out)

@@ -631,7 +631,7 @@ def run_rlhf_demo(cfg: DemoConfig, result: DemoResult, paths, tokenizer, log, pr
             )
         if cfg.reward.likelihood_coef or cfg.reward.sft_coef:
             # what the reward model's language model knows: its own greedy answers (PPO's target, in effect)
-            result.after["rm_lm_accuracy"] = _task_eval(cfg, _load(rm_path), tokenizer, heldout).accuracy
+            result.after["rm_lm_accuracy"] = _task_eval(cfg, reward_model, tokenizer, heldout).accuracy
             log(
                 f"   the reward model's own language model, decoding greedily: held-out exact match "
                 f"{result.after['rm_lm_accuracy']:.1%} (it learned from the chosen answers of its pairs)"

@@ -61,8 +61,8 @@ def reward_parts(
         return head, None
     if completion_mask is None:
         raise ValueError(
-            f"sequence_rewards: this reward model adds {coef} x the completion's log-prob "
-            "(reward_likelihood_coef) and needs a completion_mask [B, T]"
+            f"reward_parts: the completion's log-prob (reward_likelihood_coef={coef}) needs a "
+            "completion_mask [B, T]"
         )
     logps = hidden_token_logps(model, hidden[:, :-1], tokens[:, 1:], chunk_size=logits_chunk_size)
     return head, jnp.sum(logps * completion_mask[:, 1:].astype(jnp.float32), axis=-1)
@@ -97,13 +97,9 @@ def _total(model, head: jax.Array, likelihood: jax.Array | None) -> jax.Array:
     return head + coef * likelihood if coef else head
 
 
-def pair_rewards(
-    model, batch, dropout_key: jax.Array | None = None, *, logits_chunk_size: int = 0, with_nll: bool = False
-):
-    """Chosen and rejected rewards ``([B], [B])`` from one forward pass over both (the ``*_loss_mask`` rows
-    mark each completion, for a likelihood-scoring reward model); ``with_nll``: also the chosen answers'
-    mean per-token negative log-likelihood ``[B]``."""
-    n = batch["chosen_tokens"].shape[0]
+def _pair_parts(model, batch, dropout_key, *, logits_chunk_size: int, with_likelihood: bool):
+    """``(rewards [2B], likelihood [2B] or None)`` of the chosen rows then the rejected rows, one forward
+    (the ``*_loss_mask`` rows mark each completion)."""
     both = {
         key: jnp.concatenate([batch[f"chosen_{key}"], batch[f"rejected_{key}"]], axis=0)
         for key in ("tokens", "attention_mask", "loss_mask")
@@ -115,13 +111,20 @@ def pair_rewards(
         dropout_key,
         completion_mask=both["loss_mask"],
         logits_chunk_size=logits_chunk_size,
-        with_likelihood=with_nll,
+        with_likelihood=with_likelihood,
     )
-    rewards = _total(model, head, likelihood)
-    if not with_nll:
-        return rewards[:n], rewards[n:]
-    count = jnp.maximum(jnp.sum(batch["chosen_loss_mask"][:, 1:], axis=-1), 1).astype(jnp.float32)
-    return rewards[:n], rewards[n:], -likelihood[:n] / count
+    return _total(model, head, likelihood), likelihood
+
+
+def pair_rewards(
+    model, batch, dropout_key: jax.Array | None = None, *, logits_chunk_size: int = 0
+) -> tuple[jax.Array, jax.Array]:
+    """Chosen and rejected rewards ``([B], [B])`` from one forward pass over both."""
+    n = batch["chosen_tokens"].shape[0]
+    rewards, _ = _pair_parts(
+        model, batch, dropout_key, logits_chunk_size=logits_chunk_size, with_likelihood=False
+    )
+    return rewards[:n], rewards[n:]
 
 
 def make_loss_fn(*, center_coef: float = 0.0, sft_coef: float = 0.0, logits_chunk_size: int = 0):
@@ -131,8 +134,11 @@ def make_loss_fn(*, center_coef: float = 0.0, sft_coef: float = 0.0, logits_chun
     global batch's real pairs."""
 
     def loss_fn(model, batch, norms, key):
-        out = pair_rewards(model, batch, key, logits_chunk_size=logits_chunk_size, with_nll=sft_coef > 0)
-        chosen, rejected = out[0], out[1]
+        n = batch["chosen_tokens"].shape[0]
+        rewards, likelihood = _pair_parts(
+            model, batch, key, logits_chunk_size=logits_chunk_size, with_likelihood=sft_coef > 0
+        )
+        chosen, rejected = rewards[:n], rewards[n:]
         losses = bradley_terry_loss(chosen, rejected, margin=batch.get("margin"), center_coef=center_coef)
         valid = valid_rows(batch)
 
@@ -145,9 +151,11 @@ def make_loss_fn(*, center_coef: float = 0.0, sft_coef: float = 0.0, logits_chun
             "rewards/rejected": mean(rejected),
             "rewards/margins": mean(chosen - rejected),
         }
-        if sft_coef > 0:
-            metrics["nll_chosen"] = mean(out[2])
-            losses = losses + sft_coef * out[2]
+        if sft_coef > 0:  # the chosen answers' mean per-token NLL
+            count = jnp.maximum(jnp.sum(batch["chosen_loss_mask"][:, 1:], axis=-1), 1).astype(jnp.float32)
+            nll = -likelihood[:n] / count
+            metrics["nll_chosen"] = mean(nll)
+            losses = losses + sft_coef * nll
         return mean(losses), metrics
 
     return loss_fn
